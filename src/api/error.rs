@@ -1,0 +1,143 @@
+//! The one error type of the HTTP layer. It renders the OpenAI error envelope
+//! `{"error":{"message","type","param","code"}}`, shows client errors as they are and hides
+//! the details of server errors (they are logged instead).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    pub retry_after_s: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
+    /// A 400 about one field of the request.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    /// A 400 about the request as a whole.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn model_not_found(requested: &str, served: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{requested}` does not exist; this server serves `{served}`."),
+            )
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method not allowed on this path",
+        )
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the server's limit of {limit} bytes"),
+        )
+        .with_code("payload_too_large")
+    }
+
+    pub fn loading() -> Self {
+        Self {
+            retry_after_s: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the model is still loading; retry shortly",
+            )
+        }
+        .with_code("model_loading")
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            retry_after_s: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
+    /// A server-side failure: `detail` is logged, the client sees a generic message.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error while serving a request");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal server error",
+        )
+    }
+
+    /// The envelope as JSON, also used for errors that happen mid-stream.
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        res
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry shortly")),
+            EngineError::NoChatTemplate => ApiError::bad_request(e.to_string()),
+            // The template's own message tells the user what the model accepts.
+            EngineError::ChatTemplate(msg) => ApiError::invalid("messages", msg),
+            EngineError::Tokenizer(_) | EngineError::Stopped | EngineError::Model(_) => {
+                ApiError::internal(e)
+            }
+        }
+    }
+}

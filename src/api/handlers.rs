@@ -1,0 +1,221 @@
+//! Request handlers: parse the body, validate, submit to the engine, and answer either as one
+//! JSON document or as a stream of server-sent events.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::engine::{FinishReason, SeqEvent, TokenLogprob};
+
+use super::error::ApiError;
+use super::stream::{sse_response, Endpoint};
+use super::validate::{validate_chat, validate_completion, ResponsePlan};
+use super::wire::{chat_logprob_entry, completion_logprobs, ChatRequest, CompletionRequest, Usage};
+use super::AppState;
+
+/// Reads the body as one JSON object.
+fn parse_json(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body is not valid JSON: {e}")).with_code("invalid_json")
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// Deserializes `T` from the body, naming the field at fault in the error (`messages[0].role`).
+fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::bad_request(format!("invalid request: {inner}"))
+        } else {
+            ApiError::invalid(path.clone(), format!("invalid `{path}`: {inner}"))
+        }
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.on_request_accepted();
+    let v = parse_json(body, state.limits.max_body_bytes)?;
+    let req = ChatRequest {
+        common: fields(&v)?,
+        chat: fields(&v)?,
+    };
+    let model = state.ready_model()?;
+    let (valid, plan) = validate_chat(req, &model, &state.limits)?;
+    let n = valid.n;
+    let events = model.backend.submit(valid)?;
+    if plan.stream {
+        return Ok(sse_response(Endpoint::Chat, plan, n, events));
+    }
+    let choices = collect(events, n).await?;
+    Ok(Json(chat_body(&plan, &choices)).into_response())
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.on_request_accepted();
+    let v = parse_json(body, state.limits.max_body_bytes)?;
+    let req = CompletionRequest {
+        common: fields(&v)?,
+        completion: fields(&v)?,
+    };
+    let model = state.ready_model()?;
+    let (valid, plan) = validate_completion(req, &model, &state.limits)?;
+    let n = valid.n;
+    let events = model.backend.submit(valid)?;
+    if plan.stream {
+        return Ok(sse_response(Endpoint::Completion, plan, n, events));
+    }
+    let choices = collect(events, n).await?;
+    Ok(Json(completion_body(&plan, &choices)).into_response())
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{ "id": state.model_id, "object": "model", "created": state.started_at, "owned_by": "idlerig" }],
+    }))
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    match state.load_state() {
+        super::LoadState::Ready(_) => {
+            (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+        }
+        super::LoadState::Loading => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+        super::LoadState::Failed(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "error": e})),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "no such endpoint; see /v1/chat/completions, /v1/completions, /v1/models, /health",
+    )
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// One choice, gathered from the engine's events.
+#[derive(Debug, Default)]
+pub(crate) struct CollectedChoice {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+    pub completion_tokens: usize,
+}
+
+async fn collect(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<SeqEvent>,
+    n: usize,
+) -> Result<Vec<CollectedChoice>, ApiError> {
+    let mut choices: Vec<CollectedChoice> = (0..n).map(|_| CollectedChoice::default()).collect();
+    let mut open = n;
+    while open > 0 {
+        match events.recv().await {
+            Some(SeqEvent::Token {
+                choice,
+                text,
+                logprob,
+            }) => {
+                let c = &mut choices[choice];
+                c.text.push_str(&text);
+                c.logprobs.extend(logprob);
+            }
+            Some(SeqEvent::Finished {
+                choice,
+                reason,
+                completion_tokens,
+            }) => {
+                choices[choice].finish_reason = Some(reason);
+                choices[choice].completion_tokens = completion_tokens;
+                open -= 1;
+            }
+            Some(SeqEvent::Failed { message }) => return Err(ApiError::internal(message)),
+            None => return Err(ApiError::internal("the engine dropped the request")),
+        }
+    }
+    Ok(choices)
+}
+
+pub(crate) fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn response_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+fn usage_of(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Usage {
+    Usage::new(
+        plan.prompt_tokens,
+        choices.iter().map(|c| c.completion_tokens).sum(),
+    )
+}
+
+fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Value {
+    json!({
+        "id": response_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": now_unix(),
+        "model": plan.model,
+        "choices": choices.iter().enumerate().map(|(i, c)| json!({
+            "index": i,
+            "message": { "role": "assistant", "content": c.text },
+            "logprobs": if plan.logprobs { json!({"content": c.logprobs.iter().map(chat_logprob_entry).collect::<Vec<_>>()}) } else { Value::Null },
+            "finish_reason": c.finish_reason.map(FinishReason::as_str),
+        })).collect::<Vec<_>>(),
+        "usage": usage_of(plan, choices),
+    })
+}
+
+fn completion_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Value {
+    json!({
+        "id": response_id("cmpl"),
+        "object": "text_completion",
+        "created": now_unix(),
+        "model": plan.model,
+        "choices": choices.iter().enumerate().map(|(i, c)| json!({
+            "index": i,
+            "text": c.text,
+            "logprobs": if plan.logprobs { completion_logprobs(&c.logprobs, 0) } else { Value::Null },
+            "finish_reason": c.finish_reason.map(FinishReason::as_str),
+        })).collect::<Vec<_>>(),
+        "usage": usage_of(plan, choices),
+    })
+}

@@ -1,0 +1,185 @@
+//! `idlerig bench infer`: starts the server in-process on a loopback port with the real model
+//! and drives it over HTTP with streaming completions of a fixed prompt and output length,
+//! `concurrency` at a time. Time to first token is measured at the client, as users feel it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::api::{self, ApiLimits, AppState, LoadState};
+use crate::config::BenchInferArgs;
+use crate::engine::load_model;
+use crate::model::device_from_name;
+
+use super::quantile;
+
+/// Client-side timings of one streamed request.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    pub ttft: Duration,
+    pub total: Duration,
+    pub tokens: usize,
+}
+
+/// Deterministic prompt of `len` token ids, different for each `seed` (so no two requests
+/// share a prefix a cache could exploit).
+pub fn synthetic_prompt(len: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Ordinary vocabulary ids, clear of the special tokens at the start.
+            200 + ((x >> 33) % 20_000) as u32
+        })
+        .collect()
+}
+
+/// Sends one streaming completion and times it; every token is one SSE event.
+pub async fn timed_stream(
+    client: &reqwest::Client,
+    base: &str,
+    prompt: &[u32],
+    gen_tokens: usize,
+) -> Result<StreamTiming, String> {
+    let body = json!({
+        "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0, "stream": true, "ignore_eos": true,
+    });
+    let start = Instant::now();
+    let res = client
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !res.status().is_success() {
+        return Err(format!(
+            "HTTP {}: {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        ));
+    }
+    let mut stream = res.bytes_stream();
+    let mut buf = Vec::new();
+    let mut ttft = None;
+    let mut tokens = 0;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let Some(data) = text.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                let total = start.elapsed();
+                return Ok(StreamTiming {
+                    ttft: ttft.unwrap_or(total),
+                    total,
+                    tokens,
+                });
+            }
+            let v: serde_json::Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+            if v["choices"][0]["finish_reason"].is_null() {
+                tokens += 1;
+                ttft.get_or_insert_with(|| start.elapsed());
+            }
+        }
+    }
+    Err("stream ended without [DONE]".into())
+}
+
+pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
+    let device = device_from_name(&args.model.device).map_err(|e| e.to_string())?;
+    let path = args.model.model_path();
+    let mut engine_cfg = args.model.engine_config();
+    engine_cfg.max_running = engine_cfg.max_running.max(args.concurrency);
+    let model = tokio::task::spawn_blocking(move || load_model(&path, &device, engine_cfg))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let (_tx, rx) = watch::channel(LoadState::Ready(Arc::new(model)));
+    let state = AppState::new("bench".into(), rx, ApiLimits::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let base = format!(
+        "http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let server = tokio::spawn(api::serve(listener, state, std::future::pending()));
+
+    let client = reqwest::Client::new();
+    // Warm-up: first-touch allocations and page faults are not what we measure.
+    timed_stream(
+        &client,
+        &base,
+        &synthetic_prompt(args.prompt_tokens, u64::MAX),
+        4,
+    )
+    .await?;
+
+    let total = args.requests.unwrap_or((args.concurrency * 4).max(4));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let wall = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency.max(1))
+        .map(|_| {
+            let (client, base, next) = (client.clone(), base.clone(), next.clone());
+            let (p, g) = (args.prompt_tokens, args.gen_tokens);
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, String>(out);
+                    }
+                    out.push(
+                        timed_stream(&client, &base, &synthetic_prompt(p, i as u64), g).await?,
+                    );
+                }
+            })
+        })
+        .collect();
+    let mut timings = Vec::new();
+    for w in workers {
+        timings.extend(w.await.map_err(|e| e.to_string())??);
+    }
+    let wall = wall.elapsed().as_secs_f64();
+    server.abort();
+
+    let ttft_ms: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
+    let prefill: Vec<f64> = timings
+        .iter()
+        .map(|t| args.prompt_tokens as f64 / t.ttft.as_secs_f64())
+        .collect();
+    let decode: Vec<f64> = timings
+        .iter()
+        .filter(|t| t.tokens > 1)
+        .map(|t| (t.tokens - 1) as f64 / (t.total - t.ttft).as_secs_f64())
+        .collect();
+    let generated: usize = timings.iter().map(|t| t.tokens).sum();
+    Ok(json!({
+        "bench": "infer",
+        "device": args.model.device,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "concurrency": args.concurrency,
+        "requests": timings.len(),
+        "prefill_tok_s": round2(quantile(&prefill, 0.5)),
+        "decode_tok_s": round2(quantile(&decode, 0.5)),
+        "throughput_tok_s": round2(generated as f64 / wall),
+        "ttft_ms_p50": round2(quantile(&ttft_ms, 0.5)),
+        "ttft_ms_p99": round2(quantile(&ttft_ms, 0.99)),
+        "threads": candle_core::utils::get_num_threads(),
+    }))
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}

@@ -1,0 +1,149 @@
+//! The command line: every flag also read from an `IDLERIG_*` environment variable, parsed
+//! once in `main` and turned into the typed settings each subsystem is built from.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::ApiLimits;
+use crate::engine::EngineConfig;
+
+/// Where `models/fetch` puts the default chat model, relative to the repository.
+pub const DEFAULT_MODEL_RELATIVE: &str =
+    "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "idlerig",
+    version,
+    about = "OpenAI-compatible LLM server that mines SHA-256d in the gaps between requests",
+    long_about = "idlerig serves a language model over an OpenAI-compatible HTTP API (CPU or CUDA) and, \
+                  while no request is queued or running, lends the device to a SHA-256d miner that it \
+                  pre-empts the moment a request arrives."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the model over HTTP (OpenAI API).
+    Serve(ServeArgs),
+    /// Measure speed; each benchmark prints one JSON line.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Inference over real HTTP against an in-process server: prefill and decode speed, TTFT.
+    Infer(BenchInferArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Model and engine settings shared by `serve` and the benchmarks.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model to serve: a .gguf file, or a directory with config.json + *.safetensors (+ tokenizer.json).
+    /// Default: the SmolLM2-135M-Instruct GGUF that `models/fetch` downloads.
+    #[arg(long, env = "IDLERIG_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Device to run the model on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature).
+    #[arg(long, env = "IDLERIG_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Requests that may wait for the engine; beyond this the server answers 429.
+    #[arg(long, env = "IDLERIG_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Sequences decoded together in one batch.
+    #[arg(long, env = "IDLERIG_MAX_RUNNING", default_value_t = 32)]
+    pub max_running: usize,
+    /// Tokens per engine step; long prompts are pre-filled in chunks of what remains after decodes.
+    #[arg(long, env = "IDLERIG_STEP_TOKEN_BUDGET", default_value_t = 512)]
+    pub step_token_budget: usize,
+}
+
+impl ModelArgs {
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            queue_capacity: self.queue_capacity,
+            max_running: self.max_running.max(1),
+            step_token_budget: self.step_token_budget.max(1),
+        }
+    }
+
+    /// The model path: the flag, else the default model under the current directory, else
+    /// under the source tree this binary was built from.
+    pub fn model_path(&self) -> PathBuf {
+        if let Some(p) = &self.model {
+            return p.clone();
+        }
+        let here = PathBuf::from(DEFAULT_MODEL_RELATIVE);
+        if here.exists() {
+            return here;
+        }
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL_RELATIVE)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on. The default accepts only local clients.
+    #[arg(long, env = "IDLERIG_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "IDLERIG_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, env = "IDLERIG_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest `n` (choices per request).
+    #[arg(long, env = "IDLERIG_MAX_N", default_value_t = 8)]
+    pub max_n: usize,
+    /// Largest `max_tokens` a request may ask for (default: the model's context window).
+    #[arg(long, env = "IDLERIG_MAX_TOKENS")]
+    pub max_tokens: Option<usize>,
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, env = "IDLERIG_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    pub fn api_limits(&self) -> ApiLimits {
+        ApiLimits {
+            max_body_bytes: self.max_body_bytes,
+            max_n: self.max_n.max(1),
+            max_tokens: self.max_tokens,
+            ..ApiLimits::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchInferArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per request (end-of-generation tokens are ignored so every request runs this long).
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Requests in all (default: 4 × concurrency, at least 4).
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Print one JSON line (the default output is also one JSON line; the flag is accepted for scripts).
+    #[arg(long)]
+    pub json: bool,
+}

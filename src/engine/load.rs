@@ -1,0 +1,94 @@
+//! Loading a model for serving: weights, tokenizer, chat template, and the engine thread.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+use super::{
+    spawn_engine, ChatTemplate, EngineConfig, EngineError, EngineHandle, EngineStats, SeqEvent,
+    TextTokenizer, ValidRequest,
+};
+use crate::model::ModelFiles;
+
+/// What accepts validated requests: the engine, or a stand-in in tests of the HTTP layer.
+pub trait Backend: Send + Sync + 'static {
+    fn submit(
+        &self,
+        request: ValidRequest,
+    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError>;
+}
+
+impl Backend for EngineHandle {
+    fn submit(
+        &self,
+        request: ValidRequest,
+    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
+        EngineHandle::submit(self, request)
+    }
+}
+
+/// A model ready to serve: what the API needs to validate requests, and where to send them.
+pub struct ServedModel {
+    pub id: String,
+    pub tokenizer: Arc<TextTokenizer>,
+    /// `None` when the model ships no chat template: chat requests are refused.
+    pub template: Option<ChatTemplate>,
+    pub context_length: usize,
+    pub backend: Arc<dyn Backend>,
+    /// The engine's counters (running sequences, tokens, busy).
+    pub stats: Arc<EngineStats>,
+}
+
+/// Opens the model at `path`, loads it onto `device` and starts the engine thread.
+pub fn load_model(
+    path: &Path,
+    device: &Device,
+    cfg: EngineConfig,
+) -> Result<ServedModel, EngineError> {
+    let files = ModelFiles::open(path)?;
+    let tokenizer = if files.dir().join("tokenizer.json").exists() {
+        TextTokenizer::from_hf_dir(files.dir())?
+    } else {
+        match files.gguf_metadata() {
+            Some(md) => TextTokenizer::from_gguf(md)?,
+            None => {
+                return Err(EngineError::Tokenizer(format!(
+                    "no tokenizer.json in {}",
+                    files.dir().display()
+                )))
+            }
+        }
+    };
+    let template_source = match files
+        .gguf_metadata()
+        .and_then(|md| md.get("tokenizer.chat_template"))
+    {
+        Some(v) => v.to_string().ok().cloned(),
+        None => std::fs::read_to_string(files.dir().join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            }),
+    };
+    let template = template_source
+        .map(|src| ChatTemplate::new(&src, tokenizer.bos_text(), tokenizer.eos_text()))
+        .transpose()?;
+    let tokenizer = Arc::new(tokenizer);
+    let model = files.load_llama(device)?;
+    let context_length = model.config().context_length;
+    let handle = spawn_engine(model, tokenizer.clone(), cfg);
+    let stats = handle.stats().clone();
+    Ok(ServedModel {
+        id: files.model_id(),
+        tokenizer,
+        template,
+        context_length,
+        backend: Arc::new(handle),
+        stats,
+    })
+}

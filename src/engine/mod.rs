@@ -1,0 +1,166 @@
+//! The engine owns the model, every sequence's KV cache and the batching schedule, on a
+//! thread of its own. Others hold an [`EngineHandle`]: they submit a [`ValidRequest`]
+//! (built only by the API's validation) and read [`SeqEvent`]s from the request's own
+//! channel. Dropping that channel cancels the request at the next step.
+
+mod chat_template;
+mod load;
+mod sampling;
+mod stop;
+mod tokenizer;
+mod worker;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use load::{load_model, Backend, ServedModel};
+pub use sampling::{argmax, SampledToken, Sampler, SamplingParams};
+pub use stop::{StopMatcher, StopOutcome};
+pub use tokenizer::{IncrementalDecoder, TextTokenizer};
+pub use worker::{spawn_engine, EngineConfig};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+/// Errors of the engine and of the text front end (tokenizer, chat template).
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("the model has no chat template; use /v1/completions or a model that ships one")]
+    NoChatTemplate,
+    #[error("the engine's queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+}
+
+/// A request the API has validated: prompt tokenized and within the context window, every
+/// parameter in range. The engine trusts it.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// Number of independent choices to generate.
+    pub n: usize,
+    pub stop: Vec<String>,
+    pub params: SamplingParams,
+    /// Generate `max_tokens` tokens even past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Log-probability of a generated token and its top alternatives, as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the engine tells a request, in order, for each of its choices.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    /// One generated token: the text it completes (possibly empty while held back for UTF-8
+    /// or a possible stop string) and, when asked, its log-probability.
+    Token {
+        choice: usize,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    /// The choice is complete; `completion_tokens` counts every token it generated.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        completion_tokens: usize,
+    },
+    /// The request failed inside the engine; no more events follow.
+    Failed { message: String },
+}
+
+/// Counters the engine thread writes and anyone may read: its only shared state, all atomics
+/// with one writer, so readers never wait on the engine.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Requests waiting for admission, as the engine last saw them.
+    pub waiting: AtomicUsize,
+    /// Tokens sampled since start.
+    pub generated_tokens: AtomicU64,
+    /// Prompt tokens pre-filled since start.
+    pub prefilled_tokens: AtomicU64,
+    /// Whether the engine has work (the arbiter's signal that the device is needed).
+    pub busy: AtomicBool,
+}
+
+impl EngineStats {
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    pub fn generated_tokens(&self) -> u64 {
+        self.generated_tokens.load(Ordering::Relaxed)
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
+pub(crate) struct Submission {
+    pub request: ValidRequest,
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+}
+
+/// A cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Submission>,
+    queue_capacity: usize,
+    stats: Arc<EngineStats>,
+}
+
+impl EngineHandle {
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.stats
+    }
+
+    /// Queues `request`; its events arrive on the returned receiver. Fails at once, never
+    /// waits, when the queue is full.
+    pub fn submit(
+        &self,
+        request: ValidRequest,
+    ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
+        let (events, rx) = mpsc::unbounded_channel();
+        self.tx
+            .try_send(Submission { request, events })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue_capacity),
+                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            })?;
+        Ok(rx)
+    }
+}

@@ -1,0 +1,314 @@
+//! Choosing the next token from logits: logit bias, repetition / presence / frequency
+//! penalties, temperature, top-k, top-p, min-p, seeded randomness, and log-probabilities.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Sampling settings of one sequence, already validated by the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    pub min_p: f32,
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 means none (Hugging Face / CTRL convention).
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    /// How many alternatives to report per token; `None` reports no log-probabilities.
+    pub top_logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            top_logprobs: None,
+        }
+    }
+}
+
+/// The chosen token and, when asked, its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Per-sequence sampling state: the random stream and the counts the penalties need.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    generated_counts: HashMap<u32, u32>,
+    seen: Vec<bool>,
+}
+
+impl Sampler {
+    /// `stream` separates the choices of one request (`n` > 1) that share a seed.
+    pub fn new(params: SamplingParams, prompt: &[u32], vocab_size: usize, stream: u64) -> Self {
+        let rng = match params.seed {
+            Some(seed) => {
+                StdRng::seed_from_u64(seed.wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            }
+            None => StdRng::from_os_rng(),
+        };
+        let mut seen = vec![false; vocab_size];
+        if params.repetition_penalty != 1.0 {
+            for &t in prompt {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+        }
+        Self {
+            params,
+            rng,
+            generated_counts: HashMap::new(),
+            seen,
+        }
+    }
+
+    /// Picks the next token from `logits` (one row, vocabulary-sized) and records it.
+    pub fn sample(&mut self, logits: &mut [f32]) -> SampledToken {
+        self.adjust(logits);
+        let (logprob_of, top) = match self.params.top_logprobs {
+            Some(k) => {
+                let lse = log_sum_exp(logits);
+                (
+                    Some(lse),
+                    top_k_indices(logits, k)
+                        .into_iter()
+                        .map(|i| (i as u32, logits[i] - lse))
+                        .collect(),
+                )
+            }
+            None => (None, Vec::new()),
+        };
+        let id = if self.params.temperature <= 0.0 {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        } as u32;
+        *self.generated_counts.entry(id).or_insert(0) += 1;
+        if let Some(s) = self.seen.get_mut(id as usize) {
+            *s = true;
+        }
+        SampledToken {
+            id,
+            logprob: logprob_of.map(|lse| logits[id as usize] - lse),
+            top,
+        }
+    }
+
+    /// Bias and penalties: they change what the model's distribution is taken to be, so
+    /// log-probabilities are reported after them (and before temperature, as OpenAI does).
+    fn adjust(&self, logits: &mut [f32]) {
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        let rp = self.params.repetition_penalty;
+        if rp != 1.0 {
+            for (l, _) in logits.iter_mut().zip(&self.seen).filter(|(_, &s)| s) {
+                *l = if *l > 0.0 { *l / rp } else { *l * rp };
+            }
+        }
+        let (pp, fp) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if pp != 0.0 || fp != 0.0 {
+            for (&id, &count) in &self.generated_counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= pp + fp * count as f32;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> usize {
+        let t = self.params.temperature;
+        // Candidates, most likely first; top-k cuts before the softmax as llama.cpp does.
+        let k = if self.params.top_k == 0 {
+            logits.len()
+        } else {
+            self.params.top_k.min(logits.len())
+        };
+        let mut cand: Vec<(usize, f32)> = top_k_indices(logits, k)
+            .into_iter()
+            .map(|i| (i, logits[i] / t))
+            .collect();
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| (l - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        let mut keep = probs.len();
+        if self.params.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if self.params.min_p > 0.0 {
+            let floor = self.params.min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        }
+        cand.truncate(keep);
+        probs.truncate(keep);
+        let total: f32 = probs.iter().sum();
+        let mut r = self.rng.random::<f32>() * total;
+        for (i, p) in probs.iter().enumerate() {
+            if r < *p {
+                return cand[i].0;
+            }
+            r -= p;
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Index of the largest logit, the lowest index on ties (so greedy decoding is stable).
+pub fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln()
+}
+
+/// The `k` largest entries' indices, largest first (ties by lower index).
+fn top_k_indices(logits: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx.truncate(k);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..Default::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_and_reports_logprobs() {
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 0.0;
+                p.top_logprobs = Some(2)
+            }),
+            &[],
+            4,
+            0,
+        );
+        let out = s.sample(&mut [0.0, 2.0, 1.0, 2.0]);
+        assert_eq!(out.id, 1);
+        let z = (1.0f32 + 2.0f32.exp() * 2.0 + 1.0f32.exp()).ln();
+        assert!((out.logprob.unwrap() - (2.0 - z)).abs() < 1e-5);
+        assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_top_k_1_is_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(|p| p.seed = Some(seed)), &[], 50, 0);
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone()).id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+        let mut s = Sampler::new(params(|p| p.top_k = 1), &[], 50, 0);
+        assert_eq!(s.sample(&mut logits.clone()).id as usize, argmax(&logits));
+    }
+
+    #[test]
+    fn top_p_and_min_p_exclude_unlikely_tokens() {
+        // probabilities ~ [0.665, 0.245, 0.090]: top_p 0.6 keeps only the first.
+        let logits = [2.0f32, 1.0, 0.0];
+        for p in [params(|p| p.top_p = 0.6), params(|p| p.min_p = 0.5)] {
+            let mut s = Sampler::new(p, &[], 3, 0);
+            assert!((0..200).all(|_| s.sample(&mut logits.clone()).id == 0));
+        }
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_choice() {
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 0.0;
+                p.logit_bias = vec![(2, 5.0)]
+            }),
+            &[],
+            3,
+            0,
+        );
+        assert_eq!(s.sample(&mut [1.0, 0.0, 0.0]).id, 2);
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 0.0;
+                p.frequency_penalty = 2.0
+            }),
+            &[],
+            2,
+            0,
+        );
+        assert_eq!(s.sample(&mut [1.0, 0.0]).id, 0);
+        assert_eq!(
+            s.sample(&mut [1.0, 0.0]).id,
+            1,
+            "token 0 was penalised by 2.0"
+        );
+        let mut s = Sampler::new(
+            params(|p| {
+                p.temperature = 0.0;
+                p.repetition_penalty = 3.0
+            }),
+            &[0],
+            2,
+            0,
+        );
+        assert_eq!(
+            s.sample(&mut [1.0, 0.5]).id,
+            1,
+            "prompt token 0 divided by 3"
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! idlerig: an OpenAI-compatible LLM inference server that mines SHA-256d in the gaps
+//! between requests.
+//!
+//! # Layout
+//! - [`api`]: the HTTP surface (axum): OpenAI wire types, validation into
+//!   [`engine::ValidRequest`], SSE streaming, and the one `ApiError` that renders the OpenAI
+//!   error envelope.
+//! - [`engine`]: the engine thread that owns the model and KV caches and batches sequences;
+//!   tokenizer, chat template, sampling, stop strings.
+//! - [`model`]: our own llama-family model code on candle, loaded from GGUF or safetensors.
+//! - [`mining`]: SHA-256d, block headers and targets, the CPU miner.
+//! - [`stratum`]: the Stratum V1 protocol (sans-IO), the client task and the embedded pool.
+//! - [`config`]: the typed configuration each subsystem is built from.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod model;

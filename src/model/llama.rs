@@ -1,0 +1,386 @@
+//! Llama-family decoder (Touvron et al., "LLaMA: Open and Efficient Foundation Language
+//! Models", 2023): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP,
+//! optionally tied input/output embeddings. Covers Llama 2/3, SmolLM/SmolLM2, TinyLlama.
+//!
+//! Unlike candle-transformers' llama, one forward pass takes several sequences at different
+//! positions: their tokens are flattened into one `[tokens, hidden]` matrix for every matmul
+//! (where batching pays), and only attention runs per sequence against that sequence's cache.
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::weights::Weights;
+use super::ModelError;
+
+/// Hyper-parameters of a llama-family model, read from GGUF metadata or `config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub context_length: usize,
+    /// GGUF stores Q/K permuted for interleaved (GPT-J style) rotary pairs; Hugging Face
+    /// checkpoints rotate the two halves of each head (GPT-NeoX style).
+    pub rope_interleaved: bool,
+}
+
+/// Keys and values of one sequence for every layer, grown in place: a layer's buffer doubles
+/// when full, so a long generation copies each entry O(1) times on average, not every step.
+pub struct SeqCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens already in the cache: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) to layer `layer` and returns that layer's
+    /// whole cache, the new entries included.
+    fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let needed = self.len + k.dim(1)?;
+        let capacity = self.layers[layer]
+            .as_ref()
+            .map_or(0, |(ck, _)| ck.dim(1).unwrap_or(0));
+        if needed > capacity {
+            let new_cap = needed.max(capacity * 2).max(64);
+            let (h, _, d) = k.dims3()?;
+            let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let fresh = Tensor::zeros((h, new_cap, d), k.dtype(), k.device())?;
+                if let (Some(old), true) = (old, self.len > 0) {
+                    fresh.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(fresh)
+            };
+            let old = self.layers[layer].as_ref();
+            let grown = (grow(old.map(|(k, _)| k))?, grow(old.map(|(_, v)| v))?);
+            self.layers[layer] = Some(grown);
+        }
+        let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 1, self.len)?;
+        cv.slice_set(&v.contiguous()?, 1, self.len)?;
+        Ok((ck.narrow(1, 0, needed)?, cv.narrow(1, 0, needed)?))
+    }
+
+    /// Marks `t` more tokens as cached, once every layer has appended them.
+    fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+}
+
+/// One sequence's part of a batched step: the tokens to run (a whole prompt, a chunk of it,
+/// or one decoded token) and its cache, whose length is the position of the first of them.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+}
+
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self, ModelError> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.context_length, 1))?;
+        let freqs = positions.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            interleaved: cfg.rope_interleaved,
+        })
+    }
+
+    /// Rotates `x` (`[1, heads, t, head_dim]`) whose first token sits at `pos`.
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        if self.interleaved {
+            candle_nn::rotary_emb::rope_i(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(x, &cos, &sin)
+        }
+    }
+}
+
+struct Attention {
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+        Ok(Self {
+            q: w.linear(
+                &format!("blk.{i}.attn_q"),
+                &format!("model.layers.{i}.self_attn.q_proj"),
+            )?,
+            k: w.linear(
+                &format!("blk.{i}.attn_k"),
+                &format!("model.layers.{i}.self_attn.k_proj"),
+            )?,
+            v: w.linear(
+                &format!("blk.{i}.attn_v"),
+                &format!("model.layers.{i}.self_attn.v_proj"),
+            )?,
+            o: w.linear(
+                &format!("blk.{i}.attn_output"),
+                &format!("model.layers.{i}.self_attn.o_proj"),
+            )?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x` is `[tokens, hidden]` for all sequences; `spans` gives each sequence's rows.
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: &mut [BatchItem<'_>],
+        rope: &RotaryEmbedding,
+    ) -> candle_core::Result<Tensor> {
+        let q = self.q.forward(x)?;
+        let k = self.k.forward(x)?;
+        let v = self.v.forward(x)?;
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for item in batch.iter_mut() {
+            let t = item.tokens.len();
+            let pos = item.cache.len();
+            let heads = |m: &Tensor, h: usize| -> candle_core::Result<Tensor> {
+                m.narrow(0, row, t)?
+                    .reshape((1, t, h, self.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let qs = rope.apply(&heads(&q, self.num_heads)?, pos)?;
+            let ks = rope.apply(&heads(&k, self.num_kv_heads)?, pos)?;
+            let vs = heads(&v, self.num_kv_heads)?;
+            let (ck, cv) = item.cache.append(layer, &ks.squeeze(0)?, &vs.squeeze(0)?)?;
+            outputs.push(self.attend(&qs.squeeze(0)?, &ck, &cv, pos)?);
+            row += t;
+        }
+        let out = if outputs.len() == 1 {
+            outputs.pop().expect("one")
+        } else {
+            Tensor::cat(&outputs, 0)?
+        };
+        self.o.forward(&out)
+    }
+
+    /// Causal attention of `q` (`[heads, t, d]`, first token at `pos`) over the cache
+    /// (`[kv_heads, pos + t, d]`). Query heads sharing a KV head are folded into its rows,
+    /// so grouped-query attention needs no copy of K or V per query head.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pos: usize,
+    ) -> candle_core::Result<Tensor> {
+        let t = q.dim(1)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let kv_len = k.dim(1)?;
+        let q = q.reshape((self.num_kv_heads, groups * t, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = if t > 1 {
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..kv_len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, kv_len), q.device())?;
+            scores
+                .reshape((self.num_kv_heads, groups, t, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((self.num_kv_heads, groups * t, kv_len))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, groups * t, d]
+        out.reshape((self.num_heads, t, self.head_dim))?
+            .transpose(0, 1)?
+            .reshape((t, self.num_heads * self.head_dim))
+    }
+}
+
+struct Mlp {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+impl Mlp {
+    fn load(w: &mut Weights, i: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            gate: w.linear(
+                &format!("blk.{i}.ffn_gate"),
+                &format!("model.layers.{i}.mlp.gate_proj"),
+            )?,
+            up: w.linear(
+                &format!("blk.{i}.ffn_up"),
+                &format!("model.layers.{i}.mlp.up_proj"),
+            )?,
+            down: w.linear(
+                &format!("blk.{i}.ffn_down"),
+                &format!("model.layers.{i}.mlp.down_proj"),
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+struct DecoderLayer {
+    attn_norm: Tensor,
+    attn: Attention,
+    mlp_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+        Ok(Self {
+            attn_norm: w.vector(
+                &format!("blk.{i}.attn_norm.weight"),
+                &format!("model.layers.{i}.input_layernorm.weight"),
+            )?,
+            attn: Attention::load(w, i, cfg)?,
+            mlp_norm: w.vector(
+                &format!("blk.{i}.ffn_norm.weight"),
+                &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            )?,
+            mlp: Mlp::load(w, i)?,
+        })
+    }
+}
+
+/// The decoder: embeddings, layers, final norm and output head.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
+    pub(crate) fn load(mut w: Weights, device: &Device) -> Result<Self, ModelError> {
+        let cfg = w.config().clone();
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(&mut w, i, &cfg))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (embed, lm_head) = w.embeddings()?;
+        Ok(Self {
+            rope: RotaryEmbedding::new(&cfg, device)?,
+            norm: w.vector("output_norm.weight", "model.norm.weight")?,
+            embed,
+            layers,
+            lm_head,
+            cfg,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step for every item and returns the logits of each item's last token,
+    /// `[items, vocab]` in f32. Each cache grows by its item's token count.
+    pub fn forward(&self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+        for item in batch.iter() {
+            if item.tokens.is_empty() {
+                return Err(ModelError::Metadata("a batch item has no tokens".into()));
+            }
+            if item.cache.len() + item.tokens.len() > self.cfg.context_length {
+                return Err(ModelError::Unsupported(format!(
+                    "sequence of {} tokens exceeds the context window of {}",
+                    item.cache.len() + item.tokens.len(),
+                    self.cfg.context_length
+                )));
+            }
+        }
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|b| b.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            x = (x + layer.attn.forward(i, &h, batch, &self.rope)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        let mut last_rows = Vec::with_capacity(batch.len());
+        let mut row = 0u32;
+        for item in batch.iter_mut() {
+            row += item.tokens.len() as u32;
+            last_rows.push(row - 1);
+            item.cache.advance(item.tokens.len());
+        }
+        let last = Tensor::new(last_rows.as_slice(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// A fresh, empty cache for a new sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.cfg.num_layers)
+    }
+}

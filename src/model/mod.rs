@@ -1,0 +1,58 @@
+//! Model code of our own, on candle-core and candle-nn: a llama-family decoder that runs a
+//! batch of sequences, each at its own position with its own KV cache, and the loaders that
+//! build it from a GGUF file or a Hugging Face safetensors directory.
+//!
+//! Nothing here knows about requests, tokenizers or HTTP; the engine owns a [`Llama`] and the
+//! [`SeqCache`]s of its sequences and calls [`Llama::forward`] once per step.
+
+mod llama;
+mod weights;
+
+pub use llama::{BatchItem, Llama, LlamaConfig, SeqCache};
+pub use weights::{gguf_int, ModelFiles, ModelFormat};
+
+use thiserror::Error;
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The candle device for a `--device` value: `cpu` or `cuda:N`.
+pub fn device_from_name(name: &str) -> Result<candle_core::Device, ModelError> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => match other
+            .strip_prefix("cuda:")
+            .or((other == "cuda").then_some("0"))
+        {
+            Some(idx) => {
+                let idx: usize = idx.parse().map_err(|_| {
+                    ModelError::Unsupported(format!("device `{other}`: expected cuda:N"))
+                })?;
+                if cfg!(feature = "cuda") {
+                    Ok(candle_core::Device::new_cuda(idx)?)
+                } else {
+                    Err(ModelError::Unsupported(format!(
+                        "device `{other}`: this build has no CUDA support (build with --features cuda)"
+                    )))
+                }
+            }
+            None => Err(ModelError::Unsupported(format!(
+                "device `{other}`: expected `cpu` or `cuda:N`"
+            ))),
+        },
+    }
+}

@@ -1,0 +1,394 @@
+//! Finding and opening model weights: a GGUF file (quantized, with its tokenizer and chat
+//! template in the metadata) or a Hugging Face directory (`config.json`, `*.safetensors`,
+//! `tokenizer.json`, `tokenizer_config.json`). Both end up as the same [`Llama`].
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::llama::{Llama, LlamaConfig};
+use super::ModelError;
+
+/// How the weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    Safetensors,
+}
+
+/// A model on disk, located and its header read, weights not yet loaded.
+pub struct ModelFiles {
+    path: PathBuf,
+    format: ModelFormat,
+    gguf: Option<gguf_file::Content>,
+    config: LlamaConfig,
+    hf_tie_embeddings: bool,
+}
+
+impl ModelFiles {
+    /// Opens `path`: a `.gguf` file, or a directory holding either one `.gguf` file or
+    /// `config.json` with safetensors.
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let io = |source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.is_dir() {
+            if path.join("config.json").exists() {
+                return Self::open_hf(path);
+            }
+            let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Self::open_gguf(one),
+                [] => Err(ModelError::Unsupported(format!(
+                    "{} holds neither config.json nor a .gguf file",
+                    path.display()
+                ))),
+                _ => Err(ModelError::Unsupported(format!(
+                    "{} holds several .gguf files; name one",
+                    path.display()
+                ))),
+            };
+        }
+        Self::open_gguf(path)
+    }
+
+    fn open_gguf(path: &Path) -> Result<Self, ModelError> {
+        let mut file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            ModelError::Metadata(format!(
+                "{} is not a readable GGUF file: {e}",
+                path.display()
+            ))
+        })?;
+        let config = gguf_config(&content)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            format: ModelFormat::Gguf,
+            gguf: Some(content),
+            config,
+            hf_tie_embeddings: false,
+        })
+    }
+
+    fn open_hf(dir: &Path) -> Result<Self, ModelError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            path: cfg_path.display().to_string(),
+            source,
+        })?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Metadata(format!("{}: {e}", cfg_path.display())))?;
+        let config = hf.to_config()?;
+        Ok(Self {
+            path: dir.to_path_buf(),
+            format: ModelFormat::Safetensors,
+            gguf: None,
+            config,
+            hf_tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        })
+    }
+
+    pub fn format(&self) -> ModelFormat {
+        self.format
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The directory beside the weights, where `tokenizer.json` and friends may sit.
+    pub fn dir(&self) -> &Path {
+        if self.path.is_dir() {
+            &self.path
+        } else {
+            self.path.parent().unwrap_or(Path::new("."))
+        }
+    }
+
+    /// A short name for `/v1/models`: the file stem or the directory name.
+    pub fn model_id(&self) -> String {
+        let name = if self.path.is_dir() {
+            self.path.file_name()
+        } else {
+            self.path.file_stem()
+        };
+        name.map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    /// GGUF key/value metadata (tokenizer, chat template), if the model is a GGUF file.
+    pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
+        self.gguf.as_ref().map(|c| &c.metadata)
+    }
+
+    /// Loads every weight onto `device` and builds the model.
+    pub fn load_llama(&self, device: &Device) -> Result<Llama, ModelError> {
+        let weights = match &self.gguf {
+            Some(content) => {
+                let file = File::open(&self.path).map_err(|source| ModelError::Io {
+                    path: self.path.display().to_string(),
+                    source,
+                })?;
+                Weights::Gguf {
+                    content,
+                    file,
+                    device: device.clone(),
+                    config: self.config.clone(),
+                }
+            }
+            None => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
+                    .map_err(|source| ModelError::Io {
+                        path: self.path.display().to_string(),
+                        source,
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(ModelError::Unsupported(format!(
+                        "no .safetensors file in {}",
+                        self.path.display()
+                    )));
+                }
+                // SAFETY: the files are memory-mapped read-only; idlerig never writes them and
+                // documents that they must not change while the server runs.
+                let vb =
+                    unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+                Weights::Safetensors {
+                    vb,
+                    tie: self.hf_tie_embeddings,
+                    config: self.config.clone(),
+                }
+            }
+        };
+        Llama::load(weights, device)
+    }
+}
+
+/// Opened weights, handed to the model's `load` functions, which name each tensor in both
+/// conventions (GGUF's `blk.N.attn_q`, Hugging Face's `model.layers.N.self_attn.q_proj`).
+pub(crate) enum Weights<'a> {
+    Gguf {
+        content: &'a gguf_file::Content,
+        file: File,
+        device: Device,
+        config: LlamaConfig,
+    },
+    Safetensors {
+        vb: VarBuilder<'a>,
+        tie: bool,
+        config: LlamaConfig,
+    },
+}
+
+impl Weights<'_> {
+    pub(crate) fn config(&self) -> &LlamaConfig {
+        match self {
+            Weights::Gguf { config, .. } | Weights::Safetensors { config, .. } => config,
+        }
+    }
+
+    fn gguf_tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
+        match self {
+            Weights::Gguf {
+                content,
+                file,
+                device,
+                ..
+            } => content
+                .tensor(file, name, device)
+                .map_err(|e| ModelError::Metadata(format!("tensor {name}: {e}"))),
+            Weights::Safetensors { .. } => {
+                unreachable!("gguf_tensor is only called on GGUF weights")
+            }
+        }
+    }
+
+    /// A weight matrix used as `x @ W^T`: `gguf` and `hf` name it without the `.weight`.
+    pub(crate) fn linear(&mut self, gguf: &str, hf: &str) -> Result<QMatMul, ModelError> {
+        match self {
+            Weights::Gguf { .. } => Ok(QMatMul::from_qtensor(
+                self.gguf_tensor(&format!("{gguf}.weight"))?,
+            )?),
+            Weights::Safetensors { vb, .. } => {
+                let t = vb.get_unchecked(&format!("{hf}.weight"))?;
+                Ok(QMatMul::Tensor(t))
+            }
+        }
+    }
+
+    /// A vector (norm weights), in f32.
+    pub(crate) fn vector(&mut self, gguf: &str, hf: &str) -> Result<Tensor, ModelError> {
+        match self {
+            Weights::Gguf { device, .. } => {
+                let device = device.clone();
+                Ok(self.gguf_tensor(gguf)?.dequantize(&device)?)
+            }
+            Weights::Safetensors { vb, .. } => Ok(vb.get_unchecked(hf)?.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// Input embeddings (dense, for row lookup) and the output head (quantized when the file
+    /// is, tied to the embeddings when the model has no separate output matrix).
+    pub(crate) fn embeddings(&mut self) -> Result<(Tensor, QMatMul), ModelError> {
+        match self {
+            Weights::Gguf {
+                content, device, ..
+            } => {
+                let device = device.clone();
+                let has_output = content.tensor_infos.contains_key("output.weight");
+                let embd = Arc::new(self.gguf_tensor("token_embd.weight")?);
+                let dense = embd.dequantize(&device)?;
+                let head = if has_output {
+                    QMatMul::from_qtensor(self.gguf_tensor("output.weight")?)?
+                } else {
+                    QMatMul::from_arc(embd)?
+                };
+                Ok((dense, head))
+            }
+            Weights::Safetensors { vb, tie, .. } => {
+                let embed = vb.get_unchecked("model.embed_tokens.weight")?;
+                let head = if *tie || !vb.contains_tensor("lm_head.weight") {
+                    embed.clone()
+                } else {
+                    vb.get_unchecked("lm_head.weight")?
+                };
+                Ok((embed, QMatMul::Tensor(head)))
+            }
+        }
+    }
+}
+
+fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig, ModelError> {
+    let md = &content.metadata;
+    let get = |k: &str| {
+        md.get(k)
+            .ok_or_else(|| ModelError::Metadata(format!("GGUF metadata lacks `{k}`")))
+    };
+    let arch = get("general.architecture")?
+        .to_string()
+        .map_err(|e| ModelError::Metadata(e.to_string()))?
+        .clone();
+    if arch != "llama" {
+        return Err(ModelError::Unsupported(format!(
+            "GGUF architecture `{arch}`; idlerig runs llama-family models (architecture `llama`)"
+        )));
+    }
+    let u = |k: &str| -> Result<usize, ModelError> {
+        let key = format!("llama.{k}");
+        gguf_int(get(&key)?)
+            .ok_or_else(|| ModelError::Metadata(format!("`{key}` is not an integer")))
+    };
+    let f = |k: &str, default: f32| -> f32 {
+        md.get(&format!("llama.{k}"))
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(default)
+    };
+    let hidden = u("embedding_length")?;
+    let heads = u("attention.head_count")?;
+    let vocab = match md.get("llama.vocab_size").and_then(gguf_int) {
+        Some(v) => v,
+        None => md
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.len())
+            .ok_or_else(|| ModelError::Metadata("cannot tell the vocabulary size".into()))?,
+    };
+    Ok(LlamaConfig {
+        hidden_size: hidden,
+        intermediate_size: u("feed_forward_length")?,
+        num_layers: u("block_count")?,
+        num_heads: heads,
+        num_kv_heads: u("attention.head_count_kv").unwrap_or(heads),
+        head_dim: u("rope.dimension_count").unwrap_or(hidden / heads),
+        vocab_size: vocab,
+        rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
+        rope_theta: f("rope.freq_base", 10_000.0),
+        context_length: u("context_length")?,
+        rope_interleaved: true,
+    })
+}
+
+/// Any GGUF integer value as `usize` (writers differ in the width they use for counts).
+pub fn gguf_int(v: &gguf_file::Value) -> Option<usize> {
+    use gguf_file::Value::*;
+    match *v {
+        U8(x) => Some(x as usize),
+        I8(x) => usize::try_from(x).ok(),
+        U16(x) => Some(x as usize),
+        I16(x) => usize::try_from(x).ok(),
+        U32(x) => Some(x as usize),
+        I32(x) => usize::try_from(x).ok(),
+        U64(x) => usize::try_from(x).ok(),
+        I64(x) => usize::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+/// The fields of a Hugging Face llama `config.json` that the model uses.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    rms_norm_eps: f64,
+    rope_theta: Option<f32>,
+    max_position_embeddings: usize,
+    tie_word_embeddings: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+}
+
+impl HfConfig {
+    fn to_config(&self) -> Result<LlamaConfig, ModelError> {
+        match self.model_type.as_deref() {
+            Some("llama") | Some("mistral") | None => {}
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!(
+                    "model_type `{other}`; idlerig runs llama-family models"
+                )))
+            }
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ModelError::Unsupported(
+                "rope_scaling in config.json is not supported yet".into(),
+            ));
+        }
+        Ok(LlamaConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta.unwrap_or(10_000.0),
+            context_length: self.max_position_embeddings,
+            rope_interleaved: false,
+        })
+    }
+}

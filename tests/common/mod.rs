@@ -1,0 +1,114 @@
+//! Helpers shared by the integration tests: the default model (fetched by `models/fetch`),
+//! an in-process server on a loopback port, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use idlerig::api::{self, ApiLimits, AppState, LoadState};
+use idlerig::engine::{load_model, EngineConfig, ServedModel};
+use tokio::sync::watch;
+
+pub fn default_model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(idlerig::config::DEFAULT_MODEL_RELATIVE);
+    assert!(
+        p.exists(),
+        "the default model is missing at {}: run models/fetch first",
+        p.display()
+    );
+    p
+}
+
+pub fn load_default_model(cfg: EngineConfig) -> ServedModel {
+    load_model(&default_model_path(), &candle_core::Device::Cpu, cfg)
+        .expect("loading the default model")
+}
+
+/// A running server: its base URL, and the channel that sets its model state.
+pub struct TestServer {
+    pub base: String,
+    pub load: watch::Sender<LoadState>,
+    pub client: reqwest::Client,
+}
+
+/// Starts the API on 127.0.0.1:0 with `state` and `limits`.
+pub async fn spawn_app(state: LoadState, limits: ApiLimits) -> TestServer {
+    let (tx, rx) = watch::channel(state);
+    let app = AppState::new("SmolLM2-135M-Instruct.Q4_1".into(), rx, limits);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(api::serve(listener, app, std::future::pending()));
+    TestServer {
+        base,
+        load: tx,
+        client: reqwest::Client::new(),
+    }
+}
+
+/// Starts the API with the real default model loaded.
+pub async fn spawn_app_with_model(cfg: EngineConfig, limits: ApiLimits) -> TestServer {
+    let model = tokio::task::spawn_blocking(move || load_default_model(cfg))
+        .await
+        .unwrap();
+    spawn_app(LoadState::Ready(Arc::new(model)), limits).await
+}
+
+impl TestServer {
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, serde_json::Value) {
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A streamed request's events (the JSON of each `data:` line) and whether `[DONE]` came.
+    pub async fn stream(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (Vec<serde_json::Value>, bool) {
+        let res = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 200, "stream request failed");
+        let text = res.text().await.unwrap();
+        let mut events = Vec::new();
+        let mut done = false;
+        for line in text.lines() {
+            if let Some(data) = line.strip_prefix("data: ") {
+                if data == "[DONE]" {
+                    done = true;
+                } else {
+                    events.push(serde_json::from_str(data).expect("each SSE data line is JSON"));
+                }
+            }
+        }
+        (events, done)
+    }
+}
