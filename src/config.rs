@@ -31,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve the model over HTTP (OpenAI API).
     Serve(ServeArgs),
+    /// Mine only (no model): the CPU miner on a Stratum pool, or on the embedded local pool.
+    Mine(MineArgs),
     /// Measure speed; each benchmark prints one JSON line.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -40,6 +42,8 @@ pub enum Command {
 pub enum BenchCommand {
     /// Inference over real HTTP against an in-process server: prefill and decode speed, TTFT.
     Infer(BenchInferArgs),
+    /// Hashrate of the miner on a real mainnet block template, beside a reference SHA-256d.
+    Mine(BenchMineArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,6 +129,67 @@ impl ServeArgs {
             ..ApiLimits::default()
         }
     }
+}
+
+/// Where to mine and as whom.
+#[derive(Clone, Args)]
+pub struct PoolArgs {
+    /// Stratum pool, `stratum+tcp://host:port`; repeat for fail-over, in order of preference.
+    /// Without one, idlerig starts its embedded local pool (a real Stratum server that pays nothing).
+    #[arg(long = "pool", env = "IDLERIG_POOL", value_delimiter = ',')]
+    pub pools: Vec<String>,
+    /// Worker name sent to the pool (usually `account.worker`).
+    #[arg(long, env = "IDLERIG_USER", default_value = "idlerig")]
+    pub user: String,
+    /// Worker password (never logged).
+    #[arg(
+        long = "pass",
+        env = "IDLERIG_PASS",
+        default_value = "x",
+        hide_env_values = true
+    )]
+    pub password: String,
+    /// Port of the embedded pool on 127.0.0.1 (when no --pool is given); other miners may connect to it.
+    #[arg(long, env = "IDLERIG_LOCAL_POOL_PORT", default_value_t = 3333)]
+    pub local_pool_port: u16,
+    /// Starting share difficulty of the embedded pool (it adjusts towards a share every 5 s).
+    #[arg(long, env = "IDLERIG_LOCAL_POOL_DIFFICULTY", default_value_t = 0.001)]
+    pub local_pool_difficulty: f64,
+}
+
+impl std::fmt::Debug for PoolArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolArgs")
+            .field("pools", &self.pools)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MineArgs {
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// CPU mining threads (default: every core).
+    #[arg(long, env = "IDLERIG_MINE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchMineArgs {
+    /// Mining backend: `cpu` (CUDA comes with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// How long to measure.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Worker threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON line (the output is always one JSON line; accepted for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

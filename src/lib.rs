@@ -16,4 +16,6 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod mining;
 pub mod model;
+pub mod stratum;

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio::sync::watch;
 
 use idlerig::api::{self, AppState, LoadState};
-use idlerig::config::{BenchCommand, Cli, Command, LogFormat, ServeArgs};
+use idlerig::config::{BenchCommand, Cli, Command, LogFormat, MineArgs, ServeArgs};
 use idlerig::engine::load_model;
 use idlerig::model::device_from_name;
 
@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Serve(a) => a.log_format,
-        Command::Bench(_) => LogFormat::Text,
+        Command::Bench(_) | Command::Mine(_) => LogFormat::Text,
     };
     init_logging(log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -26,6 +26,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Mine(args) => mine(args).await,
+            Command::Bench(BenchCommand::Mine(args)) => {
+                let line = idlerig::bench::mine::run(args).map_err(anyhow::Error::msg)?;
+                println!("{line}");
+                Ok(())
+            }
             Command::Bench(BenchCommand::Infer(args)) => {
                 let line = idlerig::bench::infer::run(args)
                     .await
@@ -93,6 +99,99 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("HTTP server task")?
         .context("HTTP server")?;
     tracing::info!("idlerig stopped");
+    Ok(())
+}
+
+async fn mine(args: MineArgs) -> anyhow::Result<()> {
+    use idlerig::mining::{CpuMiner, CpuMinerConfig, PreemptFlag};
+    use idlerig::stratum::client::{run_client, ClientConfig, ClientStats};
+    use idlerig::stratum::pool::{start_pool, PoolConfig};
+    use idlerig::stratum::PoolUrl;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let mut local_pool = None;
+    let pools = if args.pool.pools.is_empty() {
+        let cfg = PoolConfig {
+            bind: std::net::SocketAddr::from(([127, 0, 0, 1], args.pool.local_pool_port)),
+            difficulty: args.pool.local_pool_difficulty,
+            ..PoolConfig::default()
+        };
+        let pool = start_pool(cfg).await.with_context(|| {
+            format!(
+                "starting the embedded pool on port {}",
+                args.pool.local_pool_port
+            )
+        })?;
+        tracing::warn!(addr = %pool.addr, "no --pool given: mining on the embedded local pool, which PAYS NOTHING (a demo and test pool)");
+        let url = PoolUrl {
+            host: "127.0.0.1".into(),
+            port: pool.addr.port(),
+        };
+        local_pool = Some(pool);
+        vec![url]
+    } else {
+        args.pool
+            .pools
+            .iter()
+            .map(|p| PoolUrl::parse(p))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
+    let miner = Arc::new(CpuMiner::start(
+        CpuMinerConfig {
+            threads,
+            record_ranges: false,
+        },
+        PreemptFlag::default(),
+        share_tx,
+    ));
+    miner.resume();
+    let stats = Arc::new(ClientStats::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let client = tokio::spawn(run_client(
+        ClientConfig::new(pools, &args.pool.user, &args.pool.password),
+        miner.clone(),
+        share_rx,
+        stats.clone(),
+        stop_rx,
+    ));
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+    tick.tick().await;
+    let (mut last_hashes, mut last_t) = (miner.hashes(), std::time::Instant::now());
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {
+                let (h, t) = (miner.hashes(), std::time::Instant::now());
+                let rate = (h - last_hashes) as f64 / (t - last_t).as_secs_f64();
+                (last_hashes, last_t) = (h, t);
+                tracing::info!(
+                    hashrate_mhs = format!("{:.2}", rate / 1e6),
+                    connected = stats.connected.load(Relaxed),
+                    difficulty = stats.difficulty(),
+                    accepted = stats.accepted(),
+                    rejected = stats.rejected.load(Relaxed),
+                    stale = stats.stale.load(Relaxed),
+                    "mining"
+                );
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = client.await;
+    drop(local_pool);
+    tracing::info!(
+        accepted = stats.accepted(),
+        rejected = stats.rejected.load(Relaxed),
+        "miner stopped"
+    );
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! engine, the miner) and prints one JSON line of figures.
 
 pub mod infer;
+pub mod mine;
 
 /// The `q`-quantile (0..=1) of `values` by nearest rank; 0 when empty.
 pub fn quantile(values: &[f64], q: f64) -> f64 {

@@ -1,0 +1,36 @@
+//! The mining core: SHA-256d with a midstate, targets and difficulty, Stratum jobs turned
+//! into headers, and the CPU miner (SHA-NI where available). Everything here is pure or owns
+//! only its worker threads; the pool connection lives in [`crate::stratum`].
+
+pub mod cpu;
+pub mod job;
+pub mod sha256;
+#[cfg(target_arch = "x86_64")]
+pub mod shani;
+pub mod target;
+pub mod work;
+
+pub use cpu::{CpuMiner, CpuMinerConfig, PreemptFlag};
+pub use job::Job;
+pub use target::{difficulty_of_hash, target_for_difficulty, U256};
+pub use work::{Share, Work, WorkSource};
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum MiningError {
+    #[error("malformed job: {0}")]
+    BadJob(String),
+}
+
+/// Whether the SHA-NI scanner can run on this CPU.
+pub fn sha_ni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        shani::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}

@@ -1,0 +1,296 @@
+//! The embedded local pool: a real Stratum V1 server on loopback that pays nothing. It builds
+//! jobs from a synthetic block template (a valid BIP 34 coinbase split around the extranonces,
+//! merkle branches over made-up transactions, ntime updates, a new block every so often),
+//! gives each connection its own extranonce1, validates every share by recomputing its header
+//! hash, and answers with the standard error codes. Any Stratum miner can connect to it.
+//!
+//! The template task owns the jobs and broadcasts them; each connection's task owns its
+//! session. The only shared state is the pool-wide counters and the set of submitted shares.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+use super::protocol::Notify;
+use crate::mining::job::Job;
+use crate::mining::sha256::sha256d;
+
+/// Settings of the embedded pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub bind: SocketAddr,
+    /// Starting share difficulty of each connection.
+    pub difficulty: f64,
+    /// Adjust each connection's difficulty towards one share every `target_share_secs`.
+    pub vardiff: bool,
+    pub target_share_secs: f64,
+    pub min_difficulty: f64,
+    /// A new job (fresh ntime) this often; every `jobs_per_block`th one is a new block with
+    /// `clean_jobs`.
+    pub job_interval: Duration,
+    pub jobs_per_block: u32,
+    pub extranonce2_size: usize,
+    /// Version bits miners may roll (BIP 310).
+    pub version_mask: u32,
+    /// The network target's compact form (a realistic mainnet value by default).
+    pub nbits: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            difficulty: 0.001,
+            vardiff: true,
+            target_share_secs: 5.0,
+            min_difficulty: 1e-6,
+            job_interval: Duration::from_secs(30),
+            jobs_per_block: 20,
+            extranonce2_size: 4,
+            version_mask: 0x1fff_e000,
+            nbits: 0x1703_1abe,
+        }
+    }
+}
+
+/// Pool-wide counters.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub accepted: AtomicU64,
+    pub rejected_stale: AtomicU64,
+    pub rejected_duplicate: AtomicU64,
+    pub rejected_low_difficulty: AtomicU64,
+    pub rejected_other: AtomicU64,
+    pub blocks: AtomicU64,
+    pub connections: AtomicUsize,
+    /// Sum of the difficulty of accepted shares (work done, in difficulty-1 units).
+    pub accepted_work_milli: AtomicU64,
+}
+
+impl PoolStats {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected(&self) -> u64 {
+        self.rejected_stale.load(Ordering::Relaxed)
+            + self.rejected_duplicate.load(Ordering::Relaxed)
+            + self.rejected_low_difficulty.load(Ordering::Relaxed)
+            + self.rejected_other.load(Ordering::Relaxed)
+    }
+}
+
+/// Commands to every connected session (operators' and tests' levers).
+#[derive(Debug, Clone)]
+pub enum PoolCommand {
+    /// A new block: a job with `clean_jobs`; earlier jobs become stale.
+    NewBlock,
+    SetDifficulty(f64),
+    /// New extranonce1 for every session (`mining.set_extranonce`).
+    NewExtranonce,
+    /// Ask clients to reconnect (`client.reconnect`) to this pool after `wait` seconds.
+    Reconnect {
+        wait_secs: u64,
+    },
+    /// Send a line that is not JSON.
+    SendGarbage,
+    /// Close every connection.
+    DropConnections,
+}
+
+/// A running pool.
+pub struct PoolHandle {
+    pub addr: SocketAddr,
+    pub stats: Arc<PoolStats>,
+    commands: broadcast::Sender<PoolCommand>,
+    block: tokio::sync::mpsc::UnboundedSender<()>,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl PoolHandle {
+    pub fn command(&self, cmd: PoolCommand) {
+        if matches!(cmd, PoolCommand::NewBlock) {
+            let _ = self.block.send(());
+        } else {
+            let _ = self.commands.send(cmd);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct PoolJob {
+    pub(super) notify: Notify,
+    pub(super) job: Job,
+}
+
+pub(super) struct Shared {
+    pub(super) cfg: PoolConfig,
+    pub(super) stats: Arc<PoolStats>,
+    /// Every accepted share's identity, so a share is accepted once across reconnects.
+    /// A std mutex: held for one insert, never across an await.
+    pub(super) submitted: Mutex<HashSet<(Vec<u8>, String, Vec<u8>, u32, u32, u32)>>,
+    pub(super) next_extranonce1: AtomicU64,
+    /// Session id → extranonce1, so a reconnecting miner keeps its extranonce1 (and its work).
+    pub(super) sessions: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+/// Starts the pool on `cfg.bind`; it runs until the handle is dropped.
+pub async fn start_pool(cfg: PoolConfig) -> std::io::Result<PoolHandle> {
+    let listener = TcpListener::bind(cfg.bind).await?;
+    let addr = listener.local_addr()?;
+    let stats = Arc::new(PoolStats::default());
+    let (commands, _) = broadcast::channel(64);
+    let (jobs_tx, jobs_rx) = watch::channel::<Option<Arc<PoolJob>>>(None);
+    let (block_tx, block_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        stats: stats.clone(),
+        submitted: Mutex::new(HashSet::new()),
+        next_extranonce1: AtomicU64::new(1),
+        sessions: Mutex::new(HashMap::new()),
+    });
+    tokio::spawn(template_task(
+        cfg.clone(),
+        jobs_tx,
+        block_rx,
+        shutdown_rx.clone(),
+    ));
+    let cmds = commands.clone();
+    let mut stop = shutdown_rx;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                conn = listener.accept() => match conn {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(super::pool_session::run_session(stream, peer, shared.clone(), jobs_rx.clone(), cmds.subscribe()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pool: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+    });
+    tracing::info!(%addr, "embedded Stratum pool listening (local, pays nothing)");
+    Ok(PoolHandle {
+        addr,
+        stats,
+        commands,
+        block: block_tx,
+        _shutdown: shutdown_tx,
+    })
+}
+
+fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
+}
+
+/// Builds the job of block `height`, revision `rev` (ntime refresh).
+fn make_job(
+    cfg: &PoolConfig,
+    height: u32,
+    prevhash_stratum: &[u8; 32],
+    txids: &[[u8; 32]],
+    rev: u32,
+    clean: bool,
+) -> PoolJob {
+    // Coinbase input script: BIP 34 height, a tag, then extranonce1 ‖ extranonce2.
+    let mut script_head = vec![0x03];
+    script_head.extend_from_slice(&height.to_le_bytes()[..3]);
+    let tag = b"/idlerig local pool/";
+    script_head.push(tag.len() as u8);
+    script_head.extend_from_slice(tag);
+    let script_len = script_head.len() + 4 + cfg.extranonce2_size;
+    let mut coinb1 = hex::decode(
+        "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff",
+    )
+    .expect("hex");
+    coinb1.push(script_len as u8);
+    coinb1.extend_from_slice(&script_head);
+    // Sequence, one output of 3.125 BTC to OP_TRUE, lock time.
+    let mut coinb2 = hex::decode("ffffffff01").expect("hex");
+    coinb2.extend_from_slice(&312_500_000u64.to_le_bytes());
+    coinb2.extend_from_slice(&[0x01, 0x51, 0, 0, 0, 0]);
+    let branch = merkle_branch(txids);
+    let notify = Notify {
+        job_id: format!("{height:x}{rev:04x}"),
+        prevhash: hex::encode(prevhash_stratum),
+        coinb1: hex::encode(coinb1),
+        coinb2: hex::encode(coinb2),
+        merkle_branch: branch.iter().map(hex::encode).collect(),
+        version: "20000000".into(),
+        nbits: format!("{:08x}", cfg.nbits),
+        ntime: format!("{:08x}", unix_now()),
+        clean_jobs: clean,
+    };
+    let job = notify.to_job().expect("the pool's own job is well-formed");
+    PoolJob { notify, job }
+}
+
+/// The merkle branch of the coinbase (position 0) over `txids` (positions 1..).
+pub fn merkle_branch(txids: &[[u8; 32]]) -> Vec<[u8; 32]> {
+    let mut branch = Vec::new();
+    let mut level: Vec<[u8; 32]> = txids.to_vec();
+    while !level.is_empty() {
+        branch.push(level[0]);
+        level = level[1..]
+            .chunks(2)
+            .map(|pair| {
+                let mut buf = [0u8; 64];
+                buf[..32].copy_from_slice(&pair[0]);
+                buf[32..].copy_from_slice(pair.get(1).unwrap_or(&pair[0]));
+                sha256d(&buf)
+            })
+            .collect();
+    }
+    branch
+}
+
+async fn template_task(
+    cfg: PoolConfig,
+    jobs: watch::Sender<Option<Arc<PoolJob>>>,
+    mut new_block: tokio::sync::mpsc::UnboundedReceiver<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut height = 900_000u32;
+    let mut rev = 0u32;
+    let new_block_data = |h: u32| {
+        let prev: [u8; 32] = rand::random();
+        let txids: Vec<[u8; 32]> = (0..(3 + h % 5)).map(|_| rand::random()).collect();
+        (prev, txids)
+    };
+    let (mut prev, mut txids) = new_block_data(height);
+    let _ = jobs.send(Some(Arc::new(make_job(
+        &cfg, height, &prev, &txids, rev, true,
+    ))));
+    let mut tick = tokio::time::interval(cfg.job_interval);
+    tick.tick().await;
+    loop {
+        let forced = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => false,
+            Some(()) = new_block.recv() => true,
+        };
+        rev += 1;
+        let clean = forced || rev % cfg.jobs_per_block.max(1) == 0;
+        if clean {
+            height += 1;
+            (prev, txids) = new_block_data(height);
+        }
+        let _ = jobs.send(Some(Arc::new(make_job(
+            &cfg, height, &prev, &txids, rev, clean,
+        ))));
+    }
+}

@@ -1,0 +1,377 @@
+//! One miner's connection to the embedded pool: its subscription, authorization, difficulty,
+//! the jobs sent to it, and the validation of every share it submits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, watch};
+
+use super::pool::{PoolCommand, PoolJob, Shared};
+use super::protocol::{
+    codes, encode_call, encode_response, parse_line, Message, RpcError, Submit, MAX_LINE_BYTES,
+};
+use crate::mining::job::roll_version;
+use crate::mining::sha256::sha256d;
+use crate::mining::target::{difficulty_of_hash, meets_target, target_for_difficulty, U256};
+
+/// Lines that fail to parse before the pool hangs up on a peer.
+const MAX_BAD_LINES: u32 = 10;
+/// How far into the future a share's ntime may be rolled.
+const MAX_NTIME_ROLL_SECS: u32 = 7200;
+
+struct Session {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    session_id: String,
+    extranonce1: Vec<u8>,
+    subscribed: bool,
+    authorized: bool,
+    version_mask: u32,
+    difficulty: f64,
+    /// Jobs sent to this miner and the lowest difficulty in force for each.
+    jobs: HashMap<String, (Arc<PoolJob>, f64)>,
+    last_job: Option<Arc<PoolJob>>,
+    vardiff_since: Instant,
+    vardiff_shares: u32,
+    out: Vec<String>,
+}
+
+fn reject(code: i64, message: &str) -> RpcError {
+    RpcError {
+        code,
+        message: message.to_string(),
+    }
+}
+
+impl Session {
+    /// Sends `job`. `clean`: `Some(true)` forces `clean_jobs` (new extranonce1), `Some(false)`
+    /// resends a job already sent (new difficulty) without invalidating anything, `None` sends
+    /// it as the template says.
+    fn notify_job(&mut self, job: &Arc<PoolJob>, clean: Option<bool>) {
+        let clean = clean.unwrap_or(job.notify.clean_jobs);
+        if clean {
+            self.jobs.clear();
+        }
+        // A job keeps the lowest difficulty it was sent under, so work done before a
+        // difficulty rise is still accepted.
+        let entry = self
+            .jobs
+            .entry(job.notify.job_id.clone())
+            .or_insert((job.clone(), self.difficulty));
+        entry.1 = entry.1.min(self.difficulty);
+        let mut notify = job.notify.clone();
+        notify.clean_jobs = clean;
+        self.out
+            .push(encode_call(None, "mining.notify", notify.to_params()));
+        self.last_job = Some(job.clone());
+    }
+
+    fn set_difficulty(&mut self, d: f64) {
+        self.difficulty = d.max(self.shared.cfg.min_difficulty);
+        self.out.push(encode_call(
+            None,
+            "mining.set_difficulty",
+            json!([self.difficulty]),
+        ));
+        // The new difficulty applies from the next notify: resend the current job under it
+        // (older work stays acceptable at the lower of the two difficulties).
+        if let Some(job) = self.last_job.clone() {
+            self.notify_job(&job, Some(false));
+        }
+    }
+
+    fn handle_call(&mut self, id: Option<Value>, method: &str, params: &[Value]) {
+        let reply = |s: &mut Self, result: Value, err: Option<RpcError>| {
+            if let Some(id) = &id {
+                s.out.push(encode_response(id, result, err.as_ref()));
+            }
+        };
+        match method {
+            "mining.configure" => {
+                let wants = params
+                    .first()
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| a.iter().any(|e| e == "version-rolling"));
+                let asked = params
+                    .get(1)
+                    .and_then(|o| o.get("version-rolling.mask"))
+                    .and_then(Value::as_str)
+                    .and_then(|m| u32::from_str_radix(m, 16).ok())
+                    .unwrap_or(u32::MAX);
+                if wants {
+                    self.version_mask = asked & self.shared.cfg.version_mask;
+                    reply(
+                        self,
+                        json!({"version-rolling": true, "version-rolling.mask": format!("{:08x}", self.version_mask)}),
+                        None,
+                    );
+                } else {
+                    reply(self, json!({}), None);
+                }
+            }
+            "mining.subscribe" => {
+                let resumed = params.get(1).and_then(Value::as_str).and_then(|sid| {
+                    self.shared
+                        .sessions
+                        .lock()
+                        .expect("sessions lock")
+                        .get(sid)
+                        .cloned()
+                        .map(|en1| (sid.to_string(), en1))
+                });
+                if let Some((sid, en1)) = resumed {
+                    self.session_id = sid;
+                    self.extranonce1 = en1;
+                }
+                self.shared
+                    .sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .insert(self.session_id.clone(), self.extranonce1.clone());
+                self.subscribed = true;
+                let result = json!([
+                    [
+                        ["mining.set_difficulty", self.session_id],
+                        ["mining.notify", self.session_id]
+                    ],
+                    hex::encode(&self.extranonce1),
+                    self.shared.cfg.extranonce2_size
+                ]);
+                reply(self, result, None);
+            }
+            "mining.extranonce.subscribe" => reply(self, json!(true), None),
+            "mining.authorize" => {
+                let user = params.first().and_then(Value::as_str).unwrap_or("");
+                if user.is_empty() {
+                    reply(
+                        self,
+                        json!(false),
+                        Some(reject(codes::UNAUTHORIZED, "a worker name is required")),
+                    );
+                    return;
+                }
+                self.authorized = true;
+                reply(self, json!(true), None);
+                let d = self.difficulty;
+                self.out
+                    .push(encode_call(None, "mining.set_difficulty", json!([d])));
+            }
+            "mining.suggest_difficulty" => {
+                if let Some(d) = params.first().and_then(Value::as_f64).filter(|d| *d > 0.0) {
+                    self.difficulty = d.max(self.shared.cfg.min_difficulty);
+                }
+                reply(self, json!(true), None);
+            }
+            "mining.submit" => {
+                let result = self.check_submit(params);
+                let stats = &self.shared.stats;
+                match &result {
+                    Ok(diff) => {
+                        stats.accepted.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .accepted_work_milli
+                            .fetch_add((diff * 1000.0) as u64, Ordering::Relaxed);
+                        self.vardiff_shares += 1;
+                    }
+                    Err(e) => {
+                        let counter = match e.code {
+                            codes::JOB_NOT_FOUND => &stats.rejected_stale,
+                            codes::DUPLICATE => &stats.rejected_duplicate,
+                            codes::LOW_DIFFICULTY => &stats.rejected_low_difficulty,
+                            _ => &stats.rejected_other,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %self.peer, code = e.code, reason = %e.message, "pool: share rejected");
+                    }
+                }
+                match result {
+                    Ok(_) => reply(self, json!(true), None),
+                    Err(e) => reply(self, Value::Null, Some(e)),
+                }
+            }
+            other => reply(
+                self,
+                Value::Null,
+                Some(reject(codes::OTHER, &format!("unknown method {other}"))),
+            ),
+        }
+    }
+
+    /// Validates a share by rebuilding its header; returns the share's difficulty.
+    fn check_submit(&mut self, params: &[Value]) -> Result<f64, RpcError> {
+        if !self.subscribed {
+            return Err(reject(codes::NOT_SUBSCRIBED, "not subscribed"));
+        }
+        if !self.authorized {
+            return Err(reject(codes::UNAUTHORIZED, "unauthorized worker"));
+        }
+        let s = Submit::from_params(params).map_err(|e| reject(codes::OTHER, &e.to_string()))?;
+        let (job, job_diff) = self
+            .jobs
+            .get(&s.job_id)
+            .cloned()
+            .ok_or_else(|| reject(codes::JOB_NOT_FOUND, "job not found (stale)"))?;
+        if s.extranonce2.len() != self.shared.cfg.extranonce2_size {
+            return Err(reject(codes::OTHER, "invalid extranonce2 size"));
+        }
+        if s.ntime < job.job.ntime || s.ntime > job.job.ntime + MAX_NTIME_ROLL_SECS {
+            return Err(reject(codes::OTHER, "ntime out of range"));
+        }
+        let version = match s.version_bits {
+            Some(bits) if bits & !self.version_mask != 0 => {
+                return Err(reject(codes::OTHER, "invalid version bits"))
+            }
+            Some(bits) => roll_version(job.job.version, self.version_mask, bits),
+            None => job.job.version,
+        };
+        let root = job.job.merkle_root(&self.extranonce1, &s.extranonce2);
+        let hash = sha256d(&job.job.header(&root, s.ntime, version, s.nonce));
+        let key = (
+            self.extranonce1.clone(),
+            s.job_id.clone(),
+            s.extranonce2.clone(),
+            s.ntime,
+            s.nonce,
+            version,
+        );
+        if !meets_target(&hash, &target_for_difficulty(job_diff)) {
+            return Err(reject(codes::LOW_DIFFICULTY, "low difficulty share"));
+        }
+        if !self
+            .shared
+            .submitted
+            .lock()
+            .expect("submitted lock")
+            .insert(key)
+        {
+            return Err(reject(codes::DUPLICATE, "duplicate share"));
+        }
+        if meets_target(&hash, &U256::from_compact(job.job.nbits)) {
+            self.shared.stats.blocks.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.peer, "pool: a share meets the network target (a block; this local pool cannot broadcast it)");
+        }
+        Ok(difficulty_of_hash(&hash))
+    }
+
+    /// Moves the difficulty towards one share every `target_share_secs`.
+    fn vardiff(&mut self) {
+        let cfg = &self.shared.cfg;
+        let elapsed = self.vardiff_since.elapsed().as_secs_f64();
+        if !cfg.vardiff || !self.authorized || elapsed < cfg.target_share_secs * 3.0 {
+            return;
+        }
+        let rate_ratio =
+            (self.vardiff_shares as f64 * cfg.target_share_secs / elapsed).clamp(0.25, 4.0);
+        self.vardiff_since = Instant::now();
+        self.vardiff_shares = 0;
+        if !(0.67..=1.5).contains(&rate_ratio) {
+            self.set_difficulty(self.difficulty * rate_ratio);
+        }
+    }
+}
+
+pub(super) async fn run_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut jobs: watch::Receiver<Option<Arc<PoolJob>>>,
+    mut commands: broadcast::Receiver<PoolCommand>,
+) {
+    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let en1 = shared.next_extranonce1.fetch_add(1, Ordering::Relaxed) as u32;
+    let mut s = Session {
+        session_id: format!("{:016x}", rand::random::<u64>()),
+        extranonce1: en1.to_be_bytes().to_vec(),
+        difficulty: shared.cfg.difficulty,
+        shared: shared.clone(),
+        peer,
+        subscribed: false,
+        authorized: false,
+        version_mask: 0,
+        jobs: HashMap::new(),
+        last_job: None,
+        vardiff_since: Instant::now(),
+        vardiff_shares: 0,
+        out: Vec::new(),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let mut bad_lines = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let was_authorized = s.authorized;
+        tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) if line.len() <= MAX_LINE_BYTES => match parse_line(&line) {
+                    Ok(Message::Call { id, method, params }) => s.handle_call(id, &method, &params),
+                    Ok(Message::Response { .. }) => {} // answers to client.get_version
+                    Err(e) => {
+                        bad_lines += 1;
+                        tracing::debug!(%peer, error = %e, "pool: unreadable line");
+                        if bad_lines >= MAX_BAD_LINES {
+                            break;
+                        }
+                    }
+                },
+                _ => break, // closed, failed, or a line over the limit
+            },
+            changed = jobs.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let job = jobs.borrow_and_update().clone();
+                if let (true, Some(job)) = (s.authorized, job) {
+                    s.notify_job(&job, None);
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                Ok(PoolCommand::SetDifficulty(d)) => s.set_difficulty(d),
+                Ok(PoolCommand::NewExtranonce) => {
+                    let en1 = shared.next_extranonce1.fetch_add(1, Ordering::Relaxed) as u32;
+                    s.extranonce1 = en1.to_be_bytes().to_vec();
+                    s.out.push(encode_call(None, "mining.set_extranonce", json!([hex::encode(&s.extranonce1), shared.cfg.extranonce2_size])));
+                    // Work under the old extranonce1 is void: a clean job follows.
+                    if let Some(job) = s.last_job.clone() {
+                        s.notify_job(&job, Some(true));
+                    }
+                }
+                Ok(PoolCommand::Reconnect { wait_secs }) => {
+                    s.out.push(encode_call(None, "client.reconnect", json!([shared_addr_host(&write), shared_addr_port(&write), wait_secs])));
+                }
+                Ok(PoolCommand::SendGarbage) => s.out.push("this is not json {{{\n".into()),
+                Ok(PoolCommand::DropConnections) => break,
+                Ok(PoolCommand::NewBlock) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = tick.tick() => s.vardiff(),
+        }
+        if s.authorized && !was_authorized {
+            if let Some(job) = jobs.borrow().clone() {
+                s.notify_job(&job, Some(true));
+            }
+        }
+        for line in s.out.drain(..) {
+            if write.write_all(line.as_bytes()).await.is_err() {
+                shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+fn shared_addr_host(w: &tokio::net::tcp::OwnedWriteHalf) -> String {
+    w.local_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+fn shared_addr_port(w: &tokio::net::tcp::OwnedWriteHalf) -> u16 {
+    w.local_addr().map(|a| a.port()).unwrap_or(0)
+}

@@ -1,0 +1,547 @@
+//! The client side of a Stratum session as a pure state machine: it takes decoded messages,
+//! connection events and found shares, and answers with [`Action`]s (lines to send, work for
+//! the miner). It decides what is submitted: each share once, only while its job and
+//! extranonce1 are current; shares found while disconnected wait for the next session.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::protocol::{
+    encode_call, encode_response, parse_difficulty, parse_subscribe_result, Message, Notify,
+    RpcError,
+};
+use crate::mining::{target_for_difficulty, Job, Share, WorkSource};
+
+/// Version bits idlerig asks to roll (BIP 310's general-purpose range).
+pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
+
+/// What the I/O task must do.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Send(String),
+    /// Mine this from now on.
+    SetWork(WorkSource),
+    /// Stop mining: there is no valid work.
+    ClearWork,
+    /// The pool asked us to reconnect (`None` host: the same pool).
+    Reconnect {
+        host: Option<String>,
+        port: Option<u16>,
+        wait: Duration,
+    },
+}
+
+/// Outcome counters of submitted and found shares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShareCounts {
+    pub submitted: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    /// Found for a job the pool had already replaced (or under an old extranonce1): never sent.
+    pub stale: u64,
+    pub duplicates_suppressed: u64,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Configure,
+    Subscribe,
+    Authorize,
+    ExtranonceSubscribe,
+    Submit(Share),
+}
+
+type ShareKey = (String, Vec<u8>, Vec<u8>, u32, u32, Option<u32>);
+
+fn key(s: &Share) -> ShareKey {
+    (
+        s.job_id.clone(),
+        s.extranonce1.clone(),
+        s.extranonce2.clone(),
+        s.ntime,
+        s.nonce,
+        s.version_bits,
+    )
+}
+
+/// One miner's view of its pool.
+pub struct ClientSession {
+    user: String,
+    password: String,
+    agent: String,
+    version_rolling: bool,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// The pool's subscription id, offered again on reconnect to keep extranonce1.
+    session_id: Option<String>,
+    extranonce1: Option<Vec<u8>>,
+    extranonce2_size: usize,
+    difficulty: f64,
+    version_mask: u32,
+    job: Option<Job>,
+    valid_jobs: HashSet<String>,
+    connected: bool,
+    authorized: bool,
+    /// Since (re)connecting, no notify yet: queued shares wait to learn whether their job lives.
+    awaiting_notify: bool,
+    queued: Vec<Share>,
+    submitted: HashSet<ShareKey>,
+    pub counts: ShareCounts,
+}
+
+impl ClientSession {
+    pub fn new(user: &str, password: &str, version_rolling: bool) -> Self {
+        Self {
+            user: user.to_string(),
+            password: password.to_string(),
+            agent: format!("idlerig/{}", env!("CARGO_PKG_VERSION")),
+            version_rolling,
+            next_id: 1,
+            pending: HashMap::new(),
+            session_id: None,
+            extranonce1: None,
+            extranonce2_size: 4,
+            difficulty: 1.0,
+            version_mask: 0,
+            job: None,
+            valid_jobs: HashSet::new(),
+            connected: false,
+            authorized: false,
+            awaiting_notify: true,
+            queued: Vec::new(),
+            submitted: HashSet::new(),
+            counts: ShareCounts::default(),
+        }
+    }
+
+    pub fn difficulty(&self) -> f64 {
+        self.difficulty
+    }
+
+    pub fn is_authorized(&self) -> bool {
+        self.authorized
+    }
+
+    fn call(&mut self, method: &str, params: Value, pending: Pending) -> Action {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.pending.insert(id, pending);
+        Action::Send(encode_call(Some(id), method, params))
+    }
+
+    /// The connection is up: configure, subscribe (resuming the last session), authorize.
+    pub fn on_connect(&mut self) -> Vec<Action> {
+        self.connected = true;
+        self.authorized = false;
+        self.awaiting_notify = true;
+        self.pending.retain(|_, p| matches!(p, Pending::Submit(_)));
+        let mut out = Vec::new();
+        if self.version_rolling {
+            let params = json!([["version-rolling"], {"version-rolling.mask": format!("{VERSION_ROLLING_MASK:08x}"), "version-rolling.min-bit-count": 2}]);
+            out.push(self.call("mining.configure", params, Pending::Configure));
+        }
+        let sub = match &self.session_id {
+            Some(sid) => json!([self.agent, sid]),
+            None => json!([self.agent]),
+        };
+        out.push(self.call("mining.subscribe", sub, Pending::Subscribe));
+        let auth = json!([self.user, self.password]);
+        out.push(self.call("mining.authorize", auth, Pending::Authorize));
+        out
+    }
+
+    /// The connection is gone. Submits in flight go back to the queue: the pool may not have
+    /// seen them, and its duplicate check protects it if it did.
+    pub fn on_disconnect(&mut self) -> Vec<Action> {
+        self.connected = false;
+        self.authorized = false;
+        let pending = std::mem::take(&mut self.pending);
+        for (_, p) in pending {
+            if let Pending::Submit(share) = p {
+                self.submitted.remove(&key(&share));
+                self.counts.submitted -= 1;
+                self.queued.push(share);
+            }
+        }
+        vec![Action::ClearWork]
+    }
+
+    /// A share the miner found.
+    pub fn on_share(&mut self, share: Share) -> Vec<Action> {
+        if self.submitted.contains(&key(&share)) {
+            self.counts.duplicates_suppressed += 1;
+            return vec![];
+        }
+        if !self.connected || !self.authorized || self.awaiting_notify {
+            self.queued.push(share);
+            return vec![];
+        }
+        self.submit_if_current(share).into_iter().collect()
+    }
+
+    fn share_is_current(&self, share: &Share) -> bool {
+        self.valid_jobs.contains(&share.job_id)
+            && self.extranonce1.as_ref() == Some(&share.extranonce1)
+    }
+
+    fn submit_if_current(&mut self, share: Share) -> Option<Action> {
+        if !self.share_is_current(&share) {
+            self.counts.stale += 1;
+            tracing::debug!(job = %share.job_id, "share for a replaced job: not submitted (stale)");
+            return None;
+        }
+        if !self.submitted.insert(key(&share)) {
+            self.counts.duplicates_suppressed += 1;
+            return None;
+        }
+        self.counts.submitted += 1;
+        let params = super::protocol::submit_params(&self.user, &share);
+        Some(self.call("mining.submit", params, Pending::Submit(share)))
+    }
+
+    fn flush_queue(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.queued)
+            .into_iter()
+            .filter_map(|s| self.submit_if_current(s))
+            .collect()
+    }
+
+    fn work(&self) -> Vec<Action> {
+        match (&self.job, &self.extranonce1) {
+            (Some(job), Some(en1)) => vec![Action::SetWork(WorkSource::new(
+                job.clone(),
+                en1.clone(),
+                self.extranonce2_size,
+                target_for_difficulty(self.difficulty),
+                self.version_mask,
+            ))],
+            _ => vec![],
+        }
+    }
+
+    pub fn on_message(&mut self, msg: Message) -> Vec<Action> {
+        match msg {
+            Message::Response { id, result, error } => {
+                let Some(pending) = id.as_u64().and_then(|id| self.pending.remove(&id)) else {
+                    tracing::debug!(%id, "response to no pending request");
+                    return vec![];
+                };
+                self.on_response(pending, result, error)
+            }
+            Message::Call { id, method, params } => self.on_call(id, &method, &params),
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        pending: Pending,
+        result: Value,
+        error: Option<RpcError>,
+    ) -> Vec<Action> {
+        match pending {
+            Pending::Configure => {
+                let granted = result
+                    .get("version-rolling")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.version_mask = if granted {
+                    result
+                        .get("version-rolling.mask")
+                        .and_then(Value::as_str)
+                        .and_then(|m| u32::from_str_radix(m, 16).ok())
+                        .unwrap_or(0)
+                        & VERSION_ROLLING_MASK
+                } else {
+                    0
+                };
+                vec![]
+            }
+            Pending::Subscribe => match parse_subscribe_result(&result) {
+                Ok((en1, size)) => {
+                    if self.extranonce1.as_ref() != Some(&en1) {
+                        self.job = None;
+                    }
+                    self.extranonce1 = Some(en1);
+                    self.extranonce2_size = size;
+                    self.session_id = result
+                        .get(0)
+                        .and_then(|subs| subs.as_array())
+                        .and_then(|subs| subs.iter().find_map(|s| s.get(1).and_then(Value::as_str)))
+                        .map(str::to_string);
+                    let mut out = vec![self.call(
+                        "mining.extranonce.subscribe",
+                        json!([]),
+                        Pending::ExtranonceSubscribe,
+                    )];
+                    out.extend(self.work());
+                    out
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pool's subscribe answer is unusable");
+                    vec![]
+                }
+            },
+            Pending::Authorize => {
+                self.authorized = result.as_bool().unwrap_or(false) && error.is_none();
+                if self.authorized {
+                    tracing::info!(worker = %self.user, "authorized by the pool");
+                } else {
+                    tracing::error!(worker = %self.user, reason = ?error.map(|e| e.message), "the pool refused the worker's credentials");
+                }
+                vec![]
+            }
+            Pending::ExtranonceSubscribe => vec![],
+            Pending::Submit(share) => {
+                if result.as_bool() == Some(true) && error.is_none() {
+                    self.counts.accepted += 1;
+                    tracing::debug!(job = %share.job_id, difficulty = share.difficulty, "share accepted");
+                } else {
+                    self.counts.rejected += 1;
+                    let reason = error
+                        .map(|e| format!("{} ({})", e.message, e.code))
+                        .unwrap_or_else(|| "no reason given".into());
+                    tracing::info!(job = %share.job_id, %reason, "share rejected by the pool");
+                }
+                vec![]
+            }
+        }
+    }
+
+    fn on_call(&mut self, id: Option<Value>, method: &str, params: &[Value]) -> Vec<Action> {
+        match method {
+            "mining.notify" => match Notify::from_params(params).and_then(|n| n.to_job()) {
+                Ok(job) => {
+                    if job.clean_jobs {
+                        self.valid_jobs.clear();
+                    }
+                    self.valid_jobs.insert(job.job_id.clone());
+                    self.job = Some(job);
+                    let mut out = self.work();
+                    if self.awaiting_notify && self.authorized {
+                        self.awaiting_notify = false;
+                        out.extend(self.flush_queue());
+                    }
+                    out
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a malformed mining.notify");
+                    vec![]
+                }
+            },
+            "mining.set_difficulty" => match parse_difficulty(params) {
+                Ok(d) => {
+                    self.difficulty = d;
+                    self.work()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a bad mining.set_difficulty");
+                    vec![]
+                }
+            },
+            "mining.set_extranonce" => {
+                match (
+                    params.first().and_then(Value::as_str).map(hex::decode),
+                    params.get(1).and_then(Value::as_u64),
+                ) {
+                    (Some(Ok(en1)), Some(size)) if (1..=16).contains(&size) => {
+                        self.extranonce1 = Some(en1);
+                        self.extranonce2_size = size as usize;
+                        self.work()
+                    }
+                    _ => {
+                        tracing::warn!(?params, "ignoring a bad mining.set_extranonce");
+                        vec![]
+                    }
+                }
+            }
+            "mining.set_version_mask" => {
+                if let Some(mask) = params
+                    .first()
+                    .and_then(Value::as_str)
+                    .and_then(|m| u32::from_str_radix(m, 16).ok())
+                {
+                    self.version_mask = if self.version_rolling {
+                        mask & VERSION_ROLLING_MASK
+                    } else {
+                        0
+                    };
+                }
+                self.work()
+            }
+            "client.reconnect" => vec![Action::Reconnect {
+                host: params
+                    .first()
+                    .and_then(Value::as_str)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_string),
+                port: params
+                    .get(1)
+                    .and_then(|p| {
+                        p.as_u64()
+                            .or_else(|| p.as_str().and_then(|s| s.parse().ok()))
+                    })
+                    .map(|p| p as u16),
+                wait: Duration::from_secs(
+                    params.get(2).and_then(Value::as_u64).unwrap_or(0).min(600),
+                ),
+            }],
+            "client.get_version" => id
+                .map(|id| Action::Send(encode_response(&id, json!(self.agent), None)))
+                .into_iter()
+                .collect(),
+            "client.show_message" => {
+                tracing::info!(message = ?params.first(), "message from the pool");
+                id.map(|id| Action::Send(encode_response(&id, json!(true), None)))
+                    .into_iter()
+                    .collect()
+            }
+            other => {
+                tracing::debug!(method = other, "unsupported call from the pool");
+                id.map(|id| {
+                    Action::Send(encode_response(
+                        &id,
+                        Value::Null,
+                        Some(&RpcError {
+                            code: 20,
+                            message: format!("unsupported method {other}"),
+                        }),
+                    ))
+                })
+                .into_iter()
+                .collect()
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientSession {
+    // The password never appears in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("difficulty", &self.difficulty)
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stratum::protocol::parse_line;
+
+    const NOTIFY: &str = r#"{"params": ["JOB", "4d16b6f85af6e2198f44ae2a6de67f78487ae5611b77c6c0440b921e00000000", "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff20020862062f503253482f04b8864e5008", "072f736c7573682f000000000100f2052a010000001976a914d23fcdf86f7e756a64a7a9688ef9903327048ed988ac00000000", [], "00000002", "1c2ac4af", "504e86b9", CLEAN], "id": null, "method": "mining.notify"}"#;
+
+    fn feed(s: &mut ClientSession, line: &str) -> Vec<Action> {
+        s.on_message(parse_line(line).unwrap())
+    }
+
+    fn notify(job: &str, clean: bool) -> String {
+        NOTIFY
+            .replace("JOB", job)
+            .replace("CLEAN", if clean { "true" } else { "false" })
+    }
+
+    /// Connects and completes the handshake with ids 1 (subscribe) and 2 (authorize) of this
+    /// connection, numbered from `first_id`.
+    fn handshake(s: &mut ClientSession, first_id: u64) {
+        let sent = s.on_connect();
+        assert!(matches!(&sent[0], Action::Send(l) if l.contains("mining.subscribe")));
+        feed(
+            s,
+            &format!(
+                r#"{{"id": {first_id}, "result": [[["mining.notify", "sid1"]], "08000002", 4], "error": null}}"#
+            ),
+        );
+        feed(
+            s,
+            &format!(
+                r#"{{"id": {}, "result": true, "error": null}}"#,
+                first_id + 1
+            ),
+        );
+        assert!(s.is_authorized());
+    }
+
+    fn share(job: &str, nonce: u32) -> Share {
+        Share {
+            generation: 1,
+            job_id: job.into(),
+            extranonce1: vec![8, 0, 0, 2],
+            extranonce2: vec![0, 0, 0, 1],
+            ntime: 0x504e86ed,
+            nonce,
+            version_bits: None,
+            hash: [0; 32],
+            difficulty: 1.0,
+            is_block: false,
+        }
+    }
+
+    fn submits(actions: &[Action]) -> usize {
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Send(l) if l.contains("mining.submit")))
+            .count()
+    }
+
+    #[test]
+    fn shares_are_submitted_once_and_only_for_live_jobs() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        let work = feed(&mut s, &notify("a", true));
+        assert!(work.iter().any(|a| matches!(a, Action::SetWork(_))));
+        assert_eq!(submits(&s.on_share(share("a", 1))), 1);
+        assert_eq!(
+            submits(&s.on_share(share("a", 1))),
+            0,
+            "a duplicate is not sent twice"
+        );
+        assert_eq!(s.counts.duplicates_suppressed, 1);
+        feed(&mut s, &notify("b", true)); // clean_jobs: job a is gone
+        assert_eq!(submits(&s.on_share(share("a", 2))), 0);
+        assert_eq!(s.counts.stale, 1);
+        feed(&mut s, &notify("c", false)); // not clean: b and c both live
+        assert_eq!(submits(&s.on_share(share("b", 3))), 1);
+    }
+
+    #[test]
+    fn a_share_found_while_disconnected_is_submitted_after_reconnect_if_its_job_lives() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        feed(&mut s, &notify("a", true));
+        assert!(matches!(s.on_disconnect()[0], Action::ClearWork));
+        assert_eq!(
+            submits(&s.on_share(share("a", 7))),
+            0,
+            "kept, not sent, while down"
+        );
+        handshake(&mut s, 4); // ids 1–3 were used by the first connection
+                              // The pool resumed the session (same extranonce1) and job a is still valid.
+        let out = feed(&mut s, &notify("b", false));
+        assert_eq!(submits(&out), 1);
+        assert_eq!(s.counts.stale, 0);
+    }
+
+    #[test]
+    fn a_share_found_while_disconnected_is_stale_if_the_pool_cleaned_its_jobs() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        feed(&mut s, &notify("a", true));
+        s.on_disconnect();
+        s.on_share(share("a", 7));
+        handshake(&mut s, 4);
+        let out = feed(&mut s, &notify("b", true));
+        assert_eq!(submits(&out), 0);
+        assert_eq!(s.counts.stale, 1, "counted, never submitted");
+    }
+
+    #[test]
+    fn the_password_is_never_in_debug_output() {
+        let s = ClientSession::new("worker", "hunter2", true);
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

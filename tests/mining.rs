@@ -1,0 +1,202 @@
+//! The CPU miner on real headers: the scanners find real nonces, SHA-NI agrees with the
+//! portable code, pre-emption loses and repeats no nonce, and every share found re-verifies.
+
+use std::time::{Duration, Instant};
+
+use idlerig::mining::cpu::scan;
+use idlerig::mining::job::{hex_array, Job};
+use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d};
+use idlerig::mining::{
+    target_for_difficulty, CpuMiner, CpuMinerConfig, PreemptFlag, WorkSource, U256,
+};
+use proptest::prelude::*;
+
+fn genesis_job() -> (Job, [u8; 32]) {
+    let mut merkle = hex_array::<32>(
+        "m",
+        "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b",
+    )
+    .unwrap();
+    merkle.reverse();
+    let job = Job {
+        job_id: "genesis".into(),
+        prevhash: [0; 32],
+        coinb1: vec![],
+        coinb2: vec![],
+        merkle_branch: vec![],
+        version: 1,
+        nbits: 0x1d00ffff,
+        ntime: 1231006505,
+        clean_jobs: true,
+    };
+    (job, merkle)
+}
+
+const GENESIS_NONCE: u64 = 2083236893;
+
+#[test]
+fn both_scanners_find_the_genesis_nonce() {
+    let (job, merkle) = genesis_job();
+    let header = job.header(&merkle, job.ntime, 1, 0);
+    let (mid, tail) = (midstate(&header), header_tail(&header));
+    let (start, end) = (GENESIS_NONCE - 3000, GENESIS_NONCE + 3001);
+    let portable = scan_portable(&mid, &tail, start, end, 0, 1024, &|| false);
+    assert_eq!(portable.candidates, vec![GENESIS_NONCE as u32]);
+    assert_eq!(portable.next, end);
+    if idlerig::mining::sha_ni_available() {
+        let work = idlerig::mining::Work {
+            generation: 1,
+            job_id: "g".into(),
+            extranonce1: vec![],
+            extranonce2: vec![],
+            ntime: job.ntime,
+            version: 1,
+            version_bits: None,
+            midstate: mid,
+            header,
+            share_target: U256::DIFF1,
+            network_target: U256::from_compact(job.nbits),
+        };
+        let fast = scan(&work, start, end, true, &|| false);
+        assert_eq!(fast.candidates, vec![GENESIS_NONCE as u32]);
+        let share = work
+            .check(GENESIS_NONCE as u32)
+            .expect("the genesis nonce meets difficulty 1");
+        assert!(share.is_block);
+    } else {
+        eprintln!("this CPU has no SHA-NI: only the portable scanner was checked");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// On random headers at an easy target (1 in 256 nonces), the SHA-NI scanner reports the
+    /// same candidates as the portable one, and each is a real hash below the target.
+    #[test]
+    fn sha_ni_agrees_with_portable(header in proptest::collection::vec(any::<u8>(), 80), start in 0u64..(1u64 << 32) - 5000, len in 1u64..3000) {
+        let header: [u8; 80] = header.try_into().unwrap();
+        let (mid, tail) = (midstate(&header), header_tail(&header));
+        let top = 0x00ff_ffff;
+        let portable = scan_portable(&mid, &tail, start, start + len, top, 1024, &|| false);
+        for &n in &portable.candidates {
+            let mut h = header;
+            h[76..80].copy_from_slice(&n.to_le_bytes());
+            let hash = sha256d(&h);
+            prop_assert!(u32::from_le_bytes(hash[28..32].try_into().unwrap()) <= top);
+        }
+        if idlerig::mining::sha_ni_available() {
+            let work = idlerig::mining::Work {
+                generation: 1, job_id: "p".into(), extranonce1: vec![], extranonce2: vec![], ntime: 0, version: 0, version_bits: None,
+                midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(),
+            };
+            let fast = scan(&work, start, start + len, true, &|| false);
+            prop_assert_eq!(fast.candidates, portable.candidates);
+            prop_assert_eq!(fast.next, start + len);
+        }
+    }
+}
+
+fn easy_source() -> WorkSource {
+    let (job, _) = genesis_job();
+    WorkSource::new(job, vec![1, 2, 3, 4], 4, target_for_difficulty(0.002), 0)
+}
+
+fn wait_idle(miner: &CpuMiner) -> Duration {
+    let t = Instant::now();
+    while miner.active_workers() > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the miner did not yield after pre-emption"
+        );
+        std::thread::yield_now();
+    }
+    t.elapsed()
+}
+
+#[test]
+fn pre_emption_loses_and_repeats_no_nonce() {
+    let flag = PreemptFlag::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let miner = CpuMiner::start(
+        CpuMinerConfig {
+            threads: 2,
+            record_ranges: true,
+        },
+        flag.clone(),
+        tx,
+    );
+    miner.set_work(easy_source());
+    miner.resume();
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(15));
+        flag.raise();
+        wait_idle(&miner);
+        let before = miner.hashes();
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(miner.hashes(), before, "no hashing while pre-empted");
+        miner.resume();
+    }
+    flag.raise();
+    wait_idle(&miner);
+    let (cursor, returned) = miner.pending_ranges();
+    let mut ranges: Vec<(u64, u64)> = miner
+        .recorded_ranges()
+        .into_iter()
+        .map(|(_, a, b)| (a, b))
+        .collect();
+    let hashed: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(
+        hashed,
+        miner.hashes(),
+        "every counted hash is in a recorded range"
+    );
+    ranges.extend(returned);
+    ranges.sort();
+    let mut expect = 0;
+    for (a, b) in &ranges {
+        assert_eq!(*a, expect, "gap or overlap at nonce {expect}: {ranges:?}");
+        expect = *b;
+    }
+    assert_eq!(
+        expect, cursor,
+        "hashed + handed-back ranges cover exactly [0, cursor)"
+    );
+    assert!(hashed > 100_000, "the miner hashed ({hashed})");
+    // Shares found along the way all re-verify at the share target.
+    let shares: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    assert!(
+        !shares.is_empty(),
+        "at difficulty 0.002 a share comes every ~8.6M hashes; hashed {hashed}"
+    );
+    for s in shares {
+        assert!(s.difficulty >= 0.002, "{s:?}");
+    }
+}
+
+#[test]
+fn a_new_job_replaces_the_old_one_at_once() {
+    let flag = PreemptFlag::default();
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let miner = CpuMiner::start(
+        CpuMinerConfig {
+            threads: 2,
+            record_ranges: true,
+        },
+        flag.clone(),
+        tx,
+    );
+    miner.set_work(easy_source());
+    miner.resume();
+    std::thread::sleep(Duration::from_millis(30));
+    miner.set_work(easy_source());
+    std::thread::sleep(Duration::from_millis(30));
+    flag.raise();
+    wait_idle(&miner);
+    let ranges = miner.recorded_ranges();
+    let generations: std::collections::BTreeSet<u64> = ranges.iter().map(|r| r.0).collect();
+    assert_eq!(
+        generations.len(),
+        2,
+        "both jobs were mined: {generations:?}"
+    );
+}
