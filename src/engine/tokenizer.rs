@@ -217,6 +217,13 @@ impl TextTokenizer {
         &self.end_of_generation
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save_json(&self, path: &Path) -> Result<(), EngineError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
     /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size

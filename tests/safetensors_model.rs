@@ -1,0 +1,168 @@
+//! The Hugging Face loader (config.json + safetensors + tokenizer.json + tokenizer_config.json)
+//! against the GGUF loader, on the same model: the test writes the default GGUF out as an HF
+//! directory (weights dequantized, Q/K un-permuted from llama.cpp's interleaved layout back to
+//! HF's half-split one) and checks both give the same tokens and, in f32, the same logits.
+//! This exercises the other RoPE layout, the HF tokenizer path and the template from
+//! tokenizer_config.json.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use idlerig::engine::{load_model, ChatMessage, EngineConfig};
+use idlerig::model::{BatchItem, ModelFiles};
+
+/// Inverse of llama.cpp's `permute` for Q and K: `[heads, 2, d/2, in]` ← `[heads, d/2, 2, in]`.
+fn unpermute(w: &Tensor, heads: usize) -> Tensor {
+    let (out, inp) = w.dims2().unwrap();
+    w.reshape((heads, out / heads / 2, 2, inp))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((out, inp))
+        .unwrap()
+}
+
+#[test]
+fn hf_directory_matches_the_gguf_it_was_made_from() {
+    // Both loaders in f32, so the comparison is about layout, not quantization.
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let gguf_path = common::default_model_path();
+    let mut file = std::fs::File::open(&gguf_path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let (heads, kv_heads) = (9, 3);
+    let mut tensors = HashMap::new();
+    let mut get = |name: &str| {
+        content
+            .tensor(&mut file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+    };
+    tensors.insert(
+        "model.embed_tokens.weight".to_string(),
+        get("token_embd.weight"),
+    );
+    tensors.insert("model.norm.weight".to_string(), get("output_norm.weight"));
+    for i in 0..30 {
+        let p = format!("model.layers.{i}");
+        tensors.insert(
+            format!("{p}.self_attn.q_proj.weight"),
+            unpermute(&get(&format!("blk.{i}.attn_q.weight")), heads),
+        );
+        tensors.insert(
+            format!("{p}.self_attn.k_proj.weight"),
+            unpermute(&get(&format!("blk.{i}.attn_k.weight")), kv_heads),
+        );
+        for (hf, gg) in [
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ] {
+            tensors.insert(
+                format!("{p}.{hf}.weight"),
+                get(&format!("blk.{i}.{gg}.weight")),
+            );
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("idlerig-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-05,
+            "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": true}"#,
+    )
+    .unwrap();
+    let gguf_served = load_model(&gguf_path, &Device::Cpu, EngineConfig::default()).unwrap();
+    let template = content.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": template}).to_string(),
+    )
+    .unwrap();
+    gguf_served
+        .tokenizer
+        .save_json(&dir.join("tokenizer.json"))
+        .unwrap();
+
+    let hf_served = load_model(&dir, &Device::Cpu, EngineConfig::default()).unwrap();
+    let chat = [ChatMessage {
+        role: "user".into(),
+        content: "Explain what a hash function is, in 12 words. ✓ 2024".into(),
+    }];
+    let text_hf = hf_served
+        .template
+        .as_ref()
+        .expect("template from tokenizer_config.json")
+        .render(&chat)
+        .unwrap();
+    let text_gguf = gguf_served
+        .template
+        .as_ref()
+        .unwrap()
+        .render(&chat)
+        .unwrap();
+    assert_eq!(text_hf, text_gguf);
+    let ids = hf_served.tokenizer.encode(&text_hf).unwrap();
+    assert_eq!(
+        ids,
+        gguf_served.tokenizer.encode(&text_gguf).unwrap(),
+        "tokenizer.json and GGUF tokenizers agree"
+    );
+    assert!(
+        hf_served.tokenizer.is_end_of_generation(2),
+        "<|im_end|> ends generation"
+    );
+
+    let hf = ModelFiles::open(&dir)
+        .unwrap()
+        .load_llama(&Device::Cpu)
+        .unwrap();
+    let gg = ModelFiles::open(&gguf_path)
+        .unwrap()
+        .load_llama(&Device::Cpu)
+        .unwrap();
+    let (mut c1, mut c2) = (hf.new_cache(), gg.new_cache());
+    let mut step = ids.clone();
+    for _ in 0..8 {
+        let a = hf
+            .forward(&mut [BatchItem {
+                tokens: &step,
+                cache: &mut c1,
+            }])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let b = gg
+            .forward(&mut [BatchItem {
+                tokens: &step,
+                cache: &mut c2,
+            }])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let max_diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 1e-2, "logits differ by {max_diff}");
+        let (ta, tb) = (idlerig::engine::argmax(&a), idlerig::engine::argmax(&b));
+        assert_eq!(ta, tb);
+        step = vec![ta as u32];
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
