@@ -46,6 +46,19 @@ pub enum BenchCommand {
     Mine(BenchMineArgs),
 }
 
+/// Where `serve` mines between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MineDevice {
+    /// Never mine.
+    Off,
+    /// CPU threads (SHA-NI where the CPU has it).
+    Cpu,
+    /// The GPU that serves (needs the `cuda` feature).
+    Cuda,
+    /// The device that serves: the GPU when serving on CUDA, else the CPU.
+    Auto,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -118,6 +131,23 @@ pub struct ServeArgs {
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, env = "IDLERIG_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Where to mine between requests.
+    #[arg(long, env = "IDLERIG_MINE_DEVICE", value_enum, default_value = "auto")]
+    pub mine_device: MineDevice,
+    /// Serve only; never mine (same as --mine-device off).
+    #[arg(long, env = "IDLERIG_NO_MINE")]
+    pub no_mine: bool,
+    /// Milliseconds the engine must be idle before mining resumes (see the README for why 100).
+    #[arg(long, env = "IDLERIG_IDLE_GRACE_MS", default_value_t = 100)]
+    pub idle_grace_ms: u64,
+    /// Largest fraction of wall time spent mining (0–1), for operators who cap power or heat.
+    #[arg(long, env = "IDLERIG_MAX_MINING_DUTY", default_value_t = 1.0)]
+    pub max_mining_duty: f64,
+    /// CPU mining threads (default: every core; they yield to inference).
+    #[arg(long, env = "IDLERIG_MINE_THREADS")]
+    pub mine_threads: Option<usize>,
 }
 
 impl ServeArgs {

@@ -13,9 +13,11 @@
 //! - [`config`]: the typed configuration each subsystem is built from.
 
 pub mod api;
+pub mod arbiter;
 pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod mining;
 pub mod model;
+pub mod server;
 pub mod stratum;

@@ -55,7 +55,9 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.on_request_accepted();
+    // Held until the request is in the engine's hands; from then on the engine's busy flag
+    // keeps the miner off.
+    let _admitted = state.admit();
     let v = parse_json(body, state.limits.max_body_bytes)?;
     let req = ChatRequest {
         common: fields(&v)?,
@@ -76,7 +78,9 @@ pub async fn completions(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    state.on_request_accepted();
+    // Held until the request is in the engine's hands; from then on the engine's busy flag
+    // keeps the miner off.
+    let _admitted = state.admit();
     let v = parse_json(body, state.limits.max_body_bytes)?;
     let req = CompletionRequest {
         common: fields(&v)?,
@@ -116,6 +120,24 @@ pub async fn health(State(state): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The arbiter's figures: device time split, pre-emption latency, hashrate, shares, pool.
+pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let engine = match state.load_state() {
+        super::LoadState::Ready(m) => json!({
+            "running": m.stats.running(),
+            "generated_tokens": m.stats.generated_tokens(),
+            "prefilled_tokens": m.stats.prefilled_tokens.load(std::sync::atomic::Ordering::Relaxed),
+            "busy": m.stats.is_busy(),
+        }),
+        _ => Value::Null,
+    };
+    let mining = match &state.status {
+        Some(rx) => serde_json::to_value(&*rx.borrow()).unwrap_or(Value::Null),
+        None => json!({"mining_enabled": false}),
+    };
+    Json(json!({ "model": state.model_id, "engine": engine, "mining": mining }))
 }
 
 pub async fn not_found() -> ApiError {

@@ -20,6 +20,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::arbiter::{AdmissionGuard, ArbiterStatus, DeviceGate};
 use crate::engine::ServedModel;
 
 /// Where the model is in its life: the server answers `/health` with 503 until `Ready`.
@@ -30,10 +31,6 @@ pub enum LoadState {
     Failed(String),
 }
 
-/// Called the moment a generation request arrives, before any parsing: the arbiter's fast
-/// path for pre-empting the miner.
-pub type RequestHook = Arc<dyn Fn() + Send + Sync>;
-
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -41,7 +38,9 @@ pub struct AppState {
     model_id: String,
     started_at: u64,
     limits: Arc<ApiLimits>,
-    on_request: Option<RequestHook>,
+    /// The arbiter's fast path: admitting a request pre-empts the miner before any parsing.
+    gate: Option<Arc<DeviceGate>>,
+    status: Option<watch::Receiver<ArbiterStatus>>,
 }
 
 impl AppState {
@@ -52,12 +51,20 @@ impl AppState {
             model_id,
             started_at: handlers::now_unix(),
             limits: Arc::new(limits),
-            on_request: None,
+            gate: None,
+            status: None,
         }
     }
 
-    pub fn with_request_hook(mut self, hook: RequestHook) -> Self {
-        self.on_request = Some(hook);
+    /// Serves alongside the miner: requests pre-empt it through `gate`; `/v1/status` shows
+    /// the arbiter's figures.
+    pub fn with_arbiter(
+        mut self,
+        gate: Arc<DeviceGate>,
+        status: watch::Receiver<ArbiterStatus>,
+    ) -> Self {
+        self.gate = Some(gate);
+        self.status = Some(status);
         self
     }
 
@@ -75,10 +82,9 @@ impl AppState {
         }
     }
 
-    fn on_request_accepted(&self) {
-        if let Some(hook) = &self.on_request {
-            hook();
-        }
+    /// Counts the request as in flight and pre-empts the miner until the guard is dropped.
+    fn admit(&self) -> Option<AdmissionGuard> {
+        self.gate.as_ref().map(|g| g.admit())
     }
 }
 
@@ -90,6 +96,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
         .route("/health", get(handlers::health))
+        .route("/v1/status", get(handlers::status))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))

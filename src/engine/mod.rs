@@ -114,6 +114,9 @@ pub struct EngineStats {
     pub prefilled_tokens: AtomicU64,
     /// Whether the engine has work (the arbiter's signal that the device is needed).
     pub busy: AtomicBool,
+    /// Submitted but not yet taken from the channel by the engine: busy too, so there is no
+    /// instant between `submit` and the engine waking when the device looks idle.
+    pub in_channel: AtomicUsize,
 }
 
 impl EngineStats {
@@ -126,7 +129,7 @@ impl EngineStats {
     }
 
     pub fn is_busy(&self) -> bool {
-        self.busy.load(Ordering::Acquire)
+        self.in_channel.load(Ordering::Acquire) > 0 || self.busy.load(Ordering::Acquire)
     }
 }
 
@@ -155,11 +158,17 @@ impl EngineHandle {
         request: ValidRequest,
     ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
         let (events, rx) = mpsc::unbounded_channel();
+        self.stats.in_channel.fetch_add(1, Ordering::AcqRel);
         self.tx
             .try_send(Submission { request, events })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull(self.queue_capacity),
-                mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+            .map_err(|e| {
+                self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        EngineError::QueueFull(self.queue_capacity)
+                    }
+                    mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
+                }
             })?;
         Ok(rx)
     }

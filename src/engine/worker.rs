@@ -120,12 +120,12 @@ impl Engine {
             if self.running.is_empty() && self.waiting.is_empty() {
                 self.publish_stats();
                 match self.rx.blocking_recv() {
-                    Some(s) => self.waiting.push_back(s),
+                    Some(s) => self.receive(s),
                     None => break,
                 }
             }
             while let Ok(s) = self.rx.try_recv() {
-                self.waiting.push_back(s);
+                self.receive(s);
             }
             self.admit();
             self.publish_stats();
@@ -142,6 +142,14 @@ impl Engine {
             }
         }
         tracing::info!("engine stopped: every handle was dropped");
+    }
+
+    /// Takes a submission off the channel; busy is published before the channel count drops,
+    /// so the engine never looks idle while a request is on its way in.
+    fn receive(&mut self, s: Submission) {
+        self.waiting.push_back(s);
+        self.stats.busy.store(true, Ordering::Release);
+        self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Moves waiting requests into the running set, all choices of a request together.

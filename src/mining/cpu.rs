@@ -19,17 +19,43 @@ const CHUNK_NONCES: u64 = 1 << 18;
 const NONCE_SPACE: u64 = 1 << 32;
 
 /// The flag that stops the miner. Raising it is one atomic store, so the HTTP layer can do
-/// it the moment a request arrives, before any message is scheduled.
+/// it the moment a request arrives, before any message is scheduled. It remembers when it was
+/// raised, so the miner can report how long it took to yield.
 #[derive(Clone, Debug, Default)]
-pub struct PreemptFlag(Arc<AtomicBool>);
+pub struct PreemptFlag(Arc<FlagInner>);
+
+#[derive(Debug, Default)]
+struct FlagInner {
+    raised: AtomicBool,
+    raised_at_ns: AtomicU64,
+}
+
+/// Nanoseconds since the first call in this process: a clock all threads share.
+pub fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
 
 impl PreemptFlag {
     pub fn raise(&self) {
-        self.0.store(true, Ordering::Release);
+        if !self.0.raised.swap(true, Ordering::AcqRel) {
+            self.0.raised_at_ns.store(monotonic_ns(), Ordering::Release);
+        }
     }
 
     pub fn is_raised(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.0.raised.load(Ordering::Acquire)
+    }
+
+    fn lower(&self) {
+        self.0.raised.store(false, Ordering::Release);
+    }
+
+    fn raised_at_ns(&self) -> u64 {
+        self.0.raised_at_ns.load(Ordering::Acquire)
     }
 }
 
@@ -52,6 +78,8 @@ struct Dispatch {
     returned: Vec<(u64, u64)>,
     generation: u64,
     recorded: Vec<(u64, u64, u64)>,
+    /// Time from raising the flag to the last worker stopping, per pre-emption.
+    preempt_latencies_ns: Vec<u64>,
 }
 
 impl Dispatch {
@@ -154,7 +182,7 @@ impl CpuMiner {
 
     /// Lets the workers run again after a pre-emption.
     pub fn resume(&self) {
-        self.shared.preempt.0.store(false, Ordering::Release);
+        self.shared.preempt.lower();
         let _guard = self.shared.dispatch.lock().expect("dispatch lock");
         self.shared.wake.notify_all();
     }
@@ -162,6 +190,23 @@ impl CpuMiner {
     /// Workers still hashing: 0 once a pre-emption has been acknowledged by all of them.
     pub fn active_workers(&self) -> usize {
         self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Pre-emption latencies (flag raised → every worker stopped) measured since the last call.
+    pub fn take_preempt_latencies(&self) -> Vec<u64> {
+        std::mem::take(
+            &mut self
+                .shared
+                .dispatch
+                .lock()
+                .expect("dispatch lock")
+                .preempt_latencies_ns,
+        )
+    }
+
+    /// The flag that pre-empts this miner.
+    pub fn preempt_flag(&self) -> &PreemptFlag {
+        &self.shared.preempt
     }
 
     /// Nonces hashed since start.
@@ -196,7 +241,22 @@ impl Drop for CpuMiner {
     }
 }
 
+/// Puts the calling thread in Linux's `SCHED_IDLE` class (or, failing that, at nice 19): the
+/// kernel then runs it only when no ordinary thread wants the core, so a miner thread can
+/// never delay the HTTP or engine threads by a time slice, whatever the flag says.
+fn yield_to_everything_else() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls on the calling thread with a valid, initialised parameter.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        }
+    }
+}
+
 fn worker(shared: Arc<Shared>, use_shani: bool) {
+    yield_to_everything_else();
     loop {
         // Wait, without spinning, until there is work and no pre-emption.
         let (work, start, end) = {
@@ -247,7 +307,13 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
             {
                 d.returned.push((done, end));
             }
-            shared.active.fetch_sub(1, Ordering::AcqRel);
+            let was_last = shared.active.fetch_sub(1, Ordering::AcqRel) == 1;
+            if was_last && done < end && shared.preempt.is_raised() {
+                let latency = monotonic_ns().saturating_sub(shared.preempt.raised_at_ns());
+                if d.preempt_latencies_ns.len() < 100_000 {
+                    d.preempt_latencies_ns.push(latency);
+                }
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod shani;
 pub mod target;
 pub mod work;
 
-pub use cpu::{CpuMiner, CpuMinerConfig, PreemptFlag};
+pub use cpu::{monotonic_ns, CpuMiner, CpuMinerConfig, PreemptFlag};
 pub use job::Job;
 pub use target::{difficulty_of_hash, target_for_difficulty, U256};
 pub use work::{Share, Work, WorkSource};

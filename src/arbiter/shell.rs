@@ -1,0 +1,185 @@
+//! The arbiter's thin async shell: every millisecond it turns what it observes (requests in
+//! flight, the engine's busy flag, the pool connection, the miner's acknowledgement) into
+//! policy events, carries out the policy's actions, and publishes a status snapshot.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::gate::DeviceGate;
+use super::policy::{step, Action, Event, Phase, PolicyConfig, PolicyState};
+use crate::engine::EngineStats;
+use crate::mining::{monotonic_ns, CpuMiner};
+use crate::stratum::client::ClientStats;
+
+/// What the arbiter watches and drives.
+pub struct ArbiterParts {
+    pub gate: Arc<DeviceGate>,
+    /// The engine's counters, once the model has loaded.
+    pub engine: watch::Receiver<Option<Arc<EngineStats>>>,
+    pub miner: Arc<CpuMiner>,
+    pub pool: Arc<ClientStats>,
+    /// Shown in the status: the pool's address (never its password) and whether it pays.
+    pub pool_label: String,
+    pub local_pool: bool,
+}
+
+/// The arbiter's published figures (`GET /v1/status`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ArbiterStatus {
+    pub mining_enabled: bool,
+    pub phase: &'static str,
+    pub device_time_s: DeviceTime,
+    pub preemptions: u64,
+    pub preempt_us_p50: f64,
+    pub preempt_us_p99: f64,
+    pub preempt_us_max: f64,
+    pub hashrate_hs: f64,
+    pub hashes: u64,
+    pub shares_accepted: u64,
+    pub shares_rejected: u64,
+    pub shares_stale: u64,
+    pub pool: String,
+    pub pool_connected: bool,
+    pub pool_pays: bool,
+    pub pool_difficulty: f64,
+    pub requests_admitted: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceTime {
+    pub serving: f64,
+    pub mining: f64,
+    pub idle: f64,
+    pub preempting: f64,
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::NotMining => "not_mining",
+        Phase::Mining => "mining",
+        Phase::Preempting => "preempting",
+    }
+}
+
+/// Runs the arbiter until `shutdown` turns true; the status is published on the returned
+/// receiver's channel.
+pub fn spawn_arbiter(
+    parts: ArbiterParts,
+    cfg: PolicyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<ArbiterStatus> {
+    let (status_tx, status_rx) = watch::channel(ArbiterStatus::default());
+    tokio::spawn(async move {
+        let now = || monotonic_ns() / 1000;
+        let mut state = PolicyState::new(cfg, now());
+        let mut latencies: Vec<f64> = Vec::new();
+        let (mut busy, mut pool_up, mut admitted) = (false, false, parts.gate.admitted());
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let (mut rate_hashes, mut rate_t, mut hashrate) = (parts.miner.hashes(), now(), 0.0);
+        let mut last_publish = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {
+                    parts.miner.preempt_flag().raise();
+                    return;
+                }
+            }
+            let mut events = Vec::new();
+            let seen = parts.gate.admitted();
+            if seen != admitted {
+                admitted = seen;
+                events.push(Event::RequestAdmitted);
+            }
+            let engine_busy = parts.engine.borrow().as_ref().is_some_and(|e| e.is_busy());
+            let now_busy = parts.gate.in_flight() > 0 || engine_busy;
+            if now_busy != busy {
+                busy = now_busy;
+                events.push(if busy {
+                    Event::EngineBusy
+                } else {
+                    Event::EngineIdle
+                });
+            }
+            let up = parts.pool.connected.load(Ordering::Relaxed);
+            if up != pool_up {
+                pool_up = up;
+                events.push(if up {
+                    Event::PoolHasWork
+                } else {
+                    Event::PoolNoWork
+                });
+            }
+            if state.phase == Phase::Preempting && parts.miner.active_workers() == 0 {
+                events.push(Event::MinerStopped);
+            }
+            events.push(Event::Tick);
+            let t = now();
+            for ev in events {
+                for action in step(&mut state, ev, t) {
+                    match action {
+                        Action::PreemptMining => parts.miner.preempt_flag().raise(),
+                        Action::StartMining => {
+                            parts.miner.resume();
+                            // A request admitted between our look and the resume must not
+                            // find the miner running: raise the flag again at once.
+                            if parts.gate.in_flight() > 0 {
+                                parts.miner.preempt_flag().raise();
+                            }
+                        }
+                    }
+                }
+            }
+            latencies.extend(
+                parts
+                    .miner
+                    .take_preempt_latencies()
+                    .into_iter()
+                    .map(|ns| ns as f64 / 1000.0),
+            );
+            if latencies.len() > 20_000 {
+                latencies.drain(..latencies.len() - 10_000);
+            }
+            if t - last_publish >= 100_000 {
+                last_publish = t;
+                let h = parts.miner.hashes();
+                if t - rate_t >= 1_000_000 {
+                    hashrate = (h - rate_hashes) as f64 / ((t - rate_t) as f64 / 1e6);
+                    (rate_hashes, rate_t) = (h, t);
+                }
+                let q = |p| crate::bench::quantile(&latencies, p);
+                let secs = |us: u64| us as f64 / 1e6;
+                let _ = status_tx.send(ArbiterStatus {
+                    mining_enabled: state.cfg.mining_enabled,
+                    phase: phase_name(state.phase),
+                    device_time_s: DeviceTime {
+                        serving: secs(state.time.serving_us),
+                        mining: secs(state.time.mining_us),
+                        idle: secs(state.time.idle_us),
+                        preempting: secs(state.time.preempting_us),
+                    },
+                    preemptions: state.preemptions,
+                    preempt_us_p50: q(0.5),
+                    preempt_us_p99: q(0.99),
+                    preempt_us_max: latencies.iter().copied().fold(0.0, f64::max),
+                    hashrate_hs: hashrate.round(),
+                    hashes: h,
+                    shares_accepted: parts.pool.accepted(),
+                    shares_rejected: parts.pool.rejected.load(Ordering::Relaxed),
+                    shares_stale: parts.pool.stale.load(Ordering::Relaxed),
+                    pool: parts.pool_label.clone(),
+                    pool_connected: up,
+                    pool_pays: !parts.local_pool,
+                    pool_difficulty: parts.pool.difficulty(),
+                    requests_admitted: admitted,
+                });
+            }
+        }
+    });
+    status_rx
+}
