@@ -44,6 +44,8 @@ pub enum BenchCommand {
     Infer(BenchInferArgs),
     /// Hashrate of the miner on a real mainnet block template, beside a reference SHA-256d.
     Mine(BenchMineArgs),
+    /// What mining costs API users: the same request schedule with mining on and off, interleaved.
+    Preempt(BenchPreemptArgs),
 }
 
 /// Where `serve` mines between requests.
@@ -145,7 +147,8 @@ pub struct ServeArgs {
     /// Largest fraction of wall time spent mining (0–1), for operators who cap power or heat.
     #[arg(long, env = "IDLERIG_MAX_MINING_DUTY", default_value_t = 1.0)]
     pub max_mining_duty: f64,
-    /// CPU mining threads (default: every core; they yield to inference).
+    /// CPU mining threads (default: every core but one, so that a pre-empted miner can always
+    /// stop within microseconds; they run at SCHED_IDLE and yield to inference either way).
     #[arg(long, env = "IDLERIG_MINE_THREADS")]
     pub mine_threads: Option<usize>,
 }
@@ -204,6 +207,41 @@ pub struct MineArgs {
     /// CPU mining threads (default: every core).
     #[arg(long, env = "IDLERIG_MINE_THREADS")]
     pub threads: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchPreemptArgs {
+    /// Model to serve (default: the SmolLM2 GGUF from models/).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Mean request arrivals per second (Poisson, open loop).
+    #[arg(long, default_value_t = 0.5)]
+    pub rate: f64,
+    /// Requests per mode (mining on / off).
+    #[arg(long, default_value_t = 16)]
+    pub requests: usize,
+    /// Rounds the schedule is split into; each runs with mining on and off, order alternating.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// Prompt lengths to draw from, in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
+    pub prompt_tokens: Vec<usize>,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Seconds of idle measured for the idle hashrate.
+    #[arg(long, default_value_t = 3.0)]
+    pub idle_seconds: f64,
+    #[arg(long, default_value_t = 100)]
+    pub idle_grace_ms: u64,
+    /// CPU mining threads (default: as `serve`, every core but one).
+    #[arg(long)]
+    pub mine_threads: Option<usize>,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Print one JSON line (always the case; accepted for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -22,6 +22,13 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Mine(args) => mine(args).await,
+            Command::Bench(BenchCommand::Preempt(args)) => {
+                let line = idlerig::bench::preempt::run(args)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                println!("{line}");
+                Ok(())
+            }
             Command::Bench(BenchCommand::Mine(args)) => {
                 let line = idlerig::bench::mine::run(args).map_err(anyhow::Error::msg)?;
                 println!("{line}");

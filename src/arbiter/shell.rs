@@ -25,6 +25,8 @@ pub struct ArbiterParts {
     /// Shown in the status: the pool's address (never its password) and whether it pays.
     pub pool_label: String,
     pub local_pool: bool,
+    /// Operator's switch: mining allowed at all (benchmarks and profit checks turn it off).
+    pub enabled: watch::Receiver<bool>,
 }
 
 /// The arbiter's published figures (`GET /v1/status`).
@@ -77,6 +79,8 @@ pub fn spawn_arbiter(
         let now = || monotonic_ns() / 1000;
         let mut state = PolicyState::new(cfg, now());
         let mut latencies: Vec<f64> = Vec::new();
+        // (p50, p99, max), recomputed only when new samples arrive, not at every publish.
+        let mut latency_summary = (0.0, 0.0, 0.0);
         let (mut busy, mut pool_up, mut admitted) = (false, false, parts.gate.admitted());
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -91,6 +95,7 @@ pub fn spawn_arbiter(
                 }
             }
             let mut events = Vec::new();
+            state.cfg.mining_enabled = *parts.enabled.borrow();
             let seen = parts.gate.admitted();
             if seen != admitted {
                 admitted = seen;
@@ -135,15 +140,18 @@ pub fn spawn_arbiter(
                     }
                 }
             }
-            latencies.extend(
-                parts
-                    .miner
-                    .take_preempt_latencies()
-                    .into_iter()
-                    .map(|ns| ns as f64 / 1000.0),
-            );
-            if latencies.len() > 20_000 {
-                latencies.drain(..latencies.len() - 10_000);
+            let fresh = parts.miner.take_preempt_latencies();
+            if !fresh.is_empty() {
+                latencies.extend(fresh.into_iter().map(|ns| ns as f64 / 1000.0));
+                if latencies.len() > 20_000 {
+                    latencies.drain(..latencies.len() - 10_000);
+                }
+                let q = |p| crate::bench::quantile(&latencies, p);
+                latency_summary = (
+                    q(0.5),
+                    q(0.99),
+                    latencies.iter().copied().fold(0.0, f64::max),
+                );
             }
             if t - last_publish >= 100_000 {
                 last_publish = t;
@@ -152,7 +160,6 @@ pub fn spawn_arbiter(
                     hashrate = (h - rate_hashes) as f64 / ((t - rate_t) as f64 / 1e6);
                     (rate_hashes, rate_t) = (h, t);
                 }
-                let q = |p| crate::bench::quantile(&latencies, p);
                 let secs = |us: u64| us as f64 / 1e6;
                 let _ = status_tx.send(ArbiterStatus {
                     mining_enabled: state.cfg.mining_enabled,
@@ -164,9 +171,9 @@ pub fn spawn_arbiter(
                         preempting: secs(state.time.preempting_us),
                     },
                     preemptions: state.preemptions,
-                    preempt_us_p50: q(0.5),
-                    preempt_us_p99: q(0.99),
-                    preempt_us_max: latencies.iter().copied().fold(0.0, f64::max),
+                    preempt_us_p50: latency_summary.0,
+                    preempt_us_p99: latency_summary.1,
+                    preempt_us_max: latency_summary.2,
                     hashrate_hs: hashrate.round(),
                     hashes: h,
                     shares_accepted: parts.pool.accepted(),

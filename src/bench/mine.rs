@@ -59,6 +59,42 @@ fn sha2_reference(seconds: f64, header: &[u8; 80]) -> f64 {
     nonce as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Mines `source` on `threads` CPU threads for `seconds` (after a short warm-up) and returns
+/// the hashes counted and the seconds measured.
+fn measure(threads: usize, seconds: f64, source: WorkSource) -> (u64, f64) {
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let flag = PreemptFlag::default();
+    let miner = CpuMiner::start(
+        CpuMinerConfig {
+            threads,
+            record_ranges: false,
+        },
+        flag.clone(),
+        tx,
+    );
+    miner.set_work(source);
+    miner.resume();
+    std::thread::sleep(Duration::from_millis(200)); // threads spun up, caches warm
+    let (h0, t0) = (miner.hashes(), Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (h1, secs) = (miner.hashes(), t0.elapsed().as_secs_f64());
+    flag.raise();
+    (h1 - h0, secs)
+}
+
+/// The CPU miner's hashrate alone on `threads` threads: the yardstick of `bench preempt`.
+pub fn cpu_hashrate(threads: usize, seconds: f64) -> f64 {
+    let source = WorkSource::new(
+        mainnet_job(),
+        vec![0, 0, 0, 1],
+        4,
+        target_for_difficulty(1.0),
+        0,
+    );
+    let (hashes, secs) = measure(threads, seconds, source);
+    hashes as f64 / secs
+}
+
 pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
     if args.backend != "cpu" {
         return Err(format!(
@@ -77,24 +113,7 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
     let header = source.clone().next_work(0).header;
 
     let reference = sha2_reference((args.seconds / 4.0).max(0.5), &header);
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let flag = PreemptFlag::default();
-    let miner = CpuMiner::start(
-        CpuMinerConfig {
-            threads,
-            record_ranges: false,
-        },
-        flag.clone(),
-        tx,
-    );
-    miner.set_work(source);
-    miner.resume();
-    std::thread::sleep(Duration::from_millis(200)); // threads spun up, caches warm
-    let (h0, t0) = (miner.hashes(), Instant::now());
-    std::thread::sleep(Duration::from_secs_f64(args.seconds));
-    let (h1, secs) = (miner.hashes(), t0.elapsed().as_secs_f64());
-    flag.raise();
-    let hashes = h1 - h0;
+    let (hashes, secs) = measure(threads, args.seconds, source);
     let rate = hashes as f64 / secs;
     Ok(json!({
         "bench": "mine",

@@ -3,6 +3,7 @@
 
 pub mod infer;
 pub mod mine;
+pub mod preempt;
 
 /// The `q`-quantile (0..=1) of `values` by nearest rank; 0 when empty.
 pub fn quantile(values: &[f64], q: f64) -> f64 {
