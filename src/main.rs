@@ -22,22 +22,14 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Mine(args) => mine(args).await,
-            Command::Bench(BenchCommand::Preempt(args)) => {
-                let line = idlerig::bench::preempt::run(args)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                println!("{line}");
-                Ok(())
-            }
-            Command::Bench(BenchCommand::Mine(args)) => {
-                let line = idlerig::bench::mine::run(args).map_err(anyhow::Error::msg)?;
-                println!("{line}");
-                Ok(())
-            }
-            Command::Bench(BenchCommand::Infer(args)) => {
-                let line = idlerig::bench::infer::run(args)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
+            Command::Bench(bench) => {
+                // Every benchmark prints one JSON line of figures.
+                let line = match bench {
+                    BenchCommand::Infer(args) => idlerig::bench::infer::run(args).await,
+                    BenchCommand::Mine(args) => idlerig::bench::mine::run(args),
+                    BenchCommand::Preempt(args) => idlerig::bench::preempt::run(args).await,
+                }
+                .map_err(anyhow::Error::msg)?;
                 println!("{line}");
                 Ok(())
             }

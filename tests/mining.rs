@@ -101,6 +101,27 @@ fn easy_source() -> WorkSource {
     WorkSource::new(job, vec![1, 2, 3, 4], 4, target_for_difficulty(0.002), 0)
 }
 
+/// Two workers mining [`easy_source`] and logging every range they hash.
+fn recording_miner() -> (
+    CpuMiner,
+    PreemptFlag,
+    tokio::sync::mpsc::UnboundedReceiver<idlerig::mining::Share>,
+) {
+    let flag = PreemptFlag::default();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let miner = CpuMiner::start(
+        CpuMinerConfig {
+            threads: 2,
+            record_ranges: true,
+        },
+        flag.clone(),
+        tx,
+    );
+    miner.set_work(easy_source());
+    miner.resume();
+    (miner, flag, rx)
+}
+
 fn wait_idle(miner: &CpuMiner) -> Duration {
     let t = Instant::now();
     while miner.active_workers() > 0 {
@@ -115,18 +136,7 @@ fn wait_idle(miner: &CpuMiner) -> Duration {
 
 #[test]
 fn pre_emption_loses_and_repeats_no_nonce() {
-    let flag = PreemptFlag::default();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let miner = CpuMiner::start(
-        CpuMinerConfig {
-            threads: 2,
-            record_ranges: true,
-        },
-        flag.clone(),
-        tx,
-    );
-    miner.set_work(easy_source());
-    miner.resume();
+    let (miner, flag, mut rx) = recording_miner();
     for _ in 0..12 {
         std::thread::sleep(Duration::from_millis(15));
         flag.raise();
@@ -175,18 +185,7 @@ fn pre_emption_loses_and_repeats_no_nonce() {
 
 #[test]
 fn a_new_job_replaces_the_old_one_at_once() {
-    let flag = PreemptFlag::default();
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let miner = CpuMiner::start(
-        CpuMinerConfig {
-            threads: 2,
-            record_ranges: true,
-        },
-        flag.clone(),
-        tx,
-    );
-    miner.set_work(easy_source());
-    miner.resume();
+    let (miner, flag, _rx) = recording_miner();
     std::thread::sleep(Duration::from_millis(30));
     miner.set_work(easy_source());
     std::thread::sleep(Duration::from_millis(30));
