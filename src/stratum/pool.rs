@@ -123,7 +123,7 @@ impl PoolHandle {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) struct PoolJob {
     pub(super) notify: Notify,
     pub(super) job: Job,
@@ -198,7 +198,7 @@ fn unix_now() -> u32 {
 }
 
 /// Builds the job of block `height`, revision `rev` (ntime refresh).
-fn make_job(
+pub(super) fn make_job(
     cfg: &PoolConfig,
     height: u32,
     prevhash_stratum: &[u8; 32],

@@ -16,7 +16,7 @@ use super::pool::{PoolCommand, PoolJob, Shared};
 use super::protocol::{
     codes, encode_call, encode_response, parse_line, Message, RpcError, Submit, MAX_LINE_BYTES,
 };
-use crate::mining::job::roll_version;
+use crate::mining::job::{roll_version, Job};
 use crate::mining::sha256::sha256d;
 use crate::mining::target::{difficulty_of_hash, meets_target, target_for_difficulty, U256};
 
@@ -217,21 +217,14 @@ impl Session {
             .get(&s.job_id)
             .cloned()
             .ok_or_else(|| reject(codes::JOB_NOT_FOUND, "job not found (stale)"))?;
-        if s.extranonce2.len() != self.shared.cfg.extranonce2_size {
-            return Err(reject(codes::OTHER, "invalid extranonce2 size"));
-        }
-        if s.ntime < job.job.ntime || s.ntime > job.job.ntime + MAX_NTIME_ROLL_SECS {
-            return Err(reject(codes::OTHER, "ntime out of range"));
-        }
-        let version = match s.version_bits {
-            Some(bits) if bits & !self.version_mask != 0 => {
-                return Err(reject(codes::OTHER, "invalid version bits"))
-            }
-            Some(bits) => roll_version(job.job.version, self.version_mask, bits),
-            None => job.job.version,
-        };
-        let root = job.job.merkle_root(&self.extranonce1, &s.extranonce2);
-        let hash = sha256d(&job.job.header(&root, s.ntime, version, s.nonce));
+        let (hash, version) = validate_share(
+            &job.job,
+            &self.extranonce1,
+            self.shared.cfg.extranonce2_size,
+            self.version_mask,
+            job_diff,
+            &s,
+        )?;
         let key = (
             self.extranonce1.clone(),
             s.job_id.clone(),
@@ -240,9 +233,6 @@ impl Session {
             s.nonce,
             version,
         );
-        if !meets_target(&hash, &target_for_difficulty(job_diff)) {
-            return Err(reject(codes::LOW_DIFFICULTY, "low difficulty share"));
-        }
         if !self
             .shared
             .submitted
@@ -274,6 +264,38 @@ impl Session {
             self.set_difficulty(self.difficulty * rate_ratio);
         }
     }
+}
+
+/// Rebuilds a submitted share's header and checks it against the job and the difficulty it
+/// was sent under; returns the hash and the rolled version. Pure: the tests and the session
+/// use the same check.
+pub(super) fn validate_share(
+    job: &Job,
+    extranonce1: &[u8],
+    extranonce2_size: usize,
+    version_mask: u32,
+    difficulty: f64,
+    s: &Submit,
+) -> Result<([u8; 32], u32), RpcError> {
+    if s.extranonce2.len() != extranonce2_size {
+        return Err(reject(codes::OTHER, "invalid extranonce2 size"));
+    }
+    if s.ntime < job.ntime || s.ntime > job.ntime + MAX_NTIME_ROLL_SECS {
+        return Err(reject(codes::OTHER, "ntime out of range"));
+    }
+    let version = match s.version_bits {
+        Some(bits) if bits & !version_mask != 0 => {
+            return Err(reject(codes::OTHER, "invalid version bits"))
+        }
+        Some(bits) => roll_version(job.version, version_mask, bits),
+        None => job.version,
+    };
+    let root = job.merkle_root(extranonce1, &s.extranonce2);
+    let hash = sha256d(&job.header(&root, s.ntime, version, s.nonce));
+    if !meets_target(&hash, &target_for_difficulty(difficulty)) {
+        return Err(reject(codes::LOW_DIFFICULTY, "low difficulty share"));
+    }
+    Ok((hash, version))
 }
 
 pub(super) async fn run_session(
@@ -374,4 +396,57 @@ fn shared_addr_host(w: &tokio::net::tcp::OwnedWriteHalf) -> String {
 
 fn shared_addr_port(w: &tokio::net::tcp::OwnedWriteHalf) -> u16 {
     w.local_addr().map(|a| a.port()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::mining::cpu::scan;
+    use crate::mining::WorkSource;
+    use crate::stratum::pool::{make_job, PoolConfig};
+    use crate::stratum::protocol::submit_params;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// Shares the CPU miner finds on random pool jobs (random height, transactions,
+        /// extranonces, rolled version bits) pass the pool's own validation at exactly the
+        /// difficulty the miner computed, and the same share with another nonce does not.
+        #[test]
+        fn cpu_found_shares_pass_the_pools_validation(
+            height in 1u32..5_000_000,
+            txs in 0usize..12,
+            en1 in proptest::array::uniform4(any::<u8>()),
+            roll in 0u32..64,
+            start in 0u64..(1u64 << 31),
+        ) {
+            let cfg = PoolConfig::default();
+            let prev: [u8; 32] = rand::random();
+            let txids: Vec<[u8; 32]> = (0..txs).map(|_| rand::random()).collect();
+            let job = make_job(&cfg, height, &prev, &txids, 0, true).job;
+            let difficulty = 1e-5; // about one share per 43,000 nonces
+            let mask = cfg.version_mask;
+            let mut source = WorkSource::new(job.clone(), en1.to_vec(), cfg.extranonce2_size, target_for_difficulty(difficulty), mask);
+            for _ in 0..roll {
+                source.next_work(0);
+            }
+            let work = source.next_work(0);
+            let found = scan(&work, start, start + 400_000, crate::mining::sha_ni_available(), &|| false);
+            let shares: Vec<_> = found.candidates.iter().filter_map(|&n| work.check(n)).collect();
+            prop_assert!(!shares.is_empty(), "400,000 nonces at difficulty 1e-5 hold shares");
+            for share in shares {
+                let submit = Submit::from_params(submit_params("w", &share).as_array().unwrap()).unwrap();
+                let (hash, _) = validate_share(&job, &en1, cfg.extranonce2_size, mask, difficulty, &submit)
+                    .map_err(|e| TestCaseError::fail(format!("pool rejected a CPU share: {}", e.message)))?;
+                prop_assert_eq!(hash, share.hash);
+                prop_assert!((difficulty_of_hash(&hash) - share.difficulty).abs() < 1e-12);
+                let mut wrong = submit.clone();
+                wrong.nonce = wrong.nonce.wrapping_add(1);
+                if work.check(wrong.nonce).is_none() {
+                    prop_assert_eq!(validate_share(&job, &en1, cfg.extranonce2_size, mask, difficulty, &wrong).unwrap_err().code, codes::LOW_DIFFICULTY);
+                }
+            }
+        }
+    }
 }
