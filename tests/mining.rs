@@ -98,7 +98,8 @@ proptest! {
 
 fn easy_source() -> WorkSource {
     let (job, _) = genesis_job();
-    WorkSource::new(job, vec![1, 2, 3, 4], 4, target_for_difficulty(0.002), 0)
+    // About one share per 86,000 nonces.
+    WorkSource::new(job, vec![1, 2, 3, 4], 4, target_for_difficulty(0.00005), 0)
 }
 
 /// Two workers mining [`easy_source`] and logging every range they hash.
@@ -126,7 +127,9 @@ fn wait_idle(miner: &CpuMiner) -> Duration {
     let t = Instant::now();
     while miner.active_workers() > 0 {
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            // Miner threads run at SCHED_IDLE: under load they may wait long for a core
+            // before they can acknowledge; this only checks that they do stop.
+            t.elapsed() < Duration::from_secs(30),
             "the miner did not yield after pre-emption"
         );
         std::thread::yield_now();
@@ -137,7 +140,17 @@ fn wait_idle(miner: &CpuMiner) -> Duration {
 #[test]
 fn pre_emption_loses_and_repeats_no_nonce() {
     let (miner, flag, mut rx) = recording_miner();
-    for _ in 0..12 {
+    // At least 12 pre-emptions and 3M nonces: the idle-priority miner may get little CPU
+    // while other tests run, so the count, not the time, decides when to stop.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut cycles = 0;
+    while cycles < 12 || miner.hashes() < 3_000_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the miner hashed only {} nonces in 2 minutes",
+            miner.hashes()
+        );
+        cycles += 1;
         std::thread::sleep(Duration::from_millis(15));
         flag.raise();
         wait_idle(&miner);
@@ -176,10 +189,10 @@ fn pre_emption_loses_and_repeats_no_nonce() {
     let shares: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
     assert!(
         !shares.is_empty(),
-        "at difficulty 0.002 a share comes every ~8.6M hashes; hashed {hashed}"
+        "at difficulty 0.00005 a share comes every ~86,000 hashes; hashed {hashed}"
     );
     for s in shares {
-        assert!(s.difficulty >= 0.002, "{s:?}");
+        assert!(s.difficulty >= 0.00005, "{s:?}");
     }
 }
 

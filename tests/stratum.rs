@@ -220,7 +220,7 @@ async fn vardiff_raises_an_easy_difficulty() {
     let t = Instant::now();
     while rig.stats.difficulty() <= 0.0005 {
         assert!(
-            t.elapsed() < Duration::from_secs(30),
+            t.elapsed() < Duration::from_secs(90),
             "vardiff never raised the difficulty ({})",
             rig.stats.difficulty()
         );
