@@ -347,3 +347,35 @@ impl Default for IncrementalDecoder {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_pre_tokenizers_are_built_and_unknown_ones_refused() {
+        for pre in ["smollm", "gpt2", "llama-bpe", "qwen2"] {
+            assert!(pre_tokenizer_for(pre).is_ok(), "{pre}");
+        }
+        let err = pre_tokenizer_for("made-up-pre")
+            .err()
+            .expect("an unknown pre-tokenizer is refused");
+        assert!(err.to_string().contains("made-up-pre"), "{err}");
+    }
+
+    #[test]
+    fn a_non_bpe_gguf_tokenizer_is_refused_with_a_clear_error() {
+        let mut md = HashMap::new();
+        md.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        );
+        let err = TextTokenizer::from_gguf(&md)
+            .err()
+            .expect("SentencePiece GGUF tokenizers are not supported");
+        assert!(
+            err.to_string().contains("tokenizer.json"),
+            "the error says what to do instead: {err}"
+        );
+    }
+}
