@@ -253,12 +253,9 @@ impl Engine {
                         message: format!("inference failed: {e}"),
                     });
                 }
-                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                let mut idx = 0;
-                self.running.retain(|_| {
-                    idx += 1;
-                    !failed.contains(&(idx - 1))
-                });
+                let mut failed = vec![false; self.running.len()];
+                plan.iter().for_each(|&(i, _)| failed[i] = true);
+                self.remove_marked(&failed);
                 return;
             }
         };
@@ -272,10 +269,15 @@ impl Engine {
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             done[i] = emit_token(seq, tok, &self.tokenizer);
         }
+        self.remove_marked(&done);
+    }
+
+    /// Drops the running sequences whose flag in `marked` (by index) is set.
+    fn remove_marked(&mut self, marked: &[bool]) {
         let mut idx = 0;
         self.running.retain(|_| {
             idx += 1;
-            !done[idx - 1]
+            !marked[idx - 1]
         });
     }
 }
