@@ -86,14 +86,34 @@ pub struct ModelArgs {
     /// Tokens per engine step; long prompts are pre-filled in chunks of what remains after decodes.
     #[arg(long, env = "IDLERIG_STEP_TOKEN_BUDGET", default_value_t = 512)]
     pub step_token_budget: usize,
+    /// Threads for the model's matrix products on the CPU (default: every core; the miner
+    /// is pre-empted whenever the model runs, so it does not compete for them).
+    #[arg(long, env = "IDLERIG_THREADS")]
+    pub threads: Option<usize>,
+    /// CPU kernels for quantized weights: idlerig's own (AVX2 where the CPU has it), or
+    /// candle's (for comparison).
+    #[arg(long, env = "IDLERIG_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Idlerig)]
+    pub cpu_kernels: CpuKernels,
+}
+
+/// Which CPU kernels run quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CpuKernels {
+    Idlerig,
+    Candle,
 }
 
 impl ModelArgs {
     pub fn engine_config(&self) -> EngineConfig {
+        let defaults = crate::model::LoadOptions::default();
         EngineConfig {
             queue_capacity: self.queue_capacity,
             max_running: self.max_running.max(1),
             step_token_budget: self.step_token_budget.max(1),
+            model: crate::model::LoadOptions {
+                threads: self.threads.unwrap_or(defaults.threads).max(1),
+                own_kernels: self.cpu_kernels == CpuKernels::Idlerig,
+            },
         }
     }
 
@@ -276,6 +296,14 @@ pub struct BenchInferArgs {
     /// Requests in all (default: 4 × concurrency, at least 4).
     #[arg(long)]
     pub requests: Option<usize>,
+    /// Rounds the requests are split into; with a reference, each idlerig round is followed
+    /// by the reference on the same prompts.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// Also run the same prompts through llama.cpp (llama-cpp-python, built once into
+    /// ~/.cache/idlerig/refvenv by scripts/llama-cpp-setup) and print both and their ratios.
+    #[arg(long)]
+    pub compare_llama_cpp: bool,
     /// Print one JSON line (the default output is also one JSON line; the flag is accepted for scripts).
     #[arg(long)]
     pub json: bool,

@@ -127,11 +127,11 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
 
     let hf = ModelFiles::open(&dir)
         .unwrap()
-        .load_llama(&Device::Cpu)
+        .load_llama(&Device::Cpu, Default::default())
         .unwrap();
     let gg = ModelFiles::open(&gguf_path)
         .unwrap()
-        .load_llama(&Device::Cpu)
+        .load_llama(&Device::Cpu, Default::default())
         .unwrap();
     let (mut c1, mut c2) = (hf.new_cache(), gg.new_cache());
     let mut step = ids.clone();

@@ -14,6 +14,7 @@ use crate::config::BenchInferArgs;
 use crate::engine::load_model;
 use crate::model::device_from_name;
 
+use super::llama_cpp::LlamaCppRef;
 use super::quantile;
 
 /// Client-side timings of one streamed request.
@@ -100,6 +101,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     let path = args.model.model_path();
     let mut engine_cfg = args.model.engine_config();
     engine_cfg.max_running = engine_cfg.max_running.max(args.concurrency);
+    let threads = engine_cfg.model.threads;
     let model = tokio::task::spawn_blocking(move || load_model(&path, &device, engine_cfg))
         .await
         .map_err(|e| e.to_string())?
@@ -124,19 +126,86 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         4,
     )
     .await?;
+    let mut reference = if args.compare_llama_cpp {
+        let (path, threads) = (args.model.model_path(), threads);
+        let mut r = tokio::task::block_in_place(|| LlamaCppRef::start(&path, threads))?;
+        let warm = synthetic_prompt(args.prompt_tokens, u64::MAX);
+        tokio::task::block_in_place(|| r.run(&warm, 4))?;
+        Some(r)
+    } else {
+        None
+    };
 
+    // The schedule runs in rounds; with a reference, each idlerig round is followed by
+    // llama.cpp on the same prompts (one at a time), so both see the same machine state.
     let total = args.requests.unwrap_or((args.concurrency * 4).max(4));
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let wall = Instant::now();
+    let rounds = args.rounds.clamp(1, total);
+    let mut timings = Vec::new();
+    let mut ref_timings = Vec::new();
+    let mut wall = 0.0;
+    for round in 0..rounds {
+        let (first, end) = (round * total / rounds, (round + 1) * total / rounds);
+        let started = Instant::now();
+        timings.extend(idlerig_phase(&client, &base, &args, first..end).await?);
+        wall += started.elapsed().as_secs_f64();
+        if let Some(r) = reference.as_mut() {
+            for i in first..end {
+                let prompt = synthetic_prompt(args.prompt_tokens, i as u64);
+                ref_timings.push(tokio::task::block_in_place(|| {
+                    r.run(&prompt, args.gen_tokens)
+                })?);
+            }
+        }
+    }
+    server.abort();
+
+    let ours = Speeds::of(&timings, args.prompt_tokens);
+    let ttft_ms: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
+    let generated: usize = timings.iter().map(|t| t.tokens).sum();
+    let mut out = json!({
+        "bench": "infer",
+        "device": args.model.device,
+        "kernels": format!("{:?}", args.model.cpu_kernels).to_lowercase(),
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "concurrency": args.concurrency,
+        "requests": timings.len(),
+        "prefill_tok_s": round2(ours.prefill),
+        "decode_tok_s": round2(ours.decode),
+        "throughput_tok_s": round2(generated as f64 / wall),
+        "ttft_ms_p50": round2(quantile(&ttft_ms, 0.5)),
+        "ttft_ms_p99": round2(quantile(&ttft_ms, 0.99)),
+        "threads": threads,
+    });
+    if reference.is_some() {
+        let theirs = Speeds::of(&ref_timings, args.prompt_tokens);
+        out["reference"] =
+            json!("llama.cpp (llama-cpp-python 0.3.36), batch 1, same prompts, interleaved");
+        out["ref_prefill_tok_s"] = json!(round2(theirs.prefill));
+        out["ref_decode_tok_s"] = json!(round2(theirs.decode));
+        out["prefill_ratio"] = json!(round2(ours.prefill / theirs.prefill));
+        out["decode_ratio"] = json!(round2(ours.decode / theirs.decode));
+    }
+    Ok(out)
+}
+
+/// Requests `indices` against idlerig, `concurrency` in flight at once.
+async fn idlerig_phase(
+    client: &reqwest::Client,
+    base: &str,
+    args: &BenchInferArgs,
+    indices: std::ops::Range<usize>,
+) -> Result<Vec<StreamTiming>, String> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(indices.start));
     let workers: Vec<_> = (0..args.concurrency.max(1))
         .map(|_| {
-            let (client, base, next) = (client.clone(), base.clone(), next.clone());
-            let (p, g) = (args.prompt_tokens, args.gen_tokens);
+            let (client, base, next) = (client.clone(), base.to_string(), next.clone());
+            let (p, g, end) = (args.prompt_tokens, args.gen_tokens, indices.end);
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= total {
+                    if i >= end {
                         return Ok::<_, String>(out);
                     }
                     out.push(
@@ -150,34 +219,32 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     for w in workers {
         timings.extend(w.await.map_err(|e| e.to_string())??);
     }
-    let wall = wall.elapsed().as_secs_f64();
-    server.abort();
+    Ok(timings)
+}
 
-    let ttft_ms: Vec<f64> = timings.iter().map(|t| t.ttft.as_secs_f64() * 1e3).collect();
-    let prefill: Vec<f64> = timings
-        .iter()
-        .map(|t| args.prompt_tokens as f64 / t.ttft.as_secs_f64())
-        .collect();
-    let decode: Vec<f64> = timings
-        .iter()
-        .filter(|t| t.tokens > 1)
-        .map(|t| (t.tokens - 1) as f64 / (t.total - t.ttft).as_secs_f64())
-        .collect();
-    let generated: usize = timings.iter().map(|t| t.tokens).sum();
-    Ok(json!({
-        "bench": "infer",
-        "device": args.model.device,
-        "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens,
-        "concurrency": args.concurrency,
-        "requests": timings.len(),
-        "prefill_tok_s": round2(quantile(&prefill, 0.5)),
-        "decode_tok_s": round2(quantile(&decode, 0.5)),
-        "throughput_tok_s": round2(generated as f64 / wall),
-        "ttft_ms_p50": round2(quantile(&ttft_ms, 0.5)),
-        "ttft_ms_p99": round2(quantile(&ttft_ms, 0.99)),
-        "threads": candle_core::utils::get_num_threads(),
-    }))
+/// Median prefill speed (prompt tokens over time to first token) and decode speed (the
+/// tokens after the first over the time after it) of a set of requests.
+struct Speeds {
+    prefill: f64,
+    decode: f64,
+}
+
+impl Speeds {
+    fn of(timings: &[StreamTiming], prompt_tokens: usize) -> Self {
+        let prefill: Vec<f64> = timings
+            .iter()
+            .map(|t| prompt_tokens as f64 / t.ttft.as_secs_f64())
+            .collect();
+        let decode: Vec<f64> = timings
+            .iter()
+            .filter(|t| t.tokens > 1)
+            .map(|t| (t.tokens - 1) as f64 / (t.total - t.ttft).as_secs_f64())
+            .collect();
+        Self {
+            prefill: quantile(&prefill, 0.5),
+            decode: quantile(&decode, 0.5),
+        }
+    }
 }
 
 fn round2(x: f64) -> f64 {

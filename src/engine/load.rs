@@ -79,7 +79,7 @@ pub fn load_model(
         .map(|src| ChatTemplate::new(&src, tokenizer.bos_text(), tokenizer.eos_text()))
         .transpose()?;
     let tokenizer = Arc::new(tokenizer);
-    let model = files.load_llama(device)?;
+    let model = files.load_llama(device, cfg.model)?;
     let context_length = model.config().context_length;
     let handle = spawn_engine(model, tokenizer.clone(), cfg);
     let stats = handle.stats().clone();

@@ -25,6 +25,8 @@ pub struct EngineConfig {
     /// Tokens per step across all sequences: decodes take one each, prompts are chunked
     /// into what remains.
     pub step_token_budget: usize,
+    /// Threads and kernels for the model's matrix products.
+    pub model: crate::model::LoadOptions,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +35,7 @@ impl Default for EngineConfig {
             queue_capacity: 256,
             max_running: 32,
             step_token_budget: 512,
+            model: Default::default(),
         }
     }
 }

@@ -6,9 +6,9 @@
 //! positions: their tokens are flattened into one `[tokens, hidden]` matrix for every matmul
 //! (where batching pays), and only attention runs per sequence against that sequence's cache.
 
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use super::quant::Linear;
 use super::weights::Weights;
 use super::ModelError;
 
@@ -137,10 +137,9 @@ impl RotaryEmbedding {
 }
 
 struct Attention {
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    /// Q, K and V stacked: one product, split by columns.
+    qkv: Linear,
+    o: Linear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -148,23 +147,21 @@ struct Attention {
 
 impl Attention {
     fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+        let names = |gguf: &str, hf: &str| {
+            (
+                format!("blk.{i}.attn_{gguf}"),
+                format!("model.layers.{i}.self_attn.{hf}_proj"),
+            )
+        };
+        let (q, k, v, o) = (
+            names("q", "q"),
+            names("k", "k"),
+            names("v", "v"),
+            names("output", "o"),
+        );
         Ok(Self {
-            q: w.linear(
-                &format!("blk.{i}.attn_q"),
-                &format!("model.layers.{i}.self_attn.q_proj"),
-            )?,
-            k: w.linear(
-                &format!("blk.{i}.attn_k"),
-                &format!("model.layers.{i}.self_attn.k_proj"),
-            )?,
-            v: w.linear(
-                &format!("blk.{i}.attn_v"),
-                &format!("model.layers.{i}.self_attn.v_proj"),
-            )?,
-            o: w.linear(
-                &format!("blk.{i}.attn_output"),
-                &format!("model.layers.{i}.self_attn.o_proj"),
-            )?,
+            qkv: w.linear(&[(&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1)])?,
+            o: w.linear(&[(&o.0, &o.1)])?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -179,9 +176,14 @@ impl Attention {
         batch: &mut [BatchItem<'_>],
         rope: &RotaryEmbedding,
     ) -> candle_core::Result<Tensor> {
-        let q = self.q.forward(x)?;
-        let k = self.k.forward(x)?;
-        let v = self.v.forward(x)?;
+        let qkv = self.qkv.forward(x)?;
+        let (q_width, kv_width) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let q = qkv.narrow(1, 0, q_width)?;
+        let k = qkv.narrow(1, q_width, kv_width)?;
+        let v = qkv.narrow(1, q_width + kv_width, kv_width)?;
         let mut outputs = Vec::with_capacity(batch.len());
         let mut row = 0;
         for item in batch.iter_mut() {
@@ -247,32 +249,37 @@ impl Attention {
 }
 
 struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    /// Gate and up stacked: one product, split by columns.
+    gate_up: Linear,
+    down: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
-    fn load(w: &mut Weights, i: usize) -> Result<Self, ModelError> {
+    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+        let names = |gguf: &str, hf: &str| {
+            (
+                format!("blk.{i}.ffn_{gguf}"),
+                format!("model.layers.{i}.mlp.{hf}_proj"),
+            )
+        };
+        let (gate, up, down) = (
+            names("gate", "gate"),
+            names("up", "up"),
+            names("down", "down"),
+        );
         Ok(Self {
-            gate: w.linear(
-                &format!("blk.{i}.ffn_gate"),
-                &format!("model.layers.{i}.mlp.gate_proj"),
-            )?,
-            up: w.linear(
-                &format!("blk.{i}.ffn_up"),
-                &format!("model.layers.{i}.mlp.up_proj"),
-            )?,
-            down: w.linear(
-                &format!("blk.{i}.ffn_down"),
-                &format!("model.layers.{i}.mlp.down_proj"),
-            )?,
+            gate_up: w.linear(&[(&gate.0, &gate.1), (&up.0, &up.1)])?,
+            down: w.linear(&[(&down.0, &down.1)])?,
+            intermediate: cfg.intermediate_size,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let gate_up = self.gate_up.forward(x)?;
+        let gate = gate_up.narrow(1, 0, self.intermediate)?;
+        let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -295,7 +302,7 @@ impl DecoderLayer {
                 &format!("blk.{i}.ffn_norm.weight"),
                 &format!("model.layers.{i}.post_attention_layernorm.weight"),
             )?,
-            mlp: Mlp::load(w, i)?,
+            mlp: Mlp::load(w, i, cfg)?,
         })
     }
 }
@@ -306,7 +313,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
 }

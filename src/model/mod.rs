@@ -6,10 +6,11 @@
 //! [`SeqCache`]s of its sequences and calls [`Llama::forward`] once per step.
 
 mod llama;
+pub mod quant;
 mod weights;
 
 pub use llama::{BatchItem, Llama, LlamaConfig, SeqCache};
-pub use weights::{gguf_int, ModelFiles, ModelFormat};
+pub use weights::{gguf_int, LoadOptions, ModelFiles, ModelFormat};
 
 use thiserror::Error;
 

@@ -10,10 +10,30 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use rayon::ThreadPool;
 use serde::Deserialize;
 
 use super::llama::{Llama, LlamaConfig};
+use super::quant::{unpack, Linear, Unpacked};
 use super::ModelError;
+
+/// How the weights are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Threads for the CPU matrix products (the pool is the model's own).
+    pub threads: usize,
+    /// Our quantized CPU kernels (`true`), or candle's (`false`, for comparison).
+    pub own_kernels: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            own_kernels: true,
+        }
+    }
+}
 
 /// How the weights are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +157,17 @@ impl ModelFiles {
     }
 
     /// Loads every weight onto `device` and builds the model.
-    pub fn load_llama(&self, device: &Device) -> Result<Llama, ModelError> {
+    pub fn load_llama(&self, device: &Device, options: LoadOptions) -> Result<Llama, ModelError> {
+        let pool = match (device, options.own_kernels) {
+            (Device::Cpu, true) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(options.threads.max(1))
+                    .thread_name(|i| format!("idlerig-matmul-{i}"))
+                    .build()
+                    .map_err(|e| ModelError::Unsupported(format!("matmul thread pool: {e}")))?,
+            )),
+            _ => None,
+        };
         let weights = match &self.gguf {
             Some(content) => {
                 let file = File::open(&self.path).map_err(|source| ModelError::Io {
@@ -149,6 +179,7 @@ impl ModelFiles {
                     file,
                     device: device.clone(),
                     config: self.config.clone(),
+                    pool,
                 }
             }
             None => {
@@ -190,6 +221,8 @@ pub(crate) enum Weights<'a> {
         file: File,
         device: Device,
         config: LlamaConfig,
+        /// Set when our CPU kernels run the quantized matrices.
+        pool: Option<Arc<ThreadPool>>,
     },
     Safetensors {
         vb: VarBuilder<'a>,
@@ -221,17 +254,62 @@ impl Weights<'_> {
         }
     }
 
-    /// A weight matrix used as `x @ W^T`: `gguf` and `hf` name it without the `.weight`.
-    pub(crate) fn linear(&mut self, gguf: &str, hf: &str) -> Result<QMatMul, ModelError> {
+    /// Weight matrices used as `x @ W^T`, stacked into one whose output is theirs side by
+    /// side; each is named in both conventions without the `.weight`.
+    pub(crate) fn linear(&mut self, names: &[(&str, &str)]) -> Result<Linear, ModelError> {
         match self {
-            Weights::Gguf { .. } => Ok(QMatMul::from_qtensor(
-                self.gguf_tensor(&format!("{gguf}.weight"))?,
-            )?),
-            Weights::Safetensors { vb, .. } => {
-                let t = vb.get_unchecked(&format!("{hf}.weight"))?;
-                Ok(QMatMul::Tensor(t))
+            Weights::Gguf { .. } => {
+                let tensors = names
+                    .iter()
+                    .map(|(gguf, _)| self.gguf_tensor(&format!("{gguf}.weight")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.quantized_linear(tensors)
             }
+            Weights::Safetensors { vb, .. } => Ok(Linear::Candle(
+                names
+                    .iter()
+                    .map(|(_, hf)| Ok(QMatMul::Tensor(vb.get_unchecked(&format!("{hf}.weight"))?)))
+                    .collect::<Result<Vec<_>, ModelError>>()?,
+            )),
         }
+    }
+
+    /// Our kernels where the pool is set and every part's format has one, else candle's.
+    fn quantized_linear(
+        &self,
+        tensors: Vec<candle_core::quantized::QTensor>,
+    ) -> Result<Linear, ModelError> {
+        let pool = match self {
+            Weights::Gguf { pool: Some(p), .. } => p.clone(),
+            _ => {
+                return Ok(Linear::Candle(
+                    tensors
+                        .into_iter()
+                        .map(QMatMul::from_qtensor)
+                        .collect::<Result<_, _>>()?,
+                ))
+            }
+        };
+        if !tensors.iter().all(|t| unpack::supported(t.dtype())) {
+            let kinds: Vec<_> = tensors.iter().map(|t| format!("{:?}", t.dtype())).collect();
+            tracing::debug!(formats = ?kinds, "no idlerig kernel for this format; using candle's");
+            return Ok(Linear::Candle(
+                tensors
+                    .into_iter()
+                    .map(QMatMul::from_qtensor)
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        let parts = tensors
+            .iter()
+            .map(|t| {
+                let (n, k) = t.shape().dims2()?;
+                unpack::unpack(t.dtype(), &t.data()?, n, k)
+                    .map_err(|e| ModelError::Unsupported(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let w = Unpacked::stack(parts).map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        Ok(Linear::Packed { w, pool })
     }
 
     /// A vector (norm weights), in f32.
@@ -247,21 +325,21 @@ impl Weights<'_> {
 
     /// Input embeddings (dense, for row lookup) and the output head (quantized when the file
     /// is, tied to the embeddings when the model has no separate output matrix).
-    pub(crate) fn embeddings(&mut self) -> Result<(Tensor, QMatMul), ModelError> {
+    pub(crate) fn embeddings(&mut self) -> Result<(Tensor, Linear), ModelError> {
         match self {
             Weights::Gguf {
                 content, device, ..
             } => {
                 let device = device.clone();
                 let has_output = content.tensor_infos.contains_key("output.weight");
-                let embd = Arc::new(self.gguf_tensor("token_embd.weight")?);
+                let embd = self.gguf_tensor("token_embd.weight")?;
                 let dense = embd.dequantize(&device)?;
                 let head = if has_output {
-                    QMatMul::from_qtensor(self.gguf_tensor("output.weight")?)?
+                    self.gguf_tensor("output.weight")?
                 } else {
-                    QMatMul::from_arc(embd)?
+                    embd
                 };
-                Ok((dense, head))
+                Ok((dense, self.quantized_linear(vec![head])?))
             }
             Weights::Safetensors { vb, tie, .. } => {
                 let embed = vb.get_unchecked("model.embed_tokens.weight")?;
@@ -270,7 +348,7 @@ impl Weights<'_> {
                 } else {
                     vb.get_unchecked("lm_head.weight")?
                 };
-                Ok((embed, QMatMul::Tensor(head)))
+                Ok((embed, Linear::Candle(vec![QMatMul::Tensor(head)])))
             }
         }
     }

@@ -1,0 +1,41 @@
+"""llama.cpp as the reference of `idlerig bench infer --compare-llama-cpp`.
+
+Loads the model once with llama-cpp-python (its defaults, the threads it is given), then
+answers one JSON line per request read from stdin:
+    in:  {"prompt": [token ids], "gen": N}
+    out: {"ttft_s": seconds to evaluate the prompt and pick the first token,
+          "decode_s": seconds for the remaining N - 1 tokens, "tokens": N}
+Greedy decoding (argmax), continuing past end-of-generation tokens, like the idlerig side,
+which sends the same token ids with `ignore_eos`. The first line out is {"ready": true}.
+"""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True)
+parser.add_argument("--threads", type=int, required=True)
+parser.add_argument("--ctx", type=int, default=4096)
+args = parser.parse_args()
+
+llm = Llama(model_path=args.model, n_ctx=args.ctx, n_threads=args.threads,
+            n_threads_batch=args.threads, n_batch=512, verbose=False, seed=0)
+print(json.dumps({"ready": True, "n_threads": args.threads}), flush=True)
+
+for line in sys.stdin:
+    req = json.loads(line)
+    prompt, gen = req["prompt"], int(req["gen"])
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    first = time.perf_counter()
+    for _ in range(gen - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    end = time.perf_counter()
+    print(json.dumps({"ttft_s": first - start, "decode_s": end - first, "tokens": gen}), flush=True)

@@ -1,0 +1,97 @@
+//! llama.cpp as a reference in the same run: `scripts/llama-cpp-setup` provides a Python
+//! with llama-cpp-python (built once into a cache), and `scripts/llama-cpp-ref.py` runs as a
+//! child process that loads the model once and times each request it is sent.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::infer::StreamTiming;
+
+/// The running reference process.
+pub struct LlamaCppRef {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl LlamaCppRef {
+    /// Sets up llama-cpp-python if needed and starts the reference on `model`.
+    pub fn start(model: &Path, threads: usize) -> Result<Self, String> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let setup = Command::new(repo.join("scripts/llama-cpp-setup"))
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("running scripts/llama-cpp-setup: {e}"))?;
+        if !setup.status.success() {
+            return Err(format!("scripts/llama-cpp-setup failed ({})", setup.status));
+        }
+        let python = String::from_utf8_lossy(&setup.stdout).trim().to_string();
+        let mut child = Command::new(&python)
+            .arg(repo.join("scripts/llama-cpp-ref.py"))
+            .arg("--model")
+            .arg(model)
+            .arg("--threads")
+            .arg(threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {python}: {e}"))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut reference = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        let ready = reference.read_line()?;
+        if ready.get("ready") != Some(&json!(true)) {
+            return Err(format!("llama.cpp reference did not start: {ready}"));
+        }
+        Ok(reference)
+    }
+
+    fn read_line(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the llama.cpp reference: {e}"))?;
+        if n == 0 {
+            return Err("the llama.cpp reference exited (see its error above)".into());
+        }
+        serde_json::from_str(&line).map_err(|e| format!("llama.cpp reference said {line:?}: {e}"))
+    }
+
+    /// Runs one greedy request of `gen` tokens after `prompt`, timed by the reference itself.
+    pub fn run(&mut self, prompt: &[u32], gen: usize) -> Result<StreamTiming, String> {
+        let request = json!({ "prompt": prompt, "gen": gen });
+        writeln!(self.stdin, "{request}")
+            .and_then(|_| self.stdin.flush())
+            .map_err(|e| format!("writing to the llama.cpp reference: {e}"))?;
+        let reply = self.read_line()?;
+        let secs = |key: &str| {
+            reply[key]
+                .as_f64()
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("llama.cpp reference reply lacks {key}: {reply}"))
+        };
+        let ttft = secs("ttft_s")?;
+        Ok(StreamTiming {
+            ttft,
+            total: ttft + secs("decode_s")?,
+            tokens: gen,
+        })
+    }
+}
+
+impl Drop for LlamaCppRef {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

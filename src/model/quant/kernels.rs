@@ -1,0 +1,228 @@
+//! Activation quantization, the portable dot products, and the driver that splits a
+//! matrix product across the pool: each task takes a run of weight rows and, for tokens in
+//! groups of four, unpacks each weight block once for all four (prompts) or streams the rows
+//! once (decode, one token).
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use super::{Q4Matrix, Q8Matrix, Unpacked};
+
+/// Activations quantized to 8 bits in blocks of 32: `x ≈ d·q`, with `dsum = d·Σq` kept for
+/// the `min` term of 4-bit weights.
+pub struct Q8Acts {
+    pub k: usize,
+    pub rows: usize,
+    pub qs: Vec<i8>,
+    pub d: Vec<f32>,
+    pub dsum: Vec<f32>,
+}
+
+impl Q8Acts {
+    /// Quantizes `rows` rows of `k` (a multiple of 32) values.
+    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        let blocks = rows * k / 32;
+        let mut acts = Self {
+            k,
+            rows,
+            qs: vec![0; rows * k],
+            d: vec![0.0; blocks],
+            dsum: vec![0.0; blocks],
+        };
+        for b in 0..blocks {
+            let src = &x[b * 32..b * 32 + 32];
+            let dst = &mut acts.qs[b * 32..b * 32 + 32];
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if super::avx2::available() {
+                // SAFETY: AVX2 and FMA were detected at run time; both slices hold 32 values.
+                unsafe { super::avx2::quantize_block(src, dst) }
+            } else {
+                quantize_block_portable(src, dst)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = quantize_block_portable(src, dst);
+            // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and
+            // so do we: this model is sensitive enough that the extra precision alone moves
+            // logits by tenths and flips greedy near-ties against llama.cpp's reference.
+            acts.d[b] = f16_round(d);
+            acts.dsum[b] = f16_round(d * sum as f32);
+        }
+        acts
+    }
+
+    fn row(&self, r: usize) -> ActRow<'_> {
+        let (k, nb) = (self.k, self.k / 32);
+        ActRow {
+            qs: &self.qs[r * k..(r + 1) * k],
+            d: &self.d[r * nb..(r + 1) * nb],
+            dsum: &self.dsum[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+/// One token's quantized activations.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub dsum: &'a [f32],
+}
+
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// Rounds 32 values to `d·q` with `d = max|x| / 127`; returns `d` and `Σq`.
+pub fn quantize_block_portable(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+    let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
+    for (q, &v) in dst.iter_mut().zip(src) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
+}
+
+/// `Σ_b (scale_b·d_b·⟨q_w, q_a⟩_b + min_b·dsum_b)` over one row of a [`Q4Matrix`].
+pub fn q4_dot_portable(qs: &[u8], scale: &[f32], min: &[f32], a: ActRow<'_>) -> f32 {
+    let mut sum = 0.0f32;
+    for b in 0..scale.len() {
+        let w = &qs[b * 16..b * 16 + 16];
+        let x = &a.qs[b * 32..b * 32 + 32];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (w[j] & 0x0F) as i32 * x[j] as i32 + (w[j] >> 4) as i32 * x[j + 16] as i32;
+        }
+        sum += scale[b] * a.d[b] * isum as f32 + min[b] * a.dsum[b];
+    }
+    sum
+}
+
+/// `Σ_g scale_g·d_{g/2}·⟨q_w, q_a⟩_g` over one row of a [`Q8Matrix`].
+pub fn q8_dot_portable(qs: &[i8], scale: &[f32], a: ActRow<'_>) -> f32 {
+    let mut sum = 0.0f32;
+    for g in 0..scale.len() {
+        let isum: i32 = qs[g * 16..g * 16 + 16]
+            .iter()
+            .zip(&a.qs[g * 16..g * 16 + 16])
+            .map(|(&w, &x)| w as i32 * x as i32)
+            .sum();
+        sum += scale[g] * a.d[g / 2] * isum as f32;
+    }
+    sum
+}
+
+/// `x` (`rows × k`, row-major) times `wᵀ`: `rows × n`.
+pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
+    let (n, k) = (w.rows(), w.cols());
+    let acts = Q8Acts::quantize(x, rows, k);
+    let mut out = vec![0.0f32; rows * n];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Runs of rows small enough to balance two threads against a busy core, large enough
+    // that waking a worker pays for itself; the whole product runs inline when tiny.
+    let work = n * k * rows;
+    let threads = pool.current_num_threads();
+    let run = if work < 1 << 18 || threads == 1 {
+        n
+    } else {
+        (n / (threads * 4)).max(16).next_multiple_of(8).min(n)
+    };
+    let task = |start: usize| {
+        let end = (start + run).min(n);
+        // SAFETY: tasks write disjoint columns `start..end` of `out`, which outlives them.
+        unsafe { product_rows(w, &acts, start..end, out_ptr, n) };
+    };
+    if run == n {
+        task(0);
+    } else {
+        pool.install(|| {
+            (0..n)
+                .step_by(run)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(task)
+        });
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: shared only with tasks that write disjoint elements, joined before `out` is read.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Fills `out[t·n + r]` for every token `t` and weight row `r` in `rows_range`.
+///
+/// # Safety
+/// `out` must point to `acts.rows × n` floats, and no other thread may write those columns.
+unsafe fn product_rows(
+    w: &Unpacked,
+    acts: &Q8Acts,
+    rows_range: std::ops::Range<usize>,
+    out: OutPtr,
+    n: usize,
+) {
+    let mut t = 0;
+    while t < acts.rows {
+        let group = (acts.rows - t).min(4);
+        let a: [ActRow<'_>; 4] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
+        for r in rows_range.clone() {
+            let mut sums = [0.0f32; 4];
+            dot_rows(w, r, &a, group, &mut sums);
+            for (i, s) in sums.iter().take(group).enumerate() {
+                *out.0.add((t + i) * n + r) = *s;
+            }
+        }
+        t += group;
+    }
+}
+
+/// Dots of weight row `r` with the first `group` activation rows of `a`.
+fn dot_rows(w: &Unpacked, r: usize, a: &[ActRow<'_>; 4], group: usize, sums: &mut [f32; 4]) {
+    match w {
+        Unpacked::Q4(m) => {
+            let (qs, scale, min) = q4_row(m, r);
+            #[cfg(target_arch = "x86_64")]
+            if super::avx2::available() {
+                // SAFETY: AVX2 and FMA were detected at run time; slices come from one row.
+                unsafe { super::avx2::q4_dots(qs, scale, min, a, group, sums) };
+                return;
+            }
+            for i in 0..group {
+                sums[i] = q4_dot_portable(qs, scale, min, a[i]);
+            }
+        }
+        Unpacked::Q8(m) => {
+            let (qs, scale) = q8_row(m, r);
+            #[cfg(target_arch = "x86_64")]
+            if super::avx2::available() {
+                // SAFETY: as above.
+                unsafe { super::avx2::q8_dots(qs, scale, a, group, sums) };
+                return;
+            }
+            for i in 0..group {
+                sums[i] = q8_dot_portable(qs, scale, a[i]);
+            }
+        }
+    }
+}
+
+pub fn q4_row(m: &Q4Matrix, r: usize) -> (&[u8], &[f32], &[f32]) {
+    let nb = m.k / 32;
+    (
+        &m.qs[r * nb * 16..(r + 1) * nb * 16],
+        &m.scale[r * nb..(r + 1) * nb],
+        &m.min[r * nb..(r + 1) * nb],
+    )
+}
+
+pub fn q8_row(m: &Q8Matrix, r: usize) -> (&[i8], &[f32]) {
+    let ng = m.k / 16;
+    (
+        &m.qs[r * m.k..(r + 1) * m.k],
+        &m.scale[r * ng..(r + 1) * ng],
+    )
+}

@@ -1,0 +1,182 @@
+//! Each format against a plain dequantize-then-f32 reference: the decode must reproduce
+//! candle's own dequantization, and the product must stay within the error that 8-bit
+//! activations can introduce, a bound computed per product (not a fixed epsilon).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use super::kernels::{q4_dot_portable, q4_row, q8_dot_portable, q8_row, Q8Acts};
+use super::*;
+
+const FORMATS: [GgmlDType; 5] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+];
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Random weights quantized by candle, our unpacking of them, and candle's dequantization.
+/// Each 32-element block gets its own magnitude and offset, so that the scales and mins of
+/// the K formats spread over their whole 6-bit range (uniform data would leave them equal).
+fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Unpacked, Vec<f32>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut values = random(n * k, seed);
+    for block in values.chunks_mut(32) {
+        let (scale, shift) = (
+            rng.random_range(0.01f32..3.0),
+            rng.random_range(-1.0f32..1.0),
+        );
+        block.iter_mut().for_each(|v| *v = *v * scale + shift);
+    }
+    let w = Tensor::from_vec(values, (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    let bytes = q.data().unwrap();
+    let ours = unpack::unpack(dtype, &bytes, n, k).unwrap();
+    let reference = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (ours, reference)
+}
+
+fn pool(threads: usize) -> ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn unpacking_reproduces_candles_dequantization() {
+    for dtype in FORMATS {
+        let (ours, reference) = quantized(dtype, 8, 512, 1);
+        for (i, (a, b)) in ours.dequantize().iter().zip(&reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{dtype:?} element {i}: ours {a}, candle {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn products_stay_within_the_activation_rounding_bound() {
+    let (n, k) = (40, 512);
+    for dtype in FORMATS {
+        let (w, wf) = quantized(dtype, n, k, 2);
+        for (rows, threads) in [(1, 1), (3, 2), (6, 2), (9, 1)] {
+            let x = random(rows * k, 3 + rows as u64);
+            let got = matmul(&w, &x, rows, &pool(threads));
+            for t in 0..rows {
+                let xr = &x[t * k..(t + 1) * k];
+                for r in 0..n {
+                    let wr = &wf[r * k..(r + 1) * k];
+                    let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    // Each activation moves by at most half a step, d/2 with d = max|x_block|
+                    // / 127, plus the f16 rounding of d (2⁻¹¹·d) times |q| ≤ 127: 0.5625·d.
+                    let bound: f64 = (0..k / 32)
+                        .map(|b| {
+                            let xs = &xr[b * 32..b * 32 + 32];
+                            let d = xs.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                            let step = 0.5625 * d;
+                            let ws: f32 = wr[b * 32..b * 32 + 32].iter().map(|v| v.abs()).sum();
+                            (step * ws) as f64
+                        })
+                        .sum();
+                    let diff = (got[t * n + r] as f64 - exact).abs();
+                    assert!(
+                        diff <= bound * 1.001 + 1e-4,
+                        "{dtype:?} rows {rows} token {t} row {r}: got {}, exact {exact}, bound {bound}",
+                        got[t * n + r]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_and_portable_agree() {
+    let k = 768;
+    let x = random(4 * k, 9);
+    let acts = Q8Acts::quantize(&x, 4, k);
+    let mut portable_qs = vec![0i8; 32];
+    for b in 0..4 * k / 32 {
+        let (d, sum) = kernels::quantize_block_portable(&x[b * 32..b * 32 + 32], &mut portable_qs);
+        assert_eq!(&acts.qs[b * 32..b * 32 + 32], &portable_qs[..], "block {b}");
+        let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+        assert_eq!(
+            (acts.d[b], acts.dsum[b]),
+            (f16(d), f16(d * sum as f32)),
+            "block {b}"
+        );
+    }
+    for dtype in FORMATS {
+        let (w, _) = quantized(dtype, 6, k, 4);
+        let simd = matmul(&w, &x, 4, &pool(1));
+        for t in 0..4 {
+            let row = super::kernels::ActRow {
+                qs: &acts.qs[t * k..(t + 1) * k],
+                d: &acts.d[t * k / 32..(t + 1) * k / 32],
+                dsum: &acts.dsum[t * k / 32..(t + 1) * k / 32],
+            };
+            for r in 0..6 {
+                let portable = match &w {
+                    Unpacked::Q4(m) => {
+                        let (qs, s, mn) = q4_row(m, r);
+                        q4_dot_portable(qs, s, mn, row)
+                    }
+                    Unpacked::Q8(m) => {
+                        let (qs, s) = q8_row(m, r);
+                        q8_dot_portable(qs, s, row)
+                    }
+                };
+                let got = simd[t * 6 + r];
+                assert!(
+                    (got - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+                    "{dtype:?} token {t} row {r}: simd {got}, portable {portable}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn stacked_matrices_give_side_by_side_outputs() {
+    let k = 256;
+    let (a, _) = quantized(GgmlDType::Q4_1, 8, k, 5);
+    let (b, _) = quantized(GgmlDType::Q4_1, 4, k, 6);
+    let x = random(2 * k, 7);
+    let p = pool(2);
+    let (ya, yb) = (matmul(&a, &x, 2, &p), matmul(&b, &x, 2, &p));
+    let stacked = Unpacked::stack(vec![a, b]).unwrap();
+    let y = matmul(&stacked, &x, 2, &p);
+    for t in 0..2 {
+        assert_eq!(&y[t * 12..t * 12 + 8], &ya[t * 8..t * 8 + 8]);
+        assert_eq!(&y[t * 12 + 8..t * 12 + 12], &yb[t * 4..t * 4 + 4]);
+    }
+    let (c, _) = quantized(GgmlDType::Q8_0, 4, k, 8);
+    assert!(Unpacked::stack(vec![stacked, c]).is_err());
+}
+
+#[test]
+fn malformed_input_is_refused() {
+    assert!(matches!(
+        unpack::unpack(GgmlDType::Q5_0, &[0; 22], 1, 32),
+        Err(QuantError::Format(_))
+    ));
+    assert!(matches!(
+        unpack::unpack(GgmlDType::Q4_1, &[0; 19], 1, 32),
+        Err(QuantError::Shape(_))
+    ));
+}

@@ -1,0 +1,148 @@
+//! Decoding GGML's block formats into the two layouts our kernels read. Straight-line,
+//! portable code that runs once per weight at load time; the layouts are described on
+//! [`Q4Matrix`] and [`Q8Matrix`].
+//!
+//! Every format maps exactly (f16 scales widened to f32, products taken in f32 as ggml does):
+//! - Q4_0: `x = d·(q − 8)` → scale `d`, min `−8d`;
+//! - Q4_1: `x = d·q + m` → scale `d`, min `m`;
+//! - Q4_K: per 32-element sub-block `x = d·sc·q − dmin·m` → scale `d·sc`, min `−dmin·m`;
+//! - Q8_0: `x = d·q` → `q`, with `d` as the scale of both 16-element groups;
+//! - Q6_K: per 16-element group `x = d·sc·(q − 32)` → `q − 32`, scale `d·sc`.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use super::{Q4Matrix, Q8Matrix, QuantError};
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// Bytes of one GGML block and the elements it holds.
+fn block_geometry(dtype: GgmlDType) -> Option<(usize, usize)> {
+    Some(match dtype {
+        GgmlDType::Q4_0 => (18, 32),
+        GgmlDType::Q4_1 => (20, 32),
+        GgmlDType::Q8_0 => (34, 32),
+        GgmlDType::Q4K => (144, 256),
+        GgmlDType::Q6K => (210, 256),
+        _ => return None,
+    })
+}
+
+/// Whether [`unpack`] handles `dtype`.
+pub fn supported(dtype: GgmlDType) -> bool {
+    block_geometry(dtype).is_some()
+}
+
+/// A decoded weight matrix, in whichever layout suits its format.
+pub enum Unpacked {
+    Q4(Q4Matrix),
+    Q8(Q8Matrix),
+}
+
+/// Decodes `n` rows of `k` elements stored as GGML blocks of `dtype`.
+pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpacked, QuantError> {
+    let (block_bytes, block_elems) = block_geometry(dtype).ok_or(QuantError::Format(dtype))?;
+    if k % block_elems != 0 || bytes.len() != n * k / block_elems * block_bytes {
+        return Err(QuantError::Shape(format!(
+            "{dtype:?} matrix of {n}×{k} in {} bytes",
+            bytes.len()
+        )));
+    }
+    let blocks = bytes.chunks_exact(block_bytes);
+    Ok(match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => {
+            let mut m = Q4Matrix::zeros(n, k);
+            let mut sub = 0; // index of the 32-element sub-block
+            for b in blocks {
+                match dtype {
+                    GgmlDType::Q4_0 => {
+                        let d = f16_at(b, 0);
+                        m.scale[sub] = d;
+                        m.min[sub] = -8.0 * d;
+                        m.qs[sub * 16..sub * 16 + 16].copy_from_slice(&b[2..18]);
+                        sub += 1;
+                    }
+                    GgmlDType::Q4_1 => {
+                        m.scale[sub] = f16_at(b, 0);
+                        m.min[sub] = f16_at(b, 2);
+                        m.qs[sub * 16..sub * 16 + 16].copy_from_slice(&b[4..20]);
+                        sub += 1;
+                    }
+                    _ => {
+                        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                        let scales = &b[4..16];
+                        let qs = &b[16..144];
+                        for group in 0..4 {
+                            let q = &qs[group * 32..group * 32 + 32];
+                            for half in 0..2 {
+                                let (sc, mn) = q4k_scale_min(2 * group + half, scales);
+                                m.scale[sub] = d * sc as f32;
+                                m.min[sub] = -(dmin * mn as f32);
+                                let nibble = |l: usize| (q[l] >> (4 * half)) & 0x0F;
+                                for j in 0..16 {
+                                    m.qs[sub * 16 + j] = nibble(j) | (nibble(j + 16) << 4);
+                                }
+                                sub += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Unpacked::Q4(m)
+        }
+        _ => {
+            let mut m = Q8Matrix::zeros(n, k);
+            let mut group = 0; // index of the 16-element group
+            for b in blocks {
+                if dtype == GgmlDType::Q8_0 {
+                    let d = f16_at(b, 0);
+                    m.scale[group] = d;
+                    m.scale[group + 1] = d;
+                    for (dst, &src) in m.qs[group * 16..group * 16 + 32].iter_mut().zip(&b[2..34]) {
+                        *dst = src as i8;
+                    }
+                    group += 2;
+                    continue;
+                }
+                // Q6_K: 256 elements in two halves of 128; within a half, element l (0..32)
+                // of each quarter takes its low 4 bits from `ql` and its high 2 from `qh`.
+                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                let base = group * 16;
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[half * 64..], &qh[half * 32..]);
+                    for l in 0..32 {
+                        let quads = [
+                            (ql[l] & 0x0F) | ((qh[l] & 3) << 4),
+                            (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                        ];
+                        for (quarter, q) in quads.into_iter().enumerate() {
+                            m.qs[base + half * 128 + quarter * 32 + l] = q as i8 - 32;
+                        }
+                    }
+                }
+                for (g, &s) in sc.iter().enumerate() {
+                    m.scale[group + g] = d * (s as i8) as f32;
+                }
+                group += 16;
+            }
+            Unpacked::Q8(m)
+        }
+    })
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K block, as ggml packs them.
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
