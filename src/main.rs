@@ -14,6 +14,13 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(_) | Command::Mine(_) => LogFormat::Text,
     };
     init_logging(log_format);
+    // candle asks for its thread count on every f32 matmul, and without this variable that
+    // means parsing /proc/cpuinfo each time (milliseconds per token on a small model).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: no other thread exists yet (the runtime is started below).
+        std::env::set_var("RAYON_NUM_THREADS", cores.to_string());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -129,9 +129,20 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
         .unwrap()
         .load_llama(&Device::Cpu, Default::default())
         .unwrap();
+    // The HF directory holds the GGUF's weights dequantized to f32. What is checked here is
+    // the loader (names, Q/K un-permutation, rotary halves, tied head), so the GGUF side runs
+    // candle's kernels, which stay within 1e-2 of the f32 model. Ours quantize activations to
+    // 8 bits like llama.cpp, which moves logits by tenths on this model; they are checked
+    // against llama.cpp in reference_greedy.rs.
     let gg = ModelFiles::open(&gguf_path)
         .unwrap()
-        .load_llama(&Device::Cpu, Default::default())
+        .load_llama(
+            &Device::Cpu,
+            idlerig::model::LoadOptions {
+                own_kernels: false,
+                ..Default::default()
+            },
+        )
         .unwrap();
     let (mut c1, mut c2) = (hf.new_cache(), gg.new_cache());
     let mut step = ids.clone();

@@ -316,12 +316,16 @@ pub struct Llama {
     lm_head: Linear,
     rope: RotaryEmbedding,
     device: Device,
+    /// The CPU pool that runs every step when our kernels are in use: candle's own
+    /// operations then run on it too, so one set of threads serves the whole forward pass.
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 impl Llama {
     /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
     pub(crate) fn load(mut w: Weights, device: &Device) -> Result<Self, ModelError> {
         let cfg = w.config().clone();
+        let pool = w.pool();
         let layers = (0..cfg.num_layers)
             .map(|i| DecoderLayer::load(&mut w, i, &cfg))
             .collect::<Result<Vec<_>, _>>()?;
@@ -334,6 +338,7 @@ impl Llama {
             lm_head,
             cfg,
             device: device.clone(),
+            pool,
         })
     }
 
@@ -348,6 +353,13 @@ impl Llama {
     /// Runs one step for every item and returns the logits of each item's last token,
     /// `[items, vocab]` in f32. Each cache grows by its item's token count.
     pub fn forward(&self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.forward_here(batch)),
+            None => self.forward_here(batch),
+        }
+    }
+
+    fn forward_here(&self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
         for item in batch.iter() {
             if item.tokens.is_empty() {
                 return Err(ModelError::Metadata("a batch item has no tokens".into()));

@@ -232,6 +232,14 @@ pub(crate) enum Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// The pool of our CPU kernels, when they are in use.
+    pub(crate) fn pool(&self) -> Option<Arc<ThreadPool>> {
+        match self {
+            Weights::Gguf { pool, .. } => pool.clone(),
+            Weights::Safetensors { .. } => None,
+        }
+    }
+
     pub(crate) fn config(&self) -> &LlamaConfig {
         match self {
             Weights::Gguf { config, .. } | Weights::Safetensors { config, .. } => config,

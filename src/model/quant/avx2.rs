@@ -5,11 +5,21 @@
 
 use std::arch::x86_64::*;
 
+use half::f16;
+
 use super::kernels::ActRow;
 
 /// Whether this CPU runs the AVX2/FMA kernels (the result is cached by `std`).
 pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// One f16 as f32, by the F16C instruction.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_to_f32(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -18,28 +28,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
     _mm_cvtss_f32(s)
-}
-
-/// `Σ a[i]·b[i]`, eight at a time.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        acc = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc,
-        );
-        i += 8;
-    }
-    let mut sum = hsum(acc);
-    while i < n {
-        sum += a[i] * b[i];
-        i += 1;
-    }
-    sum
 }
 
 /// Quantizes 32 floats to bytes (`d = max|x| / 127`, round half to even); returns `d`, `Σq`.
@@ -92,11 +80,11 @@ pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; the slices must come from one row and matching acts.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_dots(
     qs: &[u8],
-    scale: &[f32],
-    min: &[f32],
+    scale: &[f16],
+    min: &[f16],
     a: &[ActRow<'_>; 4],
     group: usize,
     sums: &mut [f32; 4],
@@ -109,11 +97,13 @@ pub unsafe fn q4_dots(
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+// Blocks are taken eight at a time so that their f16 scales are widened and multiplied by
+// the activations' scales in one vector operation each, not one conversion per block.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_dots_n<const G: usize>(
     qs: &[u8],
-    scale: &[f32],
-    min: &[f32],
+    scale: &[f16],
+    min: &[f16],
     a: &[ActRow<'_>; 4],
     sums: &mut [f32; 4],
 ) {
@@ -122,20 +112,45 @@ unsafe fn q4_dots_n<const G: usize>(
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
-    for b in 0..nb {
-        let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-        // Low nibbles are elements 0..16, high nibbles 16..32: one 128-bit lane each.
-        let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
-        let ws = *scale.get_unchecked(b);
-        for g in 0..G {
-            let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-            let s = _mm256_set1_ps(ws * *a[g].d.get_unchecked(b));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
+    let mut min_acc = [_mm256_setzero_ps(); G];
+    let mut tail = [0.0f32; G];
+    let mut c = 0;
+    while c < nb {
+        let m = (nb - c).min(8);
+        let mut combined = [[0.0f32; 8]; G];
+        if m == 8 {
+            let ws = _mm256_cvtph_ps(_mm_loadu_si128(scale.as_ptr().add(c) as *const __m128i));
+            let wm = _mm256_cvtph_ps(_mm_loadu_si128(min.as_ptr().add(c) as *const __m128i));
+            for g in 0..G {
+                let d = _mm256_loadu_ps(a[g].d.as_ptr().add(c));
+                _mm256_storeu_ps(combined[g].as_mut_ptr(), _mm256_mul_ps(ws, d));
+                let dsum = _mm256_loadu_ps(a[g].dsum.as_ptr().add(c));
+                min_acc[g] = _mm256_fmadd_ps(wm, dsum, min_acc[g]);
+            }
+        } else {
+            for j in 0..m {
+                for g in 0..G {
+                    combined[g][j] = f16_to_f32(scale[c + j]) * a[g].d[c + j];
+                    tail[g] += f16_to_f32(min[c + j]) * a[g].dsum[c + j];
+                }
+            }
         }
+        for j in 0..m {
+            let b = c + j;
+            let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+            // Low nibbles are elements 0..16, high nibbles 16..32: one 128-bit lane each.
+            let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+            for g in 0..G {
+                let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                let s = _mm256_broadcast_ss(&combined[g][j]);
+                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
+            }
+        }
+        c += m;
     }
     for g in 0..G {
-        sums[g] = hsum(acc[g]) + dot_f32(min, a[g].dsum);
+        sums[g] = hsum(_mm256_add_ps(acc[g], min_acc[g])) + tail[g];
     }
 }
 
@@ -143,10 +158,10 @@ unsafe fn q4_dots_n<const G: usize>(
 ///
 /// # Safety
 /// As [`q4_dots`].
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q8_dots(
     qs: &[i8],
-    scale: &[f32],
+    scale: &[f16],
     a: &[ActRow<'_>; 4],
     group: usize,
     sums: &mut [f32; 4],
@@ -159,32 +174,65 @@ pub unsafe fn q8_dots(
     }
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_dots_n<const G: usize>(
     qs: &[i8],
-    scale: &[f32],
+    scale: &[f16],
     a: &[ActRow<'_>; 4],
     sums: &mut [f32; 4],
 ) {
     let nb = scale.len() / 2;
     debug_assert!(qs.len() >= nb * 32 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
     let ones = _mm256_set1_epi16(1);
+    // Lanes 0..4 of a block's 32-bit sums cover its first group, lanes 4..8 its second.
+    let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let (pairs_lo, pairs_hi) = (
+        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
+        _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7),
+    );
     let mut acc = [_mm256_setzero_ps(); G];
-    for b in 0..nb {
-        let w = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
-        // vpmaddubsw wants its first operand unsigned: |w| against x carrying w's sign.
-        let wabs = _mm256_sign_epi8(w, w);
-        // Lanes 0..4 of the 32-bit sums cover group 2b, lanes 4..8 group 2b + 1.
-        let ws = _mm256_set_m128(
-            _mm_set1_ps(*scale.get_unchecked(2 * b + 1)),
-            _mm_set1_ps(*scale.get_unchecked(2 * b)),
-        );
-        for g in 0..G {
-            let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
-            let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[g].d.get_unchecked(b)));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
+    let mut c = 0;
+    while c < nb {
+        let m = (nb - c).min(8);
+        // Per group: its weight scale times the activation scale of its block.
+        let mut combined = [[0.0f32; 16]; G];
+        if m == 8 {
+            let s = scale.as_ptr().add(2 * c);
+            let ws_lo = _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i));
+            let ws_hi = _mm256_cvtph_ps(_mm_loadu_si128(s.add(8) as *const __m128i));
+            for g in 0..G {
+                let d = _mm256_loadu_ps(a[g].d.as_ptr().add(c));
+                let (d_lo, d_hi) = (
+                    _mm256_permutevar8x32_ps(d, pairs_lo),
+                    _mm256_permutevar8x32_ps(d, pairs_hi),
+                );
+                _mm256_storeu_ps(combined[g].as_mut_ptr(), _mm256_mul_ps(ws_lo, d_lo));
+                _mm256_storeu_ps(combined[g].as_mut_ptr().add(8), _mm256_mul_ps(ws_hi, d_hi));
+            }
+        } else {
+            for j in 0..2 * m {
+                for g in 0..G {
+                    combined[g][j] = f16_to_f32(scale[2 * c + j]) * a[g].d[c + j / 2];
+                }
+            }
         }
+        for j in 0..m {
+            let b = c + j;
+            let w = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+            // vpmaddubsw wants its first operand unsigned: |w| against x carrying w's sign.
+            let wabs = _mm256_sign_epi8(w, w);
+            for g in 0..G {
+                let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
+                let dot =
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
+                let pair = _mm256_castpd_ps(_mm256_broadcast_sd(
+                    &*(combined[g].as_ptr().add(2 * j) as *const f64),
+                ));
+                let s = _mm256_permutevar8x32_ps(pair, halves);
+                acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
+            }
+        }
+        c += m;
     }
     for g in 0..G {
         sums[g] = hsum(acc[g]);

@@ -3,6 +3,7 @@
 //! groups of four, unpacks each weight block once for all four (prompts) or streams the rows
 //! once (decode, one token).
 
+use half::f16;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
@@ -86,7 +87,7 @@ pub fn quantize_block_portable(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
 }
 
 /// `Σ_b (scale_b·d_b·⟨q_w, q_a⟩_b + min_b·dsum_b)` over one row of a [`Q4Matrix`].
-pub fn q4_dot_portable(qs: &[u8], scale: &[f32], min: &[f32], a: ActRow<'_>) -> f32 {
+pub fn q4_dot_portable(qs: &[u8], scale: &[f16], min: &[f16], a: ActRow<'_>) -> f32 {
     let mut sum = 0.0f32;
     for b in 0..scale.len() {
         let w = &qs[b * 16..b * 16 + 16];
@@ -95,13 +96,13 @@ pub fn q4_dot_portable(qs: &[u8], scale: &[f32], min: &[f32], a: ActRow<'_>) -> 
         for j in 0..16 {
             isum += (w[j] & 0x0F) as i32 * x[j] as i32 + (w[j] >> 4) as i32 * x[j + 16] as i32;
         }
-        sum += scale[b] * a.d[b] * isum as f32 + min[b] * a.dsum[b];
+        sum += scale[b].to_f32() * a.d[b] * isum as f32 + min[b].to_f32() * a.dsum[b];
     }
     sum
 }
 
 /// `Σ_g scale_g·d_{g/2}·⟨q_w, q_a⟩_g` over one row of a [`Q8Matrix`].
-pub fn q8_dot_portable(qs: &[i8], scale: &[f32], a: ActRow<'_>) -> f32 {
+pub fn q8_dot_portable(qs: &[i8], scale: &[f16], a: ActRow<'_>) -> f32 {
     let mut sum = 0.0f32;
     for g in 0..scale.len() {
         let isum: i32 = qs[g * 16..g * 16 + 16]
@@ -109,7 +110,7 @@ pub fn q8_dot_portable(qs: &[i8], scale: &[f32], a: ActRow<'_>) -> f32 {
             .zip(&a.qs[g * 16..g * 16 + 16])
             .map(|(&w, &x)| w as i32 * x as i32)
             .sum();
-        sum += scale[g] * a.d[g / 2] * isum as f32;
+        sum += scale[g].to_f32() * a.d[g / 2] * isum as f32;
     }
     sum
 }
@@ -149,7 +150,7 @@ pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f3
 }
 
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: shared only with tasks that write disjoint elements, joined before `out` is read.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -158,7 +159,7 @@ unsafe impl Sync for OutPtr {}
 ///
 /// # Safety
 /// `out` must point to `acts.rows × n` floats, and no other thread may write those columns.
-unsafe fn product_rows(
+pub(super) unsafe fn product_rows(
     w: &Unpacked,
     acts: &Q8Acts,
     rows_range: std::ops::Range<usize>,
@@ -210,7 +211,7 @@ fn dot_rows(w: &Unpacked, r: usize, a: &[ActRow<'_>; 4], group: usize, sums: &mu
     }
 }
 
-pub fn q4_row(m: &Q4Matrix, r: usize) -> (&[u8], &[f32], &[f32]) {
+pub fn q4_row(m: &Q4Matrix, r: usize) -> (&[u8], &[f16], &[f16]) {
     let nb = m.k / 32;
     (
         &m.qs[r * nb * 16..(r + 1) * nb * 16],
@@ -219,7 +220,7 @@ pub fn q4_row(m: &Q4Matrix, r: usize) -> (&[u8], &[f32], &[f32]) {
     )
 }
 
-pub fn q8_row(m: &Q8Matrix, r: usize) -> (&[i8], &[f32]) {
+pub fn q8_row(m: &Q8Matrix, r: usize) -> (&[i8], &[f16]) {
     let ng = m.k / 16;
     (
         &m.qs[r * m.k..(r + 1) * m.k],

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Tensor};
+use half::f16;
 use rayon::ThreadPool;
 use thiserror::Error;
 
@@ -36,7 +37,7 @@ pub enum QuantError {
     Shape(String),
 }
 
-/// 4-bit weights, `n` rows of `k`. Row `r`'s block `b` (elements `32b..32b+32`) is
+/// 4-bit weights, `n` rows of `k` (scales in f16, as GGML keeps them: see [`unpack`]). Row `r`'s block `b` (elements `32b..32b+32`) is
 /// `qs[(r·k/32 + b)·16 ..][..16]`: byte `j` holds element `j` in its low nibble and element
 /// `j + 16` in its high nibble (GGML's Q4_0 order), with `scale` and `min` at the same index.
 #[derive(Debug, Clone)]
@@ -44,8 +45,8 @@ pub struct Q4Matrix {
     pub n: usize,
     pub k: usize,
     pub qs: Vec<u8>,
-    pub scale: Vec<f32>,
-    pub min: Vec<f32>,
+    pub scale: Vec<f16>,
+    pub min: Vec<f16>,
 }
 
 impl Q4Matrix {
@@ -54,8 +55,8 @@ impl Q4Matrix {
             n,
             k,
             qs: vec![0; n * k / 2],
-            scale: vec![0.0; n * k / 32],
-            min: vec![0.0; n * k / 32],
+            scale: vec![f16::ZERO; n * k / 32],
+            min: vec![f16::ZERO; n * k / 32],
         }
     }
 }
@@ -66,7 +67,7 @@ pub struct Q8Matrix {
     pub n: usize,
     pub k: usize,
     pub qs: Vec<i8>,
-    pub scale: Vec<f32>,
+    pub scale: Vec<f16>,
 }
 
 impl Q8Matrix {
@@ -75,7 +76,7 @@ impl Q8Matrix {
             n,
             k,
             qs: vec![0; n * k],
-            scale: vec![0.0; n * k / 16],
+            scale: vec![f16::ZERO; n * k / 16],
         }
     }
 }
@@ -129,11 +130,11 @@ impl Unpacked {
                     let (b, j) = (i / 32, i % 32);
                     let byte = m.qs[b * 16 + j % 16];
                     let q = if j < 16 { byte & 0x0F } else { byte >> 4 };
-                    m.scale[b] * q as f32 + m.min[b]
+                    m.scale[b].to_f32() * q as f32 + m.min[b].to_f32()
                 })
                 .collect(),
             Unpacked::Q8(m) => (0..m.n * m.k)
-                .map(|i| m.scale[i / 16] * m.qs[i] as f32)
+                .map(|i| m.scale[i / 16].to_f32() * m.qs[i] as f32)
                 .collect(),
         }
     }

@@ -2,7 +2,10 @@
 //! portable code that runs once per weight at load time; the layouts are described on
 //! [`Q4Matrix`] and [`Q8Matrix`].
 //!
-//! Every format maps exactly (f16 scales widened to f32, products taken in f32 as ggml does):
+//! Scales are kept in f16, as GGML stores them, because decoding a token reads every weight
+//! once and memory bandwidth is what limits it. Q4_0, Q4_1 and Q8_0 map exactly; for the K
+//! formats the product of the super-block scale and the 6- or 8-bit sub-scale is rounded to
+//! f16 (relative error ≤ 2⁻¹¹, a tenth of what 8-bit activations already introduce):
 //! - Q4_0: `x = d·(q − 8)` → scale `d`, min `−8d`;
 //! - Q4_1: `x = d·q + m` → scale `d`, min `m`;
 //! - Q4_K: per 32-element sub-block `x = d·sc·q − dmin·m` → scale `d·sc`, min `−dmin·m`;
@@ -59,14 +62,14 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
                 match dtype {
                     GgmlDType::Q4_0 => {
                         let d = f16_at(b, 0);
-                        m.scale[sub] = d;
-                        m.min[sub] = -8.0 * d;
+                        m.scale[sub] = f16::from_f32(d);
+                        m.min[sub] = f16::from_f32(-8.0 * d);
                         m.qs[sub * 16..sub * 16 + 16].copy_from_slice(&b[2..18]);
                         sub += 1;
                     }
                     GgmlDType::Q4_1 => {
-                        m.scale[sub] = f16_at(b, 0);
-                        m.min[sub] = f16_at(b, 2);
+                        m.scale[sub] = f16::from_f32(f16_at(b, 0));
+                        m.min[sub] = f16::from_f32(f16_at(b, 2));
                         m.qs[sub * 16..sub * 16 + 16].copy_from_slice(&b[4..20]);
                         sub += 1;
                     }
@@ -78,8 +81,8 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
                             let q = &qs[group * 32..group * 32 + 32];
                             for half in 0..2 {
                                 let (sc, mn) = q4k_scale_min(2 * group + half, scales);
-                                m.scale[sub] = d * sc as f32;
-                                m.min[sub] = -(dmin * mn as f32);
+                                m.scale[sub] = f16::from_f32(d * sc as f32);
+                                m.min[sub] = f16::from_f32(-(dmin * mn as f32));
                                 let nibble = |l: usize| (q[l] >> (4 * half)) & 0x0F;
                                 for j in 0..16 {
                                     m.qs[sub * 16 + j] = nibble(j) | (nibble(j + 16) << 4);
@@ -98,8 +101,8 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
             for b in blocks {
                 if dtype == GgmlDType::Q8_0 {
                     let d = f16_at(b, 0);
-                    m.scale[group] = d;
-                    m.scale[group + 1] = d;
+                    m.scale[group] = f16::from_f32(d);
+                    m.scale[group + 1] = f16::from_f32(d);
                     for (dst, &src) in m.qs[group * 16..group * 16 + 32].iter_mut().zip(&b[2..34]) {
                         *dst = src as i8;
                     }
@@ -126,7 +129,7 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
                     }
                 }
                 for (g, &s) in sc.iter().enumerate() {
-                    m.scale[group + g] = d * (s as i8) as f32;
+                    m.scale[group + g] = f16::from_f32(d * (s as i8) as f32);
                 }
                 group += 16;
             }
