@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+import llama_cpp
 import numpy as np
 from llama_cpp import Llama
 
@@ -24,7 +25,16 @@ args = parser.parse_args()
 
 llm = Llama(model_path=args.model, n_ctx=args.ctx, n_threads=args.threads,
             n_threads_batch=args.threads, n_batch=512, verbose=False, seed=0)
+n_vocab = llm.n_vocab()
 print(json.dumps({"ready": True, "n_threads": args.threads}), flush=True)
+
+
+def greedy():
+    """The argmax of the last evaluated token's logits, read from llama.cpp's own buffer
+    (llama-cpp-python fills `scores` only with logits_all, which would cost every row)."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+    return int(np.argmax(logits))
+
 
 for line in sys.stdin:
     req = json.loads(line)
@@ -32,10 +42,11 @@ for line in sys.stdin:
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out = [greedy()]
     first = time.perf_counter()
     for _ in range(gen - 1):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([out[-1]])
+        out.append(greedy())
     end = time.perf_counter()
-    print(json.dumps({"ttft_s": first - start, "decode_s": end - first, "tokens": gen}), flush=True)
+    print(json.dumps({"ttft_s": first - start, "decode_s": end - first, "tokens": gen,
+                      "first_tokens": out[:8]}), flush=True)
