@@ -29,6 +29,8 @@ pub enum ModelError {
     Unsupported(String),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
 }
 
 /// The candle device for a `--device` value: `cpu` or `cuda:N`.

@@ -288,36 +288,37 @@ impl Weights<'_> {
         tensors: Vec<candle_core::quantized::QTensor>,
     ) -> Result<Linear, ModelError> {
         let pool = match self {
-            Weights::Gguf { pool: Some(p), .. } => p.clone(),
+            Weights::Gguf { pool: Some(p), .. } => Some(p.clone()),
+            _ => None,
+        };
+        let all_supported = tensors.iter().all(|t| unpack::supported(t.dtype()));
+        let pool = match pool {
+            Some(pool) if all_supported => pool,
             _ => {
+                if pool.is_some() {
+                    let kinds: Vec<_> =
+                        tensors.iter().map(|t| format!("{:?}", t.dtype())).collect();
+                    tracing::debug!(formats = ?kinds, "no idlerig kernel for this format; using candle's");
+                }
                 return Ok(Linear::Candle(
                     tensors
                         .into_iter()
                         .map(QMatMul::from_qtensor)
                         .collect::<Result<_, _>>()?,
-                ))
+                ));
             }
         };
-        if !tensors.iter().all(|t| unpack::supported(t.dtype())) {
-            let kinds: Vec<_> = tensors.iter().map(|t| format!("{:?}", t.dtype())).collect();
-            tracing::debug!(formats = ?kinds, "no idlerig kernel for this format; using candle's");
-            return Ok(Linear::Candle(
-                tensors
-                    .into_iter()
-                    .map(QMatMul::from_qtensor)
-                    .collect::<Result<_, _>>()?,
-            ));
-        }
         let parts = tensors
             .iter()
             .map(|t| {
                 let (n, k) = t.shape().dims2()?;
-                unpack::unpack(t.dtype(), &t.data()?, n, k)
-                    .map_err(|e| ModelError::Unsupported(e.to_string()))
+                Ok(unpack::unpack(t.dtype(), &t.data()?, n, k)?)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
-        let w = Unpacked::stack(parts).map_err(|e| ModelError::Unsupported(e.to_string()))?;
-        Ok(Linear::Packed { w, pool })
+        Ok(Linear::Packed {
+            w: Unpacked::stack(parts)?,
+            pool,
+        })
     }
 
     /// A vector (norm weights), in f32.

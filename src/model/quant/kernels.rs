@@ -30,18 +30,22 @@ impl Q8Acts {
             d: vec![0.0; blocks],
             dsum: vec![0.0; blocks],
         };
+        let simd = simd_available();
         for b in 0..blocks {
             let src = &x[b * 32..b * 32 + 32];
             let dst = &mut acts.qs[b * 32..b * 32 + 32];
             #[cfg(target_arch = "x86_64")]
-            let (d, sum) = if super::avx2::available() {
+            let (d, sum) = if simd {
                 // SAFETY: AVX2 and FMA were detected at run time; both slices hold 32 values.
                 unsafe { super::avx2::quantize_block(src, dst) }
             } else {
                 quantize_block_portable(src, dst)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum) = quantize_block_portable(src, dst);
+            let (d, sum) = {
+                let _ = simd;
+                quantize_block_portable(src, dst)
+            };
             // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and
             // so do we: this model is sensitive enough that the extra precision alone moves
             // logits by tenths and flips greedy near-ties against llama.cpp's reference.
@@ -59,6 +63,14 @@ impl Q8Acts {
             dsum: &self.dsum[r * nb..(r + 1) * nb],
         }
     }
+}
+
+/// Whether the AVX2/FMA/F16C kernels run here; asked once per product, not per row.
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// One token's quantized activations.
@@ -130,27 +142,23 @@ pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f3
     } else {
         (n / (threads * 4)).max(16).next_multiple_of(8).min(n)
     };
-    let task = |start: usize| {
+    let simd = simd_available();
+    let task = |chunk: usize| {
+        let start = chunk * run;
         let end = (start + run).min(n);
         // SAFETY: tasks write disjoint columns `start..end` of `out`, which outlives them.
-        unsafe { product_rows(w, &acts, start..end, out_ptr, n) };
+        unsafe { product_rows(w, &acts, start..end, out_ptr, n, simd) };
     };
     if run == n {
         task(0);
     } else {
-        pool.install(|| {
-            (0..n)
-                .step_by(run)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each(task)
-        });
+        pool.install(|| (0..n.div_ceil(run)).into_par_iter().for_each(task));
     }
     out
 }
 
 #[derive(Clone, Copy)]
-pub(super) struct OutPtr(pub(super) *mut f32);
+struct OutPtr(*mut f32);
 // SAFETY: shared only with tasks that write disjoint elements, joined before `out` is read.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
@@ -158,13 +166,15 @@ unsafe impl Sync for OutPtr {}
 /// Fills `out[t·n + r]` for every token `t` and weight row `r` in `rows_range`.
 ///
 /// # Safety
-/// `out` must point to `acts.rows × n` floats, and no other thread may write those columns.
-pub(super) unsafe fn product_rows(
+/// `out` must point to `acts.rows × n` floats, and no other thread may write those columns;
+/// `simd` only where [`simd_available`] said so.
+unsafe fn product_rows(
     w: &Unpacked,
     acts: &Q8Acts,
     rows_range: std::ops::Range<usize>,
     out: OutPtr,
     n: usize,
+    simd: bool,
 ) {
     let mut t = 0;
     while t < acts.rows {
@@ -172,7 +182,7 @@ pub(super) unsafe fn product_rows(
         let a: [ActRow<'_>; 4] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
         for r in rows_range.clone() {
             let mut sums = [0.0f32; 4];
-            dot_rows(w, r, &a, group, &mut sums);
+            dot_rows(w, r, &a, group, &mut sums, simd);
             for (i, s) in sums.iter().take(group).enumerate() {
                 *out.0.add((t + i) * n + r) = *s;
             }
@@ -182,14 +192,24 @@ pub(super) unsafe fn product_rows(
 }
 
 /// Dots of weight row `r` with the first `group` activation rows of `a`.
-fn dot_rows(w: &Unpacked, r: usize, a: &[ActRow<'_>; 4], group: usize, sums: &mut [f32; 4]) {
+///
+/// # Safety
+/// `simd` only where [`simd_available`] said so.
+unsafe fn dot_rows(
+    w: &Unpacked,
+    r: usize,
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+    simd: bool,
+) {
     match w {
         Unpacked::Q4(m) => {
             let (qs, scale, min) = q4_row(m, r);
             #[cfg(target_arch = "x86_64")]
-            if super::avx2::available() {
-                // SAFETY: AVX2 and FMA were detected at run time; slices come from one row.
-                unsafe { super::avx2::q4_dots(qs, scale, min, a, group, sums) };
+            if simd {
+                // SAFETY: the CPU has the features (caller's contract); slices are one row's.
+                super::avx2::q4_dots(qs, scale, min, a, group, sums);
                 return;
             }
             for i in 0..group {
@@ -199,9 +219,9 @@ fn dot_rows(w: &Unpacked, r: usize, a: &[ActRow<'_>; 4], group: usize, sums: &mu
         Unpacked::Q8(m) => {
             let (qs, scale) = q8_row(m, r);
             #[cfg(target_arch = "x86_64")]
-            if super::avx2::available() {
+            if simd {
                 // SAFETY: as above.
-                unsafe { super::avx2::q8_dots(qs, scale, a, group, sums) };
+                super::avx2::q8_dots(qs, scale, a, group, sums);
                 return;
             }
             for i in 0..group {

@@ -149,20 +149,6 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// Width of the output.
-    pub fn out_features(&self) -> usize {
-        match self {
-            Linear::Packed { w, .. } => w.rows(),
-            Linear::Candle(parts) => parts
-                .iter()
-                .map(|p| match p {
-                    QMatMul::QTensor(t) => t.shape().dims()[0],
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-                })
-                .sum(),
-        }
-    }
-
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Packed { w, pool } => x.contiguous()?.apply_op1_no_bwd(&PackedMatmulOp {
