@@ -21,3 +21,4 @@ pub mod mining;
 pub mod model;
 pub mod server;
 pub mod stratum;
+pub mod telemetry;

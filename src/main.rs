@@ -2,15 +2,37 @@
 //! The only place that uses `anyhow`.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::sync::watch;
 
 use idlerig::config::{BenchCommand, Cli, Command, LogFormat, MineArgs, ServeArgs};
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // A --config file becomes IDLERIG_* variables (those not already set) before parsing, so
+    // flags win over the environment, and the environment over the file.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = idlerig::config::apply_config_file(&argv, &Cli::command()) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    // Built after the file is applied: clap reads each flag's variable when it builds.
+    let command = Cli::command();
+    let matches = command.clone().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let log_format = match &cli.command {
         Command::Serve(a) => a.log_format,
+        Command::Config(args) => {
+            let (_, sub) = matches.subcommand().expect("a subcommand was parsed");
+            let config = command
+                .find_subcommand("config")
+                .expect("the CLI has a config command");
+            if !args.print {
+                eprintln!("`idlerig config` needs --print (see `idlerig config --help`)");
+                std::process::exit(2);
+            }
+            print!("{}", idlerig::config::effective_config_toml(config, sub));
+            return Ok(());
+        }
         Command::Bench(_) | Command::Mine(_) => LogFormat::Text,
     };
     init_logging(log_format);
@@ -28,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Config(_) => Ok(()),
             Command::Mine(args) => mine(args).await,
             Command::Bench(bench) => {
                 // Every benchmark prints one JSON line of figures.
@@ -98,8 +121,8 @@ async fn mine(args: MineArgs) -> anyhow::Result<()> {
             }
         }
     }
-    miner.preempt_flag().raise();
-    let _ = stop_tx.send(true);
+    // Stops the workers, submits what they found, and closes the pool session.
+    idlerig::server::stop_mining(stack, stop_tx).await;
     tracing::info!(
         accepted = stats.accepted(),
         rejected = stats.rejected.load(Relaxed),

@@ -10,15 +10,16 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, AppState, LoadState};
+use crate::api::{self, ApiKeys, AppState, LoadState};
 use crate::arbiter::{spawn_arbiter, ArbiterParts, DeviceGate, PolicyConfig};
 use crate::config::{MineDevice, PoolArgs, ServeArgs};
-use crate::engine::load_model;
+use crate::engine::load_model_reporting;
 use crate::mining::{CpuMiner, CpuMinerConfig, PreemptFlag};
 use crate::model::device_from_name;
 use crate::stratum::client::{run_client, ClientConfig, ClientStats};
 use crate::stratum::pool::{start_pool, PoolConfig, PoolHandle};
 use crate::stratum::{PoolUrl, StratumError};
+use crate::telemetry::{spawn_telemetry, LiveSources, Metrics, TelemetryParts, TelemetrySnapshot};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -30,6 +31,8 @@ pub enum ServerError {
     Stratum(#[from] StratumError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// The miner, its pool connection and (without `--pool`) the embedded pool.
@@ -39,6 +42,8 @@ pub struct MiningStack {
     pub local_pool: Option<PoolHandle>,
     /// The pool in use, for logs and status (never the password).
     pub label: String,
+    /// The Stratum client; it ends after the pool stop signal, once the last shares are in.
+    pub client_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the embedded pool when `pool.pools` is empty, then the CPU miner (idle until the
@@ -86,7 +91,7 @@ pub async fn start_mining(
         share_tx,
     ));
     let client = Arc::new(ClientStats::default());
-    tokio::spawn(run_client(
+    let client_task = tokio::spawn(run_client(
         ClientConfig::new(pools, &pool.user, &pool.password),
         miner.clone(),
         share_rx,
@@ -98,6 +103,7 @@ pub async fn start_mining(
         client,
         local_pool,
         label,
+        client_task,
     })
 }
 
@@ -114,11 +120,11 @@ pub struct RunningServer {
     pub mining_switch: Option<watch::Sender<bool>>,
     /// The miner, for hash counts (`None` when mining is disabled).
     pub miner: Option<Arc<CpuMiner>>,
-    /// Ends with the HTTP server.
+    /// Ends after the HTTP server has drained and the miner and pool session have stopped.
     pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
-/// Runs `idlerig serve` on `listener` until `shutdown` completes.
+/// Runs `idlerig serve` on `listener` until `shutdown` completes, then shuts down cleanly.
 pub async fn serve(
     args: ServeArgs,
     listener: TcpListener,
@@ -132,7 +138,11 @@ pub async fn serve(
 }
 
 /// Starts everything `idlerig serve` runs and returns at once; the model loads in the
-/// background (`/health` says when it is ready).
+/// background (`/health` says when it is ready, and how far it has got).
+///
+/// When `shutdown` completes: new requests get 503, those in flight get the grace period,
+/// then the arbiter stops, the miner is pre-empted, the shares it found are submitted and
+/// answered, and the pool session closes.
 pub async fn start(
     args: ServeArgs,
     listener: TcpListener,
@@ -143,16 +153,25 @@ pub async fn start(
         return Err(ServerError::ModelMissing(path.display().to_string()));
     }
     let device = device_from_name(&args.model.device)?;
-    let model_id = crate::model::ModelFiles::open(&path)?.model_id();
-    let (load_tx, load_rx) = watch::channel(LoadState::Loading);
+    let files = crate::model::ModelFiles::open(&path)?;
+    let (model_id, context_length) = (files.model_id(), files.config().context_length);
+    let keys = ApiKeys::new(args.access.keys().map_err(ServerError::Config)?);
+    warn_if_exposed(&args, &keys);
+    let (load_tx, load_rx) = watch::channel(LoadState::Loading(0.0));
     let (engine_tx, engine_rx) = watch::channel(None);
-    let mut state = AppState::new(model_id.clone(), load_rx, args.api_limits());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut state = AppState::new(model_id.clone(), load_rx, args.api_limits())
+        .with_keys(keys, args.access.metrics_require_key);
+    // The arbiter stops first at shutdown, the pool session last (after the last shares).
+    let (arbiter_stop_tx, arbiter_stop) = watch::channel(false);
+    let (pool_stop_tx, pool_stop) = watch::channel(false);
+    let (snapshot_tx, snapshot_rx) = watch::channel(TelemetrySnapshot::default());
 
     // Mining, when enabled: its failure to start is logged, and serving goes on without it.
-    let (mut mining, mut mining_switch) = (None, None);
+    let (mut mining, mut mining_switch, mut arbiter_status) = (None, None, None);
+    let mut profit = None;
+    let preempt_latency = crate::telemetry::prometheus::preempt_latency_histogram();
     if let Some(threads) = mining_threads(&args) {
-        match start_mining(&args.pool, threads, stop_rx.clone()).await {
+        match start_mining(&args.pool, threads, pool_stop.clone()).await {
             Ok(stack) => {
                 let gate = Arc::new(DeviceGate::new(stack.miner.preempt_flag().clone()));
                 let policy = PolicyConfig {
@@ -162,18 +181,25 @@ pub async fn start(
                     ..PolicyConfig::default()
                 };
                 let (switch, enabled) = watch::channel(true);
+                let (profit_tx, profitable) = watch::channel(true);
+                let local = stack.local_pool.is_some();
+                let when = args.earnings.mine_when(local);
+                profit = Some((args.earnings.inputs(threads, !local), when, profit_tx));
                 let parts = ArbiterParts {
                     gate: gate.clone(),
-                    engine: engine_rx,
+                    engine: engine_rx.clone(),
                     miner: stack.miner.clone(),
                     pool: stack.client.clone(),
                     pool_label: stack.label.clone(),
-                    local_pool: stack.local_pool.is_some(),
+                    local_pool: local,
                     enabled,
+                    profitable,
+                    preempt_latency: Some(preempt_latency.clone()),
                 };
-                let status = spawn_arbiter(parts, policy, stop_rx.clone());
+                let status = spawn_arbiter(parts, policy, arbiter_stop.clone());
+                arbiter_status = Some(status.clone());
                 state = state.with_arbiter(gate, status);
-                tracing::info!(threads, pool = %stack.label, grace_ms = args.idle_grace_ms, "mining in the gaps between requests");
+                tracing::info!(threads, pool = %stack.label, grace_ms = args.idle_grace_ms, mine_when = ?when, "mining in the gaps between requests");
                 mining_switch = Some(switch);
                 mining = Some(stack);
             }
@@ -181,28 +207,61 @@ pub async fn start(
         }
     }
 
-    let engine_cfg = args.model.engine_config();
+    let metrics = Arc::new(Metrics::new(
+        &model_id,
+        context_length,
+        LiveSources {
+            engine: engine_rx.clone(),
+            arbiter: arbiter_status.clone(),
+            snapshot: snapshot_rx.clone(),
+            kv_capacity_tokens: args.model.max_running.max(1) * context_length,
+        },
+        preempt_latency,
+    ));
+    let telemetry = spawn_telemetry(
+        TelemetryParts {
+            requests: metrics.requests.clone(),
+            engine: engine_rx,
+            arbiter: arbiter_status,
+            mining: profit,
+            history_interval: std::time::Duration::from_millis(args.history_interval_ms.max(10)),
+        },
+        snapshot_tx,
+        arbiter_stop.clone(),
+    );
+    state = state.with_telemetry(telemetry.clone(), metrics, snapshot_rx);
+
+    let mut engine_cfg = args.model.engine_config();
+    engine_cfg.telemetry = Some(telemetry);
     tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        match load_model(&path, &device, engine_cfg) {
-            Ok(m) => {
-                tracing::info!(model = %m.id, context = m.context_length, secs = started.elapsed().as_secs_f32(), "model loaded");
-                let _ = engine_tx.send(Some(m.stats.clone()));
-                let _ = load_tx.send(LoadState::Ready(Arc::new(m)));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "model failed to load");
-                let _ = load_tx.send(LoadState::Failed(e.to_string()));
-            }
-        }
+        load_in_background(path, device, engine_cfg, load_tx, engine_tx)
     });
     let addr = listener.local_addr()?;
     tracing::info!(%addr, model = %model_id, "idlerig listening; /health turns 200 once the model is loaded");
     let miner = mining.as_ref().map(|m: &MiningStack| m.miner.clone());
+    let lifecycle = state.lifecycle();
+    let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.clamp(0.0, 86_400.0));
+    let drained = async move {
+        shutdown.await;
+        tracing::info!(
+            in_flight = lifecycle.in_flight(),
+            grace_s = grace.as_secs_f64(),
+            "shutting down: refusing new requests, finishing those in flight"
+        );
+        let cancelled = lifecycle.drain(grace).await;
+        if cancelled > 0 {
+            tracing::warn!(
+                cancelled,
+                "grace period over: cancelled the requests still in flight"
+            );
+        }
+    };
     let task = tokio::spawn(async move {
-        let result = api::serve(listener, state, shutdown).await;
-        let _ = stop_tx.send(true);
-        drop(mining); // stops the embedded pool and, with the last handle, the miner
+        let result = api::serve(listener, state, drained).await;
+        let _ = arbiter_stop_tx.send(true);
+        if let Some(stack) = mining.take() {
+            stop_mining(stack, pool_stop_tx).await;
+        }
         Ok(result?)
     });
     Ok(RunningServer {
@@ -211,6 +270,67 @@ pub async fn start(
         miner,
         task,
     })
+}
+
+/// Loads the model, reporting progress on the terminal (every quarter) and to `/health`.
+fn load_in_background(
+    path: std::path::PathBuf,
+    device: candle_core::Device,
+    cfg: crate::engine::EngineConfig,
+    load_tx: watch::Sender<LoadState>,
+    engine_tx: watch::Sender<Option<Arc<crate::engine::EngineStats>>>,
+) {
+    let started = std::time::Instant::now();
+    let mut logged_quarter = 0;
+    let mut progress = |f: f32| {
+        load_tx.send_replace(LoadState::Loading(f));
+        let quarter = (f * 4.0).floor() as i32;
+        if quarter > logged_quarter {
+            logged_quarter = quarter;
+            tracing::info!(percent = quarter * 25, "loading the model");
+        }
+    };
+    match load_model_reporting(&path, &device, cfg, &mut progress) {
+        Ok(m) => {
+            tracing::info!(model = %m.id, context = m.context_length, secs = started.elapsed().as_secs_f32(), "model loaded");
+            let _ = engine_tx.send(Some(m.stats.clone()));
+            let _ = load_tx.send(LoadState::Ready(Arc::new(m)));
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "model failed to load");
+            let _ = load_tx.send(LoadState::Failed(e.to_string()));
+        }
+    }
+}
+
+/// Pre-empts the miner, waits for its workers to stop (so every share they found is in the
+/// channel), then lets the Stratum client submit those shares and close the session.
+pub async fn stop_mining(stack: MiningStack, pool_stop: watch::Sender<bool>) {
+    stack.miner.preempt_flag().raise();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while stack.miner.active_workers() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let _ = pool_stop.send(true);
+    if tokio::time::timeout(std::time::Duration::from_secs(10), stack.client_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the pool session did not close within 10 s");
+    }
+    tracing::info!(
+        accepted = stack.client.accepted(),
+        "miner stopped and pool session closed"
+    );
+}
+
+/// Binding beyond loopback without a key opens the API (and the device) to the network.
+fn warn_if_exposed(args: &ServeArgs, keys: &ApiKeys) {
+    if !args.host.is_loopback() && keys.is_empty() {
+        tracing::warn!(host = %args.host, "listening beyond loopback WITHOUT an API key: anyone who can reach this port can use the model; set --api-key or --api-key-file");
+    } else if !keys.is_empty() {
+        tracing::info!(keys = keys.len(), "API keys required on /v1/*");
+    }
 }
 
 /// CPU threads to mine with, or `None` when mining is off.

@@ -54,7 +54,8 @@ fn assert_error(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_503_until_the_model_is_loaded() {
-    let srv = spawn_app(LoadState::Loading, ApiLimits::default()).await;
+    let srv = spawn_app(LoadState::Loading(0.0), ApiLimits::default()).await;
+    srv.load.send(LoadState::Loading(0.4)).unwrap();
     let res = srv
         .client
         .get(format!("{}/health", srv.base))
@@ -62,6 +63,12 @@ async fn health_is_503_until_the_model_is_loaded() {
         .await
         .unwrap();
     assert_eq!(res.status().as_u16(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "loading");
+    assert!(
+        (body["progress"].as_f64().unwrap() - 0.4).abs() < 1e-6,
+        "{body}"
+    );
     let (status, body) = srv.post("/v1/chat/completions", chat("hi")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "model_loading");

@@ -142,6 +142,7 @@ async fn model_agrees_with_llama_cpp() {
                 ..Default::default()
             },
             ignore_eos: true,
+            request_id: String::new(),
         };
         let mut events = served.backend.submit(request).unwrap();
         let mut got_text = String::new();

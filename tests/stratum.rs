@@ -229,3 +229,50 @@ async fn vardiff_raises_an_easy_difficulty() {
     accepted_more(&rig, 2, "a vardiff change").await;
     assert_clean(&rig);
 }
+
+/// At shutdown a share the miner found just before it stopped is submitted, and the client
+/// waits for the pool's answer before it closes the session. One thread: the share and the
+/// stop signal are both waiting when the client task next runs, whichever it looks at first.
+#[tokio::test(flavor = "current_thread")]
+async fn a_share_pending_at_shutdown_is_submitted_and_answered() {
+    let pool = pool_with(0.002).await;
+    let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
+    let miner = Arc::new(CpuMiner::start(
+        CpuMinerConfig {
+            threads: 2,
+            record_ranges: false,
+        },
+        PreemptFlag::default(),
+        found_tx,
+    ));
+    miner.resume();
+    let (client_tx, client_rx) = tokio::sync::mpsc::unbounded_channel();
+    let stats = Arc::new(ClientStats::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let cfg = ClientConfig::new(vec![local(&pool)], "test.worker", "x");
+    let client = tokio::spawn(run_client(
+        cfg,
+        miner.clone(),
+        client_rx,
+        stats.clone(),
+        stop_rx,
+    ));
+    let share = tokio::time::timeout(Duration::from_secs(60), found.recv())
+        .await
+        .expect("the miner finds a share")
+        .unwrap();
+    miner.preempt_flag().raise();
+    // No await between the two: the client sees both at once.
+    client_tx.send(share).unwrap();
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), client)
+        .await
+        .expect("the client closes within 10 s")
+        .unwrap();
+    assert_eq!(
+        stats.submitted.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(stats.accepted(), 1, "the answer was awaited before closing");
+    assert_eq!(pool.stats.accepted(), 1);
+}

@@ -101,6 +101,35 @@ impl ApiError {
         }
     }
 
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .with_code("invalid_api_key")
+    }
+
+    pub fn shutting_down() -> Self {
+        Self {
+            retry_after_s: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the server is shutting down and accepts no new requests",
+            )
+        }
+        .with_code("shutting_down")
+    }
+
+    pub fn timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            format!(
+                "the request took longer than the server's limit of {} s and was cancelled",
+                limit.as_secs_f64()
+            ),
+        )
+        .with_code("timeout")
+    }
+
     /// A server-side failure: `detail` is logged, the client sees a generic message.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error while serving a request");
@@ -123,6 +152,10 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after_s {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         res
     }

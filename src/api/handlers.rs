@@ -1,22 +1,25 @@
 //! Request handlers: parse the body, validate, submit to the engine, and answer either as one
 //! JSON document or as a stream of server-sent events.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::engine::{FinishReason, SeqEvent, TokenLogprob};
+use crate::engine::{FinishReason, SeqEvent, ServedModel, TokenLogprob, ValidRequest};
 
+use super::context::RequestId;
 use super::error::ApiError;
-use super::stream::{sse_response, Endpoint};
-use super::validate::{validate_chat, validate_completion, ResponsePlan};
+use super::lifecycle::{InFlight, Watchdog};
+use super::stream::{sse_response, Endpoint, StreamGuards};
+use super::timing::RequestTimer;
+use super::validate::{validate_chat, validate_completion, ApiLimits, ResponsePlan};
 use super::wire::{chat_logprob_entry, completion_logprobs, ChatRequest, CompletionRequest, Usage};
 use super::AppState;
 
@@ -53,48 +56,96 @@ fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    // Held until the request is in the engine's hands; from then on the engine's busy flag
-    // keeps the miner off.
-    let _admitted = state.admit();
-    let v = parse_json(body, state.limits.max_body_bytes)?;
-    let req = ChatRequest {
-        common: fields(&v)?,
-        chat: fields(&v)?,
+    let parse = |v: &Value| {
+        Ok(ChatRequest {
+            common: fields(v)?,
+            chat: fields(v)?,
+        })
     };
-    let model = state.ready_model()?;
-    let (valid, plan) = validate_chat(req, &model, &state.limits)?;
-    let n = valid.n;
-    let events = model.backend.submit(valid)?;
-    if plan.stream {
-        return Ok(sse_response(Endpoint::Chat, plan, n, events));
-    }
-    let choices = collect(events, n).await?;
-    Ok(Json(chat_body(&plan, &choices)).into_response())
+    answer(state, id, body, Endpoint::Chat, parse, validate_chat).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let parse = |v: &Value| {
+        Ok(CompletionRequest {
+            common: fields(v)?,
+            completion: fields(v)?,
+        })
+    };
+    answer(
+        state,
+        id,
+        body,
+        Endpoint::Completion,
+        parse,
+        validate_completion,
+    )
+    .await
+}
+
+/// Admits, parses, validates and answers one generation request.
+async fn answer<R>(
+    state: AppState,
+    id: RequestId,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+    parse: impl FnOnce(&Value) -> Result<R, ApiError>,
+    validate: impl FnOnce(R, &ServedModel, &ApiLimits) -> Result<(ValidRequest, ResponsePlan), ApiError>,
+) -> Result<Response, ApiError> {
+    let at = Instant::now();
+    let in_flight = state.lifecycle.enter()?;
     // Held until the request is in the engine's hands; from then on the engine's busy flag
     // keeps the miner off.
     let _admitted = state.admit();
     let v = parse_json(body, state.limits.max_body_bytes)?;
-    let req = CompletionRequest {
-        common: fields(&v)?,
-        completion: fields(&v)?,
-    };
+    let req = parse(&v)?;
     let model = state.ready_model()?;
-    let (valid, plan) = validate_completion(req, &model, &state.limits)?;
+    let request = validate(req, &model, &state.limits)?;
+    let started = Started { id, at, in_flight };
+    generate(&state, &model, endpoint, request, started).await
+}
+
+/// A request from its arrival: its id, when it came, and its place among those in flight.
+struct Started {
+    id: RequestId,
+    at: Instant,
+    in_flight: InFlight,
+}
+
+/// Submits a validated request and answers it, streamed or whole.
+async fn generate(
+    state: &AppState,
+    model: &ServedModel,
+    endpoint: Endpoint,
+    (mut valid, plan): (ValidRequest, ResponsePlan),
+    started: Started,
+) -> Result<Response, ApiError> {
+    valid.request_id = started.id.0.to_string();
     let n = valid.n;
+    let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens);
+    let mut watchdog = state.watchdog(started.at);
     let events = model.backend.submit(valid)?;
     if plan.stream {
-        return Ok(sse_response(Endpoint::Completion, plan, n, events));
+        let guards = StreamGuards {
+            timer,
+            watchdog,
+            _in_flight: started.in_flight,
+        };
+        return Ok(sse_response(endpoint, plan, n, events, guards));
     }
-    let choices = collect(events, n).await?;
-    Ok(Json(completion_body(&plan, &choices)).into_response())
+    let choices = collect(events, n, &mut timer, &mut watchdog).await?;
+    let body = match endpoint {
+        Endpoint::Chat => chat_body(&plan, &choices),
+        Endpoint::Completion => completion_body(&plan, &choices),
+    };
+    Ok(Json(body).into_response())
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
@@ -109,9 +160,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
         super::LoadState::Ready(_) => {
             (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
         }
-        super::LoadState::Loading => (
+        super::LoadState::Loading(progress) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
+            Json(json!({"status": "loading", "progress": (progress * 100.0).round() / 100.0})),
         )
             .into_response(),
         super::LoadState::Failed(e) => (
@@ -137,7 +188,36 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         Some(rx) => serde_json::to_value(&*rx.borrow()).unwrap_or(Value::Null),
         None => json!({"mining_enabled": false}),
     };
-    Json(json!({ "model": state.model_id, "engine": engine, "mining": mining }))
+    let telemetry = state
+        .snapshot
+        .as_ref()
+        .map(|rx| serde_json::to_value(&*rx.borrow()).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    Json(json!({
+        "model": state.model_id,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": now_unix().saturating_sub(state.started_at),
+        "draining": state.lifecycle.is_draining(),
+        "requests_in_flight": state.lifecycle.in_flight(),
+        "engine": engine,
+        "mining": mining,
+        "telemetry": telemetry,
+    }))
+}
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(m) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::telemetry::prometheus::CONTENT_TYPE,
+            )],
+            m.encode(),
+        )
+            .into_response(),
+        None => ApiError::not_found("metrics are not enabled on this server").into_response(),
+    }
 }
 
 pub async fn not_found() -> ApiError {
@@ -162,11 +242,20 @@ pub(crate) struct CollectedChoice {
 async fn collect(
     mut events: tokio::sync::mpsc::UnboundedReceiver<SeqEvent>,
     n: usize,
+    timer: &mut RequestTimer,
+    watchdog: &mut Watchdog,
 ) -> Result<Vec<CollectedChoice>, ApiError> {
     let mut choices: Vec<CollectedChoice> = (0..n).map(|_| CollectedChoice::default()).collect();
     let mut open = n;
     while open > 0 {
-        match events.recv().await {
+        let event = watchdog
+            .next(&mut events)
+            .await
+            .inspect_err(|_| timer.aborted())?;
+        if let Some(e) = &event {
+            timer.observe(e);
+        }
+        match event {
             Some(SeqEvent::Token {
                 choice,
                 text,

@@ -2,19 +2,29 @@
 //! validated here into an [`engine::ValidRequest`](crate::engine::ValidRequest) and handed to
 //! the model's [`Backend`](crate::engine::Backend); errors leave through [`ApiError`].
 
+mod auth;
+mod context;
+mod dashboard;
 mod error;
 mod handlers;
+mod lifecycle;
 mod stream;
+mod timing;
 mod validate;
 mod wire;
 
+pub use auth::ApiKeys;
+pub use context::{RequestId, REQUEST_ID_HEADER};
 pub use error::ApiError;
+pub use lifecycle::Lifecycle;
 pub use validate::ApiLimits;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
@@ -22,11 +32,13 @@ use tokio::sync::watch;
 
 use crate::arbiter::{AdmissionGuard, ArbiterStatus, DeviceGate};
 use crate::engine::ServedModel;
+use crate::telemetry::{Metrics, Telemetry, TelemetrySnapshot};
 
 /// Where the model is in its life: the server answers `/health` with 503 until `Ready`.
 #[derive(Clone)]
 pub enum LoadState {
-    Loading,
+    /// Loading; the fraction of the weights loaded so far.
+    Loading(f32),
     Ready(Arc<ServedModel>),
     Failed(String),
 }
@@ -41,6 +53,12 @@ pub struct AppState {
     /// The arbiter's fast path: admitting a request pre-empts the miner before any parsing.
     gate: Option<Arc<DeviceGate>>,
     status: Option<watch::Receiver<ArbiterStatus>>,
+    keys: Arc<ApiKeys>,
+    metrics_require_key: bool,
+    lifecycle: Arc<Lifecycle>,
+    telemetry: Option<Telemetry>,
+    metrics: Option<Arc<Metrics>>,
+    snapshot: Option<watch::Receiver<TelemetrySnapshot>>,
 }
 
 impl AppState {
@@ -53,6 +71,12 @@ impl AppState {
             limits: Arc::new(limits),
             gate: None,
             status: None,
+            keys: Arc::default(),
+            metrics_require_key: false,
+            lifecycle: Arc::default(),
+            telemetry: None,
+            metrics: None,
+            snapshot: None,
         }
     }
 
@@ -68,6 +92,31 @@ impl AppState {
         self
     }
 
+    /// Requires one of `keys` on /v1/* (and on /metrics with `metrics_require_key`).
+    pub fn with_keys(mut self, keys: ApiKeys, metrics_require_key: bool) -> Self {
+        self.keys = Arc::new(keys);
+        self.metrics_require_key = metrics_require_key;
+        self
+    }
+
+    /// Reports requests to telemetry, serves `/metrics` and the dashboard's figures.
+    pub fn with_telemetry(
+        mut self,
+        telemetry: Telemetry,
+        metrics: Arc<Metrics>,
+        snapshot: watch::Receiver<TelemetrySnapshot>,
+    ) -> Self {
+        self.telemetry = Some(telemetry);
+        self.metrics = Some(metrics);
+        self.snapshot = Some(snapshot);
+        self
+    }
+
+    /// The admission state, for the shutdown sequence.
+    pub fn lifecycle(&self) -> Arc<Lifecycle> {
+        self.lifecycle.clone()
+    }
+
     fn load_state(&self) -> LoadState {
         self.model.borrow().clone()
     }
@@ -75,7 +124,7 @@ impl AppState {
     fn ready_model(&self) -> Result<Arc<ServedModel>, ApiError> {
         match self.load_state() {
             LoadState::Ready(m) => Ok(m),
-            LoadState::Loading => Err(ApiError::loading()),
+            LoadState::Loading(_) => Err(ApiError::loading()),
             LoadState::Failed(e) => {
                 Err(ApiError::internal(format!("the model failed to load: {e}")))
             }
@@ -86,20 +135,36 @@ impl AppState {
     fn admit(&self) -> Option<AdmissionGuard> {
         self.gate.as_ref().map(|g| g.admit())
     }
+
+    fn watchdog(&self, started: Instant) -> lifecycle::Watchdog {
+        self.lifecycle
+            .watchdog(started, self.limits.request_timeout)
+    }
 }
 
 /// The application's routes, usable without a socket in tests.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
-    Router::new()
+    let keyed = from_fn_with_state(state.clone(), auth::require_key);
+    let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
-        .route("/health", get(handlers::health))
         .route("/v1/status", get(handlers::status))
+        .route_layer(keyed.clone());
+    let mut metrics = Router::new().route("/metrics", get(handlers::metrics));
+    if state.metrics_require_key {
+        metrics = metrics.route_layer(keyed);
+    }
+    Router::new()
+        .merge(api)
+        .merge(metrics)
+        .route("/health", get(handlers::health))
+        .route("/", get(dashboard::page))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn_with_state(state.clone(), context::request_context))
         .with_state(state)
 }
 

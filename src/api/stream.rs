@@ -12,10 +12,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use tracing::Instrument;
+
 use crate::engine::SeqEvent;
 
 use super::error::ApiError;
 use super::handlers::{now_unix, response_id};
+use super::lifecycle::{InFlight, Watchdog};
+use super::timing::RequestTimer;
 use super::validate::ResponsePlan;
 use super::wire::{chat_logprob_entry, completion_logprobs, Usage};
 
@@ -25,14 +29,26 @@ pub enum Endpoint {
     Completion,
 }
 
+/// What a stream holds until it ends: its timings, its deadline, its place among the
+/// requests in flight (the shutdown waits for it).
+pub struct StreamGuards {
+    pub timer: RequestTimer,
+    pub watchdog: Watchdog,
+    pub _in_flight: InFlight,
+}
+
 pub fn sse_response(
     endpoint: Endpoint,
     plan: ResponsePlan,
     n: usize,
     events: mpsc::UnboundedReceiver<SeqEvent>,
+    guards: StreamGuards,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(forward(endpoint, plan, n, events, tx));
+    // The request's span goes with the task, so its log lines keep the request id.
+    tokio::spawn(
+        forward(endpoint, plan, n, events, tx, guards).instrument(tracing::Span::current()),
+    );
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -90,6 +106,7 @@ async fn forward(
     n: usize,
     mut events: mpsc::UnboundedReceiver<SeqEvent>,
     tx: mpsc::Sender<Result<Event, Infallible>>,
+    mut guards: StreamGuards,
 ) {
     let prefix = if endpoint == Endpoint::Chat {
         "chatcmpl"
@@ -121,7 +138,20 @@ async fn forward(
     let mut completion_tokens = 0;
     let mut open = n;
     while open > 0 {
-        let chunk = match events.recv().await {
+        let event = match guards.watchdog.next(&mut events).await {
+            Ok(e) => e,
+            Err(e) => {
+                // Timed out or cancelled by the shutdown: say so, and dropping `events`
+                // cancels the generation.
+                guards.timer.aborted();
+                let _ = send(e.body()).await;
+                return;
+            }
+        };
+        if let Some(e) = &event {
+            guards.timer.observe(e);
+        }
+        let chunk = match event {
             Some(SeqEvent::Token {
                 choice,
                 text,

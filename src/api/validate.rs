@@ -19,6 +19,8 @@ pub struct ApiLimits {
     pub max_tokens: Option<usize>,
     pub max_stop_sequences: usize,
     pub max_top_logprobs: usize,
+    /// Longest a request may take end to end.
+    pub request_timeout: std::time::Duration,
 }
 
 impl Default for ApiLimits {
@@ -29,6 +31,7 @@ impl Default for ApiLimits {
             max_tokens: None,
             max_stop_sequences: 16,
             max_top_logprobs: 20,
+            request_timeout: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -355,6 +358,7 @@ fn common(
             stop,
             params,
             ignore_eos,
+            request_id: String::new(),
         },
         plan,
     ))

@@ -25,8 +25,12 @@ pub struct ArbiterParts {
     /// Shown in the status: the pool's address (never its password) and whether it pays.
     pub pool_label: String,
     pub local_pool: bool,
-    /// Operator's switch: mining allowed at all (benchmarks and profit checks turn it off).
+    /// Operator's switch: mining allowed at all (benchmarks turn it off).
     pub enabled: watch::Receiver<bool>,
+    /// The profit switch (`--mine-when profitable`): false while mining does not pay.
+    pub profitable: watch::Receiver<bool>,
+    /// Where each pre-emption's latency is observed for `/metrics`.
+    pub preempt_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// The arbiter's published figures (`GET /v1/status`).
@@ -95,7 +99,7 @@ pub fn spawn_arbiter(
                 }
             }
             let mut events = Vec::new();
-            state.cfg.mining_enabled = *parts.enabled.borrow();
+            state.cfg.mining_enabled = *parts.enabled.borrow() && *parts.profitable.borrow();
             let seen = parts.gate.admitted();
             if seen != admitted {
                 admitted = seen;
@@ -142,6 +146,9 @@ pub fn spawn_arbiter(
             }
             let fresh = parts.miner.take_preempt_latencies();
             if !fresh.is_empty() {
+                if let Some(h) = &parts.preempt_latency {
+                    fresh.iter().for_each(|&ns| h.observe(ns as f64 * 1e-9));
+                }
                 latencies.extend(fresh.into_iter().map(|ns| ns as f64 / 1000.0));
                 if latencies.len() > 20_000 {
                     latencies.drain(..latencies.len() - 10_000);

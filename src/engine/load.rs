@@ -47,6 +47,16 @@ pub fn load_model(
     device: &Device,
     cfg: EngineConfig,
 ) -> Result<ServedModel, EngineError> {
+    load_model_reporting(path, device, cfg, &mut |_| {})
+}
+
+/// As [`load_model`], telling `progress` the fraction of the weights loaded.
+pub fn load_model_reporting(
+    path: &Path,
+    device: &Device,
+    cfg: EngineConfig,
+    progress: &mut dyn FnMut(f32),
+) -> Result<ServedModel, EngineError> {
     let files = ModelFiles::open(path)?;
     let tokenizer = if files.dir().join("tokenizer.json").exists() {
         TextTokenizer::from_hf_dir(files.dir())?
@@ -79,7 +89,7 @@ pub fn load_model(
         .map(|src| ChatTemplate::new(&src, tokenizer.bos_text(), tokenizer.eos_text()))
         .transpose()?;
     let tokenizer = Arc::new(tokenizer);
-    let model = files.load_llama(device, cfg.model)?;
+    let model = files.load_llama_reporting(device, cfg.model, progress)?;
     let context_length = model.config().context_length;
     let handle = spawn_engine(model, tokenizer.clone(), cfg);
     let stats = handle.stats().clone();

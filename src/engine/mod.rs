@@ -11,7 +11,7 @@ mod tokenizer;
 mod worker;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use load::{load_model, Backend, ServedModel};
+pub use load::{load_model, load_model_reporting, Backend, ServedModel};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingParams};
 pub use stop::{StopMatcher, StopOutcome};
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
@@ -52,6 +52,8 @@ pub struct ValidRequest {
     pub params: SamplingParams,
     /// Generate `max_tokens` tokens even past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The HTTP request's `x-request-id`, for the engine's log lines about it.
+    pub request_id: String,
 }
 
 /// Why a choice ended.
@@ -112,6 +114,8 @@ pub struct EngineStats {
     pub generated_tokens: AtomicU64,
     /// Prompt tokens pre-filled since start.
     pub prefilled_tokens: AtomicU64,
+    /// Tokens held in the running sequences' KV caches.
+    pub kv_tokens: AtomicUsize,
     /// Whether the engine has work (the arbiter's signal that the device is needed).
     pub busy: AtomicBool,
     /// Submitted but not yet taken from the channel by the engine: busy too, so there is no
@@ -135,6 +139,7 @@ impl EngineStats {
 
 pub(crate) struct Submission {
     pub request: ValidRequest,
+    pub submitted_at: std::time::Instant,
     pub events: mpsc::UnboundedSender<SeqEvent>,
 }
 
@@ -157,10 +162,21 @@ impl EngineHandle {
         &self,
         request: ValidRequest,
     ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
+        // The engine drains the channel into its own waiting list at every step, so the
+        // channel alone does not bound the queue: both together are held to the capacity.
+        let queued = self.stats.in_channel.load(Ordering::Acquire)
+            + self.stats.waiting.load(Ordering::Relaxed);
+        if queued >= self.queue_capacity {
+            return Err(EngineError::QueueFull(self.queue_capacity));
+        }
         let (events, rx) = mpsc::unbounded_channel();
         self.stats.in_channel.fetch_add(1, Ordering::AcqRel);
         self.tx
-            .try_send(Submission { request, events })
+            .try_send(Submission {
+                request,
+                submitted_at: std::time::Instant::now(),
+                events,
+            })
             .map_err(|e| {
                 self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
                 match e {

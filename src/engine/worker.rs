@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub step_token_budget: usize,
     /// Threads and kernels for the model's matrix products.
     pub model: crate::model::LoadOptions,
+    /// Where the time each request waited is reported.
+    pub telemetry: Option<crate::telemetry::Telemetry>,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +38,7 @@ impl Default for EngineConfig {
             max_running: 32,
             step_token_budget: 512,
             model: Default::default(),
+            telemetry: None,
         }
     }
 }
@@ -85,6 +88,8 @@ struct Sequence {
     /// The last sampled token: the input of the next decode step.
     last: u32,
     events: mpsc::UnboundedSender<SeqEvent>,
+    /// The HTTP request's id, for log lines.
+    request_id: Arc<str>,
 }
 
 impl Sequence {
@@ -114,6 +119,10 @@ impl Engine {
         self.stats.busy.store(
             !self.running.is_empty() || !self.waiting.is_empty(),
             Ordering::Release,
+        );
+        self.stats.kv_tokens.store(
+            self.running.iter().map(|s| s.cache.len()).sum(),
+            Ordering::Relaxed,
         );
     }
 
@@ -167,7 +176,13 @@ impl Engine {
                 break;
             }
             let sub = self.waiting.pop_front().expect("front exists");
+            let waited = sub.submitted_at.elapsed();
+            if let Some(t) = &self.cfg.telemetry {
+                t.queued(waited.as_secs_f64());
+            }
+            tracing::debug!(request_id = %sub.request.request_id, queued_ms = waited.as_millis() as u64, prompt_tokens = sub.request.prompt.len(), n = sub.request.n, "request admitted to the running batch");
             let prompt = Arc::new(sub.request.prompt);
+            let request_id: Arc<str> = sub.request.request_id.into();
             for choice in 0..sub.request.n {
                 self.running.push(Sequence {
                     choice,
@@ -186,6 +201,7 @@ impl Engine {
                     generated: 0,
                     last: 0,
                     events: sub.events.clone(),
+                    request_id: request_id.clone(),
                 });
             }
         }
@@ -250,7 +266,11 @@ impl Engine {
         {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "forward pass failed; failing the batch");
+                let ids: Vec<&str> = plan
+                    .iter()
+                    .map(|&(i, _)| &*self.running[i].request_id)
+                    .collect();
+                tracing::error!(error = %e, request_ids = ?ids, "forward pass failed; failing the batch");
                 for &(i, _) in &plan {
                     let _ = self.running[i].events.send(SeqEvent::Failed {
                         message: format!("inference failed: {e}"),

@@ -323,13 +323,25 @@ pub struct Llama {
 
 impl Llama {
     /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
-    pub(crate) fn load(mut w: Weights, device: &Device) -> Result<Self, ModelError> {
+    /// `progress` hears the fraction loaded (0–1) after each layer.
+    pub(crate) fn load(
+        mut w: Weights,
+        device: &Device,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self, ModelError> {
         let cfg = w.config().clone();
         let pool = w.pool();
+        // The embeddings and the output head weigh about as much as a few layers.
+        let steps = cfg.num_layers as f32 + 4.0;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(&mut w, i, &cfg))
+            .map(|i| {
+                let layer = DecoderLayer::load(&mut w, i, &cfg);
+                progress((i + 1) as f32 / steps);
+                layer
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (embed, lm_head) = w.embeddings()?;
+        progress(1.0);
         Ok(Self {
             rope: RotaryEmbedding::new(&cfg, device)?,
             norm: w.vector("output_norm.weight", "model.norm.weight")?,

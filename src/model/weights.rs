@@ -158,6 +158,16 @@ impl ModelFiles {
 
     /// Loads every weight onto `device` and builds the model.
     pub fn load_llama(&self, device: &Device, options: LoadOptions) -> Result<Llama, ModelError> {
+        self.load_llama_reporting(device, options, &mut |_| {})
+    }
+
+    /// As [`Self::load_llama`], telling `progress` the fraction loaded as it goes.
+    pub fn load_llama_reporting(
+        &self,
+        device: &Device,
+        options: LoadOptions,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Llama, ModelError> {
         let pool = match (device, options.own_kernels) {
             (Device::Cpu, true) => Some(Arc::new(
                 rayon::ThreadPoolBuilder::new()
@@ -209,7 +219,7 @@ impl ModelFiles {
                 }
             }
         };
-        Llama::load(weights, device)
+        Llama::load(weights, device, progress)
     }
 }
 

@@ -124,6 +124,7 @@ pub async fn run_client(
     let mut redirect: Option<PoolUrl> = None;
     loop {
         if *shutdown.borrow() {
+            report_unsent(&mut shares);
             return;
         }
         let url = redirect.take().unwrap_or_else(|| cfg.pools[index].clone());
@@ -190,8 +191,19 @@ pub async fn run_client(
         let jitter = 0.5 + rand::random::<f64>();
         tokio::select! {
             _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                report_unsent(&mut shares);
+                return;
+            }
         }
+    }
+}
+
+/// Shares that cannot be submitted because the pool is unreachable at shutdown are logged,
+/// never dropped silently.
+fn report_unsent(shares: &mut mpsc::UnboundedReceiver<Share>) {
+    while let Ok(share) = shares.try_recv() {
+        tracing::warn!(job = %share.job_id, nonce = format!("{:08x}", share.nonce), "share not submitted: no pool connection at shutdown");
     }
 }
 
@@ -263,7 +275,60 @@ async fn connection(
                     return Ended::BackToPrimary;
                 }
             }
-            _ = shutdown.changed() => return Ended::Shutdown,
+            _ = shutdown.changed() => {
+                flush_shares(session, shares, &mut write, &mut lines, stats).await;
+                return Ended::Shutdown;
+            }
         }
     }
+}
+
+/// At shutdown: submits the shares the miner found before it stopped and waits (up to 5 s)
+/// for the pool's answers to every submission still open, so that nothing found is lost.
+async fn flush_shares(
+    session: &mut ClientSession,
+    shares: &mut mpsc::UnboundedReceiver<Share>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    stats: &ClientStats,
+) {
+    let mut found = 0;
+    while let Ok(share) = shares.try_recv() {
+        found += 1;
+        for action in session.on_share(share) {
+            if let Action::Send(line) = action {
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    tracing::warn!("the pool connection failed while submitting the last shares");
+                    return;
+                }
+            }
+        }
+    }
+    let open = session.pending_submits();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while session.pending_submits() > 0 {
+        match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                if let Ok(msg) = parse_line(&line) {
+                    // Only the answers matter now; new jobs are not mined.
+                    let _ = session.on_message(msg);
+                }
+            }
+            _ => break,
+        }
+    }
+    stats.publish(&session.counts, session.difficulty());
+    let unanswered = session.pending_submits();
+    if unanswered > 0 {
+        tracing::warn!(
+            unanswered,
+            "closing the pool session with shares the pool has not answered"
+        );
+    }
+    tracing::info!(
+        found_at_stop = found,
+        awaited = open,
+        accepted = session.counts.accepted,
+        "pool session closed"
+    );
 }

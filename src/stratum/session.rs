@@ -120,6 +120,14 @@ impl ClientSession {
         self.difficulty
     }
 
+    /// Shares sent and not yet answered.
+    pub fn pending_submits(&self) -> usize {
+        self.pending
+            .values()
+            .filter(|p| matches!(p, Pending::Submit(_)))
+            .count()
+    }
+
     pub fn is_authorized(&self) -> bool {
         self.authorized
     }

@@ -1,6 +1,12 @@
 //! The command line: every flag also read from an `IDLERIG_*` environment variable, parsed
 //! once in `main` and turned into the typed settings each subsystem is built from.
 
+mod file;
+mod operator;
+
+pub use file::{apply_config_file, effective_config_toml, ConfigError};
+pub use operator::{AccessArgs, EarningsArgs, MineWhen};
+
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -36,6 +42,18 @@ pub enum Command {
     /// Measure speed; each benchmark prints one JSON line.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Show the configuration `serve` would run with (flags, IDLERIG_* variables and the
+    /// --config file merged), secrets redacted.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Print the effective configuration as TOML (usable as a --config file).
+    #[arg(long)]
+    pub print: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +132,7 @@ impl ModelArgs {
                 threads: self.threads.unwrap_or(defaults.threads).max(1),
                 own_kernels: self.cpu_kernels == CpuKernels::Idlerig,
             },
+            telemetry: None,
         }
     }
 
@@ -133,6 +152,10 @@ impl ModelArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// TOML file of settings: keys are the long flag names (`port = 8080`, `api-key = ["k1"]`).
+    /// Flags and IDLERIG_* variables override it.
+    #[arg(long, env = "IDLERIG_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Address to listen on. The default accepts only local clients.
@@ -150,6 +173,26 @@ pub struct ServeArgs {
     /// Largest `max_tokens` a request may ask for (default: the model's context window).
     #[arg(long, env = "IDLERIG_MAX_TOKENS")]
     pub max_tokens: Option<usize>,
+    /// Seconds a request may take, queue and generation together; a longer one is ended
+    /// (504, or an error event on a stream) and its generation cancelled.
+    #[arg(long, env = "IDLERIG_REQUEST_TIMEOUT_S", default_value_t = 600.0)]
+    pub request_timeout_s: f64,
+    /// Seconds that requests in flight get to finish after SIGTERM/SIGINT (new ones get 503)
+    /// before they are cancelled and the server exits.
+    #[arg(long, env = "IDLERIG_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
+    pub shutdown_grace_s: f64,
+    #[command(flatten)]
+    pub access: AccessArgs,
+    #[command(flatten)]
+    pub earnings: EarningsArgs,
+    /// Milliseconds between the dashboard's history samples (the last hour is kept).
+    #[arg(
+        long,
+        env = "IDLERIG_HISTORY_INTERVAL_MS",
+        default_value_t = 5000,
+        hide = true
+    )]
+    pub history_interval_ms: u64,
     /// Log format: human-readable text or one JSON object per line.
     #[arg(long, env = "IDLERIG_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -179,6 +222,9 @@ impl ServeArgs {
             max_body_bytes: self.max_body_bytes,
             max_n: self.max_n.max(1),
             max_tokens: self.max_tokens,
+            request_timeout: std::time::Duration::from_secs_f64(
+                self.request_timeout_s.clamp(0.001, 1e9),
+            ),
             ..ApiLimits::default()
         }
     }

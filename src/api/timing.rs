@@ -1,0 +1,83 @@
+//! What one request's answer took, as the client saw it: time to the first token, the gaps
+//! between tokens, end to end. The record goes to telemetry when the answer ends, however it
+//! ends (a client that leaves mid-stream is counted as an abort).
+
+use std::time::Instant;
+
+use crate::engine::{FinishReason, SeqEvent};
+use crate::telemetry::{Outcome, RequestRecord, Telemetry};
+
+pub struct RequestTimer {
+    telemetry: Option<Telemetry>,
+    started: Instant,
+    last_token: Option<Instant>,
+    record: RequestRecord,
+}
+
+impl RequestTimer {
+    /// `started`: when the request arrived.
+    pub fn new(telemetry: Option<Telemetry>, started: Instant, prompt_tokens: usize) -> Self {
+        Self {
+            telemetry,
+            started,
+            last_token: None,
+            record: RequestRecord {
+                outcome: Outcome::Abort,
+                prompt_tokens,
+                completion_tokens: 0,
+                ttft_s: None,
+                inter_token_s: Vec::new(),
+                e2e_s: 0.0,
+            },
+        }
+    }
+
+    /// Notes one engine event.
+    pub fn observe(&mut self, event: &SeqEvent) {
+        match event {
+            SeqEvent::Token { .. } => {
+                let now = Instant::now();
+                match self.last_token.replace(now) {
+                    None => self.record.ttft_s = Some((now - self.started).as_secs_f64()),
+                    Some(prev) => self.record.inter_token_s.push((now - prev).as_secs_f32()),
+                }
+            }
+            SeqEvent::Finished {
+                reason,
+                completion_tokens,
+                ..
+            } => {
+                self.record.completion_tokens += completion_tokens;
+                self.record.outcome = match reason {
+                    FinishReason::Stop => Outcome::Stop,
+                    FinishReason::Length => Outcome::Length,
+                };
+            }
+            SeqEvent::Failed { .. } => self.record.outcome = Outcome::Error,
+        }
+    }
+
+    /// The answer was cut short (timeout, shutdown, client gone) after some choices finished.
+    pub fn aborted(&mut self) {
+        self.record.outcome = Outcome::Abort;
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        if let Some(t) = self.telemetry.take() {
+            self.record.e2e_s = self.started.elapsed().as_secs_f64();
+            t.finished(std::mem::replace(
+                &mut self.record,
+                RequestRecord {
+                    outcome: Outcome::Abort,
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    ttft_s: None,
+                    inter_token_s: Vec::new(),
+                    e2e_s: 0.0,
+                },
+            ));
+        }
+    }
+}
