@@ -192,11 +192,11 @@ async fn a_full_queue_answers_429_and_a_slow_request_504() {
         "--queue-capacity",
         "1",
         "--request-timeout-s",
-        "1.5",
+        "5",
     ])
     .await;
     // One runs, one waits, the rest are refused at once with Retry-After.
-    let requests = (0..5).map(|_| srv.completion(None, prompt(40)));
+    let requests = (0..5).map(|_| srv.completion(None, prompt(12)));
     let answers = futures::future::join_all(requests).await;
     let mut codes: Vec<u16> = Vec::new();
     for res in answers {
