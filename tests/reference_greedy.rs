@@ -45,7 +45,7 @@ async fn model_agrees_with_llama_cpp() {
     let reference: Value = serde_json::from_str(include_str!("reference/smollm2_greedy.json"))
         .expect("reference JSON");
     let files = idlerig::model::ModelFiles::open(&common::default_model_path()).unwrap();
-    let llama = files
+    let mut llama = files
         .load_llama(&candle_core::Device::Cpu, Default::default())
         .unwrap();
     let served = common::load_default_model(EngineConfig::default());
@@ -143,6 +143,7 @@ async fn model_agrees_with_llama_cpp() {
             },
             ignore_eos: true,
             request_id: String::new(),
+            priority: 0,
         };
         let mut events = served.backend.submit(request).unwrap();
         let mut got_text = String::new();

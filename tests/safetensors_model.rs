@@ -125,7 +125,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
         "<|im_end|> ends generation"
     );
 
-    let hf = ModelFiles::open(&dir)
+    let mut hf = ModelFiles::open(&dir)
         .unwrap()
         .load_llama(&Device::Cpu, Default::default())
         .unwrap();
@@ -134,7 +134,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
     // candle's kernels, which stay within 1e-2 of the f32 model. Ours quantize activations to
     // 8 bits like llama.cpp, which moves logits by tenths on this model; they are checked
     // against llama.cpp in reference_greedy.rs.
-    let gg = ModelFiles::open(&gguf_path)
+    let mut gg = ModelFiles::open(&gguf_path)
         .unwrap()
         .load_llama(
             &Device::Cpu,

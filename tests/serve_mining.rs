@@ -9,15 +9,10 @@ use futures::StreamExt;
 use idlerig::config::{Cli, Command};
 use serde_json::{json, Value};
 
+mod common;
+
 async fn status(client: &reqwest::Client, base: &str) -> Value {
-    client
-        .get(format!("{base}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::get_json(client, &format!("{base}/v1/status")).await
 }
 
 async fn wait_for(

@@ -180,6 +180,9 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
             "running": m.stats.running(),
             "generated_tokens": m.stats.generated_tokens(),
             "prefilled_tokens": m.stats.prefilled_tokens.load(std::sync::atomic::Ordering::Relaxed),
+            "kv_blocks_used": m.stats.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed),
+            "kv_blocks_total": m.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed),
+            "kv_preemptions": m.stats.preemptions.load(std::sync::atomic::Ordering::Relaxed),
             "busy": m.stats.is_busy(),
         }),
         _ => Value::Null,
@@ -237,6 +240,7 @@ pub(crate) struct CollectedChoice {
     pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: Option<FinishReason>,
     pub completion_tokens: usize,
+    pub cached_tokens: usize,
 }
 
 async fn collect(
@@ -269,7 +273,9 @@ async fn collect(
                 choice,
                 reason,
                 completion_tokens,
+                cached_tokens,
             }) => {
+                choices[choice].cached_tokens = cached_tokens;
                 choices[choice].finish_reason = Some(reason);
                 choices[choice].completion_tokens = completion_tokens;
                 open -= 1;
@@ -296,6 +302,7 @@ fn usage_of(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Usage {
     Usage::new(
         plan.prompt_tokens,
         choices.iter().map(|c| c.completion_tokens).sum(),
+        choices.iter().map(|c| c.cached_tokens).max().unwrap_or(0),
     )
 }
 

@@ -135,7 +135,7 @@ async fn forward(
         }
     }
     let mut text_offsets = vec![0usize; n];
-    let mut completion_tokens = 0;
+    let (mut completion_tokens, mut cached) = (0, 0);
     let mut open = n;
     while open > 0 {
         let event = match guards.watchdog.next(&mut events).await {
@@ -180,7 +180,9 @@ async fn forward(
                 choice,
                 reason,
                 completion_tokens: c,
+                cached_tokens,
             }) => {
+                cached = cached.max(cached_tokens);
                 open -= 1;
                 completion_tokens += c;
                 let text = if endpoint == Endpoint::Chat {
@@ -211,7 +213,7 @@ async fn forward(
     }
     if w.plan.include_usage {
         let mut c = w.chunk(json!([]));
-        c["usage"] = json!(Usage::new(w.plan.prompt_tokens, completion_tokens));
+        c["usage"] = json!(Usage::new(w.plan.prompt_tokens, completion_tokens, cached));
         if !send(c).await {
             return;
         }

@@ -359,6 +359,7 @@ fn common(
             params,
             ignore_eos,
             request_id: String::new(),
+            priority: c.priority.unwrap_or(0),
         },
         plan,
     ))

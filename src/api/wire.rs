@@ -42,6 +42,8 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     /// vLLM's extension: keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: Option<bool>,
+    /// vLLM's extension: scheduling priority, lower first (default 0).
+    pub priority: Option<i64>,
     /// Accepted and ignored, as the brief of the API asks.
     #[allow(dead_code)]
     pub user: Option<String>,
@@ -119,14 +121,22 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt: how much of it the prefix cache already held.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens },
         }
     }
 }

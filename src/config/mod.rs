@@ -108,6 +108,11 @@ pub struct ModelArgs {
     /// is pre-empted whenever the model runs, so it does not compete for them).
     #[arg(long, env = "IDLERIG_THREADS")]
     pub threads: Option<usize>,
+    /// Memory for the KV cache on the CPU, in MiB: a pool of 16-token blocks shared by all
+    /// sequences (and by common prompt prefixes). When it runs out, the newest sequence is
+    /// paused and recomputed later. 0: per-sequence caches with no limit.
+    #[arg(long, env = "IDLERIG_KV_CACHE_MB", default_value_t = 1024)]
+    pub kv_cache_mb: usize,
     /// CPU kernels for quantized weights: idlerig's own (AVX2 where the CPU has it), or
     /// candle's (for comparison).
     #[arg(long, env = "IDLERIG_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Idlerig)]
@@ -131,6 +136,7 @@ impl ModelArgs {
             model: crate::model::LoadOptions {
                 threads: self.threads.unwrap_or(defaults.threads).max(1),
                 own_kernels: self.cpu_kernels == CpuKernels::Idlerig,
+                kv_cache_mb: self.kv_cache_mb,
             },
             telemetry: None,
         }

@@ -90,7 +90,18 @@ pub fn load_model_reporting(
         .transpose()?;
     let tokenizer = Arc::new(tokenizer);
     let model = files.load_llama_reporting(device, cfg.model, progress)?;
-    let context_length = model.config().context_length;
+    // A sequence longer than the KV pool could never run: the pool bounds the window too.
+    let mut context_length = model.config().context_length;
+    if let Some((_, blocks, per_block)) = model.kv_usage() {
+        if blocks * per_block < context_length {
+            tracing::warn!(
+                pool_tokens = blocks * per_block,
+                context_length,
+                "the KV cache holds fewer tokens than the model's context window; longer requests are refused (raise --kv-cache-mb)"
+            );
+            context_length = blocks * per_block;
+        }
+    }
     let handle = spawn_engine(model, tokenizer.clone(), cfg);
     let stats = handle.stats().clone();
     Ok(ServedModel {

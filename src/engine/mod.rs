@@ -6,6 +6,7 @@
 mod chat_template;
 mod load;
 mod sampling;
+mod sequence;
 mod stop;
 mod tokenizer;
 mod worker;
@@ -54,6 +55,9 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
     /// The HTTP request's `x-request-id`, for the engine's log lines about it.
     pub request_id: String,
+    /// Scheduling priority: lower values are admitted first and pre-empted last (vLLM's
+    /// convention); 0 by default.
+    pub priority: i64,
 }
 
 /// Why a choice ended.
@@ -92,11 +96,13 @@ pub enum SeqEvent {
         text: String,
         logprob: Option<TokenLogprob>,
     },
-    /// The choice is complete; `completion_tokens` counts every token it generated.
+    /// The choice is complete; `completion_tokens` counts every token it generated,
+    /// `cached_tokens` the prompt tokens whose keys and values came from the prefix cache.
     Finished {
         choice: usize,
         reason: FinishReason,
         completion_tokens: usize,
+        cached_tokens: usize,
     },
     /// The request failed inside the engine; no more events follow.
     Failed { message: String },
@@ -116,6 +122,12 @@ pub struct EngineStats {
     pub prefilled_tokens: AtomicU64,
     /// Tokens held in the running sequences' KV caches.
     pub kv_tokens: AtomicUsize,
+    /// Blocks of the paged KV pool in use (held, or cached for prefixes and not evictable)
+    /// and in all; 0 in all without a paged pool.
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    /// Sequences pre-empted because the KV pool was full.
+    pub preemptions: AtomicU64,
     /// Whether the engine has work (the arbiter's signal that the device is needed).
     pub busy: AtomicBool,
     /// Submitted but not yet taken from the channel by the engine: busy too, so there is no

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::sampling::{SampledToken, Sampler};
-use super::stop::StopMatcher;
-use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use std::sync::atomic::Ordering;
 
-use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission, TokenLogprob};
-use crate::model::{BatchItem, Llama, SeqCache};
+use super::sampling::Sampler;
+use super::sequence::Sequence;
+use super::stop::StopMatcher;
+use super::tokenizer::{IncrementalDecoder, TextTokenizer};
+use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission};
+use crate::model::{BatchItem, Llama};
 
 /// Scheduling limits of the engine.
 #[derive(Debug, Clone)]
@@ -64,6 +65,7 @@ pub fn spawn_engine(
                 running: Vec::new(),
                 waiting: Default::default(),
                 stats: engine_stats,
+                next_order: 0,
             }
             .run()
         })
@@ -75,29 +77,6 @@ pub fn spawn_engine(
     }
 }
 
-struct Sequence {
-    choice: usize,
-    prompt: Arc<Vec<u32>>,
-    cache: SeqCache,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
-    stop: StopMatcher,
-    max_tokens: usize,
-    ignore_eos: bool,
-    generated: usize,
-    /// The last sampled token: the input of the next decode step.
-    last: u32,
-    events: mpsc::UnboundedSender<SeqEvent>,
-    /// The HTTP request's id, for log lines.
-    request_id: Arc<str>,
-}
-
-impl Sequence {
-    fn prefilled(&self) -> bool {
-        self.cache.len() >= self.prompt.len()
-    }
-}
-
 struct Engine {
     model: Llama,
     tokenizer: Arc<TextTokenizer>,
@@ -106,6 +85,8 @@ struct Engine {
     running: Vec<Sequence>,
     waiting: std::collections::VecDeque<Submission>,
     stats: Arc<EngineStats>,
+    /// Admission counter: ties in priority run oldest first.
+    next_order: u64,
 }
 
 impl Engine {
@@ -124,6 +105,10 @@ impl Engine {
             self.running.iter().map(|s| s.cache.len()).sum(),
             Ordering::Relaxed,
         );
+        if let Some((used, total, _)) = self.model.kv_usage() {
+            self.stats.kv_blocks_used.store(used, Ordering::Relaxed);
+            self.stats.kv_blocks_total.store(total, Ordering::Relaxed);
+        }
     }
 
     fn run(mut self) {
@@ -146,11 +131,13 @@ impl Engine {
             }
             if catch_unwind(AssertUnwindSafe(|| self.step())).is_err() {
                 tracing::error!("engine step panicked; failing the running requests");
-                for seq in self.running.drain(..) {
+                for seq in &self.running {
                     let _ = seq.events.send(SeqEvent::Failed {
                         message: "internal error in the engine".into(),
                     });
                 }
+                let all = vec![true; self.running.len()];
+                self.remove_marked(&all);
             }
         }
         tracing::info!("engine stopped: every handle was dropped");
@@ -164,100 +151,84 @@ impl Engine {
         self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Moves waiting requests into the running set, all choices of a request together.
+    /// Moves waiting requests into the running set, all choices of a request together, best
+    /// priority first (lower value), then in order of arrival.
     fn admit(&mut self) {
-        while let Some(sub) = self.waiting.front() {
-            if sub.events.is_closed() {
-                self.waiting.pop_front();
-                continue;
+        loop {
+            self.waiting.retain(|s| !s.events.is_closed());
+            let Some(best) =
+                (0..self.waiting.len()).min_by_key(|&i| (self.waiting[i].request.priority, i))
+            else {
+                return;
+            };
+            let n = self.waiting[best].request.n;
+            if !self.running.is_empty() && self.running.len() + n > self.cfg.max_running {
+                return;
             }
-            if !self.running.is_empty() && self.running.len() + sub.request.n > self.cfg.max_running
-            {
-                break;
-            }
-            let sub = self.waiting.pop_front().expect("front exists");
+            let sub = self.waiting.remove(best).expect("index in range");
             let waited = sub.submitted_at.elapsed();
             if let Some(t) = &self.cfg.telemetry {
                 t.queued(waited.as_secs_f64());
             }
-            tracing::debug!(request_id = %sub.request.request_id, queued_ms = waited.as_millis() as u64, prompt_tokens = sub.request.prompt.len(), n = sub.request.n, "request admitted to the running batch");
-            let prompt = Arc::new(sub.request.prompt);
-            let request_id: Arc<str> = sub.request.request_id.into();
-            for choice in 0..sub.request.n {
-                self.running.push(Sequence {
+            tracing::debug!(request_id = %sub.request.request_id, queued_ms = waited.as_millis() as u64, prompt_tokens = sub.request.prompt.len(), n, "request admitted to the running batch");
+            let request_id: Arc<str> = sub.request.request_id.as_str().into();
+            for choice in 0..n {
+                let r = &sub.request;
+                let seq = Sequence {
                     choice,
-                    prompt: prompt.clone(),
+                    tokens: r.prompt.clone(),
                     cache: self.model.new_cache(),
+                    cached_tokens: None,
                     sampler: Sampler::new(
-                        sub.request.params.clone(),
-                        &prompt,
+                        r.params.clone(),
+                        &r.prompt,
                         self.model.config().vocab_size,
                         choice as u64,
                     ),
                     decoder: IncrementalDecoder::new(),
-                    stop: StopMatcher::new(sub.request.stop.clone()),
-                    max_tokens: sub.request.max_tokens,
-                    ignore_eos: sub.request.ignore_eos,
+                    stop: StopMatcher::new(r.stop.clone()),
+                    max_tokens: r.max_tokens,
+                    ignore_eos: r.ignore_eos,
                     generated: 0,
-                    last: 0,
                     events: sub.events.clone(),
                     request_id: request_id.clone(),
-                });
+                    priority: r.priority,
+                    order: self.next_order,
+                };
+                self.next_order += 1;
+                // The running set stays sorted by rank: scheduling and pre-emption read it so.
+                let at = self.running.partition_point(|s| s.rank() <= seq.rank());
+                self.running.insert(at, seq);
             }
         }
     }
 
     fn step(&mut self) {
         // Sequences whose client has gone are dropped before any work is spent on them.
-        self.running.retain(|s| !s.events.is_closed());
-        let mut budget = self.cfg.step_token_budget.max(self.running.len());
-        // (index into running, number of tokens this step); decodes first.
-        let mut plan: Vec<(usize, usize)> = Vec::new();
-        for (i, _) in self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.prefilled())
-        {
-            plan.push((i, 1));
-            budget -= 1;
-        }
-        for (i, s) in self
-            .running
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.prefilled())
-        {
-            let chunk = (s.prompt.len() - s.cache.len()).min(budget);
-            if chunk == 0 {
-                break;
+        let gone: Vec<bool> = self.running.iter().map(|s| s.events.is_closed()).collect();
+        self.remove_marked(&gone);
+        for s in &mut self.running {
+            if s.cache.is_empty() {
+                let hit = self.model.kv_match_prefix(&mut s.cache, &s.tokens);
+                s.cached_tokens.get_or_insert(hit);
             }
-            plan.push((i, chunk));
-            budget -= chunk;
-            self.stats
-                .prefilled_tokens
-                .fetch_add(chunk as u64, Ordering::Relaxed);
         }
-        plan.sort_unstable();
+        let plan = self.schedule();
+        if plan.is_empty() {
+            self.unblock();
+            return;
+        }
         let mut items = Vec::with_capacity(plan.len());
         let mut planned = plan.iter().peekable();
         for (i, s) in self.running.iter_mut().enumerate() {
             let Some(&(_, count)) = planned.next_if(|(j, _)| *j == i) else {
                 continue;
             };
-            let Sequence {
-                prompt,
-                cache,
-                last,
-                ..
-            } = s;
-            let start = cache.len();
-            let tokens = if start >= prompt.len() {
-                std::slice::from_ref(&*last)
-            } else {
-                &prompt[start..start + count]
-            };
-            items.push(BatchItem { tokens, cache });
+            let start = s.cache.len();
+            items.push(BatchItem {
+                tokens: &s.tokens[start..start + count],
+                cache: &mut s.cache,
+            });
         }
         let logits = match self
             .model
@@ -271,115 +242,117 @@ impl Engine {
                     .map(|&(i, _)| &*self.running[i].request_id)
                     .collect();
                 tracing::error!(error = %e, request_ids = ?ids, "forward pass failed; failing the batch");
+                let mut failed = vec![false; self.running.len()];
                 for &(i, _) in &plan {
                     let _ = self.running[i].events.send(SeqEvent::Failed {
                         message: format!("inference failed: {e}"),
                     });
+                    failed[i] = true;
                 }
-                let mut failed = vec![false; self.running.len()];
-                plan.iter().for_each(|&(i, _)| failed[i] = true);
                 self.remove_marked(&failed);
                 return;
             }
         };
         let mut done = vec![false; self.running.len()];
-        for (&(i, _), mut row) in plan.iter().zip(logits) {
+        for (&(i, count), mut row) in plan.iter().zip(logits) {
             let seq = &mut self.running[i];
-            if !seq.prefilled() {
+            self.model.kv_commit(&mut seq.cache, &seq.tokens);
+            if count > 1 {
+                self.stats
+                    .prefilled_tokens
+                    .fetch_add(count as u64, Ordering::Relaxed);
+            }
+            if seq.pending() > 0 {
                 continue; // a prompt chunk that does not reach the end yet
             }
             let tok = seq.sampler.sample(&mut row);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            done[i] = emit_token(seq, tok, &self.tokenizer);
+            done[i] = seq.emit_token(tok, &self.tokenizer);
         }
         self.remove_marked(&done);
     }
 
-    /// Drops the running sequences whose flag in `marked` (by index) is set.
+    /// This step's work as (index into running, tokens): one token for each sequence that
+    /// decodes, then prompt chunks under the token budget, in rank order. Every planned
+    /// sequence has its KV blocks; when the pool runs out, the lowest-ranked sequences not
+    /// yet planned are pre-empted (their blocks freed, to be recomputed later).
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let decoding = self.running.iter().filter(|s| s.pending() == 1).count();
+        let mut budget = self.cfg.step_token_budget.max(decoding);
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for decode_pass in [true, false] {
+            for i in 0..self.running.len() {
+                let pending = self.running[i].pending();
+                let want = match (decode_pass, pending) {
+                    (true, 1) => 1,
+                    (false, p) if p > 1 => p.min(budget),
+                    _ => continue,
+                };
+                if want == 0 || !self.make_room(i, want, &plan) {
+                    continue;
+                }
+                plan.push((i, want));
+                budget -= want;
+            }
+        }
+        plan.sort_unstable();
+        plan
+    }
+
+    /// Reserves KV blocks for `want` more tokens of sequence `i`, pre-empting lower-ranked
+    /// unplanned sequences while the pool is short. `false`: it waits this step.
+    fn make_room(&mut self, i: usize, want: usize, plan: &[(usize, usize)]) -> bool {
+        loop {
+            let need = self.running[i].cache.len() + want;
+            if self.model.kv_reserve(&mut self.running[i].cache, need) {
+                return true;
+            }
+            let victim = (i + 1..self.running.len()).rev().find(|&j| {
+                self.running[j].cache.holds_blocks() && !plan.iter().any(|&(p, _)| p == j)
+            });
+            let Some(j) = victim else {
+                return false;
+            };
+            let v = &mut self.running[j];
+            tracing::info!(request_id = %v.request_id, tokens = v.tokens.len(), "KV cache full: pre-empting the lowest-ranked sequence; it resumes by recomputing");
+            self.model.kv_release(&mut v.cache);
+            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Nothing could be scheduled: the first-ranked sequence needs more KV cache than the
+    /// whole pool holds even with every other sequence pre-empted. It ends: with what it
+    /// has generated when it was decoding, else with an error.
+    fn unblock(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let mut ended = vec![false; self.running.len()];
+        ended[0] = true;
+        let seq = &mut self.running[0];
+        tracing::warn!(request_id = %seq.request_id, tokens = seq.tokens.len(), "sequence longer than the whole KV cache (--kv-cache-mb); ending it");
+        if seq.generated > 0 {
+            seq.finish(&self.tokenizer, FinishReason::Length);
+        } else {
+            let _ = seq.events.send(SeqEvent::Failed {
+                message: "the prompt needs more KV cache than the server has (--kv-cache-mb)"
+                    .into(),
+            });
+        }
+        self.remove_marked(&ended);
+    }
+
+    /// Drops the running sequences whose flag in `marked` (by index), giving back their KV
+    /// blocks.
     fn remove_marked(&mut self, marked: &[bool]) {
         let mut idx = 0;
-        self.running.retain(|_| {
+        let model = &mut self.model;
+        self.running.retain_mut(|s| {
             idx += 1;
+            if marked[idx - 1] {
+                model.kv_release(&mut s.cache);
+            }
             !marked[idx - 1]
         });
     }
-}
-
-/// Sends the events for one sampled token; returns whether the sequence is finished (or
-/// its client is gone).
-fn emit_token(seq: &mut Sequence, tok: SampledToken, tokenizer: &TextTokenizer) -> bool {
-    seq.generated += 1;
-    seq.last = tok.id;
-    let choice = seq.choice;
-    if !seq.ignore_eos && tokenizer.is_end_of_generation(tok.id) {
-        return finish(seq, tokenizer, FinishReason::Stop);
-    }
-    let logprob = tok.logprob.map(|lp| TokenLogprob {
-        token: tokenizer.token_text(tok.id),
-        logprob: lp,
-        top: tok
-            .top
-            .iter()
-            .map(|&(id, lp)| (tokenizer.token_text(id), lp))
-            .collect(),
-    });
-    let delta = seq.decoder.push(tokenizer, tok.id).unwrap_or_default();
-    let out = seq.stop.push(&delta);
-    if seq
-        .events
-        .send(SeqEvent::Token {
-            choice,
-            text: out.emit,
-            logprob,
-        })
-        .is_err()
-    {
-        return true;
-    }
-    if out.stopped {
-        let _ = seq.events.send(SeqEvent::Finished {
-            choice,
-            reason: FinishReason::Stop,
-            completion_tokens: seq.generated,
-        });
-        return true;
-    }
-    if seq.generated >= seq.max_tokens {
-        return finish(seq, tokenizer, FinishReason::Length);
-    }
-    false
-}
-
-/// Flushes held-back text (a partial character, a partial stop string that never completed)
-/// and sends the final event.
-fn finish(seq: &mut Sequence, tokenizer: &TextTokenizer, reason: FinishReason) -> bool {
-    let mut tail = seq
-        .decoder
-        .finish(tokenizer)
-        .map(|d| seq.stop.push(&d))
-        .unwrap_or(super::StopOutcome {
-            emit: String::new(),
-            stopped: false,
-        });
-    let reason = if tail.stopped {
-        FinishReason::Stop
-    } else {
-        reason
-    };
-    if !tail.stopped {
-        tail.emit.push_str(&seq.stop.finish());
-    }
-    if !tail.emit.is_empty() {
-        let _ = seq.events.send(SeqEvent::Token {
-            choice: seq.choice,
-            text: tail.emit,
-            logprob: None,
-        });
-    }
-    let _ = seq.events.send(SeqEvent::Finished {
-        choice: seq.choice,
-        reason,
-        completion_tokens: seq.generated,
-    });
-    true
 }

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::paged::attention::PagedItem;
+use super::paged::{paged_attention, KvGeometry, KvPool, Rope, SeqBlocks};
 use super::quant::Linear;
 use super::weights::Weights;
 use super::ModelError;
@@ -30,11 +32,13 @@ pub struct LlamaConfig {
     pub rope_interleaved: bool,
 }
 
-/// Keys and values of one sequence for every layer, grown in place: a layer's buffer doubles
-/// when full, so a long generation copies each entry O(1) times on average, not every step.
+/// Keys and values of one sequence for every layer. On the CPU they live in blocks of the
+/// model's paged pool (`paged`); elsewhere in dense per-layer buffers grown in place (a
+/// layer's buffer doubles when full, so each entry is copied O(1) times on average).
 pub struct SeqCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    paged: SeqBlocks,
 }
 
 impl SeqCache {
@@ -42,6 +46,7 @@ impl SeqCache {
         Self {
             layers: vec![None; num_layers],
             len: 0,
+            paged: SeqBlocks::default(),
         }
     }
 
@@ -52,6 +57,11 @@ impl SeqCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether the cache holds any KV memory (computed entries or reserved blocks).
+    pub fn holds_blocks(&self) -> bool {
+        self.len > 0 || !self.paged.blocks.is_empty()
     }
 
     /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) to layer `layer` and returns that layer's
@@ -175,7 +185,24 @@ impl Attention {
         x: &Tensor,
         batch: &mut [BatchItem<'_>],
         rope: &RotaryEmbedding,
+        paged: Option<(&mut KvPool, &Rope)>,
     ) -> candle_core::Result<Tensor> {
+        if let Some((pool, rope)) = paged {
+            let qkv = self.qkv.forward(x)?;
+            let rows = qkv.dim(0)?;
+            let mut data = qkv.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let items: Vec<PagedItem<'_>> = batch
+                .iter()
+                .map(|b| PagedItem {
+                    blocks: &b.cache.paged,
+                    pos: b.cache.len,
+                    tokens: b.tokens.len(),
+                })
+                .collect();
+            let out = paged_attention(pool, layer, rope, &items, &mut data);
+            let out = Tensor::from_vec(out, (rows, self.num_heads * self.head_dim), x.device())?;
+            return self.o.forward(&out);
+        }
         let qkv = self.qkv.forward(x)?;
         let (q_width, kv_width) = (
             self.num_heads * self.head_dim,
@@ -319,14 +346,18 @@ pub struct Llama {
     /// The CPU pool that runs every step when our kernels are in use: candle's own
     /// operations then run on it too, so one set of threads serves the whole forward pass.
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// The paged KV cache and its rotary tables (CPU); `None`: dense per-sequence caches.
+    kv: Option<(KvPool, Rope)>,
 }
 
 impl Llama {
     /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
     /// `progress` hears the fraction loaded (0–1) after each layer.
+    /// `kv_cache_mb` sizes the paged KV pool on the CPU (0: dense caches).
     pub(crate) fn load(
         mut w: Weights,
         device: &Device,
+        kv_cache_mb: usize,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self, ModelError> {
         let cfg = w.config().clone();
@@ -342,7 +373,24 @@ impl Llama {
             .collect::<Result<Vec<_>, _>>()?;
         let (embed, lm_head) = w.embeddings()?;
         progress(1.0);
+        let kv = (device.is_cpu() && kv_cache_mb > 0).then(|| {
+            let geo = KvGeometry {
+                layers: cfg.num_layers,
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+            };
+            let blocks = (kv_cache_mb << 20) / geo.block_bytes();
+            let rope = Rope::new(
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.context_length,
+                cfg.rope_interleaved,
+            );
+            (KvPool::new(geo, blocks.max(1)), rope)
+        });
         Ok(Self {
+            kv,
             rope: RotaryEmbedding::new(&cfg, device)?,
             norm: w.vector("output_norm.weight", "model.norm.weight")?,
             embed,
@@ -364,14 +412,16 @@ impl Llama {
 
     /// Runs one step for every item and returns the logits of each item's last token,
     /// `[items, vocab]` in f32. Each cache grows by its item's token count.
-    pub fn forward(&self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
-        match &self.pool {
+    /// With the paged cache, blocks the engine has not reserved are taken here; an
+    /// exhausted pool is [`ModelError::KvCacheFull`].
+    pub fn forward(&mut self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+        match self.pool.clone() {
             Some(pool) => pool.install(|| self.forward_here(batch)),
             None => self.forward_here(batch),
         }
     }
 
-    fn forward_here(&self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+    fn forward_here(&mut self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
         for item in batch.iter() {
             if item.tokens.is_empty() {
                 return Err(ModelError::Metadata("a batch item has no tokens".into()));
@@ -384,6 +434,12 @@ impl Llama {
                 )));
             }
         }
+        for item in batch.iter_mut() {
+            let len = item.cache.len() + item.tokens.len();
+            if !self.kv_reserve(item.cache, len) {
+                return Err(ModelError::KvCacheFull);
+            }
+        }
         let ids: Vec<u32> = batch
             .iter()
             .flat_map(|b| b.tokens.iter().copied())
@@ -393,7 +449,8 @@ impl Llama {
         let eps = self.cfg.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            x = (x + layer.attn.forward(i, &h, batch, &self.rope)?)?;
+            let paged = self.kv.as_mut().map(|(pool, rope)| (pool, &*rope));
+            x = (x + layer.attn.forward(i, &h, batch, &self.rope, paged)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
@@ -412,6 +469,63 @@ impl Llama {
 
     /// A fresh, empty cache for a new sequence.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.cfg.num_layers)
+        SeqCache::new(if self.kv.is_some() {
+            0
+        } else {
+            self.cfg.num_layers
+        })
+    }
+
+    /// Makes room in `cache` for `len` tokens; `false` when the paged pool is exhausted.
+    /// Dense caches grow as they go and always have room.
+    pub fn kv_reserve(&mut self, cache: &mut SeqCache, len: usize) -> bool {
+        match &mut self.kv {
+            Some((pool, _)) => pool.reserve(&mut cache.paged, len),
+            None => true,
+        }
+    }
+
+    /// Empties `cache` and gives its blocks back to the pool.
+    pub fn kv_release(&mut self, cache: &mut SeqCache) {
+        if let Some((pool, _)) = &mut self.kv {
+            pool.release(&mut cache.paged);
+        }
+        cache.layers.iter_mut().for_each(|l| *l = None);
+        cache.len = 0;
+    }
+
+    /// Fills an empty `cache` from the prefix cache with what it holds of `tokens`; returns
+    /// the number of tokens taken (always fewer than `tokens.len()`).
+    pub fn kv_match_prefix(&mut self, cache: &mut SeqCache, tokens: &[u32]) -> usize {
+        if cache.len > 0 {
+            return 0;
+        }
+        match &mut self.kv {
+            Some((pool, _)) => {
+                cache.len = pool.match_prefix(&mut cache.paged, tokens);
+                cache.len
+            }
+            None => 0,
+        }
+    }
+
+    /// Offers the full blocks of `cache` to the prefix cache; `tokens` are the sequence's
+    /// tokens, at least `cache.len()` of them.
+    pub fn kv_commit(&mut self, cache: &mut SeqCache, tokens: &[u32]) {
+        if let Some((pool, _)) = &mut self.kv {
+            pool.commit(&mut cache.paged, &tokens[..cache.len.min(tokens.len())]);
+        }
+    }
+
+    /// Blocks in use and in all, and tokens per block, of the paged pool.
+    pub fn kv_usage(&self) -> Option<(usize, usize, usize)> {
+        self.kv.as_ref().map(|(pool, _)| {
+            let total = pool.alloc.total();
+            (
+                total - pool.alloc.available(),
+                total,
+                super::paged::BLOCK_TOKENS,
+            )
+        })
     }
 }

@@ -6,6 +6,7 @@
 //! [`SeqCache`]s of its sequences and calls [`Llama::forward`] once per step.
 
 mod llama;
+pub mod paged;
 pub mod quant;
 mod weights;
 
@@ -31,6 +32,8 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
+    #[error("the KV cache is full (raise --kv-cache-mb)")]
+    KvCacheFull,
 }
 
 /// The candle device for a `--device` value: `cpu` or `cuda:N`.

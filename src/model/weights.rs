@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Our quantized CPU kernels (`true`), or candle's (`false`, for comparison).
     pub own_kernels: bool,
+    /// Size of the paged KV pool on the CPU, in MiB (0: dense per-sequence caches).
+    pub kv_cache_mb: usize,
 }
 
 impl Default for LoadOptions {
@@ -31,6 +33,7 @@ impl Default for LoadOptions {
         Self {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             own_kernels: true,
+            kv_cache_mb: 1024,
         }
     }
 }
@@ -219,7 +222,7 @@ impl ModelFiles {
                 }
             }
         };
-        Llama::load(weights, device, progress)
+        Llama::load(weights, device, options.kv_cache_mb, progress)
     }
 }
 

@@ -264,8 +264,19 @@ impl Collector for EngineCollector {
             "Number of requests waiting to be processed",
             waiting as f64,
         )?;
-        let kv = s.kv_tokens.load(Ordering::Relaxed) as f64 / self.kv_capacity_tokens as f64;
-        gauge(&mut enc, "vllm:kv_cache_usage_perc", "KV-cache usage: tokens held over what the engine may hold (max running sequences x context). 1 means 100 percent usage", kv)?;
+        let blocks = s.kv_blocks_total.load(Ordering::Relaxed);
+        let kv = if blocks > 0 {
+            s.kv_blocks_used.load(Ordering::Relaxed) as f64 / blocks as f64
+        } else {
+            s.kv_tokens.load(Ordering::Relaxed) as f64 / self.kv_capacity_tokens as f64
+        };
+        gauge(&mut enc, "vllm:kv_cache_usage_perc", "KV-cache usage: fraction of the paged pool's blocks in use (without a pool: tokens held over max running sequences x context). 1 means 100 percent usage", kv)?;
+        counter(
+            &mut enc,
+            "vllm:num_preemptions",
+            "Cumulative number of preemptions from the engine (KV cache full)",
+            s.preemptions.load(Ordering::Relaxed) as f64,
+        )?;
         counter(
             &mut enc,
             "vllm:prompt_tokens",

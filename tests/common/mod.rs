@@ -24,6 +24,11 @@ pub fn load_default_model(cfg: EngineConfig) -> ServedModel {
         .expect("loading the default model")
 }
 
+/// `GET url` as JSON.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// A running server: its base URL, and the channel that sets its model state.
 pub struct TestServer {
     pub base: String,
@@ -54,6 +59,21 @@ pub async fn spawn_app_with_model(cfg: EngineConfig, limits: ApiLimits) -> TestS
 }
 
 impl TestServer {
+    /// `POST path` with a JSON body; the response as it comes (for streams read by hand).
+    pub async fn send(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET path` as JSON.
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        get_json(&self.client, &format!("{}{path}", self.base)).await
+    }
+
     pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
         let res = self
             .client

@@ -1,0 +1,332 @@
+//! The paged KV cache with the real model: the fused paged attention gives the dense path's
+//! logits; sequences batched at different positions give the tokens they give alone; prefix
+//! cache hits are reported and change nothing; when the pool runs out the newest sequences
+//! are pre-empted and recomputed with unchanged output; cancelled requests free their blocks;
+//! priorities order admission.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use futures::StreamExt;
+use idlerig::api::ApiLimits;
+use idlerig::engine::EngineConfig;
+use idlerig::model::{BatchItem, Llama, LoadOptions, ModelFiles};
+use serde_json::{json, Value};
+
+fn load(kv_cache_mb: usize) -> Llama {
+    ModelFiles::open(&common::default_model_path())
+        .unwrap()
+        .load_llama(
+            &Device::Cpu,
+            LoadOptions {
+                kv_cache_mb,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+}
+
+/// The fused kernel equals plain attention to 1e-5 (its unit test); through the model,
+/// activations are quantized to 8 bits before every product, so float-level differences
+/// flip a few roundings. Compared as log-probabilities of the dense path's 20 most likely
+/// tokens (a shift common to all logits means nothing), they differ by about 0.1 on average;
+/// a wiring fault moves them by whole units (pairing query heads with the wrong KV head was
+/// seen to give a mean of 13.9) and changes the top token.
+fn assert_close(dense: &[f32], paged: &[f32], what: &str) {
+    let log_softmax = |v: &[f32]| {
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = v.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+        v.iter().map(|x| x - lse).collect::<Vec<f32>>()
+    };
+    let (d, p) = (log_softmax(dense), log_softmax(paged));
+    let mut top: Vec<usize> = (0..d.len()).collect();
+    top.sort_by(|&a, &b| d[b].total_cmp(&d[a]));
+    let diffs: Vec<f32> = top[..20].iter().map(|&i| (d[i] - p[i]).abs()).collect();
+    let mean = diffs.iter().sum::<f32>() / 20.0;
+    let max = diffs.iter().copied().fold(0.0, f32::max);
+    assert!(
+        mean < 0.2 && max < 0.6,
+        "{what}: |Δlogprob| of the top 20: mean {mean} max {max}"
+    );
+    let paged_top = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+    let margin = d[top[0]] - d[top[1]];
+    assert!(
+        paged_top == top[0] || margin < 0.5,
+        "{what}: top token {} vs {paged_top} (margin {margin})",
+        top[0]
+    );
+}
+
+#[test]
+fn paged_attention_matches_the_dense_path_in_batches_at_different_positions() {
+    let (mut dense, mut paged) = (load(0), load(64));
+    assert!(dense.kv_usage().is_none() && paged.kv_usage().is_some());
+    let text = common::load_default_model(EngineConfig::default()).tokenizer;
+    // 73 tokens of real text: blocks of 16 and a partial one.
+    let a = text
+        .encode(&"The quick brown fox jumps over the lazy dog while the farmer watches. ".repeat(6))
+        .unwrap()[..73]
+        .to_vec();
+    let b = text.encode("Water boils at one hundred degrees").unwrap()[..5].to_vec();
+    let (mut da, mut db, mut pa, mut pb) = (
+        dense.new_cache(),
+        dense.new_cache(),
+        paged.new_cache(),
+        paged.new_cache(),
+    );
+    // Prefill of one, then both in one step at different positions, then decode steps.
+    let run = |m: &mut Llama, items: &mut [BatchItem<'_>]| {
+        m.forward(items).unwrap().to_vec2::<f32>().unwrap()
+    };
+    let x = run(
+        &mut dense,
+        &mut [BatchItem {
+            tokens: &a[..40],
+            cache: &mut da,
+        }],
+    );
+    let y = run(
+        &mut paged,
+        &mut [BatchItem {
+            tokens: &a[..40],
+            cache: &mut pa,
+        }],
+    );
+    assert_close(&x[0], &y[0], "prefill");
+    for step in 0..6 {
+        let next = [a[40 + step]];
+        let x = run(
+            &mut dense,
+            &mut [
+                BatchItem {
+                    tokens: &next,
+                    cache: &mut da,
+                },
+                BatchItem {
+                    tokens: if step == 0 { &b } else { &b[..1] },
+                    cache: &mut db,
+                },
+            ],
+        );
+        let y = run(
+            &mut paged,
+            &mut [
+                BatchItem {
+                    tokens: &next,
+                    cache: &mut pa,
+                },
+                BatchItem {
+                    tokens: if step == 0 { &b } else { &b[..1] },
+                    cache: &mut pb,
+                },
+            ],
+        );
+        for r in 0..2 {
+            assert_close(&x[r], &y[r], &format!("step {step} row {r}"));
+        }
+    }
+    assert_eq!(pa.len(), 46);
+    paged.kv_release(&mut pa);
+    paged.kv_release(&mut pb);
+    assert_eq!(paged.kv_usage().unwrap().0, 0, "every block came back");
+}
+
+#[test]
+fn a_pool_too_small_for_the_sequence_is_an_error_not_a_panic() {
+    let mut m = load(1); // one block of 16 tokens
+    assert_eq!(m.kv_usage().unwrap().1, 1);
+    let mut c = m.new_cache();
+    let tokens: Vec<u32> = (1..20).collect();
+    let err = m
+        .forward(&mut [BatchItem {
+            tokens: &tokens,
+            cache: &mut c,
+        }])
+        .unwrap_err();
+    assert!(err.to_string().contains("KV cache is full"), "{err}");
+}
+
+async fn server(kv_cache_mb: usize, max_running: usize) -> common::TestServer {
+    let mut cfg = EngineConfig {
+        max_running,
+        ..EngineConfig::default()
+    };
+    cfg.model.kv_cache_mb = kv_cache_mb;
+    common::spawn_app_with_model(cfg, ApiLimits::default()).await
+}
+
+fn completion(prompt: &str, max_tokens: usize) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+async fn engine(srv: &common::TestServer) -> Value {
+    srv.get("/v1/status").await["engine"].clone()
+}
+
+const PROMPTS: [&str; 4] = [
+    "The history of the printing press begins",
+    "In a small village by the sea, an old fisherman",
+    "Photosynthesis is the process by which",
+    "The rules of chess are simple: each player",
+];
+
+/// Each prompt's greedy text when it runs alone.
+async fn alone(srv: &common::TestServer, tokens: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in PROMPTS {
+        let (s, b) = srv.post("/v1/completions", completion(p, tokens)).await;
+        assert_eq!(s, 200, "{b}");
+        out.push(b["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+/// The same prompts sent together, each starting a little after the last, so they join the
+/// running batch at different positions.
+async fn together(srv: &common::TestServer, tokens: usize) -> Vec<String> {
+    let futs = PROMPTS.iter().enumerate().map(|(i, p)| async move {
+        tokio::time::sleep(Duration::from_millis(60 * i as u64)).await;
+        let (s, b) = srv.post("/v1/completions", completion(p, tokens)).await;
+        assert_eq!(s, 200, "{b}");
+        b["choices"][0]["text"].as_str().unwrap().to_string()
+    });
+    futures::future::join_all(futs).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sequences_give_the_tokens_they_give_alone() {
+    let srv = server(1024, 8).await;
+    let solo = alone(&srv, 24).await;
+    let batched = together(&srv, 24).await;
+    assert_eq!(solo, batched);
+    assert_eq!(engine(&srv).await["kv_preemptions"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_pre_empts_and_recomputes_without_changing_the_output() {
+    // 6 MiB hold 8 blocks of 16 tokens: enough for any one of these sequences (~10 prompt
+    // tokens + 40 generated = 4 blocks), not for four at once.
+    let srv = server(6, 8).await;
+    assert_eq!(engine(&srv).await["kv_blocks_total"], 8);
+    let solo = alone(&srv, 40).await;
+    let batched = together(&srv, 40).await;
+    assert_eq!(solo, batched);
+    let e = engine(&srv).await;
+    assert!(e["kv_preemptions"].as_u64().unwrap() > 0, "{e}");
+    assert_eq!(e["kv_blocks_used"], 0, "{e}");
+    // A prompt longer than the whole pool is refused up front.
+    let long = "word ".repeat(200);
+    let (s, b) = srv.post("/v1/completions", completion(&long, 4)).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_served_from_the_cache_and_reported() {
+    let srv = server(1024, 8).await;
+    let system = "You are a careful assistant for a small lab. Answer briefly, cite no sources, \
+                  and say so when you do not know. Keep units in SI. Never invent data.";
+    let chat = |q: &str| {
+        json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+               "max_tokens": 12, "temperature": 0})
+    };
+    let (s, first) = srv
+        .post("/v1/chat/completions", chat("What is a volt?"))
+        .await;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    // The same conversation again: everything but the last partial block comes from the cache.
+    let (_, again) = srv
+        .post("/v1/chat/completions", chat("What is a volt?"))
+        .await;
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= prompt_tokens - 16 && cached < prompt_tokens,
+        "{cached} of {prompt_tokens}"
+    );
+    assert_eq!(
+        again["choices"][0]["message"],
+        first["choices"][0]["message"]
+    );
+    // Another question after the same system prompt shares the system prompt's blocks.
+    let (_, other) = srv
+        .post("/v1/chat/completions", chat("What is an ampere?"))
+        .await;
+    let cached = other["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= 32, "{other}");
+    // Streams report it in the usage chunk too.
+    let mut body = chat("What is a volt?");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (events, done) = srv.stream("/v1/chat/completions", body).await;
+    assert!(done);
+    let usage = &events.last().unwrap()["usage"];
+    assert!(
+        usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{usage}"
+    );
+    assert_eq!(engine(&srv).await["kv_blocks_used"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_stream_gives_its_blocks_back() {
+    let srv = server(1024, 8).await;
+    let mut body = completion("Once upon a time", 4000);
+    body["stream"] = json!(true);
+    let res = srv.send("/v1/completions", &body).await;
+    let mut chunks = res.bytes_stream();
+    for _ in 0..20 {
+        chunks.next().await.unwrap().unwrap();
+    }
+    let held = engine(&srv).await["kv_blocks_used"].as_u64().unwrap();
+    assert!(held >= 2, "a running sequence holds blocks: {held}");
+    drop(chunks);
+    let t = Instant::now();
+    loop {
+        let e = engine(&srv).await;
+        if e["kv_blocks_used"] == 0 && e["running"] == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "blocks not freed: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_request_is_admitted_first() {
+    let srv = server(1024, 1).await;
+    let send = |prompt: &'static str, priority: i64, delay: u64| {
+        let srv = &srv;
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let mut body = completion(prompt, 24);
+            body["priority"] = json!(priority);
+            let (s, b) = srv.post("/v1/completions", body).await;
+            assert_eq!(s, 200, "{b}");
+            Instant::now()
+        }
+    };
+    // One runs; while it does, a low- and then a high-priority request queue up.
+    let (_, low, high) = tokio::join!(
+        send(PROMPTS[0], 0, 0),
+        send(PROMPTS[1], 10, 100),
+        send(PROMPTS[2], -10, 200),
+    );
+    assert!(
+        high < low,
+        "the priority -10 request finished after the priority 10 one"
+    );
+}
