@@ -86,13 +86,19 @@ impl KvPool {
         }
     }
 
-    /// Gives `seq` blocks for `len` tokens. On `false` the pool is exhausted; blocks taken
-    /// so far stay with the sequence.
+    /// Gives `seq` blocks for `len` tokens, all or none: on `false` the pool is exhausted and
+    /// `seq` holds what it held before.
     pub fn reserve(&mut self, seq: &mut SeqBlocks, len: usize) -> bool {
+        let held = seq.blocks.len();
         while seq.blocks.len() * BLOCK_TOKENS < len {
             match self.alloc.allocate() {
                 Some(b) => seq.blocks.push(b),
-                None => return false,
+                None => {
+                    for b in seq.blocks.drain(held..) {
+                        self.alloc.release(b);
+                    }
+                    return false;
+                }
             }
         }
         true
@@ -110,7 +116,9 @@ impl KvPool {
     /// returns how many tokens they cover. The last token is never taken from the cache: its
     /// logits are needed.
     pub fn match_prefix(&mut self, seq: &mut SeqBlocks, tokens: &[u32]) -> usize {
-        debug_assert!(seq.blocks.is_empty());
+        if !seq.blocks.is_empty() {
+            return 0; // its blocks already stand for positions from 0
+        }
         let full = tokens.len().saturating_sub(1) / BLOCK_TOKENS;
         let mut parent = 0;
         for chunk in tokens.chunks_exact(BLOCK_TOKENS).take(full) {
@@ -135,6 +143,108 @@ impl KvPool {
             let chunk = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
             let hash = self.alloc.register(seq.blocks[i], parent, chunk);
             seq.hashes.push(hash);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GEO: KvGeometry = KvGeometry {
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 8,
+    };
+
+    #[test]
+    fn a_failed_reservation_takes_nothing_and_prefixes_map_from_position_zero() {
+        let mut pool = KvPool::new(GEO, 4);
+        let (mut a, mut b) = (SeqBlocks::default(), SeqBlocks::default());
+        assert!(pool.reserve(&mut a, 40)); // 3 blocks
+        assert!(!pool.reserve(&mut b, 40), "only one block is left");
+        assert!(b.blocks.is_empty(), "a failed reservation keeps nothing");
+        assert_eq!(pool.alloc.available(), 1);
+        let tokens: Vec<u32> = (0..40).collect();
+        pool.commit(&mut a, &tokens);
+        assert_eq!(a.hashes.len(), 2, "two full blocks registered");
+        // A sequence with the same prefix shares both full blocks; one that already holds
+        // blocks is left alone (its blocks stand for positions from 0).
+        assert_eq!(pool.match_prefix(&mut b, &tokens), 32);
+        assert_eq!(b.blocks, a.blocks[..2]);
+        let mut c = SeqBlocks::default();
+        assert!(pool.reserve(&mut c, 1));
+        assert_eq!(pool.match_prefix(&mut c, &tokens), 0);
+        assert_eq!(c.blocks.len(), 1);
+        pool.release(&mut a);
+        pool.release(&mut b);
+        pool.release(&mut c);
+        assert_eq!(pool.alloc.available(), 4);
+    }
+
+    /// Sequences come and go at random with shared prefixes; each block's slots record the
+    /// token written there, and every sequence must read back exactly its own tokens.
+    #[test]
+    fn random_sequences_always_read_back_their_own_tokens() {
+        let blocks = 12;
+        let mut pool = KvPool::new(GEO, blocks);
+        let mut content = vec![[u32::MAX; BLOCK_TOKENS]; blocks];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        // (tokens, blocks, computed length)
+        let mut seqs: Vec<(Vec<u32>, SeqBlocks, usize)> = Vec::new();
+        for _ in 0..5000 {
+            match rnd(4) {
+                0 if seqs.len() < 6 => {
+                    // A new sequence: one of three prefixes, then its own tokens.
+                    let p = rnd(3) as u32;
+                    let mut t: Vec<u32> = (0..rnd(40) as u32).map(|i| p * 1000 + i).collect();
+                    t.extend((0..1 + rnd(20)).map(|_| 5000 + rnd(1000) as u32));
+                    let mut b = SeqBlocks::default();
+                    let hit = pool.match_prefix(&mut b, &t);
+                    seqs.push((t, b, hit));
+                }
+                1 if !seqs.is_empty() => {
+                    let (_, mut b, _) = seqs.swap_remove(rnd(seqs.len() as u64) as usize);
+                    pool.release(&mut b);
+                }
+                _ if !seqs.is_empty() => {
+                    // A step for one sequence: compute a chunk (growing its tokens when done).
+                    let i = rnd(seqs.len() as u64) as usize;
+                    let (t, b, len) = &mut seqs[i];
+                    if *len == t.len() {
+                        t.push(9000 + rnd(1000) as u32);
+                    }
+                    let want = (1 + rnd(20) as usize).min(t.len() - *len);
+                    if !pool.reserve(b, *len + want) {
+                        // Pre-empt: free everything, start again from the prefix cache.
+                        pool.release(b);
+                        *len = pool.match_prefix(b, t);
+                        continue;
+                    }
+                    for pos in *len..*len + want {
+                        content[b.blocks[pos / BLOCK_TOKENS] as usize][pos % BLOCK_TOKENS] = t[pos];
+                    }
+                    *len += want;
+                    pool.commit(b, &t[..*len]);
+                }
+                _ => {}
+            }
+            for (t, b, len) in &seqs {
+                for pos in 0..*len {
+                    let got = content[b.blocks[pos / BLOCK_TOKENS] as usize][pos % BLOCK_TOKENS];
+                    assert_eq!(
+                        got, t[pos],
+                        "position {pos} of a sequence reads another's token"
+                    );
+                }
+            }
         }
     }
 }
