@@ -25,6 +25,15 @@ pub struct StreamTiming {
     pub tokens: usize,
 }
 
+/// A memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`), in MiB;
+/// `None` off Linux.
+fn proc_status_mb(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// Deterministic prompt of `len` token ids, different for each `seed` (so no two requests
 /// share a prefix a cache could exploit).
 pub fn synthetic_prompt(len: usize, seed: u64) -> Vec<u32> {
@@ -126,6 +135,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         4,
     )
     .await?;
+    let rss_before = proc_status_mb("VmRSS");
     let mut reference = if args.compare_llama_cpp {
         let (path, threads) = (args.model.model_path(), threads);
         let mut r = tokio::task::block_in_place(|| LlamaCppRef::start(&path, threads))?;
@@ -176,6 +186,12 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         "ttft_ms_p50": round2(quantile(&ttft_ms, 0.5)),
         "ttft_ms_p99": round2(quantile(&ttft_ms, 0.99)),
         "threads": threads,
+        // Resident memory of this process (llama.cpp's child is not in it): after the
+        // warm-up, and at its highest. Only the KV pool should grow with load.
+        "kv_cache_mb": args.model.kv_cache_mb,
+        "rss_mb_after_warmup": rss_before.map(round2),
+        "rss_mb_end": proc_status_mb("VmRSS").map(round2),
+        "rss_mb_peak": proc_status_mb("VmHWM").map(round2),
     });
     if reference.is_some() {
         let theirs = Speeds::of(&ref_timings, args.prompt_tokens);

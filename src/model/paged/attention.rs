@@ -142,7 +142,7 @@ fn attend(
     out: &mut [f32],
 ) {
     let d = out.len();
-    let (keys, values) = (&pool.k[layer], &pool.v[layer]);
+    let (keys, values) = pool.layer(layer);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     out.fill(0.0);
     let mut scores = [0.0f32; BLOCK_TOKENS];

@@ -39,12 +39,16 @@ pub struct SeqBlocks {
     pub hashes: Vec<u64>,
 }
 
-/// Keys and values for every block, per layer as `[block][kv_head][slot][dim]`, and the book-
+/// Keys and values for every block, as `[layer][block][kv_head][slot][dim]`, and the book-
 /// keeping of who holds which block.
 pub struct KvPool {
     geo: KvGeometry,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// One allocation each for K and V: a large zeroed allocation is mapped fresh from the
+    /// OS, so its pages become resident only when written (per-layer vectors of a few MB
+    /// could come from the heap and be cleared, all of them resident at once).
+    k: Vec<f32>,
+    v: Vec<f32>,
+    layer_floats: usize,
     pub alloc: BlockAllocator,
 }
 
@@ -52,11 +56,12 @@ impl KvPool {
     /// A pool of `blocks` blocks. Its memory is zeroed lazily by the OS: pages count towards
     /// the process's resident size only once a block is written.
     pub fn new(geo: KvGeometry, blocks: usize) -> Self {
-        let floats = blocks * geo.block_floats();
+        let layer_floats = blocks * geo.block_floats();
         Self {
             geo,
-            k: (0..geo.layers).map(|_| vec![0.0; floats]).collect(),
-            v: (0..geo.layers).map(|_| vec![0.0; floats]).collect(),
+            k: vec![0.0; geo.layers * layer_floats],
+            v: vec![0.0; geo.layers * layer_floats],
+            layer_floats,
             alloc: BlockAllocator::new(blocks),
         }
     }
@@ -70,6 +75,12 @@ impl KvPool {
         self.alloc.total() * BLOCK_TOKENS
     }
 
+    /// One layer's keys and values.
+    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let r = layer * self.layer_floats..(layer + 1) * self.layer_floats;
+        (&self.k[r.clone()], &self.v[r])
+    }
+
     /// Index of `(block, kv_head, slot)`'s first float in a layer's K or V.
     fn at(&self, block: u32, head: usize, slot: usize) -> usize {
         ((block as usize * self.geo.kv_heads + head) * BLOCK_TOKENS + slot) * self.geo.head_dim
@@ -80,9 +91,9 @@ impl KvPool {
         let d = self.geo.head_dim;
         let block = seq.blocks[pos / BLOCK_TOKENS];
         for h in 0..self.geo.kv_heads {
-            let at = self.at(block, h, pos % BLOCK_TOKENS);
-            self.k[layer][at..at + d].copy_from_slice(&k[h * d..(h + 1) * d]);
-            self.v[layer][at..at + d].copy_from_slice(&v[h * d..(h + 1) * d]);
+            let at = layer * self.layer_floats + self.at(block, h, pos % BLOCK_TOKENS);
+            self.k[at..at + d].copy_from_slice(&k[h * d..(h + 1) * d]);
+            self.v[at..at + d].copy_from_slice(&v[h * d..(h + 1) * d]);
         }
     }
 
