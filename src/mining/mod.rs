@@ -3,6 +3,7 @@
 //! only its worker threads; the pool connection lives in [`crate::stratum`].
 
 pub mod cpu;
+pub mod gpu_job;
 pub mod job;
 pub mod sha256;
 #[cfg(target_arch = "x86_64")]
