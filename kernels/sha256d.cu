@@ -180,14 +180,11 @@ extern "C" __global__ void sha256d_scan(Job job, u32 start, u32 waves, u32* out,
                                         const volatile u32* preempt, u32* progress) {
     const u32 threads = gridDim.x * blockDim.x;
     const u32 tid = blockIdx.x * blockDim.x + threadIdx.x;
-    __shared__ int stop;
     u32 k = 0;
     for (; k < waves; k++) {
-        if ((k & 15) == 0) {
-            if (threadIdx.x == 0) stop = *preempt != 0;
-            __syncthreads();
-            if (stop) break;
-        }
+        // One thread reads the flag; the barrier hands its answer to the whole block, so all
+        // of a block's threads stop at the same wave.
+        if ((k & 15) == 0 && __syncthreads_or(threadIdx.x == 0 && *preempt != 0)) break;
         const u32 nonce = start + k * threads + tid;
         if (sha256d_top(job, nonce) <= job.target_hi) {
             u32 slot = atomicAdd(&out[0], 1u);
