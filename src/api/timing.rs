@@ -22,12 +22,8 @@ impl RequestTimer {
             started,
             last_token: None,
             record: RequestRecord {
-                outcome: Outcome::Abort,
                 prompt_tokens,
-                completion_tokens: 0,
-                ttft_s: None,
-                inter_token_s: Vec::new(),
-                e2e_s: 0.0,
+                ..RequestRecord::default()
             },
         }
     }
@@ -67,17 +63,7 @@ impl Drop for RequestTimer {
     fn drop(&mut self) {
         if let Some(t) = self.telemetry.take() {
             self.record.e2e_s = self.started.elapsed().as_secs_f64();
-            t.finished(std::mem::replace(
-                &mut self.record,
-                RequestRecord {
-                    outcome: Outcome::Abort,
-                    prompt_tokens: 0,
-                    completion_tokens: 0,
-                    ttft_s: None,
-                    inter_token_s: Vec::new(),
-                    e2e_s: 0.0,
-                },
-            ));
+            t.finished(std::mem::take(&mut self.record));
         }
     }
 }

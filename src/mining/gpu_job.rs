@@ -3,7 +3,7 @@
 //! the kernel's `struct Job`; `tests/sha256d_kernel.rs` checks the two agree by running the
 //! kernel's per-nonce function, compiled as C++, against [`super::sha256::hash_header_words`].
 
-use super::sha256::K;
+use super::sha256::{round, small_sigma0, small_sigma1, t1_without_w, t2, K};
 
 /// The kernel's `struct Job`, word for word.
 #[repr(C)]
@@ -25,57 +25,27 @@ pub struct GpuJob {
     pub target_hi: u32,
 }
 
-fn big_s0(a: u32) -> u32 {
-    a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22)
-}
-fn big_s1(e: u32) -> u32 {
-    e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25)
-}
-fn small_s0(w: u32) -> u32 {
-    w.rotate_right(7) ^ w.rotate_right(18) ^ (w >> 3)
-}
-fn small_s1(w: u32) -> u32 {
-    w.rotate_right(17) ^ w.rotate_right(19) ^ (w >> 10)
-}
-fn ch(e: u32, f: u32, g: u32) -> u32 {
-    (e & f) ^ (!e & g)
-}
-fn maj(a: u32, b: u32, c: u32) -> u32 {
-    (a & b) | (c & (a | b))
-}
-
 impl GpuJob {
     /// From a header's midstate, its second block's fixed words (see
     /// [`super::sha256::header_tail`]) and the share target's top word.
     pub fn new(mid: &[u32; 8], tail: &[u32; 3], target_hi: u32) -> Self {
         let mut s = *mid;
         for (i, w) in tail.iter().enumerate() {
-            let [a, b, c, d, e, f, g, h] = s;
-            let t1 = h
-                .wrapping_add(big_s1(e))
-                .wrapping_add(ch(e, f, g))
-                .wrapping_add(K[i])
-                .wrapping_add(*w);
-            let t2 = big_s0(a).wrapping_add(maj(a, b, c));
-            s = [t1.wrapping_add(t2), a, b, c, d.wrapping_add(t1), e, f, g];
+            s = round(&s, K[i], *w);
         }
-        let [a, b, c, _, e, f, g, h] = s;
-        let w16 = small_s0(tail[1]).wrapping_add(tail[0]);
-        let w17 = small_s1(640)
-            .wrapping_add(small_s0(tail[2]))
+        let w16 = small_sigma0(tail[1]).wrapping_add(tail[0]);
+        let w17 = small_sigma1(640)
+            .wrapping_add(small_sigma0(tail[2]))
             .wrapping_add(tail[1]);
         Self {
             mid: *mid,
             st: s,
-            t1_base: h
-                .wrapping_add(big_s1(e))
-                .wrapping_add(ch(e, f, g))
-                .wrapping_add(K[3]),
-            t2_3: big_s0(a).wrapping_add(maj(a, b, c)),
+            t1_base: t1_without_w(&s, K[3]),
+            t2_3: t2(&s),
             w16,
             w17,
-            w18_base: small_s1(w16).wrapping_add(tail[2]),
-            w19_base: small_s1(w17).wrapping_add(small_s0(0x8000_0000)),
+            w18_base: small_sigma1(w16).wrapping_add(tail[2]),
+            w19_base: small_sigma1(w17).wrapping_add(small_sigma0(0x8000_0000)),
             target_hi,
         }
     }

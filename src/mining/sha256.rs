@@ -19,41 +19,63 @@ pub const K: [u32; 64] = [
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 ];
 
+/// Σ0, Σ1 (rounds) and σ0, σ1 (message schedule) of FIPS 180-4.
+#[inline(always)]
+pub(crate) fn big_sigma0(a: u32) -> u32 {
+    a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22)
+}
+#[inline(always)]
+pub(crate) fn big_sigma1(e: u32) -> u32 {
+    e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25)
+}
+#[inline(always)]
+pub(crate) fn small_sigma0(w: u32) -> u32 {
+    w.rotate_right(7) ^ w.rotate_right(18) ^ (w >> 3)
+}
+#[inline(always)]
+pub(crate) fn small_sigma1(w: u32) -> u32 {
+    w.rotate_right(17) ^ w.rotate_right(19) ^ (w >> 10)
+}
+
+/// A round's T1 without its message word: `h + Σ1(e) + Ch(e, f, g) + k`.
+#[inline(always)]
+pub(crate) fn t1_without_w(s: &[u32; 8], k: u32) -> u32 {
+    let [_, _, _, _, e, f, g, h] = *s;
+    h.wrapping_add(big_sigma1(e))
+        .wrapping_add((e & f) ^ (!e & g))
+        .wrapping_add(k)
+}
+
+/// A round's T2: `Σ0(a) + Maj(a, b, c)`.
+#[inline(always)]
+pub(crate) fn t2(s: &[u32; 8]) -> u32 {
+    let [a, b, c, ..] = *s;
+    big_sigma0(a).wrapping_add((a & b) ^ (a & c) ^ (b & c))
+}
+
+/// One round with constant `k` and message word `w`.
+#[inline(always)]
+pub(crate) fn round(s: &[u32; 8], k: u32, w: u32) -> [u32; 8] {
+    let t1 = t1_without_w(s, k).wrapping_add(w);
+    let [a, b, c, d, e, f, g, _] = *s;
+    [t1.wrapping_add(t2(s)), a, b, c, d.wrapping_add(t1), e, f, g]
+}
+
 /// One SHA-256 compression of a 16-word block (words already big-endian decoded).
 pub fn compress(state: &[u32; 8], block: &[u32; 16]) -> [u32; 8] {
     let mut w = [0u32; 64];
     w[..16].copy_from_slice(block);
     for t in 16..64 {
-        let s0 = w[t - 15].rotate_right(7) ^ w[t - 15].rotate_right(18) ^ (w[t - 15] >> 3);
-        let s1 = w[t - 2].rotate_right(17) ^ w[t - 2].rotate_right(19) ^ (w[t - 2] >> 10);
         w[t] = w[t - 16]
-            .wrapping_add(s0)
+            .wrapping_add(small_sigma0(w[t - 15]))
             .wrapping_add(w[t - 7])
-            .wrapping_add(s1);
+            .wrapping_add(small_sigma1(w[t - 2]));
     }
-    let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+    let mut s = *state;
     for t in 0..64 {
-        let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-        let ch = (e & f) ^ (!e & g);
-        let t1 = h
-            .wrapping_add(s1)
-            .wrapping_add(ch)
-            .wrapping_add(K[t])
-            .wrapping_add(w[t]);
-        let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-        let maj = (a & b) ^ (a & c) ^ (b & c);
-        let t2 = s0.wrapping_add(maj);
-        h = g;
-        g = f;
-        f = e;
-        e = d.wrapping_add(t1);
-        d = c;
-        c = b;
-        b = a;
-        a = t1.wrapping_add(t2);
+        s = round(&s, K[t], w[t]);
     }
-    let out = [a, b, c, d, e, f, g, h];
-    std::array::from_fn(|i| state[i].wrapping_add(out[i]))
+    std::array::from_fn(|i| state[i].wrapping_add(s[i]))
 }
 
 /// Big-endian words of a 64-byte block.

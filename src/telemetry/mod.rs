@@ -57,6 +57,20 @@ pub struct RequestRecord {
     pub e2e_s: f64,
 }
 
+/// A record of a request that ended before anything was known about it: an abort.
+impl Default for RequestRecord {
+    fn default() -> Self {
+        Self {
+            outcome: Outcome::Abort,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            ttft_s: None,
+            inter_token_s: Vec::new(),
+            e2e_s: 0.0,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Message {
     Finished(RequestRecord),

@@ -100,7 +100,8 @@ pub fn paged_attention(
     let qkv = &*qkv;
     let group = g.heads / g.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let simd = simd_available();
+    // The quantized kernels' check (AVX2, FMA, F16C): one answer for the whole forward pass.
+    let simd = crate::model::quant::simd_available();
     let one = |(c, o): (usize, &mut [f32])| {
         let (row, h) = (c / g.heads, c % g.heads);
         let (s, pos) = rows[row];
@@ -116,7 +117,7 @@ pub fn paged_attention(
         };
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked by `simd_available`).
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
             return unsafe { attend_avx2(&job, o) };
         }
         attend::<false>(&job, o);
@@ -143,15 +144,6 @@ struct Job<'a> {
     kv_head: usize,
     q: &'a [f32],
     scale: f32,
-}
-
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// [`attend`] compiled for AVX2 and FMA, where the compiler turns its eight-lane loops into

@@ -26,6 +26,7 @@ use half::f16;
 use rayon::ThreadPool;
 use thiserror::Error;
 
+pub(crate) use kernels::simd_available;
 pub use kernels::{matmul, Q8Acts};
 pub use unpack::Unpacked;
 
