@@ -9,8 +9,10 @@
 // word, as the hash's top 32 bits, is at most the target's. The host re-checks every candidate
 // in full before it is submitted.
 //
-// The same source compiles as C++ (without __CUDACC__) so that the CPU tests can check the
-// per-nonce function against idlerig's own SHA-256d (tests/sha256d_kernel.rs).
+// The same source compiles as C++ (without __CUDACC__): tests/sha256d_kernel.rs checks the
+// per-nonce function against idlerig's own SHA-256d, and kernels/cpu_grid.cpp runs the whole
+// scan kernel on CPU threads (blocks, barriers and atomics emulated) as the stand-in launcher
+// that lets the host protocol of src/mining/gpu/ run without a GPU.
 
 #ifdef __CUDACC__
 #define DEV __device__ __forceinline__
@@ -170,27 +172,48 @@ DEV u32 sha256d_top(const Job& j, u32 nonce) {
     return BSWAP(0x5be0cd19u + h);
 }
 
-#ifdef __CUDACC__
-// Scans `waves` × gridDim × blockDim nonces from `start`: in wave k, thread t of the grid
-// tries start + k * threads + t. Candidates are appended to out[1..cap], their count in out[0]
-// (it may exceed cap: the host then rescans). Every 16 waves each block looks at the
-// host-mapped `preempt` flag and, when it is raised, stops; progress[block] is the number of
-// waves the whole block finished, so the host resumes from the smallest without losing any.
-extern "C" __global__ void sha256d_scan(Job job, u32 start, u32 waves, u32* out, u32 cap,
-                                        const volatile u32* preempt, u32* progress) {
+#if defined(__CUDACC__) || defined(IDLERIG_CPU_GRID)
+// Scans nonces start + off for off in 0..=last: in wave k, thread t of the grid (t counted
+// across blocks) tries offset k * threads + t. Block b runs waves resume[b] .. end_wave, so the
+// host resumes every block from its own count after a pre-emption and no nonce is hashed
+// twice or skipped. Candidates are appended to out[1..=cap], their count in out[0].
+//
+// Every `every` waves a block reaches a checkpoint, two barriers that hand one answer to all
+// of its threads:
+// - if any of its threads found the buffer full since the last checkpoint, the block stops
+//   and reports the last checkpoint, so those waves are rescanned on the device (the host drops
+//   their candidates that did fit, by wave, and finds them again on the rescan);
+// - if the host-mapped `stop` word is raised (pre-emption, shutdown), the block stops there.
+// progress[b] is the first wave block b has not finished.
+extern "C" __global__ void sha256d_scan(Job job, u32 start, u32 last, u32 end_wave,
+                                        const u32* resume, u32 every, u32* out, u32 cap,
+                                        const volatile u32* stop, u32* progress) {
     const u32 threads = gridDim.x * blockDim.x;
     const u32 tid = blockIdx.x * blockDim.x + threadIdx.x;
-    u32 k = 0;
-    for (; k < waves; k++) {
-        // One thread reads the flag; the barrier hands its answer to the whole block, so all
-        // of a block's threads stop at the same wave.
-        if ((k & 15) == 0 && __syncthreads_or(threadIdx.x == 0 && *preempt != 0)) break;
-        const u32 nonce = start + k * threads + tid;
-        if (sha256d_top(job, nonce) <= job.target_hi) {
-            u32 slot = atomicAdd(&out[0], 1u);
-            if (slot < cap) out[1 + slot] = nonce;
+    u32 k = resume[blockIdx.x];
+    u32 done = k;
+    u32 until_check = 0;
+    int lost = 0;
+    for (;;) {
+        if (until_check == 0 || k >= end_wave) {
+            if (__syncthreads_or(lost)) break;
+            done = k;
+            if (k >= end_wave || __syncthreads_or(threadIdx.x == 0 && *stop != 0)) break;
+            until_check = every;
         }
+        until_check--;
+        // 64-bit: the last wave may reach past the nonce space; those threads only idle.
+        const unsigned long long off = (unsigned long long)k * threads + tid;
+        if (off <= last) {
+            const u32 nonce = start + (u32)off;
+            if (sha256d_top(job, nonce) <= job.target_hi) {
+                u32 slot = atomicAdd(&out[0], 1u);
+                if (slot < cap) out[1 + slot] = nonce;
+                else lost = 1;
+            }
+        }
+        k++;
     }
-    if (threadIdx.x == 0) progress[blockIdx.x] = k;
+    if (threadIdx.x == 0) progress[blockIdx.x] = done;
 }
 #endif

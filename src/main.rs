@@ -90,11 +90,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn mine(args: MineArgs) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let threads = args
-        .threads
-        .unwrap_or_else(idlerig::server::default_threads);
+    use idlerig::config::MineDevice;
+    use idlerig::server::MinerSpec;
+    let spec = match args.device {
+        MineDevice::Cpu | MineDevice::Auto => MinerSpec::Cpu {
+            threads: args
+                .threads
+                .unwrap_or_else(idlerig::server::default_threads),
+        },
+        MineDevice::Cuda => MinerSpec::Cuda { ordinal: args.gpu },
+        MineDevice::CpuGrid => MinerSpec::cpu_grid(),
+        MineDevice::Off => anyhow::bail!("`idlerig mine --device off` has nothing to do"),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stack = idlerig::server::start_mining(&args.pool, threads, stop_rx).await?;
+    let stack = idlerig::server::start_mining(&args.pool, &spec, stop_rx).await?;
     stack.miner.resume();
     let (miner, stats) = (stack.miner.clone(), stack.client.clone());
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));

@@ -14,7 +14,8 @@ use crate::api::{self, ApiKeys, AppState, LoadState};
 use crate::arbiter::{spawn_arbiter, ArbiterParts, DeviceGate, PolicyConfig};
 use crate::config::{MineDevice, PoolArgs, ServeArgs};
 use crate::engine::load_model_reporting;
-use crate::mining::{CpuMiner, CpuMinerConfig, PreemptFlag};
+use crate::mining::gpu::{CpuGridLauncher, Geometry, GpuMiner, GpuMinerConfig, ScanLauncher};
+use crate::mining::{CpuMiner, CpuMinerConfig, Miner, PreemptFlag};
 use crate::model::device_from_name;
 use crate::stratum::client::{run_client, ClientConfig, ClientStats};
 use crate::stratum::pool::{start_pool, PoolConfig, PoolHandle};
@@ -33,11 +34,85 @@ pub enum ServerError {
     Http(#[from] std::io::Error),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("mining device: {0}")]
+    MiningDevice(String),
+}
+
+/// The device the miner runs on, chosen from `--mine-device` and `--device`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MinerSpec {
+    /// CPU threads (SHA-NI where the CPU has it).
+    Cpu { threads: usize },
+    /// The CUDA scan kernel on GPU `ordinal` (the GPU that serves).
+    Cuda { ordinal: usize },
+    /// The CUDA kernel's source on CPU threads: the GPU miner's code path without a GPU.
+    CpuGrid { geometry: Geometry },
+}
+
+impl MinerSpec {
+    /// The stand-in's grid: 2 blocks of 16 threads, enough for barriers and atomics to race.
+    pub fn cpu_grid() -> Self {
+        MinerSpec::CpuGrid {
+            geometry: Geometry {
+                blocks: 2,
+                threads_per_block: 16,
+            },
+        }
+    }
+
+    /// Watts assumed for the earnings estimate when `--mining-watts` is not given: 10 W a CPU
+    /// thread; for a GPU its board power limit (NVML), else 350 W.
+    pub fn default_watts(&self) -> f64 {
+        match self {
+            MinerSpec::Cpu { threads } => 10.0 * *threads as f64,
+            MinerSpec::Cuda { .. } => 350.0,
+            MinerSpec::CpuGrid { geometry } => {
+                10.0 * (geometry.threads() as usize).min(default_threads()) as f64
+            }
+        }
+    }
+
+    /// Starts the miner, idle until resumed.
+    pub fn start(
+        &self,
+        flag: PreemptFlag,
+        shares: tokio::sync::mpsc::UnboundedSender<crate::mining::Share>,
+    ) -> Result<Arc<dyn Miner>, ServerError> {
+        let gpu = |launcher: Box<dyn ScanLauncher>| -> Arc<dyn Miner> {
+            Arc::new(GpuMiner::start(launcher, GpuMinerConfig::default(), flag.clone(), shares.clone()))
+        };
+        Ok(match self {
+            MinerSpec::Cpu { threads } => Arc::new(CpuMiner::start(
+                CpuMinerConfig {
+                    threads: *threads,
+                    record_ranges: false,
+                },
+                flag,
+                shares,
+            )),
+            MinerSpec::CpuGrid { geometry } => gpu(Box::new(
+                CpuGridLauncher::new(*geometry, 4096)
+                    .map_err(|e| ServerError::MiningDevice(e.to_string()))?,
+            )),
+            #[cfg(feature = "cuda")]
+            MinerSpec::Cuda { ordinal } => gpu(Box::new(
+                crate::mining::gpu::cuda::CudaLauncher::new(*ordinal, Default::default())
+                    .map_err(|e| ServerError::MiningDevice(format!("GPU {ordinal}: {e}")))?,
+            )),
+            #[cfg(not(feature = "cuda"))]
+            MinerSpec::Cuda { .. } => {
+                let _ = gpu;
+                return Err(ServerError::MiningDevice(
+                    "--mine-device cuda needs a build with CUDA support (cargo build --release --features cuda) and an NVIDIA GPU".into(),
+                ));
+            }
+        })
+    }
 }
 
 /// The miner, its pool connection and (without `--pool`) the embedded pool.
 pub struct MiningStack {
-    pub miner: Arc<CpuMiner>,
+    pub miner: Arc<dyn Miner>,
     pub client: Arc<ClientStats>,
     pub local_pool: Option<PoolHandle>,
     /// The pool in use, for logs and status (never the password).
@@ -46,13 +121,17 @@ pub struct MiningStack {
     pub client_task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the embedded pool when `pool.pools` is empty, then the CPU miner (idle until the
-/// arbiter or the caller resumes it) and the Stratum client.
+/// Starts the miner (idle until the arbiter or the caller resumes it), then the embedded pool
+/// when `pool.pools` is empty, and the Stratum client.
 pub async fn start_mining(
     pool: &PoolArgs,
-    threads: usize,
+    spec: &MinerSpec,
     shutdown: watch::Receiver<bool>,
 ) -> Result<MiningStack, ServerError> {
+    let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
+    let flag = PreemptFlag::default();
+    flag.raise(); // idle until resumed
+    let miner = spec.start(flag, share_tx)?;
     let mut local_pool = None;
     let pools = if pool.pools.is_empty() {
         let cfg = PoolConfig {
@@ -79,17 +158,6 @@ pub async fn start_mining(
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
-    let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
-    let flag = PreemptFlag::default();
-    flag.raise(); // idle until resumed
-    let miner = Arc::new(CpuMiner::start(
-        CpuMinerConfig {
-            threads,
-            record_ranges: false,
-        },
-        flag,
-        share_tx,
-    ));
     let client = Arc::new(ClientStats::default());
     let client_task = tokio::spawn(run_client(
         ClientConfig::new(pools, &pool.user, &pool.password),
@@ -119,7 +187,7 @@ pub struct RunningServer {
     /// Turns mining on or off at run time (`None` when mining is disabled).
     pub mining_switch: Option<watch::Sender<bool>>,
     /// The miner, for hash counts (`None` when mining is disabled).
-    pub miner: Option<Arc<CpuMiner>>,
+    pub miner: Option<Arc<dyn Miner>>,
     /// Ends after the HTTP server has drained and the miner and pool session have stopped.
     pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -170,8 +238,8 @@ pub async fn start(
     let (mut mining, mut mining_switch, mut arbiter_status) = (None, None, None);
     let mut profit = None;
     let preempt_latency = crate::telemetry::prometheus::preempt_latency_histogram();
-    if let Some(threads) = mining_threads(&args) {
-        match start_mining(&args.pool, threads, pool_stop.clone()).await {
+    if let Some(spec) = miner_spec(&args)? {
+        match start_mining(&args.pool, &spec, pool_stop.clone()).await {
             Ok(stack) => {
                 let gate = Arc::new(DeviceGate::new(stack.miner.preempt_flag().clone()));
                 let policy = PolicyConfig {
@@ -184,7 +252,11 @@ pub async fn start(
                 let (profit_tx, profitable) = watch::channel(true);
                 let local = stack.local_pool.is_some();
                 let when = args.earnings.mine_when(local);
-                profit = Some((args.earnings.inputs(threads, !local), when, profit_tx));
+                profit = Some((
+                    args.earnings.inputs(spec.default_watts(), !local),
+                    when,
+                    profit_tx,
+                ));
                 let parts = ArbiterParts {
                     gate: gate.clone(),
                     engine: engine_rx.clone(),
@@ -199,10 +271,12 @@ pub async fn start(
                 let status = spawn_arbiter(parts, policy, arbiter_stop.clone());
                 arbiter_status = Some(status.clone());
                 state = state.with_arbiter(gate, status);
-                tracing::info!(threads, pool = %stack.label, grace_ms = args.idle_grace_ms, mine_when = ?when, "mining in the gaps between requests");
+                tracing::info!(miner = ?spec, pool = %stack.label, grace_ms = args.idle_grace_ms, mine_when = ?when, "mining in the gaps between requests");
                 mining_switch = Some(switch);
                 mining = Some(stack);
             }
+            // The operator named the device: not mining there is an error, not a fallback.
+            Err(e @ ServerError::MiningDevice(_)) => return Err(e),
             Err(e) => tracing::error!(error = %e, "mining could not start; serving without it"),
         }
     }
@@ -333,26 +407,33 @@ fn warn_if_exposed(args: &ServeArgs, keys: &ApiKeys) {
     }
 }
 
-/// CPU threads to mine with, or `None` when mining is off.
-fn mining_threads(args: &ServeArgs) -> Option<usize> {
+/// The miner to start, or `None` when mining is off. `auto` mines on the GPU that serves, else
+/// on the CPU.
+pub fn miner_spec(args: &ServeArgs) -> Result<Option<MinerSpec>, ServerError> {
     if args.no_mine {
-        return None;
+        return Ok(None);
     }
-    match args.mine_device {
+    // One core is left free by default: with every core mining, SCHED_IDLE still keeps the
+    // miner off the CPU while inference runs, but a pre-empted worker cannot acknowledge
+    // until a core frees up (measured on 2 cores: 54 ms p50 with 2 threads, 17 µs with 1).
+    let cpu = || MinerSpec::Cpu {
+        threads: args
+            .mine_threads
+            .unwrap_or_else(|| default_threads().saturating_sub(1))
+            .max(1),
+    };
+    let serving_gpu = crate::model::cuda_ordinal(&args.model.device)
+        .map_err(|e| ServerError::Config(e.to_string()))?;
+    Ok(match args.mine_device {
         MineDevice::Off => None,
-        // One core is left free by default: with every core mining, SCHED_IDLE still keeps the
-        // miner off the CPU while inference runs, but a pre-empted worker cannot acknowledge
-        // until a core frees up (measured on 2 cores: 54 ms p50 with 2 threads, 17 µs with 1).
-        MineDevice::Cpu | MineDevice::Auto => Some(
-            args.mine_threads
-                .unwrap_or_else(|| default_threads().saturating_sub(1))
-                .max(1),
-        ),
-        MineDevice::Cuda => {
-            tracing::error!(
-                "--mine-device cuda needs a build with the `cuda` feature and a GPU; not mining"
-            );
-            None
-        }
-    }
+        MineDevice::Cpu => Some(cpu()),
+        MineDevice::Auto => Some(match serving_gpu {
+            Some(ordinal) => MinerSpec::Cuda { ordinal },
+            None => cpu(),
+        }),
+        MineDevice::Cuda => Some(MinerSpec::Cuda {
+            ordinal: serving_gpu.unwrap_or(0),
+        }),
+        MineDevice::CpuGrid => Some(MinerSpec::cpu_grid()),
+    })
 }

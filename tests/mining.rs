@@ -7,7 +7,7 @@ use idlerig::mining::cpu::scan;
 use idlerig::mining::job::{hex_array, Job};
 use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d};
 use idlerig::mining::{
-    target_for_difficulty, CpuMiner, CpuMinerConfig, PreemptFlag, WorkSource, U256,
+    target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, WorkSource, U256,
 };
 use proptest::prelude::*;
 

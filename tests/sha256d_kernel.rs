@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use idlerig::mining::gpu_job::GpuJob;
+use idlerig::mining::gpu::GpuJob;
 use idlerig::mining::sha256::{hash_header_words, header_tail, midstate};
 
 const HARNESS: &str = r#"

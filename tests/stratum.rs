@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use idlerig::mining::{CpuMiner, CpuMinerConfig, PreemptFlag};
+use idlerig::mining::{CpuMiner, CpuMinerConfig, Miner, PreemptFlag};
 use idlerig::stratum::client::{run_client, ClientConfig, ClientStats};
 use idlerig::stratum::pool::{start_pool, PoolCommand, PoolConfig, PoolHandle};
 use idlerig::stratum::PoolUrl;

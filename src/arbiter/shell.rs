@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::gate::DeviceGate;
 use super::policy::{step, Action, Event, Phase, PolicyConfig, PolicyState};
 use crate::engine::EngineStats;
-use crate::mining::{monotonic_ns, CpuMiner};
+use crate::mining::{monotonic_ns, Miner};
 use crate::stratum::client::ClientStats;
 
 /// What the arbiter watches and drives.
@@ -20,7 +20,7 @@ pub struct ArbiterParts {
     pub gate: Arc<DeviceGate>,
     /// The engine's counters, once the model has loaded.
     pub engine: watch::Receiver<Option<Arc<EngineStats>>>,
-    pub miner: Arc<CpuMiner>,
+    pub miner: Arc<dyn Miner>,
     pub pool: Arc<ClientStats>,
     /// Shown in the status: the pool's address (never its password) and whether it pays.
     pub pool_label: String,

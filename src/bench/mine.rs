@@ -9,7 +9,9 @@ use serde_json::json;
 use crate::config::BenchMineArgs;
 use crate::mining::job::Job;
 use crate::mining::sha256::IV;
-use crate::mining::{target_for_difficulty, CpuMiner, CpuMinerConfig, PreemptFlag, WorkSource};
+use crate::mining::{
+    target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, WorkSource,
+};
 
 fn mainnet_job() -> Job {
     Job::from_notify(

@@ -77,6 +77,9 @@ pub enum MineDevice {
     Cuda,
     /// The device that serves: the GPU when serving on CUDA, else the CPU.
     Auto,
+    /// The CUDA kernel's source run on CPU threads: the GPU miner's whole code path without
+    /// a GPU (for tests and demonstrations; slower than `cpu`).
+    CpuGrid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -279,6 +282,13 @@ pub struct MineArgs {
     /// CPU mining threads (default: every core).
     #[arg(long, env = "IDLERIG_MINE_THREADS")]
     pub threads: Option<usize>,
+    /// Where to mine: `cpu`, `cuda` (the GPU given by --gpu; needs a CUDA build), or
+    /// `cpu-grid` (the CUDA kernel's source on CPU threads, for tests).
+    #[arg(long, env = "IDLERIG_MINE_DEVICE", value_enum, default_value = "cpu")]
+    pub device: MineDevice,
+    /// The GPU to mine on with `--device cuda`.
+    #[arg(long, env = "IDLERIG_GPU", default_value_t = 0)]
+    pub gpu: usize,
 }
 
 #[derive(Debug, Clone, Args)]

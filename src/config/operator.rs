@@ -111,14 +111,12 @@ pub struct EarningsArgs {
 }
 
 impl EarningsArgs {
-    /// The estimate's inputs, for `mining_threads` CPU threads on a pool that pays or not.
-    pub fn inputs(&self, mining_threads: usize, pool_pays: bool) -> EarningsInputs {
+    /// The estimate's inputs, with `--mining-watts` or else `default_watts` (the miner's own
+    /// figure), on a pool that pays or not.
+    pub fn inputs(&self, default_watts: f64, pool_pays: bool) -> EarningsInputs {
         EarningsInputs {
             power_price_usd_kwh: self.power_price.max(0.0),
-            mining_watts: self
-                .mining_watts
-                .unwrap_or(10.0 * mining_threads as f64)
-                .max(0.0),
+            mining_watts: self.mining_watts.unwrap_or(default_watts).max(0.0),
             btc_price_usd: self.btc_price.max(0.0),
             network_difficulty: self.network_difficulty.max(1.0),
             block_reward_btc: self.block_reward_btc.max(0.0),

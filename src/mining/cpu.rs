@@ -8,6 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::miner::Miner;
+use super::preempt::{monotonic_ns, PreemptFlag};
 use super::sha256::{header_tail, scan_portable, ScanOutcome};
 use super::work::{Share, Work, WorkSource};
 
@@ -17,47 +19,6 @@ pub const POLL_NONCES: u64 = 1024;
 /// within milliseconds, large enough that the dispatcher's lock is rarely touched.
 const CHUNK_NONCES: u64 = 1 << 18;
 const NONCE_SPACE: u64 = 1 << 32;
-
-/// The flag that stops the miner. Raising it is one atomic store, so the HTTP layer can do
-/// it the moment a request arrives, before any message is scheduled. It remembers when it was
-/// raised, so the miner can report how long it took to yield.
-#[derive(Clone, Debug, Default)]
-pub struct PreemptFlag(Arc<FlagInner>);
-
-#[derive(Debug, Default)]
-struct FlagInner {
-    raised: AtomicBool,
-    raised_at_ns: AtomicU64,
-}
-
-/// Nanoseconds since the first call in this process: a clock all threads share.
-pub fn monotonic_ns() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    EPOCH
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_nanos() as u64
-}
-
-impl PreemptFlag {
-    pub fn raise(&self) {
-        if !self.0.raised.swap(true, Ordering::AcqRel) {
-            self.0.raised_at_ns.store(monotonic_ns(), Ordering::Release);
-        }
-    }
-
-    pub fn is_raised(&self) -> bool {
-        self.0.raised.load(Ordering::Acquire)
-    }
-
-    fn lower(&self) {
-        self.0.raised.store(false, Ordering::Release);
-    }
-
-    fn raised_at_ns(&self) -> u64 {
-        self.0.raised_at_ns.load(Ordering::Acquire)
-    }
-}
 
 /// Settings of the CPU miner.
 #[derive(Debug, Clone)]
@@ -156,64 +117,6 @@ impl CpuMiner {
         Self { shared, workers }
     }
 
-    /// Mines `source` from now on; work on the previous job is dropped at the next poll.
-    pub fn set_work(&self, source: WorkSource) {
-        let mut d = self
-            .shared
-            .dispatch
-            .lock()
-            .expect("dispatch lock poisoned only if a worker panicked");
-        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        d.source = Some(source);
-        d.work = None;
-        d.returned.clear();
-        drop(d);
-        self.shared.wake.notify_all();
-    }
-
-    /// Stops mining until new work comes (the pool has none, or the connection is down).
-    pub fn clear_work(&self) {
-        let mut d = self.shared.dispatch.lock().expect("dispatch lock");
-        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        d.source = None;
-        d.work = None;
-        d.returned.clear();
-    }
-
-    /// Lets the workers run again after a pre-emption.
-    pub fn resume(&self) {
-        self.shared.preempt.lower();
-        let _guard = self.shared.dispatch.lock().expect("dispatch lock");
-        self.shared.wake.notify_all();
-    }
-
-    /// Workers still hashing: 0 once a pre-emption has been acknowledged by all of them.
-    pub fn active_workers(&self) -> usize {
-        self.shared.active.load(Ordering::Acquire)
-    }
-
-    /// Pre-emption latencies (flag raised → every worker stopped) measured since the last call.
-    pub fn take_preempt_latencies(&self) -> Vec<u64> {
-        std::mem::take(
-            &mut self
-                .shared
-                .dispatch
-                .lock()
-                .expect("dispatch lock")
-                .preempt_latencies_ns,
-        )
-    }
-
-    /// The flag that pre-empts this miner.
-    pub fn preempt_flag(&self) -> &PreemptFlag {
-        &self.shared.preempt
-    }
-
-    /// Nonces hashed since start.
-    pub fn hashes(&self) -> u64 {
-        self.shared.hashes.load(Ordering::Relaxed)
-    }
-
     /// The dispatcher's cursor and the ranges handed back, for coverage checks.
     pub fn pending_ranges(&self) -> (u64, Vec<(u64, u64)>) {
         let d = self.shared.dispatch.lock().expect("dispatch lock");
@@ -228,6 +131,70 @@ impl CpuMiner {
             .expect("dispatch lock")
             .recorded
             .clone()
+    }
+}
+
+impl Miner for CpuMiner {
+    fn backend(&self) -> &'static str {
+        "cpu"
+    }
+
+    /// Mines `source` from now on; work on the previous job is dropped at the next poll.
+    fn set_work(&self, source: WorkSource) {
+        let mut d = self
+            .shared
+            .dispatch
+            .lock()
+            .expect("dispatch lock poisoned only if a worker panicked");
+        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        d.source = Some(source);
+        d.work = None;
+        d.returned.clear();
+        drop(d);
+        self.shared.wake.notify_all();
+    }
+
+    /// Stops mining until new work comes (the pool has none, or the connection is down).
+    fn clear_work(&self) {
+        let mut d = self.shared.dispatch.lock().expect("dispatch lock");
+        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        d.source = None;
+        d.work = None;
+        d.returned.clear();
+    }
+
+    /// Lets the workers run again after a pre-emption.
+    fn resume(&self) {
+        self.shared.preempt.lower();
+        let _guard = self.shared.dispatch.lock().expect("dispatch lock");
+        self.shared.wake.notify_all();
+    }
+
+    /// Workers still hashing: 0 once a pre-emption has been acknowledged by all of them.
+    fn active_workers(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
+    }
+
+    /// Pre-emption latencies (flag raised → every worker stopped) measured since the last call.
+    fn take_preempt_latencies(&self) -> Vec<u64> {
+        std::mem::take(
+            &mut self
+                .shared
+                .dispatch
+                .lock()
+                .expect("dispatch lock")
+                .preempt_latencies_ns,
+        )
+    }
+
+    /// The flag that pre-empts this miner.
+    fn preempt_flag(&self) -> &PreemptFlag {
+        &self.shared.preempt
+    }
+
+    /// Nonces hashed since start.
+    fn hashes(&self) -> u64 {
+        self.shared.hashes.load(Ordering::Relaxed)
     }
 }
 
@@ -329,8 +296,8 @@ pub fn scan(
     let tail = header_tail(&work.header);
     let top = work.share_target.top_u32();
     #[cfg(target_arch = "x86_64")]
-    if use_shani {
-        // SAFETY: `use_shani` is only true when `sha_ni_available()` said so.
+    if use_shani && super::sha_ni_available() {
+        // SAFETY: the CPU has SHA-NI (checked just above, whatever the caller asked for).
         return unsafe {
             super::shani::scan(&work.midstate, &tail, start, end, top, POLL_NONCES, stop)
         };

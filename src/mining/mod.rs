@@ -1,17 +1,23 @@
 //! The mining core: SHA-256d with a midstate, targets and difficulty, Stratum jobs turned
-//! into headers, and the CPU miner (SHA-NI where available). Everything here is pure or owns
-//! only its worker threads; the pool connection lives in [`crate::stratum`].
+//! into headers, the CPU miner (SHA-NI where available) and the GPU miner over a scan launcher
+//! (CUDA, or the CPU stand-in that runs the same kernel source). Both sit behind [`Miner`].
+//! Everything here is pure or owns only its worker threads; the pool connection lives in
+//! [`crate::stratum`].
 
 pub mod cpu;
-pub mod gpu_job;
+pub mod gpu;
 pub mod job;
+mod miner;
+mod preempt;
 pub mod sha256;
 #[cfg(target_arch = "x86_64")]
 pub mod shani;
 pub mod target;
 pub mod work;
 
-pub use cpu::{monotonic_ns, CpuMiner, CpuMinerConfig, PreemptFlag};
+pub use cpu::{CpuMiner, CpuMinerConfig};
+pub use miner::Miner;
+pub use preempt::{monotonic_ns, HostWord, PreemptFlag};
 pub use job::Job;
 pub use target::{difficulty_of_hash, target_for_difficulty, U256};
 pub use work::{Share, Work, WorkSource};

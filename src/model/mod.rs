@@ -38,27 +38,26 @@ pub enum ModelError {
 
 /// The candle device for a `--device` value: `cpu` or `cuda:N`.
 pub fn device_from_name(name: &str) -> Result<candle_core::Device, ModelError> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        other => match other
-            .strip_prefix("cuda:")
-            .or((other == "cuda").then_some("0"))
-        {
-            Some(idx) => {
-                let idx: usize = idx.parse().map_err(|_| {
-                    ModelError::Unsupported(format!("device `{other}`: expected cuda:N"))
-                })?;
-                if cfg!(feature = "cuda") {
-                    Ok(candle_core::Device::new_cuda(idx)?)
-                } else {
-                    Err(ModelError::Unsupported(format!(
-                        "device `{other}`: this build has no CUDA support (build with --features cuda)"
-                    )))
-                }
-            }
-            None => Err(ModelError::Unsupported(format!(
-                "device `{other}`: expected `cpu` or `cuda:N`"
-            ))),
-        },
+    match cuda_ordinal(name)? {
+        None => Ok(candle_core::Device::Cpu),
+        Some(idx) if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda(idx)?),
+        Some(_) => Err(ModelError::Unsupported(format!(
+            "device `{name}`: this build has no CUDA support (build with --features cuda)"
+        ))),
+    }
+}
+
+/// The GPU ordinal a `--device` names (`cuda`, `cuda:N`), or `None` for `cpu`.
+pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, ModelError> {
+    if name == "cpu" {
+        return Ok(None);
+    }
+    match name.strip_prefix("cuda:").or((name == "cuda").then_some("0")) {
+        Some(idx) => idx.parse().map(Some).map_err(|_| {
+            ModelError::Unsupported(format!("device `{name}`: expected cuda:N"))
+        }),
+        None => Err(ModelError::Unsupported(format!(
+            "device `{name}`: expected `cpu` or `cuda:N`"
+        ))),
     }
 }

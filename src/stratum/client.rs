@@ -13,22 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::protocol::{parse_line, MAX_LINE_BYTES};
 use super::session::{Action, ClientSession, ShareCounts};
 use super::PoolUrl;
-use crate::mining::{Share, WorkSource};
-
-/// Where the client sends work: the miner.
-pub trait WorkSink: Send + Sync + 'static {
-    fn set_work(&self, source: WorkSource);
-    fn clear_work(&self);
-}
-
-impl WorkSink for crate::mining::CpuMiner {
-    fn set_work(&self, source: WorkSource) {
-        crate::mining::CpuMiner::set_work(self, source)
-    }
-    fn clear_work(&self) {
-        crate::mining::CpuMiner::clear_work(self)
-    }
-}
+use crate::mining::{Miner, Share};
 
 /// Settings of the client. `Debug` hides the password.
 #[derive(Clone)]
@@ -109,7 +94,7 @@ impl ClientStats {
 /// Runs the client until `shutdown` turns true; shares arrive on `shares`.
 pub async fn run_client(
     cfg: ClientConfig,
-    sink: Arc<dyn WorkSink>,
+    sink: Arc<dyn Miner>,
     mut shares: mpsc::UnboundedReceiver<Share>,
     stats: Arc<ClientStats>,
     mut shutdown: watch::Receiver<bool>,
@@ -220,7 +205,7 @@ async fn connection(
     index: usize,
     stream: TcpStream,
     session: &mut ClientSession,
-    sink: &dyn WorkSink,
+    sink: &dyn Miner,
     shares: &mut mpsc::UnboundedReceiver<Share>,
     stats: &ClientStats,
     shutdown: &mut watch::Receiver<bool>,

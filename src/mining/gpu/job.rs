@@ -1,9 +1,9 @@
 //! What the host computes once per job for the CUDA scan kernel (`kernels/sha256d.cu`):
 //! everything of the header's double hash that no nonce changes. The layout of [`GpuJob`] is
 //! the kernel's `struct Job`; `tests/sha256d_kernel.rs` checks the two agree by running the
-//! kernel's per-nonce function, compiled as C++, against [`super::sha256::hash_header_words`].
+//! kernel's per-nonce function, compiled as C++, against [`crate::mining::sha256::hash_header_words`].
 
-use super::sha256::{round, small_sigma0, small_sigma1, t1_without_w, t2, K};
+use crate::mining::sha256::{round, small_sigma0, small_sigma1, t1_without_w, t2, K};
 
 /// The kernel's `struct Job`, word for word.
 #[repr(C)]
@@ -27,7 +27,7 @@ pub struct GpuJob {
 
 impl GpuJob {
     /// From a header's midstate, its second block's fixed words (see
-    /// [`super::sha256::header_tail`]) and the share target's top word.
+    /// [`crate::mining::sha256::header_tail`]) and the share target's top word.
     pub fn new(mid: &[u32; 8], tail: &[u32; 3], target_hi: u32) -> Self {
         let mut s = *mid;
         for (i, w) in tail.iter().enumerate() {

@@ -1,0 +1,27 @@
+//! What the arbiter, the Stratum client and the benchmarks drive: a miner on some device,
+//! given work, pre-empted through its [`PreemptFlag`] and resumed. The CPU miner
+//! ([`super::CpuMiner`]) and the GPU miner ([`super::gpu::GpuMiner`], over any scan launcher)
+//! both implement it, so nothing above `mining` knows which device mines.
+
+use super::preempt::PreemptFlag;
+use super::work::WorkSource;
+
+pub trait Miner: Send + Sync + 'static {
+    /// "cpu", or the launcher's name ("cuda", "cpu-grid").
+    fn backend(&self) -> &'static str;
+    /// Mines `source` from now on; work on the previous job is dropped at the next poll.
+    fn set_work(&self, source: WorkSource);
+    /// Stops mining until new work comes (the pool has none, or the connection is down).
+    fn clear_work(&self);
+    /// Lets the miner run again after a pre-emption.
+    fn resume(&self);
+    /// Workers (threads, or kernels in flight) still hashing: 0 once a pre-emption has been
+    /// acknowledged and every share found is in the share channel.
+    fn active_workers(&self) -> usize;
+    /// Pre-emption latencies (flag raised → hashing stopped) measured since the last call.
+    fn take_preempt_latencies(&self) -> Vec<u64>;
+    /// The flag that pre-empts this miner.
+    fn preempt_flag(&self) -> &PreemptFlag;
+    /// Nonces hashed since start.
+    fn hashes(&self) -> u64;
+}
