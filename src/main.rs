@@ -7,7 +7,18 @@ use tokio::sync::watch;
 
 use idlerig::config::{BenchCommand, Cli, Command, LogFormat, MineArgs, ServeArgs};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line for the operator, without a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     // A --config file becomes IDLERIG_* variables (those not already set) before parsing, so
     // flags win over the environment, and the environment over the file.
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -58,6 +69,7 @@ fn main() -> anyhow::Result<()> {
                     BenchCommand::Infer(args) => idlerig::bench::infer::run(args).await,
                     BenchCommand::Mine(args) => idlerig::bench::mine::run(args),
                     BenchCommand::Preempt(args) => idlerig::bench::preempt::run(args).await,
+                    BenchCommand::GpuCheck(args) => idlerig::bench::gpu_check::run(args).await,
                 }
                 .map_err(anyhow::Error::msg)?;
                 println!("{line}");

@@ -192,3 +192,48 @@ fn config_print_merges_file_environment_and_flags_with_secrets_redacted() {
     assert!(err.contains("unknown setting `prot`"), "{err}");
     let _ = std::fs::remove_file(file);
 }
+
+/// Runs the binary with `args` until it exits (it must, within a deadline), returning its
+/// status and standard error.
+fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`idlerig {}` did not exit", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn mining_on_a_gpu_that_is_not_there_exits_with_a_clear_message() {
+    for args in [
+        &["serve", "--port", "0", "--local-pool-port", "0", "--mine-device", "cuda"][..],
+        &["mine", "--local-pool-port", "0", "--device", "cuda"][..],
+    ] {
+        let (status, stderr) = run_to_exit(args);
+        assert!(!status.success(), "{args:?} exited 0:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains("mining device") && stderr.contains("cuda"),
+            "{args:?} names the device and the reason:\n{stderr}"
+        );
+    }
+}

@@ -1,6 +1,8 @@
-//! `idlerig serve` with the miner, end to end: the real model, the embedded pool, the CPU
-//! miner and the arbiter in one process. Shares are accepted while the server is idle, no hash
-//! is counted while a streaming request runs, and mining resumes after it.
+//! `idlerig serve` with the miner, end to end: the real model, the embedded pool, a miner and
+//! the arbiter in one process. Shares are accepted while the server is idle, no hash is counted
+//! while a streaming request runs, and mining resumes after it. It runs twice: with the CPU
+//! miner, and with the GPU miner on the CPU stand-in launcher (`--mine-device cpu-grid`, the
+//! CUDA kernel's source on CPU threads), which is the GPU serve path less the driver calls.
 
 use std::time::{Duration, Instant};
 
@@ -36,17 +38,27 @@ async fn wait_for(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mines_while_idle_stops_while_serving_and_resumes() {
-    let cli = Cli::parse_from([
+async fn the_cpu_miner_mines_while_idle_stops_while_serving_and_resumes() {
+    mines_while_idle_stops_while_serving_and_resumes(&["--mine-threads", "2"], "cpu").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gpu_miner_on_the_stand_in_mines_while_idle_stops_while_serving_and_resumes() {
+    mines_while_idle_stops_while_serving_and_resumes(&["--mine-device", "cpu-grid"], "cpu-grid")
+        .await;
+}
+
+async fn mines_while_idle_stops_while_serving_and_resumes(miner_args: &[&str], backend: &str) {
+    let mut argv = vec![
         "idlerig",
         "serve",
         "--local-pool-port",
         "0",
         "--idle-grace-ms",
         "1000",
-        "--mine-threads",
-        "2",
-    ]);
+    ];
+    argv.extend_from_slice(miner_args);
+    let cli = Cli::parse_from(argv);
     let Command::Serve(args) = cli.command else {
         unreachable!()
     };
@@ -68,6 +80,7 @@ async fn mines_while_idle_stops_while_serving_and_resumes() {
         "the embedded pool is labelled as paying nothing"
     );
     assert_eq!(s["mining"]["shares_rejected"], 0);
+    assert_eq!(s["mining"]["backend"], backend);
 
     // A streaming request: the miner must stop and stay stopped until it ends.
     let body = json!({"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "stream": true, "ignore_eos": true});

@@ -37,6 +37,8 @@ pub struct ArbiterParts {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ArbiterStatus {
     pub mining_enabled: bool,
+    /// The miner's device: "cpu", "cuda", or "cpu-grid" (the CUDA kernel on CPU threads).
+    pub backend: &'static str,
     pub phase: &'static str,
     pub device_time_s: DeviceTime,
     pub preemptions: u64,
@@ -170,6 +172,7 @@ pub fn spawn_arbiter(
                 let secs = |us: u64| us as f64 / 1e6;
                 let _ = status_tx.send(ArbiterStatus {
                     mining_enabled: state.cfg.mining_enabled,
+                    backend: parts.miner.backend(),
                     phase: phase_name(state.phase),
                     device_time_s: DeviceTime {
                         serving: secs(state.time.serving_us),

@@ -64,6 +64,23 @@ pub enum BenchCommand {
     Mine(BenchMineArgs),
     /// What mining costs API users: the same request schedule with mining on and off, interleaved.
     Preempt(BenchPreemptArgs),
+    /// The GPU half in one run (scripts/gpu-check): kernel correctness, GH/s, pre-emption
+    /// latency with lost and duplicate nonces counted, power. Without a GPU it runs the
+    /// kernel checks on the CPU stand-in and reports `"gpu": null`.
+    GpuCheck(BenchGpuCheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchGpuCheckArgs {
+    /// The GPU to check.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// The model for the serving figures (GGUF file or safetensors directory).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Small sizes even on a GPU (a smoke run).
+    #[arg(long)]
+    pub quick: bool,
 }
 
 /// Where `serve` mines between requests.

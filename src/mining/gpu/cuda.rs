@@ -1,0 +1,323 @@
+//! The CUDA launcher: `kernels/sha256d.cu` compiled by NVRTC for the device's own compute
+//! capability and launched on a stream of its own. It uses its own `CudaContext` handle on
+//! the device's primary context (the one candle serves on): a second stream made on candle's
+//! handle would switch candle to multi-stream event tracking on every op. The stop word lives
+//! in host-mapped pinned memory (`cuMemHostAlloc` with DEVICEMAP | PORTABLE), so a raise on
+//! the host is seen by the running kernel at its next checkpoint with no copy or launch.
+//! Everything but these calls is in the shared miner code, tested on the CPU stand-in.
+
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::cuda_backend::cudarc;
+use cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+
+use super::job::GpuJob;
+use super::launcher::{Geometry, Launch, LaunchError, LaunchResult, ScanLauncher};
+use crate::mining::HostWord;
+
+/// The kernel's source, built into the binary: NVRTC compiles it where it runs.
+pub const KERNEL_SOURCE: &str = include_str!("../../../kernels/sha256d.cu");
+
+// SAFETY: `GpuJob` is `#[repr(C)]` of 23 `u32`s, the layout of the kernel's `struct Job`.
+unsafe impl DeviceRepr for GpuJob {}
+
+/// How the grid is sized.
+#[derive(Debug, Clone)]
+pub struct CudaConfig {
+    pub threads_per_block: u32,
+    /// Blocks per multiprocessor; `None`: as many as the kernel's registers allow.
+    pub blocks_per_sm: Option<u32>,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        Self {
+            threads_per_block: 256,
+            blocks_per_sm: None,
+        }
+    }
+}
+
+/// What NVRTC and the device said, for logs and `gpu-check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelInfo {
+    pub device: String,
+    pub compute_capability: String,
+    pub multiprocessors: u32,
+    pub clock_mhz: f64,
+    pub total_memory_mib: u64,
+    pub compile_ms: f64,
+    pub registers: i32,
+    pub spill_bytes: i32,
+    pub blocks_per_sm: u32,
+    pub blocks: u32,
+    pub threads_per_block: u32,
+}
+
+fn driver(e: impl std::fmt::Display) -> LaunchError {
+    LaunchError::Driver(e.to_string())
+}
+
+/// A word of host-mapped pinned memory: the host writes it, the kernel reads it over the bus.
+struct MappedWord {
+    ctx: Arc<CudaContext>,
+    host: *mut std::ffi::c_void,
+    device: sys::CUdeviceptr,
+}
+
+// SAFETY: the allocation is process-wide (PORTABLE) and only ever accessed as an atomic.
+unsafe impl Send for MappedWord {}
+unsafe impl Sync for MappedWord {}
+
+impl MappedWord {
+    fn new(ctx: &Arc<CudaContext>) -> Result<Self, LaunchError> {
+        ctx.bind_to_thread().map_err(driver)?;
+        let mut host = std::ptr::null_mut();
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: plain driver calls with valid out-pointers, the context current.
+        unsafe {
+            sys::cuMemHostAlloc(
+                &mut host,
+                std::mem::size_of::<u32>(),
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+            .result()
+            .map_err(driver)?;
+            let word = Self {
+                ctx: ctx.clone(),
+                host,
+                device: 0,
+            };
+            (*(host as *const AtomicU32)).store(0, std::sync::atomic::Ordering::SeqCst);
+            sys::cuMemHostGetDevicePointer_v2(&mut device, host, 0)
+                .result()
+                .map_err(driver)?;
+            Ok(Self { device, ..word })
+        }
+    }
+}
+
+impl HostWord for MappedWord {
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: `host` is a live, 4-byte aligned allocation of at least 4 bytes, accessed
+        // only atomically on the host.
+        unsafe { &*(self.host as *const AtomicU32) }
+    }
+}
+
+impl Drop for MappedWord {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc above; the launcher that could use it on the
+            // device holds an Arc to it, so no kernel is running with it any more.
+            unsafe {
+                let _ = sys::cuMemFreeHost(self.host);
+            }
+        }
+    }
+}
+
+pub struct CudaLauncher {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    func: CudaFunction,
+    geometry: Geometry,
+    capacity: u32,
+    out: CudaSlice<u32>,
+    resume: CudaSlice<u32>,
+    progress: CudaSlice<u32>,
+    stop: Arc<MappedWord>,
+    in_flight: Option<CudaEvent>,
+    info: KernelInfo,
+}
+
+impl CudaLauncher {
+    /// Compiles the kernel for GPU `ordinal` and sizes the grid to fill it.
+    pub fn new(ordinal: usize, cfg: CudaConfig) -> Result<Self, LaunchError> {
+        let ctx = CudaContext::new(ordinal).map_err(|e| LaunchError::NoDevice(e.to_string()))?;
+        // This handle's slices are used by one stream only: no per-op event bookkeeping.
+        // SAFETY: nothing has been allocated on this handle yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver)?;
+        let (major, minor) = ctx.compute_capability().map_err(driver)?;
+        let started = Instant::now();
+        let opts = CompileOptions {
+            options: vec![format!("--gpu-architecture=sm_{major}{minor}")],
+            name: Some("sha256d.cu".into()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| match e {
+            CompileError::CompileError { log, .. } => {
+                LaunchError::Compile(log.to_string_lossy().into_owned())
+            }
+            other => LaunchError::Compile(other.to_string()),
+        })?;
+        let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+        let module = ctx.load_module(ptx).map_err(driver)?;
+        let func = module.load_function("sha256d_scan").map_err(driver)?;
+        let attr = |a| ctx.attribute(a).map_err(driver);
+        let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let clock_khz = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?;
+        let tpb = cfg.threads_per_block.clamp(32, 1024);
+        let per_sm = match cfg.blocks_per_sm {
+            Some(n) => n.max(1),
+            None => func
+                .occupancy_max_active_blocks_per_multiprocessor(tpb, 0, None)
+                .map_err(driver)?
+                .max(1),
+        };
+        let geometry = Geometry {
+            blocks: sms * per_sm,
+            threads_per_block: tpb,
+        };
+        // One whole wave of the grid always fits: an overflow can only come from waves
+        // beyond the first after a launch starts, so every rescan makes progress.
+        let capacity = geometry.threads().max(1 << 16);
+        let out = stream.alloc_zeros::<u32>(capacity as usize + 1).map_err(driver)?;
+        let resume = stream.alloc_zeros::<u32>(geometry.blocks as usize).map_err(driver)?;
+        let progress = stream.alloc_zeros::<u32>(geometry.blocks as usize).map_err(driver)?;
+        let stop = Arc::new(MappedWord::new(&ctx)?);
+        let info = KernelInfo {
+            device: ctx.name().map_err(driver)?,
+            compute_capability: format!("{major}.{minor}"),
+            multiprocessors: sms,
+            clock_mhz: f64::from(clock_khz) / 1e3,
+            total_memory_mib: (ctx.total_mem().map_err(driver)? >> 20) as u64,
+            compile_ms,
+            registers: func.num_regs().map_err(driver)?,
+            spill_bytes: func.local_size_bytes().map_err(driver)?,
+            blocks_per_sm: per_sm,
+            blocks: geometry.blocks,
+            threads_per_block: tpb,
+        };
+        tracing::info!(?info, "CUDA scan kernel compiled");
+        Ok(Self {
+            ctx,
+            stream,
+            func,
+            geometry,
+            capacity,
+            out,
+            resume,
+            progress,
+            stop,
+            in_flight: None,
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &KernelInfo {
+        &self.info
+    }
+}
+
+impl ScanLauncher for CudaLauncher {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn stop_word(&self) -> Arc<dyn HostWord> {
+        self.stop.clone()
+    }
+
+    fn launch(&mut self, l: &Launch<'_>) -> Result<(), LaunchError> {
+        if self.in_flight.is_some() {
+            return Err(LaunchError::Misuse("a launch is already in flight"));
+        }
+        if l.resume.len() != self.geometry.blocks as usize {
+            return Err(LaunchError::Misuse("one resume point per block"));
+        }
+        self.ctx.bind_to_thread().map_err(driver)?;
+        self.stream
+            .memcpy_htod(l.resume, &mut self.resume)
+            .map_err(driver)?;
+        self.stream
+            .memcpy_htod(&[0u32], &mut self.out.slice_mut(0..1))
+            .map_err(driver)?;
+        let (job, cap, stop) = (*l.job, self.capacity, self.stop.device);
+        let every = l.every.max(1);
+        let cfg = LaunchConfig {
+            grid_dim: (self.geometry.blocks, 1, 1),
+            block_dim: (self.geometry.threads_per_block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.func);
+        b.arg(&job)
+            .arg(&l.start)
+            .arg(&l.last)
+            .arg(&l.end_wave)
+            .arg(&self.resume)
+            .arg(&every)
+            .arg(&mut self.out)
+            .arg(&cap)
+            .arg(&stop)
+            .arg(&mut self.progress);
+        // SAFETY: the arguments match the kernel's signature in order and type (GpuJob is the
+        // kernel's struct Job; the buffers hold 1 + cap, blocks and blocks words).
+        unsafe { b.launch(cfg) }.map_err(driver)?;
+        let done = self.stream.record_event(None).map_err(driver)?;
+        self.in_flight = Some(done);
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<bool, LaunchError> {
+        match &self.in_flight {
+            Some(ev) => ev.try_is_complete().map_err(driver),
+            None => Err(LaunchError::Misuse("no launch in flight")),
+        }
+    }
+
+    fn finish(&mut self) -> Result<LaunchResult, LaunchError> {
+        let ev = self
+            .in_flight
+            .take()
+            .ok_or(LaunchError::Misuse("no launch in flight"))?;
+        ev.synchronize().map_err(driver)?;
+        let mut found = [0u32];
+        self.stream
+            .memcpy_dtoh(&self.out.slice(0..1), &mut found)
+            .map_err(driver)?;
+        let kept = found[0].min(self.capacity) as usize;
+        let mut candidates = vec![0u32; kept];
+        if kept > 0 {
+            self.stream
+                .memcpy_dtoh(&self.out.slice(1..1 + kept), &mut candidates)
+                .map_err(driver)?;
+        }
+        let mut progress = vec![0u32; self.geometry.blocks as usize];
+        self.stream
+            .memcpy_dtoh(&self.progress, &mut progress)
+            .map_err(driver)?;
+        self.stream.synchronize().map_err(driver)?;
+        Ok(LaunchResult {
+            progress,
+            candidates,
+            found: found[0],
+        })
+    }
+}
+
+impl Drop for CudaLauncher {
+    fn drop(&mut self) {
+        if let Some(ev) = self.in_flight.take() {
+            self.stop
+                .word()
+                .store(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = ev.synchronize();
+        }
+    }
+}
