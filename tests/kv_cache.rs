@@ -225,10 +225,32 @@ async fn batched_sequences_give_the_tokens_they_give_alone() {
 async fn an_exhausted_pool_pre_empts_and_recomputes_without_changing_the_output() {
     // 6 MiB hold 8 blocks of 16 tokens: enough for any one of these sequences (~10 prompt
     // tokens + 40 generated = 4 blocks), not for four at once.
-    let srv = server(6, 8).await;
+    exhausted_cache_pre_empts_and_recomputes(server(6, 8).await, 40).await;
+}
+
+/// The same with CUDA's layout (dense per-sequence caches under a 6 MiB budget, 128 tokens).
+/// A sequence reserves 64 tokens at first, so a third waits while two run; 60 generated
+/// tokens take each past 64, and growing the first needs the second's room: it is pre-empted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_dense_budget_pre_empts_and_recomputes_without_changing_the_output() {
+    let mut cfg = EngineConfig {
+        max_running: 8,
+        ..EngineConfig::default()
+    };
+    cfg.model.kv_cache_mb = 6;
+    cfg.model.dense_kv = true;
+    cfg.model.own_kernels = false;
+    exhausted_cache_pre_empts_and_recomputes(
+        common::spawn_app_with_model(cfg, Default::default()).await,
+        60,
+    )
+    .await;
+}
+
+async fn exhausted_cache_pre_empts_and_recomputes(srv: common::TestServer, tokens: usize) {
     assert_eq!(engine(&srv).await["kv_blocks_total"], 8);
-    let solo = alone(&srv, 40).await;
-    let batched = together(&srv, 40).await;
+    let solo = alone(&srv, tokens).await;
+    let batched = together(&srv, tokens).await;
     assert_eq!(solo, batched);
     let e = idle_engine(&srv).await;
     assert!(e["kv_preemptions"].as_u64().unwrap() > 0, "{e}");

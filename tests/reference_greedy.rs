@@ -19,7 +19,7 @@
 mod common;
 
 use idlerig::engine::{ChatMessage, EngineConfig, SamplingParams, SeqEvent, ValidRequest};
-use idlerig::model::BatchItem;
+use idlerig::model::{BatchItem, LoadOptions};
 use serde_json::Value;
 
 /// Top-2 logit margin under which two correct implementations may pick differently.
@@ -42,13 +42,32 @@ fn log_softmax_at(logits: &[f32], tok: usize) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp(LoadOptions::default()).await;
+}
+
+/// The CUDA serving path's logic on the CPU: candle's quantized matmul (the kernels CUDA
+/// runs, not ours), dense per-sequence caches under the admission budget, the causal mask
+/// built once per step, attention over views of the caches. Only the device differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cuda_code_path_on_the_cpu_agrees_with_llama_cpp() {
+    agrees_with_llama_cpp(LoadOptions {
+        own_kernels: false,
+        dense_kv: true,
+        ..LoadOptions::default()
+    })
+    .await;
+}
+
+async fn agrees_with_llama_cpp(options: LoadOptions) {
     let reference: Value = serde_json::from_str(include_str!("reference/smollm2_greedy.json"))
         .expect("reference JSON");
     let files = idlerig::model::ModelFiles::open(&common::default_model_path()).unwrap();
     let mut llama = files
-        .load_llama(&candle_core::Device::Cpu, Default::default())
+        .load_llama(&candle_core::Device::Cpu, options)
         .unwrap();
-    let served = common::load_default_model(EngineConfig::default());
+    let mut engine_cfg = EngineConfig::default();
+    engine_cfg.model = options;
+    let served = common::load_default_model(engine_cfg);
     let template = served
         .template
         .as_ref()

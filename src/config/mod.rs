@@ -128,15 +128,29 @@ pub struct ModelArgs {
     /// is pre-empted whenever the model runs, so it does not compete for them).
     #[arg(long, env = "IDLERIG_THREADS")]
     pub threads: Option<usize>,
-    /// Memory for the KV cache on the CPU, in MiB: a pool of 16-token blocks shared by all
-    /// sequences (and by common prompt prefixes). When it runs out, the newest sequence is
-    /// paused and recomputed later. 0: per-sequence caches with no limit.
+    /// Memory for the KV cache, in MiB. On the CPU: a pool of 16-token blocks shared by all
+    /// sequences (and by common prompt prefixes). On CUDA: the budget of the per-sequence
+    /// caches. When it runs out, the lowest-ranked sequence is paused and recomputed later,
+    /// and a prompt larger than all of it is refused. 0: per-sequence caches with no limit.
     #[arg(long, env = "IDLERIG_KV_CACHE_MB", default_value_t = 1024)]
     pub kv_cache_mb: usize,
+    /// KV cache layout: `auto` (paged on the CPU, dense on CUDA), `paged` (CPU only), or
+    /// `dense` (per-sequence buffers under the --kv-cache-mb budget: CUDA's layout, on any
+    /// device).
+    #[arg(long, env = "IDLERIG_KV_LAYOUT", value_enum, default_value_t = KvLayout::Auto)]
+    pub kv_layout: KvLayout,
     /// CPU kernels for quantized weights: idlerig's own (AVX2 where the CPU has it), or
     /// candle's (for comparison).
     #[arg(long, env = "IDLERIG_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Idlerig)]
     pub cpu_kernels: CpuKernels,
+}
+
+/// How the KV cache is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvLayout {
+    Auto,
+    Paged,
+    Dense,
 }
 
 /// Which CPU kernels run quantized weights.
@@ -157,6 +171,7 @@ impl ModelArgs {
                 threads: self.threads.unwrap_or(defaults.threads).max(1),
                 own_kernels: self.cpu_kernels == CpuKernels::Idlerig,
                 kv_cache_mb: self.kv_cache_mb,
+                dense_kv: self.kv_layout == KvLayout::Dense,
             },
             telemetry: None,
         }

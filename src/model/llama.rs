@@ -8,8 +8,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::cache::{causal_mask, DenseBudget, SeqCache};
 use super::paged::attention::PagedItem;
-use super::paged::{paged_attention, KvGeometry, KvPool, Rope, SeqBlocks};
+use super::paged::{paged_attention, KvGeometry, KvPool, Rope};
 use super::quant::Linear;
 use super::weights::Weights;
 use super::ModelError;
@@ -30,76 +31,6 @@ pub struct LlamaConfig {
     /// GGUF stores Q/K permuted for interleaved (GPT-J style) rotary pairs; Hugging Face
     /// checkpoints rotate the two halves of each head (GPT-NeoX style).
     pub rope_interleaved: bool,
-}
-
-/// Keys and values of one sequence for every layer. On the CPU they live in blocks of the
-/// model's paged pool (`paged`); elsewhere in dense per-layer buffers grown in place (a
-/// layer's buffer doubles when full, so each entry is copied O(1) times on average).
-pub struct SeqCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-    paged: SeqBlocks,
-}
-
-impl SeqCache {
-    pub fn new(num_layers: usize) -> Self {
-        Self {
-            layers: vec![None; num_layers],
-            len: 0,
-            paged: SeqBlocks::default(),
-        }
-    }
-
-    /// Tokens already in the cache: the position of the next token.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Whether the cache holds any KV memory (computed entries or reserved blocks).
-    pub fn holds_blocks(&self) -> bool {
-        self.len > 0 || !self.paged.blocks.is_empty()
-    }
-
-    /// Appends `k`, `v` (`[kv_heads, t, head_dim]`) to layer `layer` and returns that layer's
-    /// whole cache, the new entries included.
-    fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let needed = self.len + k.dim(1)?;
-        let capacity = self.layers[layer]
-            .as_ref()
-            .map_or(0, |(ck, _)| ck.dim(1).unwrap_or(0));
-        if needed > capacity {
-            let new_cap = needed.max(capacity * 2).max(64);
-            let (h, _, d) = k.dims3()?;
-            let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let fresh = Tensor::zeros((h, new_cap, d), k.dtype(), k.device())?;
-                if let (Some(old), true) = (old, self.len > 0) {
-                    fresh.slice_set(&old.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                }
-                Ok(fresh)
-            };
-            let old = self.layers[layer].as_ref();
-            let grown = (grow(old.map(|(k, _)| k))?, grow(old.map(|(_, v)| v))?);
-            self.layers[layer] = Some(grown);
-        }
-        let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
-        ck.slice_set(&k.contiguous()?, 1, self.len)?;
-        cv.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((ck.narrow(1, 0, needed)?, cv.narrow(1, 0, needed)?))
-    }
-
-    /// Marks `t` more tokens as cached, once every layer has appended them.
-    fn advance(&mut self, t: usize) {
-        self.len += t;
-    }
 }
 
 /// One sequence's part of a batched step: the tokens to run (a whole prompt, a chunk of it,
@@ -178,7 +109,8 @@ impl Attention {
         })
     }
 
-    /// `x` is `[tokens, hidden]` for all sequences; `spans` gives each sequence's rows.
+    /// `x` is `[tokens, hidden]` for all sequences, each item's rows in turn; `masks` holds
+    /// each item's causal mask (dense layout), built once per step.
     fn forward(
         &self,
         layer: usize,
@@ -186,6 +118,7 @@ impl Attention {
         batch: &mut [BatchItem<'_>],
         rope: &RotaryEmbedding,
         paged: Option<(&mut KvPool, &Rope)>,
+        masks: &[Option<Tensor>],
     ) -> candle_core::Result<Tensor> {
         if let Some((pool, rope)) = paged {
             let qkv = self.qkv.forward(x)?;
@@ -213,7 +146,7 @@ impl Attention {
         let v = qkv.narrow(1, q_width + kv_width, kv_width)?;
         let mut outputs = Vec::with_capacity(batch.len());
         let mut row = 0;
-        for item in batch.iter_mut() {
+        for (item, mask) in batch.iter_mut().zip(masks) {
             let t = item.tokens.len();
             let pos = item.cache.len();
             let heads = |m: &Tensor, h: usize| -> candle_core::Result<Tensor> {
@@ -226,7 +159,7 @@ impl Attention {
             let ks = rope.apply(&heads(&k, self.num_kv_heads)?, pos)?;
             let vs = heads(&v, self.num_kv_heads)?;
             let (ck, cv) = item.cache.append(layer, &ks.squeeze(0)?, &vs.squeeze(0)?)?;
-            outputs.push(self.attend(&qs.squeeze(0)?, &ck, &cv, pos)?);
+            outputs.push(self.attend(&qs.squeeze(0)?, &ck, &cv, mask.as_ref())?);
             row += t;
         }
         let out = if outputs.len() == 1 {
@@ -237,15 +170,16 @@ impl Attention {
         self.o.forward(&out)
     }
 
-    /// Causal attention of `q` (`[heads, t, d]`, first token at `pos`) over the cache
-    /// (`[kv_heads, pos + t, d]`). Query heads sharing a KV head are folded into its rows,
-    /// so grouped-query attention needs no copy of K or V per query head.
+    /// Causal attention of `q` (`[heads, t, d]`) over the cache (`[kv_heads, pos + t, d]`,
+    /// views into the sequence's buffers: neither K nor V is copied). Query heads sharing a
+    /// KV head are folded into its rows, so grouped-query attention needs no copy of K or V
+    /// per query head.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        pos: usize,
+        mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let t = q.dim(1)?;
         let groups = self.num_heads / self.num_kv_heads;
@@ -253,22 +187,15 @@ impl Attention {
         let q = q.reshape((self.num_kv_heads, groups * t, self.head_dim))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = if t > 1 {
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..kv_len).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, kv_len), q.device())?;
-            scores
+        let scores = match mask {
+            Some(mask) => scores
                 .reshape((self.num_kv_heads, groups, t, kv_len))?
-                .broadcast_add(&mask)?
-                .reshape((self.num_kv_heads, groups * t, kv_len))?
-        } else {
-            scores
+                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
+                .reshape((self.num_kv_heads, groups * t, kv_len))?,
+            None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, groups * t, d]
+        let out = probs.matmul(v)?; // [kv_heads, groups * t, d]
         out.reshape((self.num_heads, t, self.head_dim))?
             .transpose(0, 1)?
             .reshape((t, self.num_heads * self.head_dim))
@@ -348,16 +275,20 @@ pub struct Llama {
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
     /// The paged KV cache and its rotary tables (CPU); `None`: dense per-sequence caches.
     kv: Option<(KvPool, Rope)>,
+    /// The dense caches' admission budget (`--kv-cache-mb`); `None`: paged, or no limit.
+    dense: Option<DenseBudget>,
 }
 
 impl Llama {
     /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
-    /// `progress` hears the fraction loaded (0–1) after each layer.
-    /// `kv_cache_mb` sizes the paged KV pool on the CPU (0: dense caches).
+    /// `progress` hears the fraction loaded (0–1) after each layer. `kv_cache_mb` sizes the
+    /// paged KV pool (CPU) or the dense caches' budget (CUDA, or `dense_kv`); 0: dense caches
+    /// without a limit.
     pub(crate) fn load(
         mut w: Weights,
         device: &Device,
         kv_cache_mb: usize,
+        dense_kv: bool,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self, ModelError> {
         let cfg = w.config().clone();
@@ -373,7 +304,8 @@ impl Llama {
             .collect::<Result<Vec<_>, _>>()?;
         let (embed, lm_head) = w.embeddings()?;
         progress(1.0);
-        let kv = (device.is_cpu() && kv_cache_mb > 0).then(|| {
+        let paged = device.is_cpu() && !dense_kv && kv_cache_mb > 0;
+        let kv = paged.then(|| {
             let geo = KvGeometry {
                 layers: cfg.num_layers,
                 heads: cfg.num_heads,
@@ -389,8 +321,18 @@ impl Llama {
             );
             (KvPool::new(geo, blocks.max(1)), rope)
         });
+        let embed_dtype = embed.dtype();
+        let dense = (!paged && kv_cache_mb > 0).then(|| {
+            // K and V of every layer, in the activations' type.
+            let bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * embed_dtype.size_in_bytes();
+            DenseBudget::new(kv_cache_mb, bytes, cfg.context_length)
+        });
+        // Weights were uploaded on this thread; the engine runs on another. Wait until they
+        // are on the device before anyone computes with them.
+        device.synchronize()?;
         Ok(Self {
             kv,
+            dense,
             rope: RotaryEmbedding::new(&cfg, device)?,
             norm: w.vector("output_norm.weight", "model.norm.weight")?,
             embed,
@@ -447,10 +389,18 @@ impl Llama {
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let eps = self.cfg.rms_norm_eps as f32;
+        let masks = if self.kv.is_some() {
+            vec![None; batch.len()]
+        } else {
+            batch
+                .iter()
+                .map(|b| causal_mask(b.tokens.len(), b.cache.len(), &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let paged = self.kv.as_mut().map(|(pool, rope)| (pool, &*rope));
-            x = (x + layer.attn.forward(i, &h, batch, &self.rope, paged)?)?;
+            x = (x + layer.attn.forward(i, &h, batch, &self.rope, paged, &masks)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
@@ -476,12 +426,13 @@ impl Llama {
         })
     }
 
-    /// Makes room in `cache` for `len` tokens; `false` when the paged pool is exhausted.
-    /// Dense caches grow as they go and always have room.
+    /// Makes room in `cache` for `len` tokens; `false` when the paged pool or the dense
+    /// budget is exhausted. Dense caches without a budget always have room.
     pub fn kv_reserve(&mut self, cache: &mut SeqCache, len: usize) -> bool {
-        match &mut self.kv {
-            Some((pool, _)) => pool.reserve(&mut cache.paged, len),
-            None => true,
+        match (&mut self.kv, &mut self.dense) {
+            (Some((pool, _)), _) => pool.reserve(&mut cache.paged, len),
+            (None, Some(budget)) => budget.reserve(cache, len),
+            (None, None) => true,
         }
     }
 
@@ -489,6 +440,9 @@ impl Llama {
     pub fn kv_release(&mut self, cache: &mut SeqCache) {
         if let Some((pool, _)) = &mut self.kv {
             pool.release(&mut cache.paged);
+        }
+        if let Some(budget) = &mut self.dense {
+            budget.release(cache);
         }
         cache.layers.iter_mut().for_each(|l| *l = None);
         cache.len = 0;
@@ -517,15 +471,20 @@ impl Llama {
         }
     }
 
-    /// Blocks in use and in all, and tokens per block, of the paged pool.
+    /// Blocks in use and in all, and tokens per block, of the paged pool or the dense
+    /// budget (counted in the same 16-token blocks).
     pub fn kv_usage(&self) -> Option<(usize, usize, usize)> {
-        self.kv.as_ref().map(|(pool, _)| {
-            let total = pool.alloc.total();
-            (
-                total - pool.alloc.available(),
-                total,
-                super::paged::BLOCK_TOKENS,
-            )
-        })
+        let per_block = super::paged::BLOCK_TOKENS;
+        match (&self.kv, &self.dense) {
+            (Some((pool, _)), _) => {
+                let total = pool.alloc.total();
+                Some((total - pool.alloc.available(), total, per_block))
+            }
+            (None, Some(budget)) => {
+                let (used, total) = budget.usage();
+                Some((used, total, per_block))
+            }
+            (None, None) => None,
+        }
     }
 }

@@ -5,12 +5,14 @@
 //! Nothing here knows about requests, tokenizers or HTTP; the engine owns a [`Llama`] and the
 //! [`SeqCache`]s of its sequences and calls [`Llama::forward`] once per step.
 
+mod cache;
 mod llama;
 pub mod paged;
 pub mod quant;
 mod weights;
 
-pub use llama::{BatchItem, Llama, LlamaConfig, SeqCache};
+pub use cache::SeqCache;
+pub use llama::{BatchItem, Llama, LlamaConfig};
 pub use weights::{gguf_int, LoadOptions, ModelFiles, ModelFormat};
 
 use thiserror::Error;
@@ -40,7 +42,9 @@ pub enum ModelError {
 pub fn device_from_name(name: &str) -> Result<candle_core::Device, ModelError> {
     match cuda_ordinal(name)? {
         None => Ok(candle_core::Device::Cpu),
-        Some(idx) if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda(idx)?),
+        // One explicit stream for every thread: the model loads on one thread and runs on
+        // another, and candle's default per-thread streams would not order the two.
+        Some(idx) if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda_with_stream(idx)?),
         Some(_) => Err(ModelError::Unsupported(format!(
             "device `{name}`: this build has no CUDA support (build with --features cuda)"
         ))),

@@ -24,8 +24,12 @@ pub struct LoadOptions {
     pub threads: usize,
     /// Our quantized CPU kernels (`true`), or candle's (`false`, for comparison).
     pub own_kernels: bool,
-    /// Size of the paged KV pool on the CPU, in MiB (0: dense per-sequence caches).
+    /// Size of the paged KV pool on the CPU, or of the dense caches' budget, in MiB (0: dense
+    /// per-sequence caches without a limit).
     pub kv_cache_mb: usize,
+    /// Dense per-sequence caches under a budget even on the CPU: the layout CUDA serves with,
+    /// so that its logic runs in CI (the "CPU twin" of the CUDA path).
+    pub dense_kv: bool,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +38,7 @@ impl Default for LoadOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             own_kernels: true,
             kv_cache_mb: 1024,
+            dense_kv: false,
         }
     }
 }
@@ -222,7 +227,13 @@ impl ModelFiles {
                 }
             }
         };
-        Llama::load(weights, device, options.kv_cache_mb, progress)
+        Llama::load(
+            weights,
+            device,
+            options.kv_cache_mb,
+            options.dense_kv,
+            progress,
+        )
     }
 }
 
