@@ -65,7 +65,11 @@ impl MinerSpec {
     pub fn default_watts(&self) -> f64 {
         match self {
             MinerSpec::Cpu { threads } => 10.0 * *threads as f64,
-            MinerSpec::Cuda { .. } => 350.0,
+            MinerSpec::Cuda { ordinal } => {
+                let (watts, source) = crate::mining::gpu::power::mining_watts(*ordinal);
+                tracing::info!(watts, source, "GPU mining power for the earnings estimate");
+                watts
+            }
             MinerSpec::CpuGrid { geometry } => {
                 10.0 * (geometry.threads() as usize).min(default_threads()) as f64
             }

@@ -65,10 +65,16 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
     let threads = args
         .mine_threads
         .unwrap_or_else(|| crate::server::default_threads().saturating_sub(1).max(1));
-    // The miner alone, as the yardstick for the server's idle hashrate.
-    let reference = tokio::task::spawn_blocking(move || super::mine::cpu_hashrate(threads, 3.0))
-        .await
-        .map_err(|e| e.to_string())?;
+    let on_gpu = args.device != "cpu";
+    // The CPU miner alone, as the yardstick for the server's idle hashrate (on a GPU the
+    // idle hashrate is reported without one).
+    let reference = if on_gpu {
+        f64::NAN
+    } else {
+        tokio::task::spawn_blocking(move || super::mine::cpu_hashrate(threads, 3.0))
+            .await
+            .map_err(|e| e.to_string())?
+    };
 
     let mut argv = vec![
         "idlerig".to_string(),
@@ -81,6 +87,9 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
         args.idle_grace_ms.to_string(),
         "--mine-threads".into(),
         threads.to_string(),
+        // `--mine-device auto`: the GPU miner when serving on CUDA.
+        "--device".into(),
+        args.device.clone(),
     ]);
     if let Some(m) = &args.model {
         argv.extend(["--model".into(), m.display().to_string()]);
@@ -179,8 +188,9 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     Ok(json!({
         "bench": "preempt",
-        "device": "cpu",
-        "mine_threads": threads,
+        "device": args.device,
+        "miner": end["mining"]["backend"],
+        "mine_threads": (!on_gpu).then_some(threads),
         "requests_per_mode": with_mining.len(),
         "rate_rps": args.rate,
         "preemptions": end["mining"]["preemptions"],

@@ -328,6 +328,9 @@ pub struct BenchPreemptArgs {
     /// Model to serve (default: the SmolLM2 GGUF from models/).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Device to serve on: `cpu` (the CPU miner mines the gaps) or `cuda:N` (the GPU miner).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Mean request arrivals per second (Poisson, open loop).
     #[arg(long, default_value_t = 0.5)]
     pub rate: f64,

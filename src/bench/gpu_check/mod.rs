@@ -6,8 +6,9 @@
 //! power. Without a GPU it says so (`"gpu": null`), runs the kernel checks on the CPU
 //! stand-in at small sizes, and succeeds.
 
-mod kernel;
+pub mod kernel;
 mod power;
+mod serving;
 
 use serde_json::{json, Value};
 
@@ -50,9 +51,20 @@ fn stand_in() -> Box<dyn ScanLauncher> {
 
 /// Runs every check; the figures as one JSON document.
 pub async fn run(args: BenchGpuCheckArgs) -> Result<Value, String> {
-    let doc = tokio::task::spawn_blocking(move || check(&args))
+    let model = args.model.clone();
+    let gpu = args.gpu;
+    let mut doc = tokio::task::spawn_blocking(move || check(&args))
         .await
         .map_err(|e| e.to_string())?;
+    let on_gpu = doc["backend"] == "cuda";
+    doc["serving"] = match &model {
+        Some(_) if !on_gpu => json!({"skipped": "no GPU: serving figures need CUDA"}),
+        Some(model) => {
+            tracing::info!("gpu-check: serving");
+            serving::figures(model, gpu).await
+        }
+        None => json!({"skipped": "no --model given"}),
+    };
     if let Some(dir) = std::env::var_os("OUT") {
         let path = std::path::Path::new(&dir).join("gpu-check.json");
         let _ = std::fs::create_dir_all(&dir);
@@ -92,11 +104,6 @@ fn check(args: &BenchGpuCheckArgs) -> Value {
     let ceiling = kernel_info.as_ref().map(|k| ceiling_ghs(k));
     tracing::info!("gpu-check: pre-emption");
     let preempt = kernel::preempt(l, &sizes);
-    let serving = match &args.model {
-        Some(_) if !on_gpu => json!({"skipped": "no GPU: serving figures need CUDA"}),
-        Some(model) => serving_figures(model, args.gpu),
-        None => json!({"skipped": "no --model given"}),
-    };
     json!({
         "gpu": device.filter(|_| on_gpu),
         "no_gpu_reason": no_gpu,
@@ -108,7 +115,6 @@ fn check(args: &BenchGpuCheckArgs) -> Value {
         "ceiling_ghs": ceiling,
         "achieved_over_ceiling": ceiling.map(|c| best_ghs / c),
         "preempt": preempt,
-        "serving": serving,
         "power_w": {"idle": idle_w, "mining": mining_w},
         "j_per_gh": mining_w.filter(|_| best_ghs > 0.0).map(|w| w / best_ghs),
     })
@@ -123,12 +129,4 @@ fn ceiling_ghs(k: &Value) -> f64 {
     let sms = k["multiprocessors"].as_f64().unwrap_or(0.0);
     let mhz = k["clock_mhz"].as_f64().unwrap_or(0.0);
     sms * 64.0 * mhz * 1e6 / INT_OPS_PER_NONCE / 1e9
-}
-
-/// Serving on the GPU, when this build can: see `serving` (needs the `cuda` feature).
-fn serving_figures(model: &std::path::Path, gpu: usize) -> Value {
-    json!({"skipped": format!(
-        "serving figures on cuda:{gpu} with {} are not part of gpu-check yet",
-        model.display()
-    )})
 }

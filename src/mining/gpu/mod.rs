@@ -10,6 +10,7 @@ pub mod cuda;
 pub mod job;
 pub mod launcher;
 pub mod miner;
+pub mod power;
 pub mod sweep;
 
 pub use cpu_grid::CpuGridLauncher;
