@@ -101,9 +101,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn mine(args: MineArgs) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
     use idlerig::config::MineDevice;
     use idlerig::server::MinerSpec;
+    use std::sync::atomic::Ordering::Relaxed;
     let spec = match args.device {
         MineDevice::Cpu | MineDevice::Auto => MinerSpec::Cpu {
             threads: args

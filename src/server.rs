@@ -83,7 +83,12 @@ impl MinerSpec {
         shares: tokio::sync::mpsc::UnboundedSender<crate::mining::Share>,
     ) -> Result<Arc<dyn Miner>, ServerError> {
         let gpu = |launcher: Box<dyn ScanLauncher>| -> Arc<dyn Miner> {
-            Arc::new(GpuMiner::start(launcher, GpuMinerConfig::default(), flag.clone(), shares.clone()))
+            Arc::new(GpuMiner::start(
+                launcher,
+                GpuMinerConfig::default(),
+                flag.clone(),
+                shares.clone(),
+            ))
         };
         Ok(match self {
             MinerSpec::Cpu { threads } => Arc::new(CpuMiner::start(

@@ -225,7 +225,15 @@ fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
 #[test]
 fn mining_on_a_gpu_that_is_not_there_exits_with_a_clear_message() {
     for args in [
-        &["serve", "--port", "0", "--local-pool-port", "0", "--mine-device", "cuda"][..],
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--local-pool-port",
+            "0",
+            "--mine-device",
+            "cuda",
+        ][..],
         &["mine", "--local-pool-port", "0", "--device", "cuda"][..],
     ] {
         let (status, stderr) = run_to_exit(args);

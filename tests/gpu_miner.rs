@@ -107,7 +107,10 @@ fn every_nonce_is_hashed_and_reported_exactly_once_under_random_preemptions() {
     let preemptions = mine_with_random_preemptions(&m, &stats, 3, 7);
     let mut by_unit: BTreeMap<Vec<u8>, Vec<u32>> = BTreeMap::new();
     for s in shares(&mut rx) {
-        by_unit.entry(s.extranonce2.clone()).or_default().push(s.nonce);
+        by_unit
+            .entry(s.extranonce2.clone())
+            .or_default()
+            .push(s.nonce);
     }
     let done = stats.units_done.load(Ordering::SeqCst);
     let full: Vec<_> = by_unit
@@ -120,11 +123,16 @@ fn every_nonce_is_hashed_and_reported_exactly_once_under_random_preemptions() {
         sorted.sort_unstable();
         let want: Vec<u32> = (0..SPACE as u32).collect();
         assert_eq!(sorted.len(), nonces.len());
-        assert!(sorted == want, "unit {en2:?}: {} nonces reported, {} distinct", nonces.len(), {
-            let mut d = sorted.clone();
-            d.dedup();
-            d.len()
-        });
+        assert!(
+            sorted == want,
+            "unit {en2:?}: {} nonces reported, {} distinct",
+            nonces.len(),
+            {
+                let mut d = sorted.clone();
+                d.dedup();
+                d.len()
+            }
+        );
     }
     assert!(
         stats.overflows.load(Ordering::SeqCst) > 0,
@@ -203,7 +211,9 @@ fn extranonce2_rolls_over_into_version_bits() {
     let (m, stats, mut rx) = miner(cfg, 4096);
     m.set_work(source);
     m.resume();
-    wait_for("260 units", || stats.units_done.load(Ordering::SeqCst) >= 260);
+    wait_for("260 units", || {
+        stats.units_done.load(Ordering::SeqCst) >= 260
+    });
     m.preempt_flag().raise();
     wait_for("the miner to stop", || m.active_workers() == 0);
     let all = shares(&mut rx);
@@ -232,7 +242,9 @@ fn a_raised_flag_ends_a_launch_in_the_middle() {
     let (m, stats, _rx) = miner(cfg, 4096);
     m.set_work(source);
     m.resume();
-    wait_for("a launch", || stats.launches.load(Ordering::SeqCst) == 0 && m.active_workers() == 1);
+    wait_for("a launch", || {
+        stats.launches.load(Ordering::SeqCst) == 0 && m.active_workers() == 1
+    });
     m.preempt_flag().raise();
     wait_for("the kernel to stop", || m.active_workers() == 0);
     assert_eq!(stats.launches.load(Ordering::SeqCst), 1);

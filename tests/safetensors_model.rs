@@ -144,8 +144,23 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
             },
         )
         .unwrap();
-    let (mut c1, mut c2) = (hf.new_cache(), gg.new_cache());
+    // The same checkpoint run in f16, as CUDA runs f16/bf16 checkpoints (weights and
+    // activations in their own type, norms and rotary tables too): the same greedy tokens,
+    // logits within f16's rounding over 30 layers.
+    let mut half = ModelFiles::open(&dir)
+        .unwrap()
+        .load_llama(
+            &Device::Cpu,
+            idlerig::model::LoadOptions {
+                dtype: Some(candle_core::DType::F16),
+                kv_cache_mb: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let (mut c1, mut c2, mut c3) = (hf.new_cache(), gg.new_cache(), half.new_cache());
     let mut step = ids.clone();
+    let mut half_max_diff = 0f32;
     for _ in 0..8 {
         let a = hf
             .forward(&mut [BatchItem {
@@ -173,7 +188,25 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
         assert!(max_diff < 1e-2, "logits differ by {max_diff}");
         let (ta, tb) = (idlerig::engine::argmax(&a), idlerig::engine::argmax(&b));
         assert_eq!(ta, tb);
+        let h = half
+            .forward(&mut [BatchItem {
+                tokens: &step,
+                cache: &mut c3,
+            }])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let diff = a
+            .iter()
+            .zip(&h)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        half_max_diff = half_max_diff.max(diff);
+        assert_eq!(idlerig::engine::argmax(&h), ta, "f16 picks another token");
         step = vec![ta as u32];
     }
+    eprintln!("f16 vs f32 logits: max |Δ| {half_max_diff}");
+    assert!(half_max_diff < 0.5, "f16 logits differ by {half_max_diff}");
     let _ = std::fs::remove_dir_all(&dir);
 }

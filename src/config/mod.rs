@@ -172,6 +172,7 @@ impl ModelArgs {
                 own_kernels: self.cpu_kernels == CpuKernels::Idlerig,
                 kv_cache_mb: self.kv_cache_mb,
                 dense_kv: self.kv_layout == KvLayout::Dense,
+                dtype: None,
             },
             telemetry: None,
         }

@@ -16,9 +16,9 @@ pub mod target;
 pub mod work;
 
 pub use cpu::{CpuMiner, CpuMinerConfig};
+pub use job::Job;
 pub use miner::Miner;
 pub use preempt::{monotonic_ns, HostWord, PreemptFlag};
-pub use job::Job;
 pub use target::{difficulty_of_hash, target_for_difficulty, U256};
 pub use work::{Share, Work, WorkSource};
 

@@ -119,7 +119,9 @@ impl DenseBudget {
         let roomy = (len.max(cache.reserved + cache.reserved / 4))
             .next_multiple_of(DENSE_STEP)
             .min(self.context_length.max(len));
-        let tight = len.next_multiple_of(BLOCK_TOKENS).min(self.context_length.max(len));
+        let tight = len
+            .next_multiple_of(BLOCK_TOKENS)
+            .min(self.context_length.max(len));
         for want in [roomy, tight] {
             let more = want - cache.reserved;
             if self.used + more <= self.total {
@@ -186,7 +188,10 @@ mod tests {
         assert!(b.reserve(&mut x, 150));
         assert_eq!(x.reserved, 192);
         assert!(b.reserve(&mut y, 60));
-        assert!(!b.reserve(&mut y, 100), "192 + 112 tokens do not fit in 256");
+        assert!(
+            !b.reserve(&mut y, 100),
+            "192 + 112 tokens do not fit in 256"
+        );
         assert!(y.holds_blocks());
         assert_eq!(b.usage(), (16, 16));
         b.release(&mut x);

@@ -47,7 +47,8 @@ struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self, ModelError> {
+    /// Tables in `dtype`, the activations' type (rotation needs both in one type).
+    fn new(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
@@ -58,8 +59,8 @@ impl RotaryEmbedding {
             .reshape((cfg.context_length, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
             interleaved: cfg.rope_interleaved,
         })
     }
@@ -324,7 +325,8 @@ impl Llama {
         let embed_dtype = embed.dtype();
         let dense = (!paged && kv_cache_mb > 0).then(|| {
             // K and V of every layer, in the activations' type.
-            let bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * embed_dtype.size_in_bytes();
+            let bytes =
+                cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * embed_dtype.size_in_bytes();
             DenseBudget::new(kv_cache_mb, bytes, cfg.context_length)
         });
         // Weights were uploaded on this thread; the engine runs on another. Wait until they
@@ -333,7 +335,7 @@ impl Llama {
         Ok(Self {
             kv,
             dense,
-            rope: RotaryEmbedding::new(&cfg, device)?,
+            rope: RotaryEmbedding::new(&cfg, device, embed_dtype)?,
             norm: w.vector("output_norm.weight", "model.norm.weight")?,
             embed,
             layers,
@@ -400,7 +402,9 @@ impl Llama {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let paged = self.kv.as_mut().map(|(pool, rope)| (pool, &*rope));
-            x = (x + layer.attn.forward(i, &h, batch, &self.rope, paged, &masks)?)?;
+            x = (x + layer
+                .attn
+                .forward(i, &h, batch, &self.rope, paged, &masks)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }

@@ -56,10 +56,14 @@ pub fn cuda_ordinal(name: &str) -> Result<Option<usize>, ModelError> {
     if name == "cpu" {
         return Ok(None);
     }
-    match name.strip_prefix("cuda:").or((name == "cuda").then_some("0")) {
-        Some(idx) => idx.parse().map(Some).map_err(|_| {
-            ModelError::Unsupported(format!("device `{name}`: expected cuda:N"))
-        }),
+    match name
+        .strip_prefix("cuda:")
+        .or((name == "cuda").then_some("0"))
+    {
+        Some(idx) => idx
+            .parse()
+            .map(Some)
+            .map_err(|_| ModelError::Unsupported(format!("device `{name}`: expected cuda:N"))),
         None => Err(ModelError::Unsupported(format!(
             "device `{name}`: expected `cpu` or `cuda:N`"
         ))),

@@ -30,6 +30,9 @@ pub struct LoadOptions {
     /// Dense per-sequence caches under a budget even on the CPU: the layout CUDA serves with,
     /// so that its logic runs in CI (the "CPU twin" of the CUDA path).
     pub dense_kv: bool,
+    /// The type a safetensors checkpoint's weights and activations run in; `None`: its own
+    /// (`torch_dtype`: f16 or bf16) on CUDA, f32 on the CPU.
+    pub dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +42,7 @@ impl Default for LoadOptions {
             own_kernels: true,
             kv_cache_mb: 1024,
             dense_kv: false,
+            dtype: None,
         }
     }
 }
@@ -57,6 +61,8 @@ pub struct ModelFiles {
     gguf: Option<gguf_file::Content>,
     config: LlamaConfig,
     hf_tie_embeddings: bool,
+    /// The checkpoint's own type (`torch_dtype` of config.json), when it is f16 or bf16.
+    hf_dtype: Option<DType>,
 }
 
 impl ModelFiles {
@@ -110,6 +116,7 @@ impl ModelFiles {
             gguf: Some(content),
             config,
             hf_tie_embeddings: false,
+            hf_dtype: None,
         })
     }
 
@@ -128,6 +135,11 @@ impl ModelFiles {
             gguf: None,
             config,
             hf_tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            hf_dtype: match hf.torch_dtype.as_deref() {
+                Some("float16") => Some(DType::F16),
+                Some("bfloat16") => Some(DType::BF16),
+                _ => None,
+            },
         })
     }
 
@@ -218,8 +230,13 @@ impl ModelFiles {
                 }
                 // SAFETY: the files are memory-mapped read-only; idlerig never writes them and
                 // documents that they must not change while the server runs.
-                let vb =
-                    unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+                let dtype = options
+                    .dtype
+                    .unwrap_or(match (device.is_cuda(), self.hf_dtype) {
+                        (true, Some(own)) => own,
+                        _ => DType::F32,
+                    });
+                let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
                 Weights::Safetensors {
                     vb,
                     tie: self.hf_tie_embeddings,
@@ -345,14 +362,14 @@ impl Weights<'_> {
         })
     }
 
-    /// A vector (norm weights), in f32.
+    /// A vector (norm weights), in the activations' type (f32 for GGUF).
     pub(crate) fn vector(&mut self, gguf: &str, hf: &str) -> Result<Tensor, ModelError> {
         match self {
             Weights::Gguf { device, .. } => {
                 let device = device.clone();
                 Ok(self.gguf_tensor(gguf)?.dequantize(&device)?)
             }
-            Weights::Safetensors { vb, .. } => Ok(vb.get_unchecked(hf)?.to_dtype(DType::F32)?),
+            Weights::Safetensors { vb, .. } => Ok(vb.get_unchecked(hf)?),
         }
     }
 
@@ -468,6 +485,7 @@ struct HfConfig {
     rope_theta: Option<f32>,
     max_position_embeddings: usize,
     tie_word_embeddings: Option<bool>,
+    torch_dtype: Option<String>,
     rope_scaling: Option<serde_json::Value>,
 }
 

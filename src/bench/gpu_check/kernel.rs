@@ -151,12 +151,19 @@ pub fn hashrate(launcher: &mut dyn ScanLauncher, sizes: &Sizes, every: u32) -> V
     let t = Instant::now();
     let mut hashed = 0u64;
     for _ in 0..sizes.sweeps {
-        let mut sweep = Sweep::new(sizes.sweep_nonces, sizes.waves_per_launch, launcher.geometry());
+        let mut sweep = Sweep::new(
+            sizes.sweep_nonces,
+            sizes.waves_per_launch,
+            launcher.geometry(),
+        );
         while let Some(seg) = sweep.segment() {
             let step = launcher
                 .launch(&seg.launch(&job, every))
                 .and_then(|_| launcher.finish())
-                .and_then(|r| seg.absorb(&r).map_err(|e| LaunchError::Driver(e.to_string())));
+                .and_then(|r| {
+                    seg.absorb(&r)
+                        .map_err(|e| LaunchError::Driver(e.to_string()))
+                });
             match step {
                 Ok(a) => hashed += a.hashed,
                 Err(e) => return json!({"every": every, "error": e.to_string()}),

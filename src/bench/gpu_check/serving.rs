@@ -34,8 +34,13 @@ fn compare(reference: &[f32], other: &[f32]) -> (f64, f64, bool) {
     let (r, o) = (log_softmax(reference), log_softmax(other));
     let mut top: Vec<usize> = (0..r.len()).collect();
     top.sort_by(|&a, &b| r[b].total_cmp(&r[a]));
-    let d: Vec<f64> = top[..20].iter().map(|&i| f64::from((r[i] - o[i]).abs())).collect();
-    let other_top = (0..o.len()).max_by(|&a, &b| o[a].total_cmp(&o[b])).unwrap_or(0);
+    let d: Vec<f64> = top[..20]
+        .iter()
+        .map(|&i| f64::from((r[i] - o[i]).abs()))
+        .collect();
+    let other_top = (0..o.len())
+        .max_by(|&a, &b| o[a].total_cmp(&o[b]))
+        .unwrap_or(0);
     let flipped = other_top != top[0] && r[top[0]] - r[top[1]] >= NEAR_TIE;
     (
         d.iter().sum::<f64>() / 20.0,
@@ -52,7 +57,11 @@ fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>, String> {
 /// CUDA, each sequence alone on the CPU twin, teacher-forced with the CPU's greedy tokens.
 fn agreement(cpu: &mut Llama, gpu: &mut Llama, batch: usize) -> Result<Value, String> {
     let prompts: Vec<Vec<u32>> = (0..batch)
-        .map(|i| (0..5 + 7 * (i % 9)).map(|j| 1000 + ((i * 7919 + j * 104_729) % 30_000) as u32).collect())
+        .map(|i| {
+            (0..5 + 7 * (i % 9))
+                .map(|j| 1000 + ((i * 7919 + j * 104_729) % 30_000) as u32)
+                .collect()
+        })
         .collect();
     let mut cpu_caches: Vec<_> = (0..batch).map(|_| cpu.new_cache()).collect();
     let mut gpu_caches: Vec<_> = (0..batch).map(|_| gpu.new_cache()).collect();
@@ -61,7 +70,12 @@ fn agreement(cpu: &mut Llama, gpu: &mut Llama, batch: usize) -> Result<Value, St
     for _step in 0..5 {
         let mut want = Vec::with_capacity(batch);
         for (toks, cache) in inputs.iter().zip(cpu_caches.iter_mut()) {
-            let out = cpu.forward(&mut [BatchItem { tokens: toks, cache }]).map_err(|e| e.to_string())?;
+            let out = cpu
+                .forward(&mut [BatchItem {
+                    tokens: toks,
+                    cache,
+                }])
+                .map_err(|e| e.to_string())?;
             want.push(rows(out)?.remove(0));
         }
         let mut items: Vec<BatchItem<'_>> = inputs
@@ -76,7 +90,10 @@ fn agreement(cpu: &mut Llama, gpu: &mut Llama, batch: usize) -> Result<Value, St
             max = max.max(m);
             flips += usize::from(flipped);
         }
-        inputs = want.iter().map(|w| vec![crate::engine::argmax(w) as u32]).collect();
+        inputs = want
+            .iter()
+            .map(|w| vec![crate::engine::argmax(w) as u32])
+            .collect();
     }
     let mean = means.iter().sum::<f64>() / means.len().max(1) as f64;
     Ok(json!({
@@ -87,7 +104,7 @@ fn agreement(cpu: &mut Llama, gpu: &mut Llama, batch: usize) -> Result<Value, St
 }
 
 /// The model on `device` (with `options`) against the CPU twin, at each batch size.
-fn agreements(
+pub fn agreements(
     model: &Path,
     device: &Device,
     options: LoadOptions,
@@ -99,8 +116,12 @@ fn agreements(
         dense_kv: true,
         ..LoadOptions::default()
     };
-    let mut cpu = files.load_llama(&Device::Cpu, twin).map_err(|e| e.to_string())?;
-    let mut on_gpu = files.load_llama(device, options).map_err(|e| e.to_string())?;
+    let mut cpu = files
+        .load_llama(&Device::Cpu, twin)
+        .map_err(|e| e.to_string())?;
+    let mut on_gpu = files
+        .load_llama(device, options)
+        .map_err(|e| e.to_string())?;
     let per_batch = batches
         .iter()
         .map(|&b| agreement(&mut cpu, &mut on_gpu, b))
@@ -114,9 +135,23 @@ fn agreements(
 
 fn infer_args(model: &str, device: &str, prompt: usize, gen: usize, streams: usize) -> Vec<String> {
     [
-        "infer", "--model", model, "--device", device, "--prompt-tokens", &prompt.to_string(),
-        "--gen-tokens", &gen.to_string(), "--concurrency", &streams.to_string(), "--requests",
-        &(2 * streams).to_string(), "--rounds", "1", "--max-running", "64",
+        "infer",
+        "--model",
+        model,
+        "--device",
+        device,
+        "--prompt-tokens",
+        &prompt.to_string(),
+        "--gen-tokens",
+        &gen.to_string(),
+        "--concurrency",
+        &streams.to_string(),
+        "--requests",
+        &(2 * streams).to_string(),
+        "--rounds",
+        "1",
+        "--max-running",
+        "64",
     ]
     .map(String::from)
     .to_vec()
@@ -124,8 +159,19 @@ fn infer_args(model: &str, device: &str, prompt: usize, gen: usize, streams: usi
 
 fn preempt_args(model: &str, device: &str) -> Vec<String> {
     [
-        "preempt", "--model", model, "--device", device, "--requests", "32", "--rounds", "4",
-        "--rate", "4", "--idle-seconds", "2",
+        "preempt",
+        "--model",
+        model,
+        "--device",
+        device,
+        "--requests",
+        "32",
+        "--rounds",
+        "4",
+        "--rate",
+        "4",
+        "--idle-seconds",
+        "2",
     ]
     .map(String::from)
     .to_vec()
@@ -150,14 +196,14 @@ pub async fn figures(model: &Path, gpu: usize) -> Value {
     let (m, dev) = (model.display().to_string(), format!("cuda:{gpu}"));
     let path = model.to_path_buf();
     let agreement = tokio::task::spawn_blocking(move || {
-        let device = crate::model::device_from_name(&format!("cuda:{gpu}"))
-            .map_err(|e| e.to_string())?;
+        let device =
+            crate::model::device_from_name(&format!("cuda:{gpu}")).map_err(|e| e.to_string())?;
         agreements(&path, &device, LoadOptions::default(), &[1, 8, 9, 32])
     })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .unwrap_or_else(|e| json!({ "error": e }));
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .unwrap_or_else(|e| json!({ "error": e }));
     let infer = |prompt: usize, gen: usize, c: usize| infer_args(&m, &dev, prompt, gen, c);
     let mut decode = Vec::new();
     let mut serving_w = None;
@@ -186,7 +232,10 @@ mod tests {
 
     #[test]
     fn the_benchmark_command_lines_parse() {
-        for argv in [infer_args("m.gguf", "cuda:0", 512, 8, 1), preempt_args("m.gguf", "cuda:0")] {
+        for argv in [
+            infer_args("m.gguf", "cuda:0", 512, 8, 1),
+            preempt_args("m.gguf", "cuda:0"),
+        ] {
             let mut full = vec!["idlerig".to_string(), "bench".into()];
             full.extend(argv);
             assert!(Cli::try_parse_from(&full).is_ok(), "{full:?}");

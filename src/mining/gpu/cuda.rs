@@ -79,8 +79,8 @@ impl MappedWord {
     fn new(ctx: &Arc<CudaContext>) -> Result<Self, LaunchError> {
         ctx.bind_to_thread().map_err(driver)?;
         let mut host = std::ptr::null_mut();
-        let mut device: sys::CUdeviceptr = 0;
-        // SAFETY: plain driver calls with valid out-pointers, the context current.
+        // SAFETY: plain driver calls with valid out-pointers, the context current. Once the
+        // allocation exists it is owned by `word`, whose drop frees it on any later error.
         unsafe {
             sys::cuMemHostAlloc(
                 &mut host,
@@ -89,16 +89,16 @@ impl MappedWord {
             )
             .result()
             .map_err(driver)?;
-            let word = Self {
+            let mut word = Self {
                 ctx: ctx.clone(),
                 host,
                 device: 0,
             };
-            (*(host as *const AtomicU32)).store(0, std::sync::atomic::Ordering::SeqCst);
-            sys::cuMemHostGetDevicePointer_v2(&mut device, host, 0)
+            word.word().store(0, std::sync::atomic::Ordering::SeqCst);
+            sys::cuMemHostGetDevicePointer_v2(&mut word.device, host, 0)
                 .result()
                 .map_err(driver)?;
-            Ok(Self { device, ..word })
+            Ok(word)
         }
     }
 }
@@ -179,9 +179,15 @@ impl CudaLauncher {
         // One whole wave of the grid always fits: an overflow can only come from waves
         // beyond the first after a launch starts, so every rescan makes progress.
         let capacity = geometry.threads().max(1 << 16);
-        let out = stream.alloc_zeros::<u32>(capacity as usize + 1).map_err(driver)?;
-        let resume = stream.alloc_zeros::<u32>(geometry.blocks as usize).map_err(driver)?;
-        let progress = stream.alloc_zeros::<u32>(geometry.blocks as usize).map_err(driver)?;
+        let out = stream
+            .alloc_zeros::<u32>(capacity as usize + 1)
+            .map_err(driver)?;
+        let resume = stream
+            .alloc_zeros::<u32>(geometry.blocks as usize)
+            .map_err(driver)?;
+        let progress = stream
+            .alloc_zeros::<u32>(geometry.blocks as usize)
+            .map_err(driver)?;
         let stop = Arc::new(MappedWord::new(&ctx)?);
         let info = KernelInfo {
             device: ctx.name().map_err(driver)?,

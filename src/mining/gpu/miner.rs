@@ -196,7 +196,12 @@ impl Drop for GpuMiner {
 /// Waits until there is work and no pre-emption, then returns the unit to launch on, with
 /// `active` already counted (under the lock, so the arbiter never sees 0 while a launch is
 /// about to start).
-fn next_unit(shared: &Shared, unit: &mut Option<Unit>, cfg: &GpuMinerConfig, launcher: &dyn ScanLauncher) -> bool {
+fn next_unit(
+    shared: &Shared,
+    unit: &mut Option<Unit>,
+    cfg: &GpuMinerConfig,
+    launcher: &dyn ScanLauncher,
+) -> bool {
     let mut a = shared.assignment.lock().expect("assignment lock");
     loop {
         if shared.shutdown.load(Ordering::SeqCst) {
@@ -222,7 +227,11 @@ fn next_unit(shared: &Shared, unit: &mut Option<Unit>, cfg: &GpuMinerConfig, lau
                         generation,
                         work: Arc::new(work),
                         job,
-                        sweep: Sweep::new(cfg.nonce_space, cfg.waves_per_launch, launcher.geometry()),
+                        sweep: Sweep::new(
+                            cfg.nonce_space,
+                            cfg.waves_per_launch,
+                            launcher.geometry(),
+                        ),
                     });
                 }
                 shared.active.store(1, Ordering::SeqCst);
@@ -242,16 +251,23 @@ fn run(shared: Arc<Shared>, mut launcher: Box<dyn ScanLauncher>, cfg: GpuMinerCo
     let mut failures = 0u32;
     while next_unit(&shared, &mut unit, &cfg, launcher.as_ref()) {
         let u = unit.as_mut().expect("next_unit set it");
-        let segment = u.sweep.segment().expect("next_unit left a segment to launch");
+        let segment = u
+            .sweep
+            .segment()
+            .expect("next_unit left a segment to launch");
         // A raise that came while the word was being lowered leaves it raised; a word left
         // raised by a job change or drop is lowered here, since the flag is down.
         shared.preempt.sync_device();
-        let outcome = launch_and_wait(&shared, launcher.as_mut(), &segment.launch(&u.job, cfg.check_every))
-            .and_then(|result| {
-                segment
-                    .absorb(&result)
-                    .map_err(|e| LaunchError::Driver(e.to_string()))
-            });
+        let outcome = launch_and_wait(
+            &shared,
+            launcher.as_mut(),
+            &segment.launch(&u.job, cfg.check_every),
+        )
+        .and_then(|result| {
+            segment
+                .absorb(&result)
+                .map_err(|e| LaunchError::Driver(e.to_string()))
+        });
         let ended_ns = monotonic_ns();
         shared.stats.launches.fetch_add(1, Ordering::Relaxed);
         match outcome {

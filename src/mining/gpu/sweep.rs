@@ -19,7 +19,12 @@ pub enum SweepError {
     #[error("the device reported {got} blocks' progress for {want} blocks")]
     BlockCount { got: usize, want: usize },
     #[error("block {block} reported wave {got}, outside {from}..={to}")]
-    Progress { block: usize, got: u32, from: u32, to: u32 },
+    Progress {
+        block: usize,
+        got: u32,
+        from: u32,
+        to: u32,
+    },
 }
 
 /// Nonces `start + 0..count` and each block's next wave.
@@ -219,7 +224,11 @@ mod tests {
                                 ob == b as usize && (from..to).contains(&w)
                             })
                             .count() as u64;
-                        assert_eq!(s.nonces_in(b, from, to), slow, "count {count} b {b} {from}..{to}");
+                        assert_eq!(
+                            s.nonces_in(b, from, to),
+                            slow,
+                            "count {count} b {b} {from}..{to}"
+                        );
                     }
                 }
             }
@@ -262,17 +271,29 @@ mod tests {
     #[test]
     fn a_malformed_result_changes_nothing() {
         let mut s = Segment::new(0, 40, G);
-        s.absorb(&LaunchResult { progress: vec![1, 1, 1], ..Default::default() }).unwrap();
+        s.absorb(&LaunchResult {
+            progress: vec![1, 1, 1],
+            ..Default::default()
+        })
+        .unwrap();
         let before = s.clone();
         for bad in [vec![1, 1], vec![0, 1, 1], vec![1, 5, 1]] {
-            assert!(s.absorb(&LaunchResult { progress: bad, ..Default::default() }).is_err());
+            assert!(s
+                .absorb(&LaunchResult {
+                    progress: bad,
+                    ..Default::default()
+                })
+                .is_err());
             assert_eq!(s, before);
         }
     }
 
     #[test]
     fn a_sweep_covers_the_space_and_never_passes_2_pow_32() {
-        let g = Geometry { blocks: 132 * 4, threads_per_block: 256 };
+        let g = Geometry {
+            blocks: 132 * 4,
+            threads_per_block: 256,
+        };
         let mut sweep = Sweep::new(NONCE_SPACE, 4096, g);
         let mut covered = 0u64;
         while let Some(seg) = sweep.segment() {
@@ -283,7 +304,11 @@ mod tests {
             assert!(u64::from(seg.end_wave) * u64::from(g.threads()) >= seg.count);
             covered = end;
             let done = vec![seg.end_wave; g.blocks as usize];
-            seg.absorb(&LaunchResult { progress: done, ..Default::default() }).unwrap();
+            seg.absorb(&LaunchResult {
+                progress: done,
+                ..Default::default()
+            })
+            .unwrap();
         }
         assert_eq!(covered, NONCE_SPACE);
     }
