@@ -33,6 +33,55 @@ pub struct LlamaConfig {
     pub rope_interleaved: bool,
 }
 
+/// Bounds a model file must keep: beyond them it is damaged or hostile, not just big.
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_WIDTH: usize = 1 << 18;
+const MAX_LAYERS: usize = 1024;
+
+impl LlamaConfig {
+    /// Refuses a configuration no real model has, naming the field (in the file's own
+    /// convention: GGUF metadata keys, or config.json's), before any tensor is read.
+    pub fn validate(&self, gguf: bool) -> Result<(), ModelError> {
+        let key = |g: &str, h: &str| if gguf { format!("llama.{g}") } else { h.to_string() };
+        let bad = |k: String, v: &dyn std::fmt::Display, why: &str| {
+            Err(ModelError::Metadata(format!("`{k}` = {v}: {why}")))
+        };
+        let heads = key("attention.head_count", "num_attention_heads");
+        let kv = key("attention.head_count_kv", "num_key_value_heads");
+        if self.num_heads == 0 || self.num_heads > MAX_WIDTH {
+            return bad(heads, &self.num_heads, "needs at least one attention head");
+        }
+        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+            return bad(kv, &self.num_kv_heads, &format!("must divide the {} query heads", self.num_heads));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > MAX_WIDTH {
+            let k = key("rope.dimension_count", "head_dim");
+            return bad(k, &self.head_dim, "the head dimension must be even and positive (rotary pairs)");
+        }
+        let checks = [
+            (key("embedding_length", "hidden_size"), self.hidden_size, MAX_WIDTH),
+            (key("feed_forward_length", "intermediate_size"), self.intermediate_size, MAX_WIDTH),
+            (key("block_count", "num_hidden_layers"), self.num_layers, MAX_LAYERS),
+            (key("context_length", "max_position_embeddings"), self.context_length, MAX_CONTEXT),
+            (key("vocab_size", "vocab_size"), self.vocab_size, MAX_VOCAB),
+        ];
+        for (k, v, max) in checks {
+            if v == 0 || v > max {
+                return bad(k, &v, &format!("must be between 1 and {max}"));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            let k = key("attention.layer_norm_rms_epsilon", "rms_norm_eps");
+            return bad(k, &self.rms_norm_eps, "must be a positive number");
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(key("rope.freq_base", "rope_theta"), &self.rope_theta, "must be a positive number");
+        }
+        Ok(())
+    }
+}
+
 /// One sequence's part of a batched step: the tokens to run (a whole prompt, a chunk of it,
 /// or one decoded token) and its cache, whose length is the position of the first of them.
 pub struct BatchItem<'a> {
@@ -101,9 +150,15 @@ impl Attention {
             names("v", "v"),
             names("output", "o"),
         );
+        let (hidden, q_out) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim);
+        let kv_out = cfg.num_kv_heads * cfg.head_dim;
         Ok(Self {
-            qkv: w.linear(&[(&q.0, &q.1), (&k.0, &k.1), (&v.0, &v.1)])?,
-            o: w.linear(&[(&o.0, &o.1)])?,
+            qkv: w.linear(&[
+                (&q.0, &q.1, [q_out, hidden]),
+                (&k.0, &k.1, [kv_out, hidden]),
+                (&v.0, &v.1, [kv_out, hidden]),
+            ])?,
+            o: w.linear(&[(&o.0, &o.1, [hidden, q_out])])?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -223,9 +278,13 @@ impl Mlp {
             names("up", "up"),
             names("down", "down"),
         );
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_up: w.linear(&[(&gate.0, &gate.1), (&up.0, &up.1)])?,
-            down: w.linear(&[(&down.0, &down.1)])?,
+            gate_up: w.linear(&[
+                (&gate.0, &gate.1, [inter, hidden]),
+                (&up.0, &up.1, [inter, hidden]),
+            ])?,
+            down: w.linear(&[(&down.0, &down.1, [hidden, inter])])?,
             intermediate: cfg.intermediate_size,
         })
     }
@@ -251,11 +310,13 @@ impl DecoderLayer {
             attn_norm: w.vector(
                 &format!("blk.{i}.attn_norm.weight"),
                 &format!("model.layers.{i}.input_layernorm.weight"),
+                cfg.hidden_size,
             )?,
             attn: Attention::load(w, i, cfg)?,
             mlp_norm: w.vector(
                 &format!("blk.{i}.ffn_norm.weight"),
                 &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                cfg.hidden_size,
             )?,
             mlp: Mlp::load(w, i, cfg)?,
         })
@@ -304,6 +365,14 @@ impl Llama {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let (embed, lm_head) = w.embeddings()?;
+        if embed.dims() != [cfg.vocab_size, cfg.hidden_size] {
+            return Err(ModelError::Metadata(format!(
+                "the token embeddings have shape {:?}; the configuration needs [{}, {}] (vocabulary × hidden)",
+                embed.dims(),
+                cfg.vocab_size,
+                cfg.hidden_size
+            )));
+        }
         progress(1.0);
         let paged = device.is_cpu() && !dense_kv && kv_cache_mb > 0;
         let kv = paged.then(|| {
@@ -336,7 +405,7 @@ impl Llama {
             kv,
             dense,
             rope: RotaryEmbedding::new(&cfg, device, embed_dtype)?,
-            norm: w.vector("output_norm.weight", "model.norm.weight")?,
+            norm: w.vector("output_norm.weight", "model.norm.weight", cfg.hidden_size)?,
             embed,
             layers,
             lm_head,

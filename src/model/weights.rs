@@ -304,20 +304,34 @@ impl Weights<'_> {
     }
 
     /// Weight matrices used as `x @ W^T`, stacked into one whose output is theirs side by
-    /// side; each is named in both conventions without the `.weight`.
-    pub(crate) fn linear(&mut self, names: &[(&str, &str)]) -> Result<Linear, ModelError> {
+    /// side; each is named in both conventions without the `.weight`, with the shape
+    /// `[out, in]` the configuration gives it (a file that disagrees is refused by name).
+    pub(crate) fn linear(
+        &mut self,
+        parts: &[(&str, &str, [usize; 2])],
+    ) -> Result<Linear, ModelError> {
         match self {
             Weights::Gguf { .. } => {
-                let tensors = names
+                let tensors = parts
                     .iter()
-                    .map(|(gguf, _)| self.gguf_tensor(&format!("{gguf}.weight")))
-                    .collect::<Result<Vec<_>, _>>()?;
+                    .map(|(gguf, _, want)| {
+                        let name = format!("{gguf}.weight");
+                        let t = self.gguf_tensor(&name)?;
+                        check_shape(&name, t.shape().dims(), want)?;
+                        Ok(t)
+                    })
+                    .collect::<Result<Vec<_>, ModelError>>()?;
                 self.quantized_linear(tensors)
             }
             Weights::Safetensors { vb, .. } => Ok(Linear::Candle(
-                names
+                parts
                     .iter()
-                    .map(|(_, hf)| Ok(QMatMul::Tensor(vb.get_unchecked(&format!("{hf}.weight"))?)))
+                    .map(|(_, hf, want)| {
+                        let name = format!("{hf}.weight");
+                        let t = vb.get_unchecked(&name)?;
+                        check_shape(&name, t.dims(), want)?;
+                        Ok(QMatMul::Tensor(t))
+                    })
                     .collect::<Result<Vec<_>, ModelError>>()?,
             )),
         }
@@ -362,15 +376,17 @@ impl Weights<'_> {
         })
     }
 
-    /// A vector (norm weights), in the activations' type (f32 for GGUF).
-    pub(crate) fn vector(&mut self, gguf: &str, hf: &str) -> Result<Tensor, ModelError> {
-        match self {
+    /// A vector of `len` (norm weights), in the activations' type (f32 for GGUF).
+    pub(crate) fn vector(&mut self, gguf: &str, hf: &str, len: usize) -> Result<Tensor, ModelError> {
+        let (name, t) = match self {
             Weights::Gguf { device, .. } => {
                 let device = device.clone();
-                Ok(self.gguf_tensor(gguf)?.dequantize(&device)?)
+                (gguf, self.gguf_tensor(gguf)?.dequantize(&device)?)
             }
-            Weights::Safetensors { vb, .. } => Ok(vb.get_unchecked(hf)?),
-        }
+            Weights::Safetensors { vb, .. } => (hf, vb.get_unchecked(hf)?),
+        };
+        check_shape(name, t.dims(), &[len])?;
+        Ok(t)
     }
 
     /// Input embeddings (dense, for row lookup) and the output head (quantized when the file
@@ -401,6 +417,17 @@ impl Weights<'_> {
                 Ok((embed, Linear::Candle(vec![QMatMul::Tensor(head)])))
             }
         }
+    }
+}
+
+/// A tensor whose shape is not what the configuration says is refused, naming both.
+fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(ModelError::Metadata(format!(
+            "tensor `{name}` has shape {got:?}; the model's configuration needs {want:?}"
+        )))
     }
 }
 
@@ -439,19 +466,37 @@ fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig, ModelError> 
             .map(|v| v.len())
             .ok_or_else(|| ModelError::Metadata("cannot tell the vocabulary size".into()))?,
     };
-    Ok(LlamaConfig {
+    let config = LlamaConfig {
         hidden_size: hidden,
         intermediate_size: u("feed_forward_length")?,
         num_layers: u("block_count")?,
         num_heads: heads,
         num_kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("rope.dimension_count").unwrap_or(hidden / heads),
+        head_dim: u("rope.dimension_count")
+            .or_else(|_| derived_head_dim(hidden, heads, "llama.embedding_length", "llama.attention.head_count"))?,
         vocab_size: vocab,
         rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
         rope_theta: f("rope.freq_base", 10_000.0),
         context_length: u("context_length")?,
         rope_interleaved: true,
-    })
+    };
+    config.validate(true)?;
+    Ok(config)
+}
+
+/// hidden ÷ heads, when the file gives no head dimension: heads must divide hidden.
+fn derived_head_dim(
+    hidden: usize,
+    heads: usize,
+    hidden_key: &str,
+    heads_key: &str,
+) -> Result<usize, ModelError> {
+    if heads == 0 || hidden % heads != 0 {
+        return Err(ModelError::Metadata(format!(
+            "`{heads_key}` = {heads} does not divide `{hidden_key}` = {hidden}"
+        )));
+    }
+    Ok(hidden / heads)
 }
 
 /// Any GGUF integer value as `usize` (writers differ in the width they use for counts).
@@ -504,20 +549,28 @@ impl HfConfig {
                 "rope_scaling in config.json is not supported yet".into(),
             ));
         }
-        Ok(LlamaConfig {
+        let config = LlamaConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
             num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self
-                .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            head_dim: match self.head_dim {
+                Some(d) => d,
+                None => derived_head_dim(
+                    self.hidden_size,
+                    self.num_attention_heads,
+                    "hidden_size",
+                    "num_attention_heads",
+                )?,
+            },
             vocab_size: self.vocab_size,
             rms_norm_eps: self.rms_norm_eps,
             rope_theta: self.rope_theta.unwrap_or(10_000.0),
             context_length: self.max_position_embeddings,
             rope_interleaved: false,
-        })
+        };
+        config.validate(false)?;
+        Ok(config)
     }
 }

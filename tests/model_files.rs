@@ -1,0 +1,90 @@
+//! Damaged or hostile model files: each is refused at load with a message that names the
+//! field, never a panic or a server stuck at "loading". The files are real GGUFs, written with
+//! candle's GGUF writer, whose metadata says what no real model says.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use idlerig::model::ModelFiles;
+
+/// A llama GGUF with these metadata overrides (no tensors: validation comes first).
+fn gguf(name: &str, overrides: &[(&str, Value)]) -> std::path::PathBuf {
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.embedding_length".into(), Value::U32(64)),
+        ("llama.feed_forward_length".into(), Value::U32(128)),
+        ("llama.block_count".into(), Value::U32(2)),
+        ("llama.attention.head_count".into(), Value::U32(4)),
+        ("llama.attention.head_count_kv".into(), Value::U32(2)),
+        ("llama.context_length".into(), Value::U32(256)),
+        ("llama.vocab_size".into(), Value::U32(100)),
+    ];
+    for (k, v) in overrides {
+        md.retain(|(key, _)| key != k);
+        md.push((k.to_string(), v.clone()));
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("model_files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &refs, &[]).unwrap();
+    path
+}
+
+fn refused(path: &std::path::Path) -> String {
+    match ModelFiles::open(path) {
+        Ok(_) => panic!("{} was accepted", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn impossible_metadata_is_refused_by_name() {
+    let cases = [
+        ("zero-heads", "llama.attention.head_count", Value::U32(0)),
+        ("zero-kv-heads", "llama.attention.head_count_kv", Value::U32(0)),
+        ("kv-heads-not-dividing", "llama.attention.head_count_kv", Value::U32(3)),
+        ("odd-head-dim", "llama.rope.dimension_count", Value::U32(15)),
+        ("huge-context", "llama.context_length", Value::U64(1 << 40)),
+        ("huge-vocab", "llama.vocab_size", Value::U32(u32::MAX)),
+        ("zero-layers", "llama.block_count", Value::U32(0)),
+        ("heads-not-dividing-hidden", "llama.attention.head_count", Value::U32(6)),
+    ];
+    for (name, key, value) in cases {
+        let msg = refused(&gguf(name, &[(key, value)]));
+        assert!(msg.contains(key), "{name}: the message names `{key}`: {msg}");
+    }
+    // The same file with sane values opens.
+    assert!(ModelFiles::open(&gguf("sane", &[])).is_ok());
+}
+
+#[test]
+fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
+    let path = gguf("serve-zero-heads", &[("llama.attention.head_count", Value::U32(0))]);
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
+        .args(["serve", "--port", "0", "--no-mine", "--model"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("serve did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("llama.attention.head_count"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    eprintln!("exited in {:?}: {}", t.elapsed(), err.lines().last().unwrap_or(""));
+}
