@@ -247,8 +247,18 @@ pub async fn start(
     let (mut mining, mut mining_switch, mut arbiter_status) = (None, None, None);
     let mut profit = None;
     let preempt_latency = crate::telemetry::prometheus::preempt_latency_histogram();
-    if let Some(spec) = miner_spec(&args)? {
-        match start_mining(&args.pool, &spec, pool_stop.clone()).await {
+    if let Some(mut spec) = miner_spec(&args)? {
+        let mut started = start_mining(&args.pool, &spec, pool_stop.clone()).await;
+        if let (Err(ServerError::MiningDevice(why)), MineDevice::Auto) =
+            (&started, args.mine_device)
+        {
+            // `auto` chose the GPU; the operator did not ask for it, so serving goes on and the
+            // CPU mines instead.
+            tracing::warn!(reason = %why, "the GPU miner could not start; mining on the CPU instead (--mine-device auto)");
+            spec = cpu_miner_spec(&args);
+            started = start_mining(&args.pool, &spec, pool_stop.clone()).await;
+        }
+        match started {
             Ok(stack) => {
                 let gate = Arc::new(DeviceGate::new(stack.miner.preempt_flag().clone()));
                 let policy = PolicyConfig {
@@ -416,21 +426,26 @@ fn warn_if_exposed(args: &ServeArgs, keys: &ApiKeys) {
     }
 }
 
+/// The CPU miner `serve` runs. One core is left free by default: with every core mining,
+/// SCHED_IDLE still keeps the miner off the CPU while inference runs, but a pre-empted worker
+/// cannot acknowledge until a core frees up (measured on 2 cores: 54 ms p50 with 2 threads,
+/// 17 µs with 1).
+fn cpu_miner_spec(args: &ServeArgs) -> MinerSpec {
+    MinerSpec::Cpu {
+        threads: args
+            .mine_threads
+            .unwrap_or_else(|| default_threads().saturating_sub(1))
+            .max(1),
+    }
+}
+
 /// The miner to start, or `None` when mining is off. `auto` mines on the GPU that serves, else
 /// on the CPU.
 pub fn miner_spec(args: &ServeArgs) -> Result<Option<MinerSpec>, ServerError> {
     if args.no_mine {
         return Ok(None);
     }
-    // One core is left free by default: with every core mining, SCHED_IDLE still keeps the
-    // miner off the CPU while inference runs, but a pre-empted worker cannot acknowledge
-    // until a core frees up (measured on 2 cores: 54 ms p50 with 2 threads, 17 µs with 1).
-    let cpu = || MinerSpec::Cpu {
-        threads: args
-            .mine_threads
-            .unwrap_or_else(|| default_threads().saturating_sub(1))
-            .max(1),
-    };
+    let cpu = || cpu_miner_spec(args);
     let serving_gpu = crate::model::cuda_ordinal(&args.model.device)
         .map_err(|e| ServerError::Config(e.to_string()))?;
     Ok(match args.mine_device {

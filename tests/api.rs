@@ -416,6 +416,22 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         )
         .await;
     assert_error(s, &b, 400, Some("logit_bias"), "abc");
+    // An operator-set range bounds `priority` (default -100..=100): i64::MIN would otherwise
+    // put one client ahead of everyone for good.
+    let (s, b) = srv
+        .post(
+            p,
+            json!({"messages": [{"role": "user", "content": "hi"}], "priority": i64::MIN}),
+        )
+        .await;
+    assert_error(s, &b, 400, Some("priority"), "priority");
+    let (s, b) = srv
+        .post(
+            p,
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": ["x".repeat(300)]}),
+        )
+        .await;
+    assert_error(s, &b, 400, Some("stop"), "256 bytes");
     let (s, b) = srv
         .post(
             p,

@@ -44,17 +44,32 @@ fn refused(path: &std::path::Path) -> String {
 fn impossible_metadata_is_refused_by_name() {
     let cases = [
         ("zero-heads", "llama.attention.head_count", Value::U32(0)),
-        ("zero-kv-heads", "llama.attention.head_count_kv", Value::U32(0)),
-        ("kv-heads-not-dividing", "llama.attention.head_count_kv", Value::U32(3)),
+        (
+            "zero-kv-heads",
+            "llama.attention.head_count_kv",
+            Value::U32(0),
+        ),
+        (
+            "kv-heads-not-dividing",
+            "llama.attention.head_count_kv",
+            Value::U32(3),
+        ),
         ("odd-head-dim", "llama.rope.dimension_count", Value::U32(15)),
         ("huge-context", "llama.context_length", Value::U64(1 << 40)),
         ("huge-vocab", "llama.vocab_size", Value::U32(u32::MAX)),
         ("zero-layers", "llama.block_count", Value::U32(0)),
-        ("heads-not-dividing-hidden", "llama.attention.head_count", Value::U32(6)),
+        (
+            "heads-not-dividing-hidden",
+            "llama.attention.head_count",
+            Value::U32(6),
+        ),
     ];
     for (name, key, value) in cases {
         let msg = refused(&gguf(name, &[(key, value)]));
-        assert!(msg.contains(key), "{name}: the message names `{key}`: {msg}");
+        assert!(
+            msg.contains(key),
+            "{name}: the message names `{key}`: {msg}"
+        );
     }
     // The same file with sane values opens.
     assert!(ModelFiles::open(&gguf("sane", &[])).is_ok());
@@ -62,7 +77,10 @@ fn impossible_metadata_is_refused_by_name() {
 
 #[test]
 fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
-    let path = gguf("serve-zero-heads", &[("llama.attention.head_count", Value::U32(0))]);
+    let path = gguf(
+        "serve-zero-heads",
+        &[("llama.attention.head_count", Value::U32(0))],
+    );
     let t = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
         .args(["serve", "--port", "0", "--no-mine", "--model"])
@@ -86,5 +104,9 @@ fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
     assert!(!status.success());
     assert!(err.contains("llama.attention.head_count"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    eprintln!("exited in {:?}: {}", t.elapsed(), err.lines().last().unwrap_or(""));
+    eprintln!(
+        "exited in {:?}: {}",
+        t.elapsed(),
+        err.lines().last().unwrap_or("")
+    );
 }

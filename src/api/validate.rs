@@ -21,6 +21,9 @@ pub struct ApiLimits {
     pub max_top_logprobs: usize,
     /// Longest a request may take end to end.
     pub request_timeout: std::time::Duration,
+    /// The `priority` values a client may ask for (lower runs first): an unbounded range
+    /// would let any client put itself ahead of everyone for good.
+    pub priority_range: (i64, i64),
 }
 
 impl Default for ApiLimits {
@@ -32,9 +35,13 @@ impl Default for ApiLimits {
             max_stop_sequences: 16,
             max_top_logprobs: 20,
             request_timeout: std::time::Duration::from_secs(600),
+            priority_range: (-100, 100),
         }
     }
 }
+
+/// Longest stop string, in bytes: the engine holds back that much text while it matches.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// How the response must be shaped, beside what the engine is asked to do.
 #[derive(Debug, Clone)]
@@ -301,6 +308,18 @@ fn common(
             format!("at most {} stop sequences", limits.max_stop_sequences),
         ));
     }
+    if let Some(long) = stop
+        .iter()
+        .find(|s| s.len() > MAX_STOP_BYTES || s.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "each stop sequence must be 1 to {MAX_STOP_BYTES} bytes; got {}",
+                long.len()
+            ),
+        ));
+    }
     let vocab = model.tokenizer.vocab_size();
     let mut logit_bias = Vec::new();
     for (k, &v) in c.logit_bias.iter().flatten() {
@@ -359,7 +378,12 @@ fn common(
             params,
             ignore_eos,
             request_id: String::new(),
-            priority: c.priority.unwrap_or(0),
+            priority: in_range(
+                "priority",
+                c.priority.unwrap_or(0),
+                limits.priority_range.0,
+                limits.priority_range.1,
+            )?,
         },
         plan,
     ))

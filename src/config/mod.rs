@@ -215,6 +215,17 @@ pub struct ServeArgs {
     /// Largest `max_tokens` a request may ask for (default: the model's context window).
     #[arg(long, env = "IDLERIG_MAX_TOKENS")]
     pub max_tokens: Option<usize>,
+    /// Lowest `priority` a request may ask for (lower runs first; vLLM's convention).
+    #[arg(long, env = "IDLERIG_MIN_PRIORITY", default_value_t = -100, allow_hyphen_values = true)]
+    pub min_priority: i64,
+    /// Highest `priority` a request may ask for.
+    #[arg(
+        long,
+        env = "IDLERIG_MAX_PRIORITY",
+        default_value_t = 100,
+        allow_hyphen_values = true
+    )]
+    pub max_priority: i64,
     /// Seconds a request may take, queue and generation together; a longer one is ended
     /// (504, or an error event on a stream) and its generation cancelled.
     #[arg(long, env = "IDLERIG_REQUEST_TIMEOUT_S", default_value_t = 600.0)]
@@ -266,6 +277,10 @@ impl ServeArgs {
             max_tokens: self.max_tokens,
             request_timeout: std::time::Duration::from_secs_f64(
                 self.request_timeout_s.clamp(0.001, 1e9),
+            ),
+            priority_range: (
+                self.min_priority.min(self.max_priority),
+                self.max_priority.max(self.min_priority),
             ),
             ..ApiLimits::default()
         }

@@ -99,7 +99,9 @@ impl Sampler {
             }
             None => (None, Vec::new()),
         };
-        let id = if self.params.temperature <= 0.0 {
+        // Below 1e-5 a temperature only overflows the scaled logits (∞ − ∞ is NaN, which would
+        // pick the least likely token): it means greedy.
+        let id = if self.params.temperature < GREEDY_BELOW {
             argmax(logits)
         } else {
             self.draw(logits)
@@ -140,21 +142,23 @@ impl Sampler {
     }
 
     fn draw(&mut self, logits: &[f32]) -> usize {
-        let t = self.params.temperature;
-        // Candidates, most likely first; top-k cuts before the softmax as llama.cpp does.
-        let k = if self.params.top_k == 0 {
-            logits.len()
-        } else {
-            self.params.top_k.min(logits.len())
-        };
-        let mut cand: Vec<(usize, f32)> = top_k_indices(logits, k)
-            .into_iter()
-            .map(|i| (i, logits[i] / t))
-            .collect();
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
+        let (t, n) = (self.params.temperature, logits.len());
+        let p = &self.params;
+        if p.top_p >= 1.0 && p.min_p <= 0.0 && (p.top_k == 0 || p.top_k >= n) {
+            // Nothing is cut: one pass over the vocabulary, no sort at all.
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
+            let sum: f32 = logits.iter().map(|&l| (l / t - max).exp()).sum();
+            let mut r = self.rng.random::<f32>() * sum;
+            for (i, &l) in logits.iter().enumerate() {
+                let w = (l / t - max).exp();
+                if r < w {
+                    return i;
+                }
+                r -= w;
+            }
+            return argmax(logits);
+        }
+        let (cand, mut probs) = self.candidates(logits);
         let mut keep = probs.len();
         if self.params.top_p < 1.0 {
             let mut acc = 0.0;
@@ -170,19 +174,55 @@ impl Sampler {
             let floor = self.params.min_p * probs[0];
             keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
         }
-        cand.truncate(keep);
         probs.truncate(keep);
         let total: f32 = probs.iter().sum();
         let mut r = self.rng.random::<f32>() * total;
         for (i, p) in probs.iter().enumerate() {
             if r < *p {
-                return cand[i].0;
+                return cand[i];
             }
             r -= p;
         }
-        cand[keep - 1].0
+        cand[keep - 1]
+    }
+
+    /// The candidates and their probabilities, most likely first, as many as top-p and min-p
+    /// may keep. top-k cuts before the softmax, as llama.cpp does. Without top-k the
+    /// probabilities are the whole vocabulary's, but only its head is sorted: 64 tokens,
+    /// widened fourfold until they hold the top-p mass or reach below the min-p floor (a few
+    /// tokens usually hold most of it), never a full sort per token.
+    fn candidates(&self, logits: &[f32]) -> (Vec<usize>, Vec<f32>) {
+        let (t, n, p) = (self.params.temperature, logits.len(), &self.params);
+        if p.top_k > 0 && p.top_k < n {
+            let cand = top_k_indices(logits, p.top_k);
+            let max = logits[cand[0]] / t;
+            let mut probs: Vec<f32> = cand.iter().map(|&i| (logits[i] / t - max).exp()).collect();
+            let sum: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= sum);
+            return (cand, probs);
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) / t;
+        let sum: f32 = logits.iter().map(|&l| (l / t - max).exp()).sum();
+        let mut m = 64.min(n);
+        loop {
+            let cand = top_k_indices(logits, m);
+            let probs: Vec<f32> = cand
+                .iter()
+                .map(|&i| (logits[i] / t - max).exp() / sum)
+                .collect();
+            let mass: f32 = probs.iter().sum();
+            let holds_p = p.top_p < 1.0 && mass >= p.top_p;
+            let holds_min = p.min_p > 0.0 && probs[m - 1] < p.min_p * probs[0];
+            if m == n || holds_p || holds_min {
+                return (cand, probs);
+            }
+            m = (m * 4).min(n);
+        }
     }
 }
+
+/// Temperatures below this are greedy.
+pub const GREEDY_BELOW: f32 = 1e-5;
 
 /// Index of the largest logit, the lowest index on ties (so greedy decoding is stable).
 pub fn argmax(logits: &[f32]) -> usize {
@@ -224,6 +264,75 @@ mod tests {
         };
         f(&mut p);
         p
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy_not_the_least_likely_token() {
+        for t in [1e-40f32, 1e-6, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(params(|p| p.temperature = t), &[], 4, 0);
+            assert_eq!(
+                s.sample(&mut [0.5, 3.0, -2.0, 1.0]).id,
+                1,
+                "temperature {t}"
+            );
+        }
+    }
+
+    /// The full sort per token the sampler used to do, kept here as the reference: the same
+    /// candidates in the same order give the same token for the same random draw.
+    fn reference_draw(p: &SamplingParams, logits: &[f32], r: f32) -> usize {
+        let t = p.temperature;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b)));
+        let max = logits[idx[0]] / t;
+        let mut probs: Vec<f32> = idx.iter().map(|&i| (logits[i] / t - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= sum);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = p.min_p * probs[0];
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        probs.truncate(keep);
+        let mut r = r * probs.iter().sum::<f32>();
+        for (i, q) in probs.iter().enumerate() {
+            if r < *q {
+                return idx[i];
+            }
+            r -= q;
+        }
+        idx[keep - 1]
+    }
+
+    #[test]
+    fn without_top_k_only_the_head_is_sorted_and_the_draws_are_unchanged() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for case in 0..60 {
+            // Peaked and flat vocabularies, so the head widens from 64 in some cases.
+            let spread = [0.5f32, 3.0, 12.0][case % 3];
+            let logits: Vec<f32> = (0..5000).map(|_| rng.random::<f32>() * spread).collect();
+            let (top_p, min_p) = [(0.9, 0.0), (1.0, 0.05), (0.5, 0.1), (0.999, 0.0)][case % 4];
+            let p = params(|p| {
+                p.temperature = 0.8;
+                p.top_p = top_p;
+                p.min_p = min_p;
+                p.seed = Some(case as u64);
+            });
+            let mut s = Sampler::new(p.clone(), &[], 5000, 0);
+            let r = rand::rngs::StdRng::seed_from_u64(case as u64).random::<f32>();
+            let got = s.sample(&mut logits.clone()).id as usize;
+            assert_eq!(got, reference_draw(&p, &logits, r), "case {case}");
+        }
     }
 
     #[test]

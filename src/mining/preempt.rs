@@ -47,10 +47,15 @@ impl PreemptFlag {
     /// also sees when; every store is sequentially consistent, so a raise that races with
     /// [`PreemptFlag::lower`] or [`PreemptFlag::sync_device`] leaves the device word raised.
     pub fn raise(&self) {
+        let now = monotonic_ns();
         if !self.0.raised.load(Ordering::SeqCst) {
-            self.0.raised_at_ns.store(monotonic_ns(), Ordering::SeqCst);
+            self.0.raised_at_ns.store(now, Ordering::SeqCst);
         }
-        self.0.raised.store(true, Ordering::SeqCst);
+        // A lower between the look above and here would leave the flag raised with an older
+        // raise's time: whoever turns it from down to up writes the time again.
+        if !self.0.raised.swap(true, Ordering::SeqCst) {
+            self.0.raised_at_ns.store(now, Ordering::SeqCst);
+        }
         if let Some(w) = self.0.device.get() {
             w.word().store(1, Ordering::SeqCst);
         }

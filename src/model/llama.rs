@@ -43,7 +43,13 @@ impl LlamaConfig {
     /// Refuses a configuration no real model has, naming the field (in the file's own
     /// convention: GGUF metadata keys, or config.json's), before any tensor is read.
     pub fn validate(&self, gguf: bool) -> Result<(), ModelError> {
-        let key = |g: &str, h: &str| if gguf { format!("llama.{g}") } else { h.to_string() };
+        let key = |g: &str, h: &str| {
+            if gguf {
+                format!("llama.{g}")
+            } else {
+                h.to_string()
+            }
+        };
         let bad = |k: String, v: &dyn std::fmt::Display, why: &str| {
             Err(ModelError::Metadata(format!("`{k}` = {v}: {why}")))
         };
@@ -53,17 +59,41 @@ impl LlamaConfig {
             return bad(heads, &self.num_heads, "needs at least one attention head");
         }
         if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
-            return bad(kv, &self.num_kv_heads, &format!("must divide the {} query heads", self.num_heads));
+            return bad(
+                kv,
+                &self.num_kv_heads,
+                &format!("must divide the {} query heads", self.num_heads),
+            );
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > MAX_WIDTH {
             let k = key("rope.dimension_count", "head_dim");
-            return bad(k, &self.head_dim, "the head dimension must be even and positive (rotary pairs)");
+            return bad(
+                k,
+                &self.head_dim,
+                "the head dimension must be even and positive (rotary pairs)",
+            );
         }
         let checks = [
-            (key("embedding_length", "hidden_size"), self.hidden_size, MAX_WIDTH),
-            (key("feed_forward_length", "intermediate_size"), self.intermediate_size, MAX_WIDTH),
-            (key("block_count", "num_hidden_layers"), self.num_layers, MAX_LAYERS),
-            (key("context_length", "max_position_embeddings"), self.context_length, MAX_CONTEXT),
+            (
+                key("embedding_length", "hidden_size"),
+                self.hidden_size,
+                MAX_WIDTH,
+            ),
+            (
+                key("feed_forward_length", "intermediate_size"),
+                self.intermediate_size,
+                MAX_WIDTH,
+            ),
+            (
+                key("block_count", "num_hidden_layers"),
+                self.num_layers,
+                MAX_LAYERS,
+            ),
+            (
+                key("context_length", "max_position_embeddings"),
+                self.context_length,
+                MAX_CONTEXT,
+            ),
             (key("vocab_size", "vocab_size"), self.vocab_size, MAX_VOCAB),
         ];
         for (k, v, max) in checks {
@@ -76,7 +106,11 @@ impl LlamaConfig {
             return bad(k, &self.rms_norm_eps, "must be a positive number");
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(key("rope.freq_base", "rope_theta"), &self.rope_theta, "must be a positive number");
+            return bad(
+                key("rope.freq_base", "rope_theta"),
+                &self.rope_theta,
+                "must be a positive number",
+            );
         }
         Ok(())
     }

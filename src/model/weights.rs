@@ -377,7 +377,12 @@ impl Weights<'_> {
     }
 
     /// A vector of `len` (norm weights), in the activations' type (f32 for GGUF).
-    pub(crate) fn vector(&mut self, gguf: &str, hf: &str, len: usize) -> Result<Tensor, ModelError> {
+    pub(crate) fn vector(
+        &mut self,
+        gguf: &str,
+        hf: &str,
+        len: usize,
+    ) -> Result<Tensor, ModelError> {
         let (name, t) = match self {
             Weights::Gguf { device, .. } => {
                 let device = device.clone();
@@ -472,8 +477,14 @@ fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig, ModelError> 
         num_layers: u("block_count")?,
         num_heads: heads,
         num_kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("rope.dimension_count")
-            .or_else(|_| derived_head_dim(hidden, heads, "llama.embedding_length", "llama.attention.head_count"))?,
+        head_dim: u("rope.dimension_count").or_else(|_| {
+            derived_head_dim(
+                hidden,
+                heads,
+                "llama.embedding_length",
+                "llama.attention.head_count",
+            )
+        })?,
         vocab_size: vocab,
         rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
         rope_theta: f("rope.freq_base", 10_000.0),

@@ -49,7 +49,7 @@ pub struct CpuGridLauncher {
 }
 
 impl CpuGridLauncher {
-    /// `capacity` is raised to one block's wave if smaller (see [`ScanLauncher::capacity`]).
+    /// `capacity` is raised to one wave of the grid if smaller (see [`ScanLauncher::capacity`]).
     pub fn new(geometry: Geometry, capacity: u32) -> Result<Self, LaunchError> {
         if geometry.blocks == 0 || geometry.threads_per_block == 0 {
             return Err(LaunchError::Misuse("a grid needs blocks and threads"));
@@ -61,7 +61,7 @@ impl CpuGridLauncher {
         }
         Ok(Self {
             geometry,
-            capacity: capacity.max(geometry.threads_per_block),
+            capacity: capacity.max(geometry.threads()),
             stop: Arc::default(),
             in_flight: None,
         })

@@ -64,8 +64,9 @@ pub trait ScanLauncher: Send {
     /// "cuda" or "cpu-grid".
     fn name(&self) -> &'static str;
     fn geometry(&self) -> Geometry;
-    /// Candidates the buffer holds per launch; at least one wave's worth of one block, so that
-    /// a rescan always makes progress.
+    /// Candidates the buffer holds per launch: at least one wave of the whole grid, so that a
+    /// relaunch after an overflow always makes progress (the miner also keeps the flag
+    /// interval at most capacity ÷ threads waves).
     fn capacity(&self) -> u32;
     /// The word the kernel polls at its checkpoints; the miner's [`crate::mining::PreemptFlag`]
     /// mirrors into it.

@@ -186,7 +186,10 @@ impl Drop for GpuMiner {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         self.shared.stop_word.word().store(1, Ordering::SeqCst);
+        // Under the lock, so the thread cannot miss the wake-up between its look and its wait.
+        let _guard = self.shared.assignment.lock().expect("assignment lock");
         self.shared.wake.notify_all();
+        drop(_guard);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -194,8 +197,8 @@ impl Drop for GpuMiner {
 }
 
 /// Waits until there is work and no pre-emption, then returns the unit to launch on, with
-/// `active` already counted (under the lock, so the arbiter never sees 0 while a launch is
-/// about to start).
+/// `active` already counted. `active` is set first and the flag looked at again after: a raise
+/// either sees `active` at 1 (and waits for the launch to end) or is seen here.
 fn next_unit(
     shared: &Shared,
     unit: &mut Option<Unit>,
@@ -235,7 +238,10 @@ fn next_unit(
                     });
                 }
                 shared.active.store(1, Ordering::SeqCst);
-                return true;
+                if !shared.preempt.is_raised() {
+                    return true;
+                }
+                shared.active.store(0, Ordering::SeqCst);
             }
         }
         a = shared
@@ -246,10 +252,27 @@ fn next_unit(
     }
 }
 
-fn run(shared: Arc<Shared>, mut launcher: Box<dyn ScanLauncher>, cfg: GpuMinerConfig) {
+/// Counts the thread as idle when dropped, also when a launch panics: the arbiter would
+/// otherwise wait for it for ever.
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+}
+
+fn run(shared: Arc<Shared>, mut launcher: Box<dyn ScanLauncher>, mut cfg: GpuMinerConfig) {
+    // A block may find at most `every` waves of candidates before it checks for overflow:
+    // with the buffer holding that much for the whole grid, a relaunch always progresses.
+    let threads = launcher.geometry().threads().max(1);
+    cfg.check_every = cfg
+        .check_every
+        .clamp(1, (launcher.capacity() / threads).max(1));
     let mut unit: Option<Unit> = None;
     let mut failures = 0u32;
     while next_unit(&shared, &mut unit, &cfg, launcher.as_ref()) {
+        let _active = ActiveGuard(&shared.active);
         let u = unit.as_mut().expect("next_unit set it");
         let segment = u
             .sweep
@@ -292,7 +315,7 @@ fn run(shared: Arc<Shared>, mut launcher: Box<dyn ScanLauncher>, cfg: GpuMinerCo
                 }
             }
         }
-        shared.active.store(0, Ordering::SeqCst);
+        drop(_active);
         if failures > 0 {
             // Back off (up to a second) without holding up shutdown.
             let wait = Duration::from_millis(10u64 << failures.min(7));
@@ -311,11 +334,19 @@ fn launch_and_wait(
     launch: &super::launcher::Launch<'_>,
 ) -> Result<LaunchResult, LaunchError> {
     launcher.launch(launch)?;
-    while !launcher.poll()? {
-        if shared.preempt.is_raised() || shared.shutdown.load(Ordering::Relaxed) {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(200));
+    loop {
+        match launcher.poll() {
+            Ok(true) => break,
+            Ok(false) if shared.preempt.is_raised() || shared.shutdown.load(Ordering::Relaxed) => {
+                std::thread::yield_now()
+            }
+            Ok(false) => std::thread::sleep(Duration::from_micros(200)),
+            Err(e) => {
+                // Nothing of this launch is trusted; `finish` still ends it, so the launcher
+                // can take the next.
+                let _ = launcher.finish();
+                return Err(e);
+            }
         }
     }
     launcher.finish()
