@@ -169,7 +169,10 @@ pub async fn start_mining(
         .join(", ");
     let client = Arc::new(ClientStats::default());
     let client_task = tokio::spawn(run_client(
-        ClientConfig::new(pools, &pool.user, &pool.password),
+        ClientConfig {
+            allow_reconnect_elsewhere: pool.allow_reconnect_elsewhere,
+            ..ClientConfig::new(pools, &pool.user, &pool.password)
+        },
         miner.clone(),
         share_rx,
         client.clone(),

@@ -311,6 +311,10 @@ pub struct PoolArgs {
     /// Starting share difficulty of the embedded pool (it adjusts towards a share every 5 s).
     #[arg(long, env = "IDLERIG_LOCAL_POOL_DIFFICULTY", default_value_t = 0.001)]
     pub local_pool_difficulty: f64,
+    /// Obey a pool's `client.reconnect` to another host. Off by default: the worker name and
+    /// password would go to whatever host the pool names.
+    #[arg(long, env = "IDLERIG_ALLOW_RECONNECT_ELSEWHERE")]
+    pub allow_reconnect_elsewhere: bool,
 }
 
 impl std::fmt::Debug for PoolArgs {

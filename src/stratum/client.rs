@@ -6,11 +6,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::protocol::{parse_line, MAX_LINE_BYTES};
+
+/// The pool's lines, framed with a maximum length: a longer line is refused while it is being
+/// read, never buffered whole.
+type PoolLines = FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>;
 use super::session::{Action, ClientSession, ShareCounts};
 use super::PoolUrl;
 use crate::mining::{Miner, Share};
@@ -30,6 +36,8 @@ pub struct ClientConfig {
     pub attempts_per_pool: u32,
     /// How often a backup connection checks whether the first pool is back.
     pub primary_retry: Duration,
+    /// Obey `client.reconnect` to another host (the password would go there too).
+    pub allow_reconnect_elsewhere: bool,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -53,6 +61,7 @@ impl ClientConfig {
             max_backoff: Duration::from_secs(60),
             attempts_per_pool: 2,
             primary_retry: Duration::from_secs(30),
+            allow_reconnect_elsewhere: false,
         }
     }
 }
@@ -211,7 +220,7 @@ async fn connection(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
     let mut actions = session.on_connect();
     let mut probe = tokio::time::interval(cfg.primary_retry);
     probe.tick().await;
@@ -231,21 +240,30 @@ async fn connection(
                         host: host.unwrap_or_else(|| current.host.clone()),
                         port: port.unwrap_or(current.port),
                     };
+                    // The worker's password goes wherever we connect: another host only when
+                    // the operator allows it.
+                    if to.host != current.host && !cfg.allow_reconnect_elsewhere {
+                        tracing::warn!(from = %current, to = %to, "ignoring the pool's client.reconnect to another host (allow it with --allow-reconnect-elsewhere)");
+                        continue;
+                    }
                     return Ended::Redirect(Some(to), wait);
                 }
             }
         }
         stats.publish(&session.counts, session.difficulty());
         tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) if line.len() <= MAX_LINE_BYTES => match parse_line(&line) {
+            line = lines.next() => match line {
+                Some(Ok(line)) => match parse_line(&line) {
                     Ok(msg) => actions = session.on_message(msg),
                     // A pool that sends garbage is logged, not obeyed; the session goes on.
                     Err(e) => tracing::warn!(error = %e, "unreadable line from the pool"),
                 },
-                Ok(Some(_)) => return Ended::Failed("line over the size limit".into()),
-                Ok(None) => return Ended::Failed("the pool closed the connection".into()),
-                Err(e) => return Ended::Failed(format!("read: {e}")),
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    tracing::warn!(limit = MAX_LINE_BYTES, "the pool sent a line over the size limit; disconnecting");
+                    return Ended::Failed("line over the size limit".into());
+                }
+                None => return Ended::Failed("the pool closed the connection".into()),
+                Some(Err(e)) => return Ended::Failed(format!("read: {e}")),
             },
             Some(share) = shares.recv() => {
                 if share.is_block {
@@ -274,7 +292,7 @@ async fn flush_shares(
     session: &mut ClientSession,
     shares: &mut mpsc::UnboundedReceiver<Share>,
     write: &mut tokio::net::tcp::OwnedWriteHalf,
-    lines: &mut tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    lines: &mut PoolLines,
     stats: &ClientStats,
 ) {
     let mut found = 0;
@@ -292,8 +310,8 @@ async fn flush_shares(
     let open = session.pending_submits();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while session.pending_submits() > 0 {
-        match tokio::time::timeout_at(deadline, lines.next_line()).await {
-            Ok(Ok(Some(line))) => {
+        match tokio::time::timeout_at(deadline, lines.next()).await {
+            Ok(Some(Ok(line))) => {
                 if let Ok(msg) = parse_line(&line) {
                     // Only the answers matter now; new jobs are not mined.
                     let _ = session.on_message(msg);

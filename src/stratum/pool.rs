@@ -40,6 +40,11 @@ pub struct PoolConfig {
     pub version_mask: u32,
     /// The network target's compact form (a realistic mainnet value by default).
     pub nbits: u32,
+    /// Connections at once, in all and from one address; more are refused.
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    /// A connection that has not subscribed by then is closed.
+    pub subscribe_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -55,6 +60,9 @@ impl Default for PoolConfig {
             extranonce2_size: 4,
             version_mask: 0x1fff_e000,
             nbits: 0x1703_1abe,
+            max_connections: 256,
+            max_connections_per_address: 32,
+            subscribe_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -138,6 +146,45 @@ pub(super) struct Shared {
     pub(super) next_extranonce1: AtomicU64,
     /// Session id → extranonce1, so a reconnecting miner keeps its extranonce1 (and its work).
     pub(super) sessions: Mutex<HashMap<String, Vec<u8>>>,
+    /// Session ids a live connection holds: those cannot be resumed (taken over) by another.
+    pub(super) live_sessions: Mutex<HashSet<String>>,
+    /// Open connections by address.
+    pub(super) open: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One open connection's place in the caps; given back when the session ends.
+pub(super) struct ConnectionSlot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl ConnectionSlot {
+    /// A place for a connection from `ip`, or `None` past a cap.
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Self> {
+        let mut open = shared.open.lock().expect("open lock");
+        let total: usize = open.values().sum();
+        let here = open.get(&ip).copied().unwrap_or(0);
+        if total >= shared.cfg.max_connections || here >= shared.cfg.max_connections_per_address {
+            return None;
+        }
+        *open.entry(ip).or_default() += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.shared.open.lock().expect("open lock");
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Starts the pool on `cfg.bind`; it runs until the handle is dropped.
@@ -155,6 +202,8 @@ pub async fn start_pool(cfg: PoolConfig) -> std::io::Result<PoolHandle> {
         submitted: Mutex::new(HashSet::new()),
         next_extranonce1: AtomicU64::new(1),
         sessions: Mutex::new(HashMap::new()),
+        live_sessions: Mutex::new(HashSet::new()),
+        open: Mutex::new(HashMap::new()),
     });
     tokio::spawn(template_task(
         cfg.clone(),
@@ -169,9 +218,12 @@ pub async fn start_pool(cfg: PoolConfig) -> std::io::Result<PoolHandle> {
             tokio::select! {
                 _ = stop.changed() => return,
                 conn = listener.accept() => match conn {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(super::pool_session::run_session(stream, peer, shared.clone(), jobs_rx.clone(), cmds.subscribe()));
-                    }
+                    Ok((stream, peer)) => match ConnectionSlot::take(&shared, peer.ip()) {
+                        Some(slot) => {
+                            tokio::spawn(super::pool_session::run_session(stream, peer, slot, shared.clone(), jobs_rx.clone(), cmds.subscribe()));
+                        }
+                        None => tracing::info!(%peer, "pool: connection refused (too many connections)"),
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "pool: accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;

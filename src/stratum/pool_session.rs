@@ -1,18 +1,21 @@
 //! One miner's connection to the embedded pool: its subscription, authorization, difficulty,
 //! the jobs sent to it, and the validation of every share it submits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};
 
-use super::pool::{PoolCommand, PoolJob, Shared};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+use super::pool::{ConnectionSlot, PoolCommand, PoolJob, Shared};
 use super::protocol::{
     codes, encode_call, encode_response, parse_line, Message, RpcError, Submit, MAX_LINE_BYTES,
 };
@@ -31,7 +34,10 @@ struct Session {
     session_id: String,
     extranonce1: Vec<u8>,
     subscribed: bool,
-    authorized: bool,
+    /// Worker names authorized on this connection: a share is credited only to one of them.
+    workers: HashSet<String>,
+    /// Rejections logged at info, at most one a second (the others are counted).
+    rejection_log: RateLimitedLog,
     version_mask: u32,
     difficulty: f64,
     /// Jobs sent to this miner and the lowest difficulty in force for each.
@@ -49,7 +55,37 @@ fn reject(code: i64, message: &str) -> RpcError {
     }
 }
 
+/// Worker names one connection may authorize.
+const MAX_WORKERS_PER_CONNECTION: usize = 16;
+
+/// Lets one line through per second and counts the rest, so a miner spamming bad shares
+/// cannot flood the log, yet the operator sees that it happens and how often.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    /// `Some(lines suppressed since the last one)` when this one may be logged.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 impl Session {
+    fn authorized(&self) -> bool {
+        !self.workers.is_empty()
+    }
+
     /// Sends `job`. `clean`: `Some(true)` forces `clean_jobs` (new extranonce1), `Some(false)`
     /// resends a job already sent (new difficulty) without invalidating anything, `None` sends
     /// it as the template says.
@@ -116,19 +152,33 @@ impl Session {
                 }
             }
             "mining.subscribe" => {
-                let resumed = params.get(1).and_then(Value::as_str).and_then(|sid| {
-                    self.shared
-                        .sessions
-                        .lock()
-                        .expect("sessions lock")
-                        .get(sid)
-                        .cloned()
-                        .map(|en1| (sid.to_string(), en1))
-                });
+                // A session is resumed (same extranonce1, so its work stays valid) only when
+                // no live connection holds it: an extranonce1 in use cannot be taken over.
+                let mut live = self
+                    .shared
+                    .live_sessions
+                    .lock()
+                    .expect("live sessions lock");
+                let resumed = params
+                    .get(1)
+                    .and_then(Value::as_str)
+                    .filter(|sid| !live.contains(*sid))
+                    .and_then(|sid| {
+                        self.shared
+                            .sessions
+                            .lock()
+                            .expect("sessions lock")
+                            .get(sid)
+                            .cloned()
+                            .map(|en1| (sid.to_string(), en1))
+                    });
                 if let Some((sid, en1)) = resumed {
+                    live.remove(&self.session_id);
                     self.session_id = sid;
                     self.extranonce1 = en1;
                 }
+                live.insert(self.session_id.clone());
+                drop(live);
                 self.shared
                     .sessions
                     .lock()
@@ -156,7 +206,19 @@ impl Session {
                     );
                     return;
                 }
-                self.authorized = true;
+                if self.workers.len() >= MAX_WORKERS_PER_CONNECTION && !self.workers.contains(user)
+                {
+                    reply(
+                        self,
+                        json!(false),
+                        Some(reject(
+                            codes::UNAUTHORIZED,
+                            "too many workers on one connection",
+                        )),
+                    );
+                    return;
+                }
+                self.workers.insert(user.to_string());
                 reply(self, json!(true), None);
                 let d = self.difficulty;
                 self.out
@@ -187,7 +249,9 @@ impl Session {
                             _ => &stats.rejected_other,
                         };
                         counter.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(peer = %self.peer, code = e.code, reason = %e.message, "pool: share rejected");
+                        if let Some(suppressed) = self.rejection_log.admit(Instant::now()) {
+                            tracing::info!(peer = %self.peer, code = e.code, reason = %e.message, suppressed, "pool: share rejected");
+                        }
                     }
                 }
                 match result {
@@ -208,10 +272,16 @@ impl Session {
         if !self.subscribed {
             return Err(reject(codes::NOT_SUBSCRIBED, "not subscribed"));
         }
-        if !self.authorized {
+        if !self.authorized() {
             return Err(reject(codes::UNAUTHORIZED, "unauthorized worker"));
         }
         let s = Submit::from_params(params).map_err(|e| reject(codes::OTHER, &e.to_string()))?;
+        if !self.workers.contains(&s.worker) {
+            return Err(reject(
+                codes::UNAUTHORIZED,
+                "worker not authorized on this connection",
+            ));
+        }
         let (job, job_diff) = self
             .jobs
             .get(&s.job_id)
@@ -253,7 +323,7 @@ impl Session {
     fn vardiff(&mut self) {
         let cfg = &self.shared.cfg;
         let elapsed = self.vardiff_since.elapsed().as_secs_f64();
-        if !cfg.vardiff || !self.authorized || elapsed < cfg.target_share_secs * 3.0 {
+        if !cfg.vardiff || !self.authorized() || elapsed < cfg.target_share_secs * 3.0 {
             return;
         }
         let rate_ratio =
@@ -301,6 +371,7 @@ pub(super) fn validate_share(
 pub(super) async fn run_session(
     stream: TcpStream,
     peer: SocketAddr,
+    _slot: ConnectionSlot,
     shared: Arc<Shared>,
     mut jobs: watch::Receiver<Option<Arc<PoolJob>>>,
     mut commands: broadcast::Receiver<PoolCommand>,
@@ -314,7 +385,8 @@ pub(super) async fn run_session(
         shared: shared.clone(),
         peer,
         subscribed: false,
-        authorized: false,
+        workers: HashSet::new(),
+        rejection_log: RateLimitedLog::default(),
         version_mask: 0,
         jobs: HashMap::new(),
         last_job: None,
@@ -323,14 +395,16 @@ pub(super) async fn run_session(
         out: Vec::new(),
     };
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
+    // Framed with a maximum length: an endless line is refused as it arrives, not buffered.
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
     let mut bad_lines = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let opened = Instant::now();
     loop {
-        let was_authorized = s.authorized;
+        let was_authorized = s.authorized();
         tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) if line.len() <= MAX_LINE_BYTES => match parse_line(&line) {
+            line = lines.next() => match line {
+                Some(Ok(line)) => match parse_line(&line) {
                     Ok(Message::Call { id, method, params }) => s.handle_call(id, &method, &params),
                     Ok(Message::Response { .. }) => {} // answers to client.get_version
                     Err(e) => {
@@ -341,14 +415,18 @@ pub(super) async fn run_session(
                         }
                     }
                 },
-                _ => break, // closed, failed, or a line over the limit
+                Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                    tracing::info!(%peer, limit = MAX_LINE_BYTES, "pool: a line over the size limit; disconnecting");
+                    break;
+                }
+                _ => break, // closed or failed
             },
             changed = jobs.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 let job = jobs.borrow_and_update().clone();
-                if let (true, Some(job)) = (s.authorized, job) {
+                if let (true, Some(job)) = (s.authorized(), job) {
                     s.notify_job(&job, None);
                 }
             }
@@ -371,20 +449,35 @@ pub(super) async fn run_session(
                 Ok(PoolCommand::NewBlock) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => break,
             },
-            _ = tick.tick() => s.vardiff(),
+            _ = tick.tick() => {
+                if !s.subscribed && opened.elapsed() > shared.cfg.subscribe_timeout {
+                    tracing::info!(%peer, "pool: no mining.subscribe in time; disconnecting");
+                    break;
+                }
+                s.vardiff();
+            }
         }
-        if s.authorized && !was_authorized {
+        if s.authorized() && !was_authorized {
             if let Some(job) = jobs.borrow().clone() {
                 s.notify_job(&job, Some(true));
             }
         }
+        let mut failed = false;
         for line in s.out.drain(..) {
             if write.write_all(line.as_bytes()).await.is_err() {
-                shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
-                return;
+                failed = true;
+                break;
             }
         }
+        if failed {
+            break;
+        }
     }
+    shared
+        .live_sessions
+        .lock()
+        .expect("live sessions lock")
+        .remove(&s.session_id);
     shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
 }
 

@@ -14,6 +14,10 @@ use super::protocol::{
 };
 use crate::mining::{target_for_difficulty, Job, Share, WorkSource};
 
+/// The lowest share difficulty the client mines at, whatever the pool asks: below it a pool
+/// (hostile or broken) would have the miner submit shares by the thousand each second.
+pub const MIN_SHARE_DIFFICULTY: f64 = 1e-5;
+
 /// Version bits idlerig asks to roll (BIP 310's general-purpose range).
 pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
 
@@ -340,7 +344,14 @@ impl ClientSession {
             },
             "mining.set_difficulty" => match parse_difficulty(params) {
                 Ok(d) => {
-                    self.difficulty = d;
+                    if d < MIN_SHARE_DIFFICULTY {
+                        tracing::warn!(
+                            asked = d,
+                            floor = MIN_SHARE_DIFFICULTY,
+                            "the pool asked for a share difficulty below the floor; mining at the floor"
+                        );
+                    }
+                    self.difficulty = d.max(MIN_SHARE_DIFFICULTY);
                     self.work()
                 }
                 Err(e) => {
@@ -390,7 +401,8 @@ impl ClientSession {
                         p.as_u64()
                             .or_else(|| p.as_str().and_then(|s| s.parse().ok()))
                     })
-                    .map(|p| p as u16),
+                    // A port that is not one is ignored (the current one stays), not truncated.
+                    .and_then(|p| u16::try_from(p).ok().filter(|&p| p != 0)),
                 wait: Duration::from_secs(
                     params.get(2).and_then(Value::as_u64).unwrap_or(0).min(600),
                 ),
