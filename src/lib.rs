@@ -8,7 +8,11 @@
 //! - [`engine`]: the engine thread that owns the model and KV caches and batches sequences;
 //!   tokenizer, chat template, sampling, stop strings.
 //! - [`model`]: our own llama-family model code on candle, loaded from GGUF or safetensors.
-//! - [`mining`]: SHA-256d, block headers and targets, the CPU miner.
+//! - [`mining`]: SHA-256d, block headers and targets, the CPU miner, and the GPU miner over a
+//!   scan launcher (CUDA, or the CPU stand-in that runs the same kernel source).
+//! - [`arbiter`]: who has the device now; inference always wins.
+//! - [`telemetry`]: the figures over time, the earnings estimate and the profit switch.
+//! - [`stats`]: quantiles shared by the benchmarks, the telemetry and the arbiter.
 //! - [`stratum`]: the Stratum V1 protocol (sans-IO), the client task and the embedded pool.
 //! - [`config`]: the typed configuration each subsystem is built from.
 
@@ -20,5 +24,6 @@ pub mod engine;
 pub mod mining;
 pub mod model;
 pub mod server;
+pub mod stats;
 pub mod stratum;
 pub mod telemetry;

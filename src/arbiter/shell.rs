@@ -155,7 +155,7 @@ pub fn spawn_arbiter(
                 if latencies.len() > 20_000 {
                     latencies.drain(..latencies.len() - 10_000);
                 }
-                let q = |p| crate::bench::quantile(&latencies, p);
+                let q = |p| crate::stats::quantile(&latencies, p);
                 latency_summary = (
                     q(0.5),
                     q(0.99),

@@ -15,7 +15,7 @@ use crate::engine::load_model;
 use crate::model::device_from_name;
 
 use super::llama_cpp::LlamaCppRef;
-use super::quantile;
+use crate::stats::quantile;
 
 /// Client-side timings of one streamed request.
 #[derive(Debug, Clone, Copy)]

@@ -11,8 +11,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use super::infer::{synthetic_prompt, timed_stream, StreamTiming};
-use super::quantile;
 use crate::config::{BenchPreemptArgs, Cli, Command};
+use crate::stats::quantile;
 
 struct Planned {
     at: Duration,

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use crate::telemetry::EarningsInputs;
+pub use crate::telemetry::MineWhen;
 
 /// API keys. `Debug` never shows them.
 #[derive(Clone, Args)]
@@ -67,18 +68,6 @@ impl AccessArgs {
         }
         Ok(keys)
     }
-}
-
-/// When the miner may run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MineWhen {
-    /// Whenever the device is idle, whatever the power costs (free or surplus power, heat
-    /// reuse, the demo pool).
-    Always,
-    /// Only while the estimated revenue exceeds the power cost (a profit switch). With
-    /// mainnet figures no CPU or GPU is profitable at SHA-256d, so this mode stops mining
-    /// after a short measurement.
-    Profitable,
 }
 
 /// Inputs of the earnings estimate. There is no network here, so the market figures are

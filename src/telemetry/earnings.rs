@@ -3,6 +3,18 @@
 //! draws while it mines. Pure arithmetic on inputs the operator gives (there is no network
 //! here to fetch them).
 
+/// When the miner may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MineWhen {
+    /// Whenever the device is idle, whatever the power costs (free or surplus power, heat
+    /// reuse, the demo pool).
+    Always,
+    /// Only while the estimated revenue exceeds the power cost (a profit switch). With
+    /// mainnet figures no CPU or GPU is profitable at SHA-256d, so this mode stops mining
+    /// after a short measurement.
+    Profitable,
+}
+
 use serde::Serialize;
 
 /// Hashes per difficulty-1 share: a block at difficulty D takes D × 2³² hashes on average.

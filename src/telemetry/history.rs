@@ -86,7 +86,7 @@ impl History {
             self.window.pop_front();
         }
         let ttfts: Vec<f64> = self.window.iter().filter_map(|(_, t)| *t).collect();
-        let q = |p: f64| (!ttfts.is_empty()).then(|| crate::bench::quantile(&ttfts, p) * 1e3);
+        let q = |p: f64| (!ttfts.is_empty()).then(|| crate::stats::quantile(&ttfts, p) * 1e3);
         WindowFigures {
             requests_per_s: self.window.len() as f64 / self.window_s,
             ttft_ms_p50: q(0.5),

@@ -8,7 +8,7 @@ pub mod earnings;
 pub mod history;
 pub mod prometheus;
 
-pub use earnings::{Earnings, EarningsInputs};
+pub use earnings::{Earnings, EarningsInputs, MineWhen};
 pub use history::{HistoryPoint, WindowFigures};
 pub use prometheus::{LiveSources, Metrics, RequestMetrics};
 
@@ -19,7 +19,6 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::arbiter::ArbiterStatus;
-use crate::config::MineWhen;
 use crate::engine::EngineStats;
 use history::{Cumulative, History};
 

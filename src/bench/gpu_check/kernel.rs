@@ -266,7 +266,7 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
         lost += want.difference(&distinct).count();
         shares_checked += want.len();
     }
-    let q = |p| crate::bench::quantile(&latencies, p);
+    let q = |p| crate::stats::quantile(&latencies, p);
     json!({
         "trials": trials,
         "measured": latencies.len(),
