@@ -36,7 +36,8 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// The CPU must have AVX2 and FMA; `src` and `dst` must hold 32 elements.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
-    debug_assert!(src.len() >= 32 && dst.len() >= 32);
+    // Checked in release too: an out-of-bounds load here would read or write past the slices.
+    assert!(src.len() >= 32 && dst.len() >= 32);
     let p = src.as_ptr();
     let v = [
         _mm256_loadu_ps(p),
@@ -108,7 +109,7 @@ unsafe fn q4_dots_n<const G: usize>(
     sums: &mut [f32; 4],
 ) {
     let nb = scale.len();
-    debug_assert!(qs.len() >= nb * 16 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
+    assert!(qs.len() >= nb * 16 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
@@ -182,7 +183,7 @@ unsafe fn q8_dots_n<const G: usize>(
     sums: &mut [f32; 4],
 ) {
     let nb = scale.len() / 2;
-    debug_assert!(qs.len() >= nb * 32 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
+    assert!(qs.len() >= nb * 32 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
     let ones = _mm256_set1_epi16(1);
     // Lanes 0..4 of a block's 32-bit sums cover its first group, lanes 4..8 its second.
     let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
@@ -225,9 +226,11 @@ unsafe fn q8_dots_n<const G: usize>(
                 let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
                 let dot =
                     _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
-                let pair = _mm256_castpd_ps(_mm256_broadcast_sd(
-                    &*(combined[g].as_ptr().add(2 * j) as *const f64),
-                ));
+                // Two f32 scales as one 8-byte lane: an f32 array is only 4-byte aligned, so
+                // the pair is read unaligned (never through a `&f64`).
+                let pair = _mm256_castpd_ps(_mm256_set1_pd(std::ptr::read_unaligned(
+                    combined[g].as_ptr().add(2 * j) as *const f64,
+                )));
                 let s = _mm256_permutevar8x32_ps(pair, halves);
                 acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
             }
