@@ -275,24 +275,34 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         )
     };
     let tokens = |m: &str| sample(m, "vllm:generation_tokens_total");
-    // Let the miner run a moment so a request has something to pre-empt.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Wait until the miner hashes, so that a request has something to pre-empt.
+    let t = Instant::now();
+    while sample(&srv.metrics().await, "idlerig_mining_hashes_total") <= 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the miner never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..3 {
         assert_eq!(srv.completion(None, prompt(8)).await.status(), 200);
     }
     let mut stream = prompt(8);
     stream["stream"] = json!(true);
     let _ = srv.completion(None, stream).await.text().await.unwrap();
-    // The telemetry task observes asynchronously; give it a moment.
+    // The telemetry task observes asynchronously, and the idle-priority miner acknowledges a
+    // pre-emption (its latency) only once a core is free: wait for both.
     let t = Instant::now();
     let after = loop {
         let m = srv.metrics().await;
-        if e2e(&m) >= e2e(&before) + 4.0 {
+        if e2e(&m) >= e2e(&before) + 4.0
+            && sample(&m, "idlerig_preemption_latency_seconds_count") >= 1.0
+        {
             break m;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "requests not counted:\n{m}"
+            t.elapsed() < Duration::from_secs(60),
+            "requests or the pre-emption not counted:\n{m}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

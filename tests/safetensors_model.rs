@@ -159,52 +159,38 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
         )
         .unwrap();
     let (mut c1, mut c2, mut c3) = (hf.new_cache(), gg.new_cache(), half.new_cache());
-    let mut step = ids.clone();
+    let mut step_tokens = ids.clone();
     let mut half_max_diff = 0f32;
-    for _ in 0..8 {
-        let a = hf
-            .forward(&mut [BatchItem {
-                tokens: &step,
-                cache: &mut c1,
-            }])
+    /// One step of `model` on `tokens`: the last token's logits.
+    fn step(
+        model: &mut idlerig::model::Llama,
+        cache: &mut idlerig::model::SeqCache,
+        tokens: &[u32],
+    ) -> Vec<f32> {
+        model
+            .forward(&mut [BatchItem { tokens, cache }])
             .unwrap()
             .to_vec2::<f32>()
             .unwrap()
-            .remove(0);
-        let b = gg
-            .forward(&mut [BatchItem {
-                tokens: &step,
-                cache: &mut c2,
-            }])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
-        let max_diff = a
-            .iter()
-            .zip(&b)
+            .remove(0)
+    }
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
             .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(max_diff < 1e-2, "logits differ by {max_diff}");
+            .fold(0f32, f32::max)
+    };
+    for _ in 0..8 {
+        let a = step(&mut hf, &mut c1, &step_tokens);
+        let b = step(&mut gg, &mut c2, &step_tokens);
+        let diff = max_diff(&a, &b);
+        assert!(diff < 1e-2, "logits differ by {diff}");
         let (ta, tb) = (idlerig::engine::argmax(&a), idlerig::engine::argmax(&b));
         assert_eq!(ta, tb);
-        let h = half
-            .forward(&mut [BatchItem {
-                tokens: &step,
-                cache: &mut c3,
-            }])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-            .remove(0);
-        let diff = a
-            .iter()
-            .zip(&h)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        half_max_diff = half_max_diff.max(diff);
+        let h = step(&mut half, &mut c3, &step_tokens);
+        half_max_diff = half_max_diff.max(max_diff(&a, &h));
         assert_eq!(idlerig::engine::argmax(&h), ta, "f16 picks another token");
-        step = vec![ta as u32];
+        step_tokens = vec![ta as u32];
     }
     eprintln!("f16 vs f32 logits: max |Δ| {half_max_diff}");
     assert!(half_max_diff < 0.5, "f16 logits differ by {half_max_diff}");

@@ -86,12 +86,7 @@ impl ScanLauncher for CpuGridLauncher {
     }
 
     fn launch(&mut self, l: &Launch<'_>) -> Result<(), LaunchError> {
-        if self.in_flight.is_some() {
-            return Err(LaunchError::Misuse("a launch is already in flight"));
-        }
-        if l.resume.len() != self.geometry.blocks as usize {
-            return Err(LaunchError::Misuse("one resume point per block"));
-        }
+        l.check(self.geometry, self.in_flight.is_some())?;
         let (g, cap, stop) = (self.geometry, self.capacity, self.stop.clone());
         let (job, resume) = (*l.job, l.resume.to_vec());
         let (start, last, end_wave, every) = (l.start, l.last, l.end_wave, l.every.max(1));

@@ -241,12 +241,7 @@ impl ScanLauncher for CudaLauncher {
     }
 
     fn launch(&mut self, l: &Launch<'_>) -> Result<(), LaunchError> {
-        if self.in_flight.is_some() {
-            return Err(LaunchError::Misuse("a launch is already in flight"));
-        }
-        if l.resume.len() != self.geometry.blocks as usize {
-            return Err(LaunchError::Misuse("one resume point per block"));
-        }
+        l.check(self.geometry, self.in_flight.is_some())?;
         self.ctx.bind_to_thread().map_err(driver)?;
         self.stream
             .memcpy_htod(l.resume, &mut self.resume)

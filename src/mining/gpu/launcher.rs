@@ -36,6 +36,20 @@ pub struct Launch<'a> {
     pub every: u32,
 }
 
+impl Launch<'_> {
+    /// Refuses a launch that a launcher with `geometry` cannot take now: another one is in
+    /// flight (`busy`), or the resume points are not one per block.
+    pub fn check(&self, geometry: Geometry, busy: bool) -> Result<(), LaunchError> {
+        if busy {
+            return Err(LaunchError::Misuse("a launch is already in flight"));
+        }
+        if self.resume.len() != geometry.blocks as usize {
+            return Err(LaunchError::Misuse("one resume point per block"));
+        }
+        Ok(())
+    }
+}
+
 /// What a launch left: the first wave each block did not finish, the candidates that fit in
 /// the buffer, and how many the kernel found in all (more than the capacity: some were lost
 /// and their waves are not counted as finished).
