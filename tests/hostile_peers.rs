@@ -269,3 +269,69 @@ async fn the_client_raises_a_tiny_difficulty_to_the_floor_and_ignores_reconnects
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// `idlerig mine` against a pool that sends an endless line and then nothing at all: its
+/// memory stays small, and SIGTERM ends it within 10 s although the pool never answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mine_stays_small_and_stops_on_sigterm_whatever_the_pool_does() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idlerig"))
+        .args(["mine", "--threads", "1", "--pool"])
+        .arg(format!("stratum+tcp://127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // First connection: 256 MiB without a newline (the client must hang up long before).
+    let (first, _) = tokio::time::timeout(DEADLINE, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let (_r, mut w) = first.into_split();
+    let chunk = vec![b'x'; 1 << 20];
+    for _ in 0..256 {
+        if w.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let rss = rss_mib(pid);
+    assert!(
+        rss < 256,
+        "idlerig mine grew to {rss} MiB on an endless line"
+    );
+    // Later connections are accepted and never answered: a silent pool.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("idlerig mine did not stop within 10 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    silent.abort();
+    assert!(status.success(), "{status}");
+    eprintln!("RSS {rss} MiB; stopped {:?} after SIGTERM", t.elapsed());
+}

@@ -90,26 +90,40 @@ pub async fn completions(
     .await
 }
 
-/// Admits, parses, validates and answers one generation request.
-async fn answer<R>(
+/// Admits, parses, validates and answers one generation request. Parsing (up to
+/// `--max-body-bytes` of JSON) and validation (the chat template, the tokenizer) are CPU work
+/// of unbounded length for the async runtime's few threads: they run on the blocking pool.
+async fn answer<R: Send + 'static>(
     state: AppState,
     id: RequestId,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
-    parse: impl FnOnce(&Value) -> Result<R, ApiError>,
-    validate: impl FnOnce(R, &ServedModel, &ApiLimits) -> Result<(ValidRequest, ResponsePlan), ApiError>,
+    parse: impl FnOnce(&Value) -> Result<R, ApiError> + Send + 'static,
+    validate: impl FnOnce(R, &ServedModel, &ApiLimits) -> Result<(ValidRequest, ResponsePlan), ApiError>
+        + Send
+        + 'static,
 ) -> Result<Response, ApiError> {
     let at = Instant::now();
     let in_flight = state.lifecycle.enter()?;
     // Held until the request is in the engine's hands; from then on the engine's busy flag
     // keeps the miner off.
     let _admitted = state.admit();
-    let v = parse_json(body, state.limits.max_body_bytes)?;
-    let req = parse(&v)?;
+    let limit = state.limits.max_body_bytes;
+    let req = off_runtime(move || parse(&parse_json(body, limit)?)).await?;
     let model = state.ready_model()?;
-    let request = validate(req, &model, &state.limits)?;
+    let (m, limits) = (model.clone(), state.limits.clone());
+    let request = off_runtime(move || validate(req, &m, &limits)).await?;
     let started = Started { id, at, in_flight };
     generate(&state, &model, endpoint, request, started).await
+}
+
+/// Runs `f` on the blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request validation failed: {e}")))?
 }
 
 /// A request from its arrival: its id, when it came, and its place among those in flight.

@@ -36,7 +36,9 @@ impl DeviceGate {
     /// A request has arrived. Counted first, flag raised second: the arbiter never sees the
     /// flag down while a request it has not counted is in flight.
     pub fn admit(self: &Arc<Self>) -> AdmissionGuard {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        // Sequentially consistent with the arbiter's look at `in_flight` after it resumes the
+        // miner: either it sees this request, or this raise comes after its resume.
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.admitted.fetch_add(1, Ordering::Relaxed);
         self.preempt.raise();
         AdmissionGuard(self.clone())
@@ -44,7 +46,7 @@ impl DeviceGate {
 
     /// Requests being parsed, validated or submitted right now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Requests admitted since start.

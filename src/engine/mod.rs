@@ -176,13 +176,14 @@ impl EngineHandle {
     ) -> Result<mpsc::UnboundedReceiver<SeqEvent>, EngineError> {
         // The engine drains the channel into its own waiting list at every step, so the
         // channel alone does not bound the queue: both together are held to the capacity.
-        let queued = self.stats.in_channel.load(Ordering::Acquire)
-            + self.stats.waiting.load(Ordering::Relaxed);
-        if queued >= self.queue_capacity {
+        // The place is taken first and checked after, so that two submissions racing for the
+        // last place cannot both get it.
+        let before = self.stats.in_channel.fetch_add(1, Ordering::SeqCst);
+        if before + self.stats.waiting.load(Ordering::SeqCst) >= self.queue_capacity {
+            self.stats.in_channel.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::QueueFull(self.queue_capacity));
         }
         let (events, rx) = mpsc::unbounded_channel();
-        self.stats.in_channel.fetch_add(1, Ordering::AcqRel);
         self.tx
             .try_send(Submission {
                 request,

@@ -1,9 +1,15 @@
 //! Stop sequences: text is held back while it could still be the start of a stop string, so
-//! a stop string is never emitted, not even in part, in a stream.
+//! a stop string is never emitted, not even in part, in a stream. All of a request's stop
+//! strings are found in one pass (Aho-Corasick), and only the held-back text is searched:
+//! the API bounds each stop string to 256 bytes, so the work per token is bounded too.
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 /// Watches a sequence's text for its stop strings.
 pub struct StopMatcher {
     stops: Vec<String>,
+    /// Every stop string in one automaton, leftmost match first; `None` without stops.
+    finder: Option<AhoCorasick>,
     pending: String,
 }
 
@@ -18,8 +24,20 @@ pub struct StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        // Building fails only past the automaton's size limits, which bounded stop strings
+        // cannot reach; without one, the naive search below still finds them.
+        let finder = (!stops.is_empty())
+            .then(|| {
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(&stops)
+                    .ok()
+            })
+            .flatten();
         Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops,
+            finder,
             pending: String::new(),
         }
     }
@@ -32,11 +50,14 @@ impl StopMatcher {
             };
         }
         self.pending.push_str(delta);
-        let first = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
+        let first = match &self.finder {
+            Some(ac) => ac.find(&self.pending).map(|m| m.start()),
+            None => self
+                .stops
+                .iter()
+                .filter_map(|s| self.pending.find(s.as_str()))
+                .min(),
+        };
         if let Some(at) = first {
             let emit = self.pending[..at].to_string();
             self.pending.clear();

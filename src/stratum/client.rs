@@ -126,7 +126,15 @@ pub async fn run_client(
             Duration::from_secs(10),
             TcpStream::connect((url.host.as_str(), url.port)),
         );
-        let ended = match connect.await {
+        // Shutdown ends the attempt too: a pool that never answers cannot hold up the exit.
+        let connected = tokio::select! {
+            c = connect => c,
+            _ = shutdown.changed() => {
+                report_unsent(&mut shares);
+                return;
+            }
+        };
+        let ended = match connected {
             Ok(Ok(stream)) => {
                 failures = 0;
                 stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -161,7 +169,13 @@ pub async fn run_client(
             Ended::Redirect(to, wait) => {
                 tracing::info!(to = ?to, ?wait, "the pool asked us to reconnect");
                 redirect = to;
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {
+                        report_unsent(&mut shares);
+                        return;
+                    }
+                }
                 continue;
             }
             Ended::BackToPrimary => {
