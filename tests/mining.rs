@@ -199,16 +199,27 @@ fn pre_emption_loses_and_repeats_no_nonce() {
 #[test]
 fn a_new_job_replaces_the_old_one_at_once() {
     let (miner, flag, _rx) = recording_miner();
-    std::thread::sleep(Duration::from_millis(30));
+    // Waits for state, not time: the idle-priority workers may get little CPU on a busy machine.
+    let hashed_in = |generation: u64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !miner.recorded_ranges().iter().any(|r| r.0 == generation) {
+            assert!(Instant::now() < deadline, "generation {generation} was never mined");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    hashed_in(1);
     miner.set_work(easy_source());
-    std::thread::sleep(Duration::from_millis(30));
+    hashed_in(2);
     flag.raise();
     wait_idle(&miner);
     let ranges = miner.recorded_ranges();
     let generations: std::collections::BTreeSet<u64> = ranges.iter().map(|r| r.0).collect();
-    assert_eq!(
-        generations.len(),
-        2,
-        "both jobs were mined: {generations:?}"
+    assert_eq!(generations.len(), 2, "both jobs were mined: {generations:?}");
+    // Once the new job's first range is recorded, no range of the old one starts after it.
+    let first_new = ranges.iter().position(|r| r.0 == 2).unwrap();
+    let old_after = ranges[first_new..].iter().filter(|r| r.0 == 1).count();
+    assert!(
+        old_after <= 1,
+        "the old job kept being mined after the new one started ({old_after} ranges)"
     );
 }
