@@ -203,7 +203,10 @@ fn a_new_job_replaces_the_old_one_at_once() {
     let hashed_in = |generation: u64| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !miner.recorded_ranges().iter().any(|r| r.0 == generation) {
-            assert!(Instant::now() < deadline, "generation {generation} was never mined");
+            assert!(
+                Instant::now() < deadline,
+                "generation {generation} was never mined"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     };
@@ -214,7 +217,11 @@ fn a_new_job_replaces_the_old_one_at_once() {
     wait_idle(&miner);
     let ranges = miner.recorded_ranges();
     let generations: std::collections::BTreeSet<u64> = ranges.iter().map(|r| r.0).collect();
-    assert_eq!(generations.len(), 2, "both jobs were mined: {generations:?}");
+    assert_eq!(
+        generations.len(),
+        2,
+        "both jobs were mined: {generations:?}"
+    );
     // Once the new job's first range is recorded, no range of the old one starts after it.
     let first_new = ranges.iter().position(|r| r.0 == 2).unwrap();
     let old_after = ranges[first_new..].iter().filter(|r| r.0 == 1).count();
