@@ -36,6 +36,8 @@ pub enum ServerError {
     Config(String),
     #[error("mining device: {0}")]
     MiningDevice(String),
+    #[error("the model failed to load: {0}")]
+    ModelLoad(String),
 }
 
 /// The device the miner runs on, chosen from `--mine-device` and `--device`.
@@ -238,6 +240,7 @@ pub async fn start(
     let keys = ApiKeys::new(args.access.keys().map_err(ServerError::Config)?);
     warn_if_exposed(&args, &keys);
     let (load_tx, load_rx) = watch::channel(LoadState::Loading(0.0));
+    let mut load_watch = load_rx.clone();
     let (engine_tx, engine_rx) = watch::channel(None);
     let mut state = AppState::new(model_id.clone(), load_rx, args.api_limits())
         .with_keys(keys, args.access.metrics_require_key);
@@ -337,8 +340,28 @@ pub async fn start(
     let miner = mining.as_ref().map(|m: &MiningStack| m.miner.clone());
     let lifecycle = state.lifecycle();
     let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.clamp(0.0, 86_400.0));
+    // A model that fails to load (or panics loading) ends the server with an error: a
+    // server that can never answer is not left running, saying "loading" or "failed".
+    let load_failed = async move {
+        loop {
+            if let LoadState::Failed(e) = &*load_watch.borrow_and_update() {
+                return e.clone();
+            }
+            if load_watch.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failure_seen = failure.clone();
     let drained = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            e = load_failed => {
+                tracing::error!(error = %e, "the model failed to load; stopping");
+                *failure_seen.lock().expect("failure lock") = Some(e);
+            }
+        }
         tracing::info!(
             in_flight = lifecycle.in_flight(),
             grace_s = grace.as_secs_f64(),
@@ -358,7 +381,11 @@ pub async fn start(
         if let Some(stack) = mining.take() {
             stop_mining(stack, pool_stop_tx).await;
         }
-        Ok(result?)
+        result?;
+        match failure.lock().expect("failure lock").take() {
+            Some(e) => Err(ServerError::ModelLoad(e)),
+            None => Ok(()),
+        }
     });
     Ok(RunningServer {
         addr,
@@ -386,7 +413,19 @@ fn load_in_background(
             tracing::info!(percent = quarter * 25, "loading the model");
         }
     };
-    match load_model_reporting(&path, &device, cfg, &mut progress) {
+    // A panic while loading would otherwise leave `/health` at "loading" for ever.
+    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load_model_reporting(&path, &device, cfg, &mut progress)
+    }))
+    .unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        Err(crate::model::ModelError::Metadata(format!("loading panicked: {why}")).into())
+    });
+    match loaded {
         Ok(m) => {
             tracing::info!(model = %m.id, context = m.context_length, secs = started.elapsed().as_secs_f32(), "model loaded");
             let _ = engine_tx.send(Some(m.stats.clone()));

@@ -110,3 +110,34 @@ fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
         err.lines().last().unwrap_or("")
     );
 }
+
+/// A file whose metadata is sane but whose tensors are missing fails in the background load:
+/// the server must not stay up answering "failed" or "loading"; it exits non-zero, naming
+/// what is missing.
+#[test]
+fn serve_exits_non_zero_when_the_background_load_fails() {
+    let path = gguf("serve-no-tensors", &[]);
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
+        .args(["serve", "--port", "0", "--no-mine", "--model"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("serve stayed up after the model failed to load");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("the model failed to load"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
