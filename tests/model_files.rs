@@ -75,16 +75,13 @@ fn impossible_metadata_is_refused_by_name() {
     assert!(ModelFiles::open(&gguf("sane", &[])).is_ok());
 }
 
-#[test]
-fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
-    let path = gguf(
-        "serve-zero-heads",
-        &[("llama.attention.head_count", Value::U32(0))],
-    );
+/// Runs `idlerig serve` on `path` (no mining) until it exits, which it must within a minute;
+/// its status, standard error and how long it took.
+fn serve_until_exit(path: &std::path::Path) -> (std::process::ExitStatus, String, Duration) {
     let t = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
         .args(["serve", "--port", "0", "--no-mine", "--model"])
-        .arg(&path)
+        .arg(path)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -95,20 +92,26 @@ fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
         }
         if t.elapsed() > Duration::from_secs(60) {
             let _ = child.kill();
-            panic!("serve did not exit");
+            panic!("serve stayed up with {}", path.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err, t.elapsed())
+}
+
+#[test]
+fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
+    let path = gguf(
+        "serve-zero-heads",
+        &[("llama.attention.head_count", Value::U32(0))],
+    );
+    let (status, err, took) = serve_until_exit(&path);
     assert!(!status.success());
     assert!(err.contains("llama.attention.head_count"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    eprintln!(
-        "exited in {:?}: {}",
-        t.elapsed(),
-        err.lines().last().unwrap_or("")
-    );
+    eprintln!("exited in {took:?}: {}", err.lines().last().unwrap_or(""));
 }
 
 /// A file whose metadata is sane but whose tensors are missing fails in the background load:
@@ -116,27 +119,7 @@ fn serve_exits_non_zero_within_seconds_on_a_model_with_zero_heads() {
 /// what is missing.
 #[test]
 fn serve_exits_non_zero_when_the_background_load_fails() {
-    let path = gguf("serve-no-tensors", &[]);
-    let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
-        .args(["serve", "--port", "0", "--no-mine", "--model"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("serve stayed up after the model failed to load");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err, _) = serve_until_exit(&gguf("serve-no-tensors", &[]));
     assert!(!status.success());
     assert!(err.contains("the model failed to load"), "{err}");
     assert!(!err.contains("panicked"), "{err}");

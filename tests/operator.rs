@@ -295,8 +295,13 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
     let t = Instant::now();
     let after = loop {
         let m = srv.metrics().await;
+        // Every figure below that another task publishes (the arbiter every 100 ms, the
+        // telemetry task as it hears) is waited for, not assumed.
         if e2e(&m) >= e2e(&before) + 4.0
             && sample(&m, "idlerig_preemption_latency_seconds_count") >= 1.0
+            && sample(&m, "idlerig_preemptions_total") >= 1.0
+            && sample(&m, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0
+            && sample(&m, "idlerig_mining_hashes_total") > 0.0
         {
             break m;
         }
