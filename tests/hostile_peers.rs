@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+mod common;
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn pool(cfg: PoolConfig) -> PoolHandle {
@@ -321,16 +323,11 @@ async fn mine_stays_small_and_stops_on_sigterm_whatever_the_pool_does() {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("idlerig mine did not stop within 10 s of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (status, _) = common::wait_for_exit(
+        &mut child,
+        Duration::from_secs(10),
+        "idlerig mine should stop after SIGTERM",
+    );
     silent.abort();
     assert!(status.success(), "{status}");
     eprintln!("RSS {rss} MiB; stopped {:?} after SIGTERM", t.elapsed());

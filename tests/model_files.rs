@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use candle_core::quantized::gguf_file::{self, Value};
 use idlerig::model::ModelFiles;
 
+mod common;
+
 /// A llama GGUF with these metadata overrides (no tensors: validation comes first).
 fn gguf(name: &str, overrides: &[(&str, Value)]) -> std::path::PathBuf {
     let mut md: Vec<(String, Value)> = vec![
@@ -86,18 +88,8 @@ fn serve_until_exit(path: &std::path::Path) -> (std::process::ExitStatus, String
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("serve stayed up with {}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let what = format!("serve should exit on {}", path.display());
+    let (status, err) = common::wait_for_exit(&mut child, Duration::from_secs(60), &what);
     (status, err, t.elapsed())
 }
 
