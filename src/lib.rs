@@ -12,6 +12,7 @@
 //!   scan launcher (CUDA, or the CPU stand-in that runs the same kernel source).
 //! - [`arbiter`]: who has the device now; inference always wins.
 //! - [`telemetry`]: the figures over time, the earnings estimate and the profit switch.
+//! - [`log_limit`]: rate-limited log lines for events a peer can repeat at will.
 //! - [`stats`]: quantiles shared by the benchmarks, the telemetry and the arbiter.
 //! - [`stratum`]: the Stratum V1 protocol (sans-IO), the client task and the embedded pool.
 //! - [`config`]: the typed configuration each subsystem is built from.
@@ -21,6 +22,7 @@ pub mod arbiter;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod log_limit;
 pub mod mining;
 pub mod model;
 pub mod server;

@@ -82,7 +82,7 @@ impl MinerSpec {
     pub fn start(
         &self,
         flag: PreemptFlag,
-        shares: tokio::sync::mpsc::UnboundedSender<crate::mining::Share>,
+        shares: crate::mining::ShareSender,
     ) -> Result<Arc<dyn Miner>, ServerError> {
         let gpu = |launcher: Box<dyn ScanLauncher>| -> Arc<dyn Miner> {
             Arc::new(GpuMiner::start(
@@ -139,7 +139,7 @@ pub async fn start_mining(
     spec: &MinerSpec,
     shutdown: watch::Receiver<bool>,
 ) -> Result<MiningStack, ServerError> {
-    let (share_tx, share_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (share_tx, share_rx) = crate::mining::share_channel(crate::mining::SHARE_CHANNEL_CAPACITY);
     let flag = PreemptFlag::default();
     flag.raise(); // idle until resumed
     let miner = spec.start(flag, share_tx)?;

@@ -51,7 +51,7 @@ fn every_nonce_is_reported_exactly_once_under_random_preemptions() {
         clean_jobs: true,
     };
     // Every nonce is a share: the shares are the nonces hashed, with multiplicity.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = idlerig::mining::share_channel(1 << 20);
     let flag = PreemptFlag::default();
     flag.raise();
     let cfg = GpuMinerConfig {
@@ -80,7 +80,7 @@ fn every_nonce_is_reported_exactly_once_under_random_preemptions() {
         }
     }
     let mut by_unit: BTreeMap<Vec<u8>, Vec<u32>> = BTreeMap::new();
-    for s in std::iter::from_fn(|| rx.try_recv().ok()) {
+    for s in std::iter::from_fn(|| rx.try_recv()) {
         by_unit.entry(s.extranonce2).or_default().push(s.nonce);
     }
     for unit in [vec![0u8, 0, 0, 0], vec![1, 0, 0, 0]] {

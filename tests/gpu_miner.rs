@@ -6,19 +6,22 @@
 //! wrap; extranonce2 rolls over; and a raised flag ends a launch in the middle.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use idlerig::mining::gpu::sweep::Segment;
 use idlerig::mining::gpu::{
-    CpuGridLauncher, Geometry, GpuJob, GpuMiner, GpuMinerConfig, GpuStats, ScanLauncher,
+    CpuGridLauncher, Geometry, GpuJob, GpuMiner, GpuMinerConfig, GpuStats, Launch, LaunchError,
+    LaunchResult, ScanLauncher,
 };
 use idlerig::mining::job::Job;
 use idlerig::mining::sha256::{header_tail, scan_portable};
-use idlerig::mining::{target_for_difficulty, Miner, PreemptFlag, Share, WorkSource, U256};
+use idlerig::mining::HostWord;
+use idlerig::mining::{
+    target_for_difficulty, Miner, PreemptFlag, Share, ShareReceiver, WorkSource, U256,
+};
 use rand::{Rng, SeedableRng};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 const GRID: Geometry = Geometry {
     blocks: 4,
@@ -39,11 +42,8 @@ fn job(seed: u8) -> Job {
     }
 }
 
-fn miner(
-    cfg: GpuMinerConfig,
-    capacity: u32,
-) -> (GpuMiner, Arc<GpuStats>, UnboundedReceiver<Share>) {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+fn miner(cfg: GpuMinerConfig, capacity: u32) -> (GpuMiner, Arc<GpuStats>, ShareReceiver) {
+    let (tx, rx) = idlerig::mining::share_channel(1 << 20);
     let launcher = CpuGridLauncher::new(GRID, capacity).unwrap();
     let flag = PreemptFlag::default();
     flag.raise();
@@ -86,8 +86,8 @@ fn mine_with_random_preemptions(m: &GpuMiner, stats: &GpuStats, units: u64, seed
     preemptions
 }
 
-fn shares(rx: &mut UnboundedReceiver<Share>) -> Vec<Share> {
-    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+fn shares(rx: &mut ShareReceiver) -> Vec<Share> {
+    std::iter::from_fn(|| rx.try_recv()).collect()
 }
 
 #[test]
@@ -260,4 +260,91 @@ fn a_raised_flag_ends_a_launch_in_the_middle() {
     assert_eq!(stats.launches.load(Ordering::SeqCst), 2);
     assert_eq!(stats.units_done.load(Ordering::SeqCst), 0);
     assert!(m.hashes() >= hashed);
+}
+
+/// The stand-in launcher, held at the start of each launch until the test grants it: the
+/// test then knows exactly which launches ran before it acted.
+struct Stepped {
+    inner: CpuGridLauncher,
+    granted: Arc<AtomicU64>,
+    started: Arc<AtomicU64>,
+}
+
+impl ScanLauncher for Stepped {
+    fn name(&self) -> &'static str {
+        "stepped"
+    }
+    fn geometry(&self) -> Geometry {
+        self.inner.geometry()
+    }
+    fn capacity(&self) -> u32 {
+        self.inner.capacity()
+    }
+    fn stop_word(&self) -> Arc<dyn HostWord> {
+        self.inner.stop_word()
+    }
+    fn launch(&mut self, launch: &Launch<'_>) -> Result<(), LaunchError> {
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        while self.granted.load(Ordering::SeqCst) <= n {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.inner.launch(launch)
+    }
+    fn poll(&mut self) -> Result<bool, LaunchError> {
+        self.inner.poll()
+    }
+    fn finish(&mut self) -> Result<LaunchResult, LaunchError> {
+        self.inner.finish()
+    }
+}
+
+/// A pool re-sends its job after `set_difficulty`: the GPU miner keeps the unit in hand and
+/// its sweep, so no nonce of it is hashed twice. (Restarted, the launches before the re-send
+/// would be hashed again, and their nonces reported twice.)
+#[test]
+fn the_same_job_sent_again_keeps_the_gpu_miners_place() {
+    const SPACE: u64 = 1 << 13; // four launches of 64 waves of the 32-thread grid
+    let (granted, started) = (Arc::new(AtomicU64::new(2)), Arc::new(AtomicU64::new(0)));
+    let launcher = Stepped {
+        inner: CpuGridLauncher::new(GRID, 4096).unwrap(),
+        granted: granted.clone(),
+        started: started.clone(),
+    };
+    let (tx, mut rx) = idlerig::mining::share_channel(1 << 20);
+    let cfg = GpuMinerConfig {
+        waves_per_launch: 64,
+        check_every: 1,
+        nonce_space: SPACE,
+    };
+    let m = GpuMiner::start(Box::new(launcher), cfg, PreemptFlag::default(), tx);
+    let stats = m.stats();
+    // Every hash meets both targets: each nonce hashed is reported.
+    let easy = U256::MAX;
+    let mut almost = U256::MAX;
+    almost.0[0] -= 1;
+    m.set_work(WorkSource::new(job(3), vec![9; 4], 2, easy, 0));
+    m.resume();
+    // Two launches ran; the third waits, prepared under the old target.
+    wait_for("the third launch", || started.load(Ordering::SeqCst) == 3);
+    assert_eq!(stats.launches.load(Ordering::SeqCst), 2);
+    m.set_work(WorkSource::new(job(3), vec![9; 4], 2, almost, 0));
+    granted.store(u64::MAX, Ordering::SeqCst);
+    wait_for("the first unit", || {
+        stats.units_done.load(Ordering::SeqCst) >= 1
+    });
+    m.preempt_flag().raise();
+    wait_for("the miner to stop", || m.active_workers() == 0);
+    let mut first_unit: Vec<u32> = shares(&mut rx)
+        .into_iter()
+        .filter(|s| s.extranonce2 == [0, 0])
+        .map(|s| s.nonce)
+        .collect();
+    let reported = first_unit.len();
+    first_unit.sort_unstable();
+    first_unit.dedup();
+    assert_eq!(
+        (reported, first_unit.len()),
+        (SPACE as usize, SPACE as usize),
+        "each nonce of the unit in hand is hashed once across the re-send"
+    );
 }

@@ -2,8 +2,8 @@
 //! as it arrives, a share is credited only to a worker the connection authorized, a live
 //! session's extranonce1 cannot be taken over, a connection that never subscribes is closed,
 //! and connections are capped per address. A pool against the client: an endless line ends
-//! the connection, a tiny difficulty is raised to the floor, and `client.reconnect` to another
-//! host is ignored.
+//! the connection, a tiny difficulty is raised to the floor, `client.reconnect` to another
+//! host is ignored, and a pool that never answers cannot make the client remember every share.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -188,7 +188,7 @@ async fn client_against_fake_pool() -> (
         host: "127.0.0.1".into(),
         port: listener.local_addr().unwrap().port(),
     };
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = idlerig::mining::share_channel(idlerig::mining::SHARE_CHANNEL_CAPACITY);
     let miner = Arc::new(CpuMiner::start(
         CpuMinerConfig {
             threads: 1,
@@ -270,6 +270,59 @@ async fn the_client_raises_a_tiny_difficulty_to_the_floor_and_ignores_reconnects
         assert!(t.elapsed() < DEADLINE, "difficulty {}", stats.difficulty());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The first job of the Stratum spec's example exchange.
+const NOTIFY_PARAMS: &str = r#"["bf", "4d16b6f85af6e2198f44ae2a6de67f78487ae5611b77c6c0440b921e00000000", "01000000010000000000000000000000000000000000000000000000000000000000000000ffffffff20020862062f503253482f04b8864e5008", "072f736c7573682f000000000100f2052a010000001976a914d23fcdf86f7e756a64a7a9688ef9903327048ed988ac00000000", [], "00000002", "1c2ac4af", "504e86b9", true]"#;
+
+/// A pool that sets the lowest difficulty it can and then never answers a submission: the
+/// client stops at its bound of submissions in flight and counts the rest as dropped, instead
+/// of remembering every share it ever sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_never_answers_cannot_make_the_client_remember_every_share() {
+    use idlerig::stratum::session::MAX_SUBMITS_IN_FLIGHT;
+    let (mut pool, stats, _miner, _stop) = client_against_fake_pool().await;
+    handshake(&mut pool).await;
+    pool.send(json!({"id": null, "method": "mining.set_difficulty", "params": [1e-300]}))
+        .await;
+    let params: Value = serde_json::from_str(NOTIFY_PARAMS).unwrap();
+    pool.send(json!({"id": null, "method": "mining.notify", "params": params}))
+        .await;
+    // Read every line the client sends and count its submissions; answer none.
+    let submits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = submits.clone();
+    let mut read = pool.read;
+    let reader = tokio::spawn(async move {
+        let mut line = String::new();
+        while read.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            if line.contains("mining.submit") {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            line.clear();
+        }
+    });
+    // At the floor (1e-5) one miner thread finds a share every ~430,000 hashes: the bound is
+    // reached in seconds on an idle machine, in minutes on a busy one.
+    let t = Instant::now();
+    while stats.dropped.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "no share was dropped; {} submitted",
+            stats.submitted.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    while submits.load(std::sync::atomic::Ordering::SeqCst) < MAX_SUBMITS_IN_FLIGHT as u64 {
+        assert!(t.elapsed() < DEADLINE, "the submissions did not arrive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stats.submitted.load(std::sync::atomic::Ordering::SeqCst),
+        MAX_SUBMITS_IN_FLIGHT as u64,
+        "exactly the bound is in flight"
+    );
+    reader.abort();
 }
 
 /// Resident memory of process `pid`, in MiB.

@@ -97,19 +97,19 @@ proptest! {
 }
 
 fn easy_source() -> WorkSource {
+    source_at(vec![1, 2, 3, 4], 0.00005)
+}
+
+/// The genesis job under `extranonce1`, at `difficulty` (0.00005: a share per ~86,000 nonces).
+fn source_at(extranonce1: Vec<u8>, difficulty: f64) -> WorkSource {
     let (job, _) = genesis_job();
-    // About one share per 86,000 nonces.
-    WorkSource::new(job, vec![1, 2, 3, 4], 4, target_for_difficulty(0.00005), 0)
+    WorkSource::new(job, extranonce1, 4, target_for_difficulty(difficulty), 0)
 }
 
 /// Two workers mining [`easy_source`] and logging every range they hash.
-fn recording_miner() -> (
-    CpuMiner,
-    PreemptFlag,
-    tokio::sync::mpsc::UnboundedReceiver<idlerig::mining::Share>,
-) {
+fn recording_miner() -> (CpuMiner, PreemptFlag, idlerig::mining::ShareReceiver) {
     let flag = PreemptFlag::default();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = idlerig::mining::share_channel(1 << 20);
     let miner = CpuMiner::start(
         CpuMinerConfig {
             threads: 2,
@@ -137,6 +137,36 @@ fn wait_idle(miner: &CpuMiner) -> Duration {
     t.elapsed()
 }
 
+/// With the miner stopped: the recorded ranges (of every generation) and the ranges handed
+/// back cover exactly `[0, cursor)` of the first unit, with no gap and no overlap. Returns the
+/// nonces hashed.
+fn assert_each_nonce_hashed_once(miner: &CpuMiner) -> u64 {
+    let (cursor, returned) = miner.pending_ranges();
+    let mut ranges: Vec<(u64, u64)> = miner
+        .recorded_ranges()
+        .into_iter()
+        .map(|(_, a, b)| (a, b))
+        .collect();
+    let hashed: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    assert_eq!(
+        hashed,
+        miner.hashes(),
+        "every counted hash is in a recorded range"
+    );
+    ranges.extend(returned);
+    ranges.sort();
+    let mut expect = 0;
+    for (a, b) in &ranges {
+        assert_eq!(*a, expect, "gap or overlap at nonce {expect}: {ranges:?}");
+        expect = *b;
+    }
+    assert_eq!(
+        expect, cursor,
+        "hashed + handed-back ranges cover exactly [0, cursor)"
+    );
+    hashed
+}
+
 #[test]
 fn pre_emption_loses_and_repeats_no_nonce() {
     let (miner, flag, mut rx) = recording_miner();
@@ -161,32 +191,10 @@ fn pre_emption_loses_and_repeats_no_nonce() {
     }
     flag.raise();
     wait_idle(&miner);
-    let (cursor, returned) = miner.pending_ranges();
-    let mut ranges: Vec<(u64, u64)> = miner
-        .recorded_ranges()
-        .into_iter()
-        .map(|(_, a, b)| (a, b))
-        .collect();
-    let hashed: u64 = ranges.iter().map(|(a, b)| b - a).sum();
-    assert_eq!(
-        hashed,
-        miner.hashes(),
-        "every counted hash is in a recorded range"
-    );
-    ranges.extend(returned);
-    ranges.sort();
-    let mut expect = 0;
-    for (a, b) in &ranges {
-        assert_eq!(*a, expect, "gap or overlap at nonce {expect}: {ranges:?}");
-        expect = *b;
-    }
-    assert_eq!(
-        expect, cursor,
-        "hashed + handed-back ranges cover exactly [0, cursor)"
-    );
+    let hashed = assert_each_nonce_hashed_once(&miner);
     assert!(hashed > 100_000, "the miner hashed ({hashed})");
     // Shares found along the way all re-verify at the share target.
-    let shares: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+    let shares: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
     assert!(
         !shares.is_empty(),
         "at difficulty 0.00005 a share comes every ~86,000 hashes; hashed {hashed}"
@@ -211,7 +219,8 @@ fn a_new_job_replaces_the_old_one_at_once() {
         }
     };
     hashed_in(1);
-    miner.set_work(easy_source());
+    // Another extranonce1: another nonce space, so the miner must drop the old one.
+    miner.set_work(source_at(vec![9, 9, 9, 9], 0.00005));
     hashed_in(2);
     flag.raise();
     wait_idle(&miner);
@@ -229,4 +238,51 @@ fn a_new_job_replaces_the_old_one_at_once() {
         old_after <= 1,
         "the old job kept being mined after the new one started ({old_after} ranges)"
     );
+}
+
+/// A pool re-sends the job it is on after `set_difficulty` (with `clean_jobs=false`): the
+/// miner keeps its place instead of hashing the job again from nonce 0, and what it finds from
+/// then on meets the new difficulty. The same job at the same difficulty changes nothing.
+#[test]
+fn the_same_job_sent_again_keeps_the_miners_place() {
+    let (miner, flag, mut rx) = recording_miner();
+    let ranges_of = |generation: u64| {
+        miner
+            .recorded_ranges()
+            .iter()
+            .filter(|r| r.0 == generation)
+            .count()
+    };
+    let wait_for_ranges = |generation: u64, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while ranges_of(generation) < n {
+            assert!(
+                Instant::now() < deadline,
+                "generation {generation} was never mined"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for_ranges(1, 4);
+    miner.set_work(easy_source());
+    wait_for_ranges(1, 6);
+    assert_eq!(
+        ranges_of(2),
+        0,
+        "the same work at the same target is not restarted"
+    );
+    let harder = 0.0002;
+    miner.set_work(source_at(vec![1, 2, 3, 4], harder));
+    wait_for_ranges(2, 4);
+    flag.raise();
+    wait_idle(&miner);
+    // Restarted from 0, the second pass would overlap the first.
+    assert_each_nonce_hashed_once(&miner);
+    let shares: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
+    for s in shares.iter().filter(|s| s.generation == 2) {
+        assert!(
+            s.difficulty >= harder,
+            "a share below the new difficulty: {s:?}"
+        );
+    }
 }

@@ -19,7 +19,7 @@ struct Rig {
 }
 
 async fn rig(pools: Vec<PoolUrl>, pool: PoolHandle) -> Rig {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = idlerig::mining::share_channel(idlerig::mining::SHARE_CHANNEL_CAPACITY);
     let miner = Arc::new(CpuMiner::start(
         CpuMinerConfig {
             threads: 2,
@@ -236,7 +236,8 @@ async fn vardiff_raises_an_easy_difficulty() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_share_pending_at_shutdown_is_submitted_and_answered() {
     let pool = pool_with(0.002).await;
-    let (found_tx, mut found) = tokio::sync::mpsc::unbounded_channel();
+    let (found_tx, mut found) =
+        idlerig::mining::share_channel(idlerig::mining::SHARE_CHANNEL_CAPACITY);
     let miner = Arc::new(CpuMiner::start(
         CpuMinerConfig {
             threads: 2,
@@ -246,7 +247,8 @@ async fn a_share_pending_at_shutdown_is_submitted_and_answered() {
         found_tx,
     ));
     miner.resume();
-    let (client_tx, client_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (client_tx, client_rx) =
+        idlerig::mining::share_channel(idlerig::mining::SHARE_CHANNEL_CAPACITY);
     let stats = Arc::new(ClientStats::default());
     let (stop, stop_rx) = watch::channel(false);
     let cfg = ClientConfig::new(vec![local(&pool)], "test.worker", "x");
@@ -263,7 +265,7 @@ async fn a_share_pending_at_shutdown_is_submitted_and_answered() {
         .unwrap();
     miner.preempt_flag().raise();
     // No await between the two: the client sees both at once.
-    client_tx.send(share).unwrap();
+    assert!(client_tx.send(share));
     stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), client)
         .await

@@ -50,6 +50,8 @@ pub struct ArbiterStatus {
     pub shares_accepted: u64,
     pub shares_rejected: u64,
     pub shares_stale: u64,
+    /// Found and never submitted because a bound was reached (see the log for why).
+    pub shares_dropped: u64,
     pub pool: String,
     pub pool_connected: bool,
     pub pool_pays: bool,
@@ -189,6 +191,7 @@ pub fn spawn_arbiter(
                     shares_accepted: parts.pool.accepted(),
                     shares_rejected: parts.pool.rejected.load(Ordering::Relaxed),
                     shares_stale: parts.pool.stale.load(Ordering::Relaxed),
+                    shares_dropped: parts.pool.dropped.load(Ordering::Relaxed),
                     pool: parts.pool_label.clone(),
                     pool_connected: up,
                     pool_pays: !parts.local_pool,

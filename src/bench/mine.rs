@@ -64,7 +64,7 @@ fn sha2_reference(seconds: f64, header: &[u8; 80]) -> f64 {
 /// Mines `source` on `threads` CPU threads for `seconds` (after a short warm-up) and returns
 /// the hashes counted and the seconds measured.
 fn measure(threads: usize, seconds: f64, source: WorkSource) -> (u64, f64) {
-    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, _rx) = crate::mining::share_channel(crate::mining::SHARE_CHANNEL_CAPACITY);
     let flag = PreemptFlag::default();
     let miner = CpuMiner::start(
         CpuMinerConfig {

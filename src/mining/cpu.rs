@@ -11,7 +11,8 @@ use std::time::Duration;
 use super::miner::Miner;
 use super::preempt::{monotonic_ns, PreemptFlag};
 use super::sha256::{header_tail, scan_portable, ScanOutcome};
-use super::work::{Share, Work, WorkSource};
+use super::share_channel::ShareSender;
+use super::work::{Work, WorkSource};
 
 /// Nonces between two looks at the pre-emption flag.
 pub const POLL_NONCES: u64 = 1024;
@@ -37,6 +38,9 @@ struct Dispatch {
     work: Option<Arc<Work>>,
     cursor: u64,
     returned: Vec<(u64, u64)>,
+    /// Names the nonce space `work` covers: a new unit, job or extranonce1 changes it; a new
+    /// share target alone does not, so ranges handed back across a retarget are kept.
+    unit: u64,
     generation: u64,
     recorded: Vec<(u64, u64, u64)>,
     /// Time from raising the flag to the last worker stopping, per pre-emption.
@@ -44,21 +48,45 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    fn next_chunk(&mut self) -> Option<(Arc<Work>, u64, u64)> {
+    fn next_chunk(&mut self) -> Option<Chunk> {
         let source = self.source.as_mut()?;
         if self.work.is_none() || (self.cursor >= NONCE_SPACE && self.returned.is_empty()) {
             self.work = Some(Arc::new(source.next_work(self.generation)));
             self.cursor = 0;
+            self.unit += 1;
         }
         let work = self.work.clone().expect("set above");
-        if let Some((a, b)) = self.returned.pop() {
-            return Some((work, a, b));
-        }
-        let start = self.cursor;
-        let end = (start + CHUNK_NONCES).min(NONCE_SPACE);
-        self.cursor = end;
-        Some((work, start, end))
+        let (start, end) = match self.returned.pop() {
+            Some(range) => range,
+            None => {
+                let start = self.cursor;
+                self.cursor = (start + CHUNK_NONCES).min(NONCE_SPACE);
+                (start, self.cursor)
+            }
+        };
+        Some(Chunk {
+            work,
+            unit: self.unit,
+            start,
+            end,
+        })
     }
+
+    /// Drops the work in hand: what comes next is another nonce space.
+    fn forget_work(&mut self, generation: u64) {
+        self.generation = generation;
+        self.work = None;
+        self.returned.clear();
+        self.unit += 1;
+    }
+}
+
+/// A range of one unit's nonces, handed to a worker.
+struct Chunk {
+    work: Arc<Work>,
+    unit: u64,
+    start: u64,
+    end: u64,
 }
 
 struct Shared {
@@ -71,7 +99,7 @@ struct Shared {
     /// Workers hashing right now; 0 means the miner has yielded the CPU.
     active: AtomicUsize,
     shutdown: AtomicBool,
-    shares: tokio::sync::mpsc::UnboundedSender<Share>,
+    shares: ShareSender,
     record_ranges: bool,
 }
 
@@ -83,11 +111,7 @@ pub struct CpuMiner {
 
 impl CpuMiner {
     /// Starts `cfg.threads` workers, idle until work is set and the flag is lowered.
-    pub fn start(
-        cfg: CpuMinerConfig,
-        preempt: PreemptFlag,
-        shares: tokio::sync::mpsc::UnboundedSender<Share>,
-    ) -> Self {
+    pub fn start(cfg: CpuMinerConfig, preempt: PreemptFlag, shares: ShareSender) -> Self {
         let shared = Arc::new(Shared {
             dispatch: Mutex::new(Dispatch::default()),
             wake: Condvar::new(),
@@ -139,17 +163,36 @@ impl Miner for CpuMiner {
         "cpu"
     }
 
-    /// Mines `source` from now on; work on the previous job is dropped at the next poll.
+    /// Mines `source` from now on; work on the previous job is dropped at the next poll. The
+    /// same job sent again (a pool re-sends it after `set_difficulty`) keeps the miner's place
+    /// and takes only the new share target.
     fn set_work(&self, source: WorkSource) {
         let mut d = self
             .shared
             .dispatch
             .lock()
             .expect("dispatch lock poisoned only if a worker panicked");
-        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        d.source = Some(source);
-        d.work = None;
-        d.returned.clear();
+        let same_work = d.source.as_ref().is_some_and(|c| c.continues(&source));
+        if same_work && d.source.as_ref().map(|c| c.share_target) == Some(source.share_target) {
+            return; // nothing changed: the workers go on undisturbed
+        }
+        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        match d.source.as_mut() {
+            Some(current) if same_work => {
+                current.share_target = source.share_target;
+                // Workers stop at their next poll and hand back the rest of their range,
+                // which is then hashed at the new target; the cursor stays where it was.
+                d.generation = generation;
+                d.work = d
+                    .work
+                    .as_ref()
+                    .map(|w| Arc::new(w.retargeted(source.share_target, generation)));
+            }
+            _ => {
+                d.forget_work(generation);
+                d.source = Some(source);
+            }
+        }
         drop(d);
         self.shared.wake.notify_all();
     }
@@ -157,10 +200,9 @@ impl Miner for CpuMiner {
     /// Stops mining until new work comes (the pool has none, or the connection is down).
     fn clear_work(&self) {
         let mut d = self.shared.dispatch.lock().expect("dispatch lock");
-        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        d.forget_work(generation);
         d.source = None;
-        d.work = None;
-        d.returned.clear();
     }
 
     /// Lets the workers run again after a pre-emption.
@@ -226,7 +268,12 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
     yield_to_everything_else();
     loop {
         // Wait, without spinning, until there is work and no pre-emption.
-        let (work, start, end) = {
+        let Chunk {
+            work,
+            unit,
+            start,
+            end,
+        } = {
             let mut d = shared.dispatch.lock().expect("dispatch lock");
             loop {
                 if shared.shutdown.load(Ordering::Acquire) {
@@ -257,9 +304,8 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
                 if share.is_block {
                     tracing::warn!(job = %share.job_id, nonce = format!("{:08x}", nonce), hash = %hex::encode(share.hash.iter().rev().copied().collect::<Vec<u8>>()), "BLOCK FOUND: this hash meets the network target");
                 }
-                // The receiver lives as long as the mining service; if it is gone the
-                // process is shutting down and there is nobody to submit to.
-                let _ = shared.shares.send(share);
+                // A share that cannot be queued is counted and logged by the channel.
+                shared.shares.send(share);
             }
         }
         {
@@ -267,11 +313,8 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
             if shared.record_ranges && done > start {
                 d.recorded.push((work.generation, start, done));
             }
-            // An unfinished range of the current work goes back to be resumed exactly there.
-            if done < end
-                && d.generation == work.generation
-                && d.work.as_ref().is_some_and(|w| Arc::ptr_eq(w, &work))
-            {
+            // An unfinished range of the unit in hand goes back to be resumed exactly there.
+            if done < end && d.unit == unit && d.work.is_some() {
                 d.returned.push((done, end));
             }
             let was_last = shared.active.fetch_sub(1, Ordering::AcqRel) == 1;

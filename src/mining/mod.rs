@@ -12,6 +12,7 @@ mod preempt;
 pub mod sha256;
 #[cfg(target_arch = "x86_64")]
 pub mod shani;
+pub mod share_channel;
 pub mod target;
 pub mod work;
 
@@ -19,6 +20,7 @@ pub use cpu::{CpuMiner, CpuMinerConfig};
 pub use job::Job;
 pub use miner::Miner;
 pub use preempt::{monotonic_ns, HostWord, PreemptFlag};
+pub use share_channel::{share_channel, ShareReceiver, ShareSender, SHARE_CHANNEL_CAPACITY};
 pub use target::{difficulty_of_hash, target_for_difficulty, U256};
 pub use work::{Share, Work, WorkSource};
 

@@ -36,6 +36,27 @@ impl WorkSource {
         }
     }
 
+    /// Whether `other` is this same work sent again (the same job, extranonce1, extranonce2
+    /// size and version mask; the share target and `clean_jobs` may differ), so that a miner
+    /// can keep its place in it instead of hashing it again from the start.
+    pub fn continues(&self, other: &WorkSource) -> bool {
+        let same_job = {
+            let (a, b) = (&self.job, &other.job);
+            a.job_id == b.job_id
+                && a.prevhash == b.prevhash
+                && a.coinb1 == b.coinb1
+                && a.coinb2 == b.coinb2
+                && a.merkle_branch == b.merkle_branch
+                && a.version == b.version
+                && a.nbits == b.nbits
+                && a.ntime == b.ntime
+        };
+        same_job
+            && self.extranonce1 == other.extranonce1
+            && self.extranonce2_size == other.extranonce2_size
+            && self.version_mask == other.version_mask
+    }
+
     /// The next unit: a new extranonce2 (little-endian counter) and so a new merkle root. When
     /// the extranonce2 space is used up the rolled version bits take over.
     pub fn next_work(&mut self, generation: u64) -> Work {
@@ -98,6 +119,15 @@ pub struct Work {
 }
 
 impl Work {
+    /// The same header at another share target, under `generation`.
+    pub fn retargeted(&self, share_target: U256, generation: u64) -> Work {
+        Work {
+            share_target,
+            generation,
+            ..self.clone()
+        }
+    }
+
     /// Re-hashes `nonce` in full (whatever backend found it) and returns the share if it
     /// meets the share target.
     pub fn check(&self, nonce: u32) -> Option<Share> {

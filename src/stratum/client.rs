@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::protocol::{parse_line, MAX_LINE_BYTES};
@@ -19,7 +19,7 @@ use super::protocol::{parse_line, MAX_LINE_BYTES};
 type PoolLines = FramedRead<tokio::net::tcp::OwnedReadHalf, LinesCodec>;
 use super::session::{Action, ClientSession, ShareCounts};
 use super::PoolUrl;
-use crate::mining::{Miner, Share};
+use crate::mining::{Miner, ShareReceiver};
 
 /// Settings of the client. `Debug` hides the password.
 #[derive(Clone)]
@@ -77,13 +77,18 @@ pub struct ClientStats {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub stale: AtomicU64,
+    /// Shares found and never submitted because a bound was reached: the share channel's,
+    /// the session's queue, or its submissions in flight.
+    pub dropped: AtomicU64,
     /// Current share difficulty, as f64 bits.
     pub difficulty_bits: AtomicU64,
 }
 
 impl ClientStats {
-    fn publish(&self, c: &ShareCounts, difficulty: f64) {
+    fn publish(&self, c: &ShareCounts, difficulty: f64, channel_dropped: u64) {
         self.submitted.store(c.submitted, Ordering::Relaxed);
+        self.dropped
+            .store(c.dropped + channel_dropped, Ordering::Relaxed);
         self.accepted.store(c.accepted, Ordering::Relaxed);
         self.rejected.store(c.rejected, Ordering::Relaxed);
         self.stale.store(c.stale, Ordering::Relaxed);
@@ -104,7 +109,7 @@ impl ClientStats {
 pub async fn run_client(
     cfg: ClientConfig,
     sink: Arc<dyn Miner>,
-    mut shares: mpsc::UnboundedReceiver<Share>,
+    mut shares: ShareReceiver,
     stats: Arc<ClientStats>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -158,7 +163,7 @@ pub async fn run_client(
                         sink.clear_work();
                     }
                 }
-                stats.publish(&session.counts, session.difficulty());
+                stats.publish(&session.counts, session.difficulty(), shares.dropped());
                 ended
             }
             Ok(Err(e)) => Ended::Failed(e.to_string()),
@@ -207,11 +212,24 @@ pub async fn run_client(
     }
 }
 
-/// Shares that cannot be submitted because the pool is unreachable at shutdown are logged,
-/// never dropped silently.
-fn report_unsent(shares: &mut mpsc::UnboundedReceiver<Share>) {
-    while let Ok(share) = shares.try_recv() {
-        tracing::warn!(job = %share.job_id, nonce = format!("{:08x}", share.nonce), "share not submitted: no pool connection at shutdown");
+/// Shares that cannot be submitted because the pool is unreachable at shutdown are counted
+/// and logged (one line), never dropped silently.
+fn report_unsent(shares: &mut ShareReceiver) {
+    let mut unsent = 0u64;
+    let mut blocks = 0u64;
+    while let Some(share) = shares.try_recv() {
+        unsent += 1;
+        if share.is_block {
+            blocks += 1;
+            tracing::error!(job = %share.job_id, nonce = format!("{:08x}", share.nonce), "a BLOCK was not submitted: no pool connection at shutdown");
+        }
+    }
+    if unsent > 0 {
+        tracing::warn!(
+            unsent,
+            blocks,
+            "shares not submitted: no pool connection at shutdown"
+        );
     }
 }
 
@@ -229,7 +247,7 @@ async fn connection(
     stream: TcpStream,
     session: &mut ClientSession,
     sink: &dyn Miner,
-    shares: &mut mpsc::UnboundedReceiver<Share>,
+    shares: &mut ShareReceiver,
     stats: &ClientStats,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
@@ -264,7 +282,7 @@ async fn connection(
                 }
             }
         }
-        stats.publish(&session.counts, session.difficulty());
+        stats.publish(&session.counts, session.difficulty(), shares.dropped());
         tokio::select! {
             line = lines.next() => match line {
                 Some(Ok(line)) => match parse_line(&line) {
@@ -304,13 +322,13 @@ async fn connection(
 /// for the pool's answers to every submission still open, so that nothing found is lost.
 async fn flush_shares(
     session: &mut ClientSession,
-    shares: &mut mpsc::UnboundedReceiver<Share>,
+    shares: &mut ShareReceiver,
     write: &mut tokio::net::tcp::OwnedWriteHalf,
     lines: &mut PoolLines,
     stats: &ClientStats,
 ) {
     let mut found = 0;
-    while let Ok(share) = shares.try_recv() {
+    while let Some(share) = shares.try_recv() {
         found += 1;
         for action in session.on_share(share) {
             if let Action::Send(line) = action {
@@ -334,7 +352,7 @@ async fn flush_shares(
             _ => break,
         }
     }
-    stats.publish(&session.counts, session.difficulty());
+    stats.publish(&session.counts, session.difficulty(), shares.dropped());
     let unanswered = session.pending_submits();
     if unanswered > 0 {
         tracing::warn!(

@@ -142,7 +142,7 @@ pub(super) struct Shared {
     pub(super) stats: Arc<PoolStats>,
     /// Every accepted share's identity, so a share is accepted once across reconnects.
     /// A std mutex: held for one insert, never across an await.
-    pub(super) submitted: Mutex<HashSet<(Vec<u8>, String, Vec<u8>, u32, u32, u32)>>,
+    pub(super) submitted: Mutex<SubmittedShares>,
     pub(super) next_extranonce1: AtomicU64,
     /// Session id → extranonce1, so a reconnecting miner keeps its extranonce1 (and its work).
     pub(super) sessions: Mutex<HashMap<String, Vec<u8>>>,
@@ -150,6 +150,43 @@ pub(super) struct Shared {
     pub(super) live_sessions: Mutex<HashSet<String>>,
     /// Open connections by address.
     pub(super) open: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A submitted share's identity: extranonce1, job, extranonce2, ntime, nonce, version.
+pub(super) type ShareId = (Vec<u8>, String, Vec<u8>, u32, u32, u32);
+
+/// Blocks whose shares are remembered: the current one and the one before (a share for an
+/// older block is refused as stale before it gets here).
+const REMEMBERED_BLOCKS: usize = 2;
+
+/// The accepted shares' identities, by the block (previous hash) they build on. A new block
+/// forgets the oldest, so the set lasts as long as the pool without growing for ever.
+#[derive(Default)]
+pub(super) struct SubmittedShares {
+    blocks: std::collections::VecDeque<([u8; 32], HashSet<ShareId>)>,
+}
+
+impl SubmittedShares {
+    /// `false` when the share was already accepted.
+    pub(super) fn insert(&mut self, prevhash: [u8; 32], id: ShareId) -> bool {
+        let i = match self.blocks.iter().position(|(p, _)| *p == prevhash) {
+            Some(i) => i,
+            None => {
+                if self.blocks.len() >= REMEMBERED_BLOCKS {
+                    self.blocks.pop_front();
+                }
+                self.blocks.push_back((prevhash, HashSet::new()));
+                self.blocks.len() - 1
+            }
+        };
+        self.blocks[i].1.insert(id)
+    }
+
+    /// Shares remembered, over every block kept.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.blocks.iter().map(|(_, s)| s.len()).sum()
+    }
 }
 
 /// One open connection's place in the caps; given back when the session ends.
@@ -199,7 +236,7 @@ pub async fn start_pool(cfg: PoolConfig) -> std::io::Result<PoolHandle> {
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         stats: stats.clone(),
-        submitted: Mutex::new(HashSet::new()),
+        submitted: Mutex::default(),
         next_extranonce1: AtomicU64::new(1),
         sessions: Mutex::new(HashMap::new()),
         live_sessions: Mutex::new(HashSet::new()),
@@ -344,5 +381,32 @@ async fn template_task(
         let _ = jobs.send(Some(Arc::new(make_job(
             &cfg, height, &prev, &txids, rev, clean,
         ))));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(nonce: u32) -> ShareId {
+        (vec![1], "job".into(), vec![0; 4], 0, nonce, 0)
+    }
+
+    #[test]
+    fn accepted_shares_are_remembered_for_two_blocks_and_no_longer() {
+        let mut s = SubmittedShares::default();
+        assert!(s.insert([1; 32], id(1)));
+        assert!(!s.insert([1; 32], id(1)), "a duplicate is refused");
+        assert!(s.insert([2; 32], id(1)), "another block, another share");
+        assert!(
+            !s.insert([1; 32], id(1)),
+            "the block before is still remembered"
+        );
+        for block in 3..100u8 {
+            for n in 0..10 {
+                s.insert([block; 32], id(n));
+            }
+        }
+        assert_eq!(s.len(), 20, "only the last two blocks' shares are kept");
     }
 }

@@ -19,6 +19,7 @@ use super::pool::{ConnectionSlot, PoolCommand, PoolJob, Shared};
 use super::protocol::{
     codes, encode_call, encode_response, parse_line, Message, RpcError, Submit, MAX_LINE_BYTES,
 };
+use crate::log_limit::RateLimitedLog;
 use crate::mining::job::{roll_version, Job};
 use crate::mining::sha256::sha256d;
 use crate::mining::target::{difficulty_of_hash, meets_target, target_for_difficulty, U256};
@@ -57,29 +58,6 @@ fn reject(code: i64, message: &str) -> RpcError {
 
 /// Worker names one connection may authorize.
 const MAX_WORKERS_PER_CONNECTION: usize = 16;
-
-/// Lets one line through per second and counts the rest, so a miner spamming bad shares
-/// cannot flood the log, yet the operator sees that it happens and how often.
-#[derive(Default)]
-struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    /// `Some(lines suppressed since the last one)` when this one may be logged.
-    fn admit(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
 
 impl Session {
     fn authorized(&self) -> bool {
@@ -308,7 +286,7 @@ impl Session {
             .submitted
             .lock()
             .expect("submitted lock")
-            .insert(key)
+            .insert(job.job.prevhash, key)
         {
             return Err(reject(codes::DUPLICATE, "duplicate share"));
         }

@@ -3,8 +3,8 @@
 //! the miner). It decides what is submitted: each share once, only while its job and
 //! extranonce1 are current; shares found while disconnected wait for the next session.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -12,11 +12,24 @@ use super::protocol::{
     encode_call, encode_response, parse_difficulty, parse_subscribe_result, Message, Notify,
     RpcError,
 };
+use crate::log_limit::RateLimitedLog;
 use crate::mining::{target_for_difficulty, Job, Share, WorkSource};
 
 /// The lowest share difficulty the client mines at, whatever the pool asks: below it a pool
 /// (hostile or broken) would have the miner submit shares by the thousand each second.
 pub const MIN_SHARE_DIFFICULTY: f64 = 1e-5;
+
+/// Jobs kept live after `clean_jobs=false` notifies: a pool that never cleans cannot grow the
+/// list (a share for an older job is counted stale).
+pub const MAX_LIVE_JOBS: usize = 64;
+/// Shares held while disconnected or before the first job of a connection; past it the oldest
+/// is dropped (counted).
+pub const MAX_QUEUED_SHARES: usize = 1024;
+/// Submissions the pool has not answered yet; a pool that stops answering cannot make the
+/// client remember every share it ever sent. Past it a share is dropped (counted).
+pub const MAX_SUBMITS_IN_FLIGHT: usize = 1024;
+/// Submitted shares remembered for the duplicate check, on top of pruning by live job.
+pub const MAX_REMEMBERED_SUBMITS: usize = 65_536;
 
 /// Version bits idlerig asks to roll (BIP 310's general-purpose range).
 pub const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
@@ -46,6 +59,8 @@ pub struct ShareCounts {
     /// Found for a job the pool had already replaced (or under an old extranonce1): never sent.
     pub stale: u64,
     pub duplicates_suppressed: u64,
+    /// Found but never submitted because a bound was reached (logged, rate-limited).
+    pub dropped: u64,
 }
 
 #[derive(Debug)]
@@ -85,13 +100,16 @@ pub struct ClientSession {
     difficulty: f64,
     version_mask: u32,
     job: Option<Job>,
-    valid_jobs: HashSet<String>,
+    /// Jobs a share may still be submitted for, oldest first.
+    valid_jobs: VecDeque<String>,
     connected: bool,
     authorized: bool,
     /// Since (re)connecting, no notify yet: queued shares wait to learn whether their job lives.
     awaiting_notify: bool,
-    queued: Vec<Share>,
+    queued: VecDeque<Share>,
+    /// Shares sent for live jobs, so that none is sent twice; pruned as jobs end.
     submitted: HashSet<ShareKey>,
+    drop_log: RateLimitedLog,
     pub counts: ShareCounts,
 }
 
@@ -110,12 +128,13 @@ impl ClientSession {
             difficulty: 1.0,
             version_mask: 0,
             job: None,
-            valid_jobs: HashSet::new(),
+            valid_jobs: VecDeque::new(),
             connected: false,
             authorized: false,
             awaiting_notify: true,
-            queued: Vec::new(),
+            queued: VecDeque::new(),
             submitted: HashSet::new(),
+            drop_log: RateLimitedLog::default(),
             counts: ShareCounts::default(),
         }
     }
@@ -174,7 +193,7 @@ impl ClientSession {
             if let Pending::Submit(share) = p {
                 self.submitted.remove(&key(&share));
                 self.counts.submitted -= 1;
-                self.queued.push(share);
+                self.enqueue(share);
             }
         }
         vec![Action::ClearWork]
@@ -187,10 +206,50 @@ impl ClientSession {
             return vec![];
         }
         if !self.connected || !self.authorized || self.awaiting_notify {
-            self.queued.push(share);
+            self.enqueue(share);
             return vec![];
         }
         self.submit_if_current(share).into_iter().collect()
+    }
+
+    /// Holds a share until it can be submitted; past [`MAX_QUEUED_SHARES`] the oldest (the
+    /// likeliest to be stale) makes room.
+    fn enqueue(&mut self, share: Share) {
+        if self.queued.len() >= MAX_QUEUED_SHARES {
+            if let Some(old) = self.queued.pop_front() {
+                self.record_drop(&old, "the queue of shares waiting for the pool is full");
+            }
+        }
+        self.queued.push_back(share);
+    }
+
+    fn record_drop(&mut self, share: &Share, why: &str) {
+        self.counts.dropped += 1;
+        if let Some(suppressed) = self.drop_log.admit(Instant::now()) {
+            tracing::warn!(job = %share.job_id, why, dropped_total = self.counts.dropped, suppressed, "share dropped");
+        }
+    }
+
+    /// Shares held for a later submission.
+    pub fn queued_shares(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Shares remembered for the duplicate check.
+    pub fn remembered_submits(&self) -> usize {
+        self.submitted.len()
+    }
+
+    /// Jobs a share may still be submitted for.
+    pub fn live_jobs(&self) -> usize {
+        self.valid_jobs.len()
+    }
+
+    /// Forgets the submitted shares of jobs that have ended: they can no longer be sent.
+    fn prune_submitted(&mut self) {
+        let (jobs, en1) = (&self.valid_jobs, &self.extranonce1);
+        self.submitted
+            .retain(|k| jobs.contains(&k.0) && en1.as_ref() == Some(&k.1));
     }
 
     fn share_is_current(&self, share: &Share) -> bool {
@@ -203,6 +262,15 @@ impl ClientSession {
             self.counts.stale += 1;
             tracing::debug!(job = %share.job_id, "share for a replaced job: not submitted (stale)");
             return None;
+        }
+        if self.pending_submits() >= MAX_SUBMITS_IN_FLIGHT {
+            self.record_drop(&share, "the pool has not answered the last submissions");
+            return None;
+        }
+        if self.submitted.len() >= MAX_REMEMBERED_SUBMITS {
+            // The pool's own duplicate check still stands; this only bounds memory.
+            tracing::debug!("forgetting submitted shares: the duplicate check's bound was reached");
+            self.submitted.clear();
         }
         if !self.submitted.insert(key(&share)) {
             self.counts.duplicates_suppressed += 1;
@@ -277,6 +345,7 @@ impl ClientSession {
                     }
                     self.extranonce1 = Some(en1);
                     self.extranonce2_size = size;
+                    self.prune_submitted();
                     self.session_id = result
                         .get(0)
                         .and_then(|subs| subs.as_array())
@@ -328,7 +397,13 @@ impl ClientSession {
                     if job.clean_jobs {
                         self.valid_jobs.clear();
                     }
-                    self.valid_jobs.insert(job.job_id.clone());
+                    if !self.valid_jobs.contains(&job.job_id) {
+                        if self.valid_jobs.len() >= MAX_LIVE_JOBS {
+                            self.valid_jobs.pop_front();
+                        }
+                        self.valid_jobs.push_back(job.job_id.clone());
+                    }
+                    self.prune_submitted();
                     self.job = Some(job);
                     let mut out = self.work();
                     if self.awaiting_notify && self.authorized {
@@ -367,6 +442,7 @@ impl ClientSession {
                     (Some(Ok(en1)), Some(size)) if (1..=16).contains(&size) => {
                         self.extranonce1 = Some(en1);
                         self.extranonce2_size = size as usize;
+                        self.prune_submitted();
                         self.work()
                     }
                     _ => {
@@ -563,5 +639,92 @@ mod tests {
     fn the_password_is_never_in_debug_output() {
         let s = ClientSession::new("worker", "hunter2", true);
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_pool_that_never_cleans_cannot_grow_the_live_jobs_or_the_remembered_shares() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        feed(&mut s, &notify("j0", true));
+        for n in 0..200u32 {
+            let job = format!("j{n}");
+            if n > 0 {
+                feed(&mut s, &notify(&job, false));
+            }
+            let out = s.on_share(share(&job, n));
+            assert_eq!(submits(&out), 1, "job {job} is live when its share comes");
+            answer_all(&mut s, &out);
+        }
+        assert_eq!(s.live_jobs(), MAX_LIVE_JOBS);
+        assert_eq!(
+            s.remembered_submits(),
+            MAX_LIVE_JOBS,
+            "shares of ended jobs are forgotten"
+        );
+        assert_eq!(
+            submits(&s.on_share(share("j0", 7))),
+            0,
+            "the oldest job has ended"
+        );
+        assert_eq!(s.counts.stale, 1);
+        feed(&mut s, &notify("new-block", true));
+        assert_eq!((s.live_jobs(), s.remembered_submits()), (1, 0));
+    }
+
+    /// Answers every submit in `out` with `true`.
+    fn answer_all(s: &mut ClientSession, out: &[Action]) {
+        for a in out {
+            if let Action::Send(line) = a {
+                let id = serde_json::from_str::<Value>(line).unwrap()["id"].clone();
+                feed(
+                    s,
+                    &format!(r#"{{"id": {id}, "result": true, "error": null}}"#),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shares_past_the_queue_bound_are_dropped_and_counted_oldest_first() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        feed(&mut s, &notify("a", true));
+        s.on_disconnect();
+        for n in 0..(MAX_QUEUED_SHARES as u32 + 76) {
+            assert_eq!(submits(&s.on_share(share("a", n))), 0);
+        }
+        assert_eq!(s.queued_shares(), MAX_QUEUED_SHARES);
+        assert_eq!(s.counts.dropped, 76);
+        handshake(&mut s, 4);
+        let out = feed(&mut s, &notify("b", false));
+        assert_eq!(submits(&out), MAX_QUEUED_SHARES);
+        let first = out
+            .iter()
+            .find_map(|a| match a {
+                Action::Send(l) if l.contains("mining.submit") => Some(l.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(
+            first.contains(&format!("{:08x}", 76u32)),
+            "the oldest were dropped: {first}"
+        );
+    }
+
+    #[test]
+    fn a_pool_that_stops_answering_bounds_the_submissions_in_flight() {
+        let mut s = ClientSession::new("w", "p", false);
+        handshake(&mut s, 1);
+        feed(&mut s, &notify("a", true));
+        let mut sent = Vec::new();
+        for n in 0..(MAX_SUBMITS_IN_FLIGHT as u32 + 6) {
+            sent.extend(s.on_share(share("a", n)));
+        }
+        assert_eq!(submits(&sent), MAX_SUBMITS_IN_FLIGHT);
+        assert_eq!(s.pending_submits(), MAX_SUBMITS_IN_FLIGHT);
+        assert_eq!(s.counts.dropped, 6);
+        // One answer makes room for one more.
+        answer_all(&mut s, &sent[..1]);
+        assert_eq!(submits(&s.on_share(share("a", 1 << 30))), 1);
     }
 }

@@ -343,6 +343,7 @@ impl Collector for MiningCollector {
                 ("accepted", st.shares_accepted as f64),
                 ("rejected", st.shares_rejected as f64),
                 ("stale", st.shares_stale as f64),
+                ("dropped", st.shares_dropped as f64),
             ],
         )?;
         gauge(

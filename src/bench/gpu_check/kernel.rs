@@ -193,7 +193,10 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
         clean_jobs: true,
     };
     let source = WorkSource::new(job, vec![1, 2, 3, 4], 4, target, 0);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Room for every share of the units checked (one nonce in 4096, with margin): shares of
+    // the first units come first, so the channel keeps all that the check compares.
+    let expected = (sizes.preempt_units_checked as u64 + 2) * (sizes.preempt_unit / 4096);
+    let (tx, mut rx) = crate::mining::share_channel((2 * expected) as usize);
     let flag = PreemptFlag::default();
     flag.raise();
     let cfg = GpuMinerConfig {
@@ -243,7 +246,8 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
         .map(|ns| ns as f64 / 1e3)
         .collect();
     let mut by_unit: BTreeMap<Vec<u8>, Vec<u32>> = BTreeMap::new();
-    for s in std::iter::from_fn(|| rx.try_recv().ok()) {
+    let shares_dropped = rx.dropped();
+    for s in std::iter::from_fn(|| rx.try_recv()) {
         by_unit.entry(s.extranonce2).or_default().push(s.nonce);
     }
     let done = stats.units_done.load(Ordering::SeqCst).min(units);
@@ -272,7 +276,7 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
         "measured": latencies.len(),
         "p50_us": q(0.5), "p99_us": q(0.99),
         "max_us": latencies.iter().copied().fold(0.0, f64::max),
-        "units_checked": done, "shares_checked": shares_checked,
+        "units_checked": done, "shares_checked": shares_checked, "shares_dropped": shares_dropped,
         "lost": lost, "duplicates": duplicates,
         "overflows": stats.overflows.load(Ordering::SeqCst),
         "launch_errors": stats.launch_errors.load(Ordering::SeqCst),

@@ -13,7 +13,7 @@ use super::job::GpuJob;
 use super::launcher::{LaunchError, LaunchResult, ScanLauncher};
 use super::sweep::{Absorbed, Sweep, NONCE_SPACE};
 use crate::mining::sha256::header_tail;
-use crate::mining::{monotonic_ns, HostWord, Miner, PreemptFlag, Share, Work, WorkSource};
+use crate::mining::{monotonic_ns, HostWord, Miner, PreemptFlag, ShareSender, Work, WorkSource};
 
 /// Settings of the GPU miner.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ struct Shared {
     hashes: AtomicU64,
     active: AtomicUsize,
     shutdown: AtomicBool,
-    shares: tokio::sync::mpsc::UnboundedSender<Share>,
+    shares: ShareSender,
     latencies: Mutex<Vec<u64>>,
     stats: Arc<GpuStats>,
 }
@@ -93,7 +93,7 @@ impl GpuMiner {
         launcher: Box<dyn ScanLauncher>,
         cfg: GpuMinerConfig,
         preempt: PreemptFlag,
-        shares: tokio::sync::mpsc::UnboundedSender<Share>,
+        shares: ShareSender,
     ) -> Self {
         let stop_word = launcher.stop_word();
         if !preempt.mirror_to(stop_word.clone()) {
@@ -145,10 +145,19 @@ impl Miner for GpuMiner {
         self.backend
     }
 
+    /// The same job sent again (a pool re-sends it after `set_difficulty`) keeps the miner's
+    /// place: the unit in hand and its sweep stay, and the next launch takes the new target.
     fn set_work(&self, source: WorkSource) {
         let mut a = self.shared.assignment.lock().expect("assignment lock");
-        a.source = Some(source);
-        a.generation += 1;
+        match a.source.as_mut() {
+            Some(current) if current.continues(&source) => {
+                current.share_target = source.share_target;
+            }
+            _ => {
+                a.source = Some(source);
+                a.generation += 1;
+            }
+        }
         drop(a);
         self.shared.wake.notify_all();
     }
@@ -216,20 +225,22 @@ fn next_unit(
             }
             let generation = a.generation;
             if let Some(source) = a.source.as_mut() {
+                if let Some(u) = unit.as_mut() {
+                    if u.work.share_target != source.share_target {
+                        // A retarget: same nonce space, the sweep goes on where it was.
+                        u.work = Arc::new(u.work.retargeted(source.share_target, generation));
+                        u.job = gpu_job(&u.work);
+                    }
+                }
                 if unit.as_mut().is_none_or(|u| u.sweep.segment().is_none()) {
                     if unit.is_some() {
                         shared.stats.units_done.fetch_add(1, Ordering::Relaxed);
                     }
                     let work = source.next_work(generation);
-                    let job = GpuJob::new(
-                        &work.midstate,
-                        &header_tail(&work.header),
-                        work.share_target.top_u32(),
-                    );
                     *unit = Some(Unit {
                         generation,
+                        job: gpu_job(&work),
                         work: Arc::new(work),
-                        job,
                         sweep: Sweep::new(
                             cfg.nonce_space,
                             cfg.waves_per_launch,
@@ -250,6 +261,15 @@ fn next_unit(
             .expect("assignment lock")
             .0;
     }
+}
+
+/// The kernel's view of `work`: its midstate, header tail and the target's top word.
+fn gpu_job(work: &Work) -> GpuJob {
+    GpuJob::new(
+        &work.midstate,
+        &header_tail(&work.header),
+        work.share_target.top_u32(),
+    )
 }
 
 /// Counts the thread as idle when dropped, also when a launch panics: the arbiter would
@@ -370,7 +390,8 @@ fn deliver(shared: &Shared, work: &Work, absorbed: Absorbed) {
                 tracing::warn!(job = %share.job_id, nonce = format!("{nonce:08x}"), "BLOCK FOUND: this hash meets the network target");
             }
             stats.shares.fetch_add(1, Ordering::Relaxed);
-            let _ = shared.shares.send(share);
+            // A share that cannot be queued is counted and logged by the channel.
+            shared.shares.send(share);
         }
     }
 }
