@@ -8,6 +8,9 @@ use axum::response::IntoResponse;
 
 const PAGE: &str = include_str!("dashboard.html");
 
+/// The dashboard.
+#[utoipa::path(get, path = "/", tag = "Operations",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
 pub async fn page() -> impl IntoResponse {
     (
         [

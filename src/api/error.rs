@@ -5,9 +5,10 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::engine::EngineError;
+
+use super::responses::{ErrorDetail, ErrorResponse};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -140,9 +141,16 @@ impl ApiError {
         )
     }
 
-    /// The envelope as JSON, also used for errors that happen mid-stream.
-    pub fn body(&self) -> serde_json::Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
+    /// The envelope, also sent as an event when an error happens mid-stream.
+    pub fn body(&self) -> ErrorResponse {
+        ErrorResponse {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.into(),
+                param: self.param.clone(),
+                code: self.code.map(Into::into),
+            },
+        }
     }
 }
 

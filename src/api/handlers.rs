@@ -17,10 +17,14 @@ use crate::engine::{FinishReason, SeqEvent, ServedModel, TokenLogprob, ValidRequ
 use super::context::RequestId;
 use super::error::ApiError;
 use super::lifecycle::{InFlight, Watchdog};
+use super::responses::{
+    AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, Completion, CompletionChoice,
+    CompletionLogprobs, EngineStatus, Health, ModelCard, ModelList, ServerStatus,
+};
 use super::stream::{sse_response, Endpoint, StreamGuards};
 use super::timing::RequestTimer;
 use super::validate::{validate_chat, validate_completion, ApiLimits, ResponsePlan};
-use super::wire::{chat_logprob_entry, completion_logprobs, ChatRequest, CompletionRequest, Usage};
+use super::wire::{ChatRequest, CompletionRequest, Usage};
 use super::AppState;
 
 /// Reads the body as one JSON object.
@@ -54,6 +58,16 @@ fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     })
 }
 
+/// Creates a chat completion: one JSON document, or with `stream` a stream of server-sent
+/// events (`ChatCompletionChunk`s, then `[DONE]`).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI",
+    request_body = super::wire::ChatRequestDoc,
+    responses(
+        (status = 200, description = "The completion; with `stream`, server-sent events",
+            content((ChatCompletion = "application/json"), (super::openapi::ChatEvent = "text/event-stream"))),
+        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::responses::ErrorResponse),
+        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::responses::ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
@@ -68,6 +82,16 @@ pub async fn chat_completions(
     answer(state, id, body, Endpoint::Chat, parse, validate_chat).await
 }
 
+/// Creates a legacy text completion: one JSON document, or with `stream` server-sent events
+/// (`Completion` chunks, then `[DONE]`).
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI",
+    request_body = super::wire::CompletionRequestDoc,
+    responses(
+        (status = 200, description = "The completion; with `stream`, server-sent events",
+            content((Completion = "application/json"), (super::openapi::CompletionEvent = "text/event-stream"))),
+        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::responses::ErrorResponse),
+        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::responses::ErrorResponse)),
+    security(("bearer" = [])))]
 pub async fn completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
@@ -155,51 +179,76 @@ async fn generate(
         return Ok(sse_response(endpoint, plan, n, events, guards));
     }
     let choices = collect(events, n, &mut timer, &mut watchdog).await?;
-    let body = match endpoint {
-        Endpoint::Chat => chat_body(&plan, &choices),
-        Endpoint::Completion => completion_body(&plan, &choices),
-    };
-    Ok(Json(body).into_response())
+    Ok(match endpoint {
+        Endpoint::Chat => Json(chat_body(&plan, &choices)).into_response(),
+        Endpoint::Completion => Json(completion_body(&plan, &choices)).into_response(),
+    })
 }
 
-pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": state.model_id, "object": "model", "created": state.started_at, "owned_by": "idlerig" }],
-    }))
+/// The model this server serves (listed while it loads, too).
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
+    responses(
+        (status = 200, body = ModelList),
+        (status = "4XX", description = "A missing or wrong key", body = super::responses::ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: state.model_id.clone(),
+            object: "model".into(),
+            created: state.started_at,
+            owned_by: "idlerig".into(),
+        }],
+    })
 }
 
+/// Ready (200) once the model is loaded; 503 while it loads or after it failed.
+#[utoipa::path(get, path = "/health", tag = "Operations",
+    responses(
+        (status = 200, description = "The model is loaded", body = Health),
+        (status = 503, description = "Loading, or failed", body = Health),
+        (status = "4XX", description = "Not found, or a method not allowed", body = super::responses::ErrorResponse)))]
 pub async fn health(State(state): State<AppState>) -> Response {
-    match state.load_state() {
-        super::LoadState::Ready(_) => {
-            (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-        }
+    let (code, health) = match state.load_state() {
+        super::LoadState::Ready(_) => (StatusCode::OK, Health::of("ok")),
         super::LoadState::Loading(progress) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading", "progress": (progress * 100.0).round() / 100.0})),
-        )
-            .into_response(),
+            Health {
+                progress: Some((progress * 100.0).round() / 100.0),
+                ..Health::of("loading")
+            },
+        ),
         super::LoadState::Failed(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "failed", "error": e})),
-        )
-            .into_response(),
-    }
+            Health {
+                error: Some(e),
+                ..Health::of("failed")
+            },
+        ),
+    };
+    (code, Json(health)).into_response()
 }
 
 /// The arbiter's figures: device time split, pre-emption latency, hashrate, shares, pool.
-pub async fn status(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/v1/status", tag = "Operations",
+    responses(
+        (status = 200, body = ServerStatus),
+        (status = "4XX", description = "A missing or wrong key", body = super::responses::ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
+    use std::sync::atomic::Ordering::Relaxed;
     let engine = match state.load_state() {
-        super::LoadState::Ready(m) => json!({
-            "running": m.stats.running(),
-            "generated_tokens": m.stats.generated_tokens(),
-            "prefilled_tokens": m.stats.prefilled_tokens.load(std::sync::atomic::Ordering::Relaxed),
-            "kv_blocks_used": m.stats.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed),
-            "kv_blocks_total": m.stats.kv_blocks_total.load(std::sync::atomic::Ordering::Relaxed),
-            "kv_preemptions": m.stats.preemptions.load(std::sync::atomic::Ordering::Relaxed),
-            "busy": m.stats.is_busy(),
+        super::LoadState::Ready(m) => Some(EngineStatus {
+            running: m.stats.running(),
+            generated_tokens: m.stats.generated_tokens(),
+            prefilled_tokens: m.stats.prefilled_tokens.load(Relaxed),
+            kv_blocks_used: m.stats.kv_blocks_used.load(Relaxed),
+            kv_blocks_total: m.stats.kv_blocks_total.load(Relaxed),
+            kv_preemptions: m.stats.preemptions.load(Relaxed),
+            busy: m.stats.is_busy(),
         }),
-        _ => Value::Null,
+        _ => None,
     };
     let mining = match &state.status {
         Some(rx) => serde_json::to_value(&*rx.borrow()).unwrap_or(Value::Null),
@@ -210,19 +259,23 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         .as_ref()
         .map(|rx| serde_json::to_value(&*rx.borrow()).unwrap_or(Value::Null))
         .unwrap_or(Value::Null);
-    Json(json!({
-        "model": state.model_id,
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": now_unix().saturating_sub(state.started_at),
-        "draining": state.lifecycle.is_draining(),
-        "requests_in_flight": state.lifecycle.in_flight(),
-        "engine": engine,
-        "mining": mining,
-        "telemetry": telemetry,
-    }))
+    Json(ServerStatus {
+        model: state.model_id.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_s: now_unix().saturating_sub(state.started_at),
+        draining: state.lifecycle.is_draining(),
+        requests_in_flight: state.lifecycle.in_flight(),
+        engine,
+        mining,
+        telemetry,
+    })
 }
 
-/// Prometheus text exposition.
+/// Prometheus text exposition (vLLM's `vllm:` names and idlerig's own).
+#[utoipa::path(get, path = "/metrics", tag = "Operations",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = "4XX", description = "Metrics are off, or a key is required", body = super::responses::ErrorResponse)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(m) => (
@@ -320,34 +373,47 @@ fn usage_of(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Usage {
     )
 }
 
-fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Value {
-    json!({
-        "id": response_id("chatcmpl"),
-        "object": "chat.completion",
-        "created": now_unix(),
-        "model": plan.model,
-        "choices": choices.iter().enumerate().map(|(i, c)| json!({
-            "index": i,
-            "message": { "role": "assistant", "content": c.text },
-            "logprobs": if plan.logprobs { json!({"content": c.logprobs.iter().map(chat_logprob_entry).collect::<Vec<_>>()}) } else { Value::Null },
-            "finish_reason": c.finish_reason.map(FinishReason::as_str),
-        })).collect::<Vec<_>>(),
-        "usage": usage_of(plan, choices),
-    })
+fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion {
+    ChatCompletion {
+        id: response_id("chatcmpl"),
+        object: "chat.completion".into(),
+        created: now_unix(),
+        model: plan.model.clone(),
+        choices: choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ChatChoice {
+                index: i,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: c.text.clone(),
+                },
+                logprobs: plan.logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
+                finish_reason: c.finish_reason.map(|r| r.as_str().into()),
+            })
+            .collect(),
+        usage: usage_of(plan, choices),
+    }
 }
 
-fn completion_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Value {
-    json!({
-        "id": response_id("cmpl"),
-        "object": "text_completion",
-        "created": now_unix(),
-        "model": plan.model,
-        "choices": choices.iter().enumerate().map(|(i, c)| json!({
-            "index": i,
-            "text": c.text,
-            "logprobs": if plan.logprobs { completion_logprobs(&c.logprobs, 0) } else { Value::Null },
-            "finish_reason": c.finish_reason.map(FinishReason::as_str),
-        })).collect::<Vec<_>>(),
-        "usage": usage_of(plan, choices),
-    })
+fn completion_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Completion {
+    Completion {
+        id: response_id("cmpl"),
+        object: "text_completion".into(),
+        created: now_unix(),
+        model: plan.model.clone(),
+        choices: choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CompletionChoice {
+                index: i,
+                text: c.text.clone(),
+                logprobs: plan
+                    .logprobs
+                    .then(|| CompletionLogprobs::of(&c.logprobs, 0)),
+                finish_reason: c.finish_reason.map(|r| r.as_str().into()),
+            })
+            .collect(),
+        usage: Some(Some(usage_of(plan, choices))),
+    }
 }

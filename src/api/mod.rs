@@ -8,6 +8,8 @@ mod dashboard;
 mod error;
 mod handlers;
 mod lifecycle;
+mod openapi;
+mod responses;
 mod stream;
 mod timing;
 mod validate;
@@ -160,6 +162,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .merge(metrics)
         .route("/health", get(handlers::health))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/", get(dashboard::page))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)

@@ -8,20 +8,23 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use tracing::Instrument;
 
-use crate::engine::SeqEvent;
+use crate::engine::{SeqEvent, TokenLogprob};
 
 use super::error::ApiError;
 use super::handlers::{now_unix, response_id};
 use super::lifecycle::{InFlight, Watchdog};
+use super::responses::{
+    ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs, Completion, CompletionChoice,
+    CompletionLogprobs,
+};
 use super::timing::RequestTimer;
 use super::validate::ResponsePlan;
-use super::wire::{chat_logprob_entry, completion_logprobs, Usage};
+use super::wire::Usage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -61,43 +64,98 @@ struct ChunkWriter {
     plan: ResponsePlan,
 }
 
-impl ChunkWriter {
-    fn chunk(&self, choices: Value) -> Value {
-        let object = match self.endpoint {
-            Endpoint::Chat => "chat.completion.chunk",
-            Endpoint::Completion => "text_completion",
-        };
-        let mut c = json!({ "id": self.id, "object": object, "created": self.created, "model": self.plan.model, "choices": choices });
-        if self.plan.include_usage {
-            c["usage"] = Value::Null;
+/// One choice's piece of a stream: text (with the role on a chat's first chunk), the token's
+/// log-probability, or the finish.
+struct Piece<'a> {
+    index: usize,
+    text: Option<&'a str>,
+    role: bool,
+    logprob: Option<&'a TokenLogprob>,
+    /// Bytes of this choice's text already sent (legacy completions' `text_offset`).
+    text_offset: usize,
+    finish: Option<&'static str>,
+}
+
+impl Piece<'_> {
+    fn new(index: usize) -> Self {
+        Piece {
+            index,
+            text: None,
+            role: false,
+            logprob: None,
+            text_offset: 0,
+            finish: None,
         }
-        c
+    }
+}
+
+impl ChunkWriter {
+    /// A chunk's `usage`: absent unless the client asked for it, then null until the last.
+    fn usage(&self, usage: Option<Usage>) -> Option<Option<Usage>> {
+        self.plan.include_usage.then_some(usage)
     }
 
-    fn choice(
-        &self,
-        index: usize,
-        text: Option<&str>,
-        role: bool,
-        logprobs: Value,
-        finish: Option<&str>,
-    ) -> Value {
+    fn chat(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        to_json(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.plan.model.clone(),
+            choices,
+            usage: self.usage(usage),
+        })
+    }
+
+    fn completion(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        to_json(&Completion {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.plan.model.clone(),
+            choices,
+            usage: self.usage(usage),
+        })
+    }
+
+    fn piece(&self, p: Piece<'_>) -> String {
+        let lps = p.logprob.map(std::slice::from_ref);
         match self.endpoint {
-            Endpoint::Chat => {
-                let mut delta = serde_json::Map::new();
-                if role {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(t) = text {
-                    delta.insert("content".into(), json!(t));
-                }
-                json!({ "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish })
-            }
-            Endpoint::Completion => {
-                json!({ "index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish })
-            }
+            Endpoint::Chat => self.chat(
+                vec![ChatChunkChoice {
+                    index: p.index,
+                    delta: ChatDelta {
+                        role: p.role.then(|| "assistant".into()),
+                        content: p.text.map(Into::into),
+                    },
+                    logprobs: lps.map(ChatLogprobs::of),
+                    finish_reason: p.finish.map(Into::into),
+                }],
+                None,
+            ),
+            Endpoint::Completion => self.completion(
+                vec![CompletionChoice {
+                    index: p.index,
+                    text: p.text.unwrap_or("").into(),
+                    logprobs: lps.map(|l| CompletionLogprobs::of(l, p.text_offset)),
+                    finish_reason: p.finish.map(Into::into),
+                }],
+                None,
+            ),
         }
     }
+
+    /// The last chunk when usage was asked for: no choices, the request's usage.
+    fn usage_chunk(&self, usage: Usage) -> String {
+        match self.endpoint {
+            Endpoint::Chat => self.chat(vec![], Some(usage)),
+            Endpoint::Completion => self.completion(vec![], Some(usage)),
+        }
+    }
+}
+
+fn to_json(v: &impl serde::Serialize) -> String {
+    // Plain structs of strings and numbers: serializing cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 async fn forward(
@@ -119,17 +177,18 @@ async fn forward(
         created: now_unix(),
         plan,
     };
-    let send = |v: Value| {
+    let send = |data: String| {
         let tx = tx.clone();
-        async move {
-            tx.send(Ok(Event::default().data(v.to_string())))
-                .await
-                .is_ok()
-        }
+        async move { tx.send(Ok(Event::default().data(data))).await.is_ok() }
     };
     if endpoint == Endpoint::Chat {
         for i in 0..n {
-            if !send(w.chunk(json!([w.choice(i, Some(""), true, Value::Null, None)]))).await {
+            let first = Piece {
+                text: Some(""),
+                role: true,
+                ..Piece::new(i)
+            };
+            if !send(w.piece(first)).await {
                 return;
             }
         }
@@ -144,7 +203,7 @@ async fn forward(
                 // Timed out or cancelled by the shutdown: say so, and dropping `events`
                 // cancels the generation.
                 guards.timer.aborted();
-                let _ = send(e.body()).await;
+                let _ = send(e.body().to_string()).await;
                 return;
             }
         };
@@ -160,21 +219,14 @@ async fn forward(
                 if text.is_empty() && logprob.is_none() {
                     continue;
                 }
-                let logprobs = match (&logprob, endpoint) {
-                    (None, _) => Value::Null,
-                    (Some(lp), Endpoint::Chat) => json!({ "content": [chat_logprob_entry(lp)] }),
-                    (Some(lp), Endpoint::Completion) => {
-                        completion_logprobs(std::slice::from_ref(lp), text_offsets[choice])
-                    }
-                };
+                let piece = w.piece(Piece {
+                    text: Some(&text),
+                    logprob: logprob.as_ref(),
+                    text_offset: text_offsets[choice],
+                    ..Piece::new(choice)
+                });
                 text_offsets[choice] += text.len();
-                w.chunk(json!([w.choice(
-                    choice,
-                    Some(&text),
-                    false,
-                    logprobs,
-                    None
-                )]))
+                piece
             }
             Some(SeqEvent::Finished {
                 choice,
@@ -185,25 +237,24 @@ async fn forward(
                 cached = cached.max(cached_tokens);
                 open -= 1;
                 completion_tokens += c;
-                let text = if endpoint == Endpoint::Chat {
-                    None
-                } else {
-                    Some("")
-                };
-                w.chunk(json!([w.choice(
-                    choice,
-                    text,
-                    false,
-                    Value::Null,
-                    Some(reason.as_str())
-                )]))
+                w.piece(Piece {
+                    // A chat's finish has an empty delta; a completion's an empty text.
+                    text: (endpoint == Endpoint::Completion).then_some(""),
+                    finish: Some(reason.as_str()),
+                    ..Piece::new(choice)
+                })
             }
             Some(SeqEvent::Failed { message }) => {
-                let _ = send(ApiError::internal(message).body()).await;
+                let _ = send(ApiError::internal(message).body().to_string()).await;
                 return;
             }
             None => {
-                let _ = send(ApiError::internal("the engine dropped the request").body()).await;
+                let _ = send(
+                    ApiError::internal("the engine dropped the request")
+                        .body()
+                        .to_string(),
+                )
+                .await;
                 return;
             }
         };
@@ -212,9 +263,8 @@ async fn forward(
         }
     }
     if w.plan.include_usage {
-        let mut c = w.chunk(json!([]));
-        c["usage"] = json!(Usage::new(w.plan.prompt_tokens, completion_tokens, cached));
-        if !send(c).await {
+        let usage = Usage::new(w.plan.prompt_tokens, completion_tokens, cached);
+        if !send(w.usage_chunk(usage)).await {
             return;
         }
     }

@@ -53,7 +53,7 @@ pub struct ResponsePlan {
     pub prompt_tokens: usize,
 }
 
-const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+pub(super) const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 pub fn validate_chat(
     ChatRequest {

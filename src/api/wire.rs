@@ -1,48 +1,61 @@
 //! OpenAI wire types: the request bodies of `/v1/chat/completions` and `/v1/completions` as
 //! clients send them (permissive: unknown fields are ignored, unsupported ones are refused in
-//! validation), and the JSON the server answers with.
+//! validation), and the usage figures. The answers are in [`super::responses`]; the OpenAPI
+//! document is generated from both.
 
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-
-use crate::engine::TokenLogprob;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 /// A string or a list of strings (`stop`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
 /// Parameters shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CommonParams {
     pub model: Option<String>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<i64>,
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
+    /// 0 or -1: no top-k.
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f32>,
     pub seed: Option<i64>,
     pub stop: Option<OneOrMany>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = 0.01, maximum = 10.0)]
     pub repetition_penalty: Option<f32>,
+    /// Choices to generate (at most the server's `--max-n`).
+    #[schema(minimum = 1)]
     pub n: Option<i64>,
+    /// Token id → bias in [-100, 100].
     pub logit_bias: Option<HashMap<String, f32>>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     /// vLLM's extension: keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: Option<bool>,
-    /// vLLM's extension: scheduling priority, lower first (default 0).
+    /// vLLM's extension: scheduling priority, lower first (default 0), within the operator's
+    /// range (by default -100..=100).
     pub priority: Option<i64>,
     /// Accepted and ignored, as the brief of the API asks.
     #[allow(dead_code)]
@@ -57,32 +70,38 @@ pub struct ChatRequest {
     pub chat: ChatFields,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatFields {
+    #[schema(min_items = 1)]
     pub messages: Vec<WireMessage>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<i64>,
     pub logprobs: Option<bool>,
+    /// Alternatives per token (needs `logprobs`), at most the server's limit (20 by default).
+    #[schema(minimum = 0)]
     pub top_logprobs: Option<i64>,
     pub tools: Option<Value>,
     pub functions: Option<Value>,
     pub response_format: Option<Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct WireMessage {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    #[schema(example = "user")]
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -96,10 +115,11 @@ pub struct CompletionRequest {
     pub completion: CompletionFields,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionFields {
     pub prompt: Option<Prompt>,
     /// Legacy completions: how many alternatives to report per token (0–20).
+    #[schema(minimum = 0)]
     pub logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub suffix: Option<String>,
@@ -107,7 +127,7 @@ pub struct CompletionFields {
 }
 
 /// The forms `/v1/completions` accepts for `prompt`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -116,7 +136,7 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -125,7 +145,7 @@ pub struct Usage {
 }
 
 /// OpenAI's breakdown of the prompt: how much of it the prefix cache already held.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
 pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
@@ -141,32 +161,25 @@ impl Usage {
     }
 }
 
-fn bytes_of(s: &str) -> Vec<u8> {
-    s.as_bytes().to_vec()
+/// The body of `/v1/chat/completions`, for the OpenAPI document: the handler reads the same
+/// object as [`CommonParams`] and [`ChatFields`] in two passes.
+#[derive(Deserialize, ToSchema)]
+#[schema(as = ChatCompletionRequest)]
+#[allow(dead_code)] // read by the schema only
+pub struct ChatRequestDoc {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    #[serde(flatten)]
+    pub chat: ChatFields,
 }
 
-/// One token's entry in a chat response's `logprobs.content`.
-pub fn chat_logprob_entry(lp: &TokenLogprob) -> Value {
-    json!({
-        "token": lp.token,
-        "logprob": lp.logprob,
-        "bytes": bytes_of(&lp.token),
-        "top_logprobs": lp.top.iter().map(|(t, l)| json!({"token": t, "logprob": l, "bytes": bytes_of(t)})).collect::<Vec<_>>(),
-    })
-}
-
-/// Legacy completions' `logprobs` object for a run of tokens, `text_offset` counted from
-/// `offset` (bytes of text already sent for this choice).
-pub fn completion_logprobs(lps: &[TokenLogprob], mut offset: usize) -> Value {
-    let mut text_offset = Vec::with_capacity(lps.len());
-    for lp in lps {
-        text_offset.push(offset);
-        offset += lp.token.len();
-    }
-    json!({
-        "tokens": lps.iter().map(|l| &l.token).collect::<Vec<_>>(),
-        "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-        "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(t, p)| (t.clone(), json!(p))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-        "text_offset": text_offset,
-    })
+/// The body of `/v1/completions`, for the OpenAPI document (see [`ChatRequestDoc`]).
+#[derive(Deserialize, ToSchema)]
+#[schema(as = CompletionRequest)]
+#[allow(dead_code)] // read by the schema only
+pub struct CompletionRequestDoc {
+    #[serde(flatten)]
+    pub common: CommonParams,
+    #[serde(flatten)]
+    pub completion: CompletionFields,
 }

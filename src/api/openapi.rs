@@ -1,0 +1,210 @@
+//! The OpenAPI 3.1 document at `GET /openapi.json`, generated with utoipa from the handlers'
+//! annotations and the wire types themselves (requests in [`super::wire`], answers in
+//! [`super::responses`]), so what it promises is what the server sends. Streams are described
+//! event by event, as OpenAPI 3.1 tools (schemathesis among them) read `text/event-stream`.
+
+use std::sync::LazyLock;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde_json::{json, Value};
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Ref, Schema, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::RefOr;
+use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+
+use super::responses::{ChatCompletionChunk, Completion, ErrorResponse};
+use super::validate::{ApiLimits, CHAT_ROLES};
+use super::{AppState, LoadState};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "idlerig",
+        description = "An OpenAI-compatible inference server that mines SHA-256d in the gaps \
+                       between requests. With API keys configured, `/v1/*` needs \
+                       `Authorization: Bearer KEY`."
+    ),
+    paths(
+        super::handlers::chat_completions,
+        super::handlers::completions,
+        super::handlers::list_models,
+        super::handlers::status,
+        super::handlers::health,
+        super::handlers::metrics,
+        openapi_json,
+        super::dashboard::page,
+    ),
+    components(schemas(ErrorResponse, ChatCompletionChunk, Completion)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// `Authorization: Bearer KEY`, as OpenAI clients send it.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        api.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+    }
+}
+
+/// The document for this server: the static part is generated once; the served model's
+/// name, the operator's limits and, once it is loaded, the model's vocabulary are filled in,
+/// so that a client (or a fuzzer) sees the values validation takes.
+pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String {
+    static STATIC: LazyLock<Value> =
+        LazyLock::new(|| serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null));
+    let mut doc = STATIC.clone();
+    let schemas = &mut doc["components"]["schemas"];
+    let common = &mut schemas["CommonParams"]["properties"];
+    common["model"]["enum"] = json!([model, null]);
+    common["n"]["maximum"] = json!(limits.max_n);
+    if let Some(max) = limits.max_tokens {
+        common["max_tokens"]["maximum"] = json!(max);
+    }
+    common["priority"]["minimum"] = json!(limits.priority_range.0);
+    common["priority"]["maximum"] = json!(limits.priority_range.1);
+    common["logit_bias"]["additionalProperties"] =
+        json!({"type": "number", "minimum": -100, "maximum": 100});
+    common["logit_bias"]["propertyNames"] = json!({"type": "string", "pattern": "^[0-9]{1,9}$"});
+    // A stop string is 1–256 bytes: 64 characters are at most 256 bytes.
+    let stop = json!({"type": "string", "minLength": 1, "maxLength": 64});
+    schemas["OneOrMany"]["oneOf"] =
+        json!([stop, {"type": "array", "items": stop, "maxItems": limits.max_stop_sequences}]);
+    schemas["WireMessage"]["properties"]["role"]["enum"] = json!(CHAT_ROLES);
+    schemas["ContentPart"]["properties"]["type"]["enum"] = json!(["text"]);
+    let top = limits.max_top_logprobs;
+    schemas["ChatFields"]["properties"]["top_logprobs"]["maximum"] = json!(top);
+    // What the server refuses is written down, so that clients see it before they send it:
+    // no tool calling, text responses only, no echo, suffix or best_of, one prompt.
+    let chat = &mut schemas["ChatFields"]["properties"];
+    chat["tools"] = json!({"description": "Not supported: absent, null or empty.", "type": ["array", "null"], "maxItems": 0});
+    chat["functions"] = json!({"description": "Not supported.", "type": "null"});
+    chat["response_format"] = json!({"description": "Only `text`.", "type": ["object", "null"],
+        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]});
+    let completion = &mut schemas["CompletionFields"];
+    completion["required"] = json!(["prompt"]);
+    let fields = &mut completion["properties"];
+    fields["prompt"] = json!({"$ref": "#/components/schemas/Prompt"});
+    fields["logprobs"]["maximum"] = json!(top);
+    fields["echo"] =
+        json!({"description": "Not supported: absent, null or false.", "enum": [false, null]});
+    fields["suffix"] =
+        json!({"description": "Not supported (no fill-in-the-middle).", "type": "null"});
+    fields["best_of"] = json!({"description": "Only equal to `n`; best left out.", "type": ["integer", "null"], "minimum": 1});
+    let mut token = json!({"type": "integer", "minimum": 0});
+    if let Some(vocab) = vocab {
+        token["maximum"] = json!(vocab.saturating_sub(1));
+    }
+    let tokens = json!({"type": "array", "items": token, "minItems": 1});
+    let text = json!({"type": "string", "minLength": 1});
+    schemas["Prompt"]["oneOf"] = json!([
+        text,
+        tokens,
+        {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": tokens, "minItems": 1, "maxItems": 1},
+    ]);
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "Operations",
+    responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object)))]
+pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    let vocab = match state.load_state() {
+        LoadState::Ready(m) => Some(m.tokenizer.vocab_size()),
+        _ => None,
+    };
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document(&state.model_id, &state.limits, vocab),
+    )
+}
+
+/// One server-sent event whose data is a JSON `chunk`, an error envelope (the stream failed
+/// or timed out), or `[DONE]`.
+fn event_schema(chunk: &str) -> RefOr<Schema> {
+    let json_of = |name: &str| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/json")
+            .content_schema(Some(Ref::from_schema_name(name)))
+    };
+    let data = AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["[DONE]"])),
+        )
+        .item(json_of(chunk))
+        .item(json_of("ErrorResponse"));
+    ObjectBuilder::new()
+        .property("data", data)
+        .required("data")
+        .into()
+}
+
+/// An event of a chat stream.
+pub struct ChatEvent;
+
+impl PartialSchema for ChatEvent {
+    fn schema() -> RefOr<Schema> {
+        event_schema("ChatCompletionChunk")
+    }
+}
+
+impl ToSchema for ChatEvent {}
+
+/// An event of a legacy completion stream.
+pub struct CompletionEvent;
+
+impl PartialSchema for CompletionEvent {
+    fn schema() -> RefOr<Schema> {
+        event_schema("Completion")
+    }
+}
+
+impl ToSchema for CompletionEvent {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_is_openapi_3_1_and_lists_every_route() {
+        let doc: Value =
+            serde_json::from_str(&document("m", &ApiLimits::default(), Some(49152))).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        for path in [
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/models",
+            "/v1/status",
+            "/health",
+            "/metrics",
+            "/openapi.json",
+            "/",
+        ] {
+            assert!(doc["paths"][path].is_object(), "{path} is missing");
+        }
+        let schemas = &doc["components"]["schemas"];
+        assert!(schemas["ChatCompletionRequest"].is_object());
+        assert_eq!(
+            schemas["CommonParams"]["properties"]["model"]["enum"],
+            json!(["m", null]),
+            "the served model is filled in"
+        );
+        assert_eq!(
+            schemas["WireMessage"]["properties"]["role"]["enum"][0],
+            "system"
+        );
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+}
