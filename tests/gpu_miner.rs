@@ -298,8 +298,9 @@ impl ScanLauncher for Stepped {
     }
 }
 
-/// A pool re-sends its job after `set_difficulty`: the GPU miner keeps the unit in hand and
-/// its sweep, so no nonce of it is hashed twice. (Restarted, the launches before the re-send
+/// A pool re-sends its job after `set_difficulty`, and resumes the session with it after a
+/// reconnect: the GPU miner keeps the unit in hand and its sweep, so no nonce of it is hashed
+/// twice. (Restarted, the launches before the re-send
 /// would be hashed again, and their nonces reported twice.)
 #[test]
 fn the_same_job_sent_again_keeps_the_gpu_miners_place() {
@@ -327,6 +328,9 @@ fn the_same_job_sent_again_keeps_the_gpu_miners_place() {
     // Two launches ran; the third waits, prepared under the old target.
     wait_for("the third launch", || started.load(Ordering::SeqCst) == 3);
     assert_eq!(stats.launches.load(Ordering::SeqCst), 2);
+    m.set_work(WorkSource::new(job(3), vec![9; 4], 2, almost, 0));
+    // And a reconnect that resumes the session: cleared, then the same job again.
+    m.clear_work();
     m.set_work(WorkSource::new(job(3), vec![9; 4], 2, almost, 0));
     granted.store(u64::MAX, Ordering::SeqCst);
     wait_for("the first unit", || {

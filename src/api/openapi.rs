@@ -64,7 +64,7 @@ pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String
     let mut doc = STATIC.clone();
     let schemas = &mut doc["components"]["schemas"];
     let common = &mut schemas["CommonParams"]["properties"];
-    common["model"]["enum"] = json!([model, null]);
+    common["model"]["enum"] = json!([model, "", "default", null]);
     common["n"]["maximum"] = json!(limits.max_n);
     if let Some(max) = limits.max_tokens {
         common["max_tokens"]["maximum"] = json!(max);
@@ -96,8 +96,7 @@ pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String
     fields["logprobs"]["maximum"] = json!(top);
     fields["echo"] =
         json!({"description": "Not supported: absent, null or false.", "enum": [false, null]});
-    fields["suffix"] =
-        json!({"description": "Not supported (no fill-in-the-middle).", "type": "null"});
+    fields["suffix"] = json!({"description": "Not supported (no fill-in-the-middle): absent, null or empty.", "enum": ["", null]});
     fields["best_of"] = json!({"description": "Only equal to `n`; best left out.", "type": ["integer", "null"], "minimum": 1});
     let mut token = json!({"type": "integer", "minimum": 0});
     if let Some(vocab) = vocab {
@@ -177,6 +176,43 @@ impl ToSchema for CompletionEvent {}
 mod tests {
     use super::*;
 
+    /// `document()` patches schemas by name: each must be what utoipa generated (a renamed
+    /// type would otherwise be patched into a new, unused schema without a word).
+    #[test]
+    fn every_schema_the_document_patches_is_generated_and_used() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for (name, field) in [
+            ("CommonParams", "model"),
+            ("CommonParams", "n"),
+            ("CommonParams", "max_tokens"),
+            ("CommonParams", "priority"),
+            ("CommonParams", "logit_bias"),
+            ("ChatFields", "top_logprobs"),
+            ("ChatFields", "tools"),
+            ("ChatFields", "functions"),
+            ("ChatFields", "response_format"),
+            ("CompletionFields", "prompt"),
+            ("CompletionFields", "logprobs"),
+            ("CompletionFields", "echo"),
+            ("CompletionFields", "suffix"),
+            ("CompletionFields", "best_of"),
+            ("WireMessage", "role"),
+            ("ContentPart", "type"),
+        ] {
+            assert!(
+                schemas[name]["properties"][field].is_object(),
+                "{name}.{field} is not generated"
+            );
+        }
+        assert!(schemas["OneOrMany"]["oneOf"].is_array());
+        assert!(schemas["Prompt"]["oneOf"].is_array());
+        let refs = |name: &str| schemas[name]["allOf"].to_string();
+        assert!(refs("ChatCompletionRequest").contains("CommonParams"));
+        assert!(refs("ChatCompletionRequest").contains("ChatFields"));
+        assert!(refs("CompletionRequest").contains("CompletionFields"));
+    }
+
     #[test]
     fn the_document_is_openapi_3_1_and_lists_every_route() {
         let doc: Value =
@@ -197,8 +233,7 @@ mod tests {
         let schemas = &doc["components"]["schemas"];
         assert!(schemas["ChatCompletionRequest"].is_object());
         assert_eq!(
-            schemas["CommonParams"]["properties"]["model"]["enum"],
-            json!(["m", null]),
+            schemas["CommonParams"]["properties"]["model"]["enum"][0], "m",
             "the served model is filled in"
         );
         assert_eq!(

@@ -64,18 +64,28 @@ pub struct TopLogprob {
     pub bytes: Vec<u8>,
 }
 
+/// JSON has no infinity: a log-probability of −∞ (a token the logit bias or a constraint
+/// ruled out) is sent as −9999, as OpenAI and vLLM do, never as null.
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
 impl ChatTokenLogprob {
     pub fn of(lp: &TokenLogprob) -> Self {
         Self {
             token: lp.token.clone(),
-            logprob: lp.logprob,
+            logprob: finite(lp.logprob),
             bytes: lp.token.as_bytes().to_vec(),
             top_logprobs: lp
                 .top
                 .iter()
                 .map(|(t, l)| TopLogprob {
                     token: t.clone(),
-                    logprob: *l,
+                    logprob: finite(*l),
                     bytes: t.as_bytes().to_vec(),
                 })
                 .collect(),
@@ -138,10 +148,10 @@ impl CompletionLogprobs {
         }
         Self {
             tokens: lps.iter().map(|l| l.token.clone()).collect(),
-            token_logprobs: lps.iter().map(|l| l.logprob).collect(),
+            token_logprobs: lps.iter().map(|l| finite(l.logprob)).collect(),
             top_logprobs: lps
                 .iter()
-                .map(|l| l.top.iter().cloned().collect())
+                .map(|l| l.top.iter().map(|(t, p)| (t.clone(), finite(*p))).collect())
                 .collect(),
             text_offset,
         }

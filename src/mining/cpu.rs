@@ -41,6 +41,9 @@ struct Dispatch {
     /// Names the nonce space `work` covers: a new unit, job or extranonce1 changes it; a new
     /// share target alone does not, so ranges handed back across a retarget are kept.
     unit: u64,
+    /// No pool work for now (disconnected): nothing is handed out, but the work, cursor and
+    /// ranges stay, so that the same job resumed after a reconnect goes on where it was.
+    paused: bool,
     generation: u64,
     recorded: Vec<(u64, u64, u64)>,
     /// Time from raising the flag to the last worker stopping, per pre-emption.
@@ -49,6 +52,9 @@ struct Dispatch {
 
 impl Dispatch {
     fn next_chunk(&mut self) -> Option<Chunk> {
+        if self.paused {
+            return None;
+        }
         let source = self.source.as_mut()?;
         if self.work.is_none() || (self.cursor >= NONCE_SPACE && self.returned.is_empty()) {
             self.work = Some(Arc::new(source.next_work(self.generation)));
@@ -173,10 +179,12 @@ impl Miner for CpuMiner {
             .lock()
             .expect("dispatch lock poisoned only if a worker panicked");
         let same_work = d.source.as_ref().is_some_and(|c| c.continues(&source));
-        if same_work && d.source.as_ref().map(|c| c.share_target) == Some(source.share_target) {
+        let same_target = d.source.as_ref().map(|c| c.share_target) == Some(source.share_target);
+        if same_work && same_target && !d.paused {
             return; // nothing changed: the workers go on undisturbed
         }
         let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        d.paused = false;
         match d.source.as_mut() {
             Some(current) if same_work => {
                 current.share_target = source.share_target;
@@ -198,11 +206,13 @@ impl Miner for CpuMiner {
     }
 
     /// Stops mining until new work comes (the pool has none, or the connection is down).
+    /// The work in hand is parked, not forgotten: a pool that resumes the session sends the
+    /// same job again, and the miner then goes on where it stopped instead of hashing it again.
     fn clear_work(&self) {
         let mut d = self.shared.dispatch.lock().expect("dispatch lock");
-        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        d.forget_work(generation);
-        d.source = None;
+        // Workers stop at their next poll and hand their ranges back to the parked work.
+        d.generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        d.paused = true;
     }
 
     /// Lets the workers run again after a pre-emption.

@@ -11,7 +11,8 @@ pub trait Miner: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     /// Mines `source` from now on; work on the previous job is dropped at the next poll.
     fn set_work(&self, source: WorkSource);
-    /// Stops mining until new work comes (the pool has none, or the connection is down).
+    /// Stops mining until work is set again (the pool has none, or the connection is down).
+    /// The work in hand is parked: set again, the same job goes on where it stopped.
     fn clear_work(&self);
     /// Lets the miner run again after a pre-emption.
     fn resume(&self);

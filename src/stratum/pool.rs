@@ -158,17 +158,30 @@ pub(super) type ShareId = (Vec<u8>, String, Vec<u8>, u32, u32, u32);
 /// Blocks whose shares are remembered: the current one and the one before (a share for an
 /// older block is refused as stale before it gets here).
 const REMEMBERED_BLOCKS: usize = 2;
+/// Accepted shares remembered per block: 8 bytes each, 16 MiB at most over both blocks.
+/// Vardiff keeps an honest miner far below; past it shares are refused until the next block.
+pub(super) const MAX_SHARES_PER_BLOCK: usize = 1 << 20;
 
-/// The accepted shares' identities, by the block (previous hash) they build on. A new block
-/// forgets the oldest, so the set lasts as long as the pool without growing for ever.
+/// The accepted shares, by the block (previous hash) they build on, each as a 64-bit keyed
+/// hash of its identity (the key is random per pool, so no miner can aim for a collision). A
+/// new block forgets the oldest, so the set lasts as long as the pool without growing for ever.
 #[derive(Default)]
 pub(super) struct SubmittedShares {
-    blocks: std::collections::VecDeque<([u8; 32], HashSet<ShareId>)>,
+    blocks: std::collections::VecDeque<([u8; 32], HashSet<u64>)>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+/// Why a share cannot be recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum NotRecorded {
+    Duplicate,
+    /// This block's bound is reached.
+    Full,
 }
 
 impl SubmittedShares {
-    /// `false` when the share was already accepted.
-    pub(super) fn insert(&mut self, prevhash: [u8; 32], id: ShareId) -> bool {
+    pub(super) fn insert(&mut self, prevhash: [u8; 32], id: &ShareId) -> Result<(), NotRecorded> {
+        use std::hash::BuildHasher;
         let i = match self.blocks.iter().position(|(p, _)| *p == prevhash) {
             Some(i) => i,
             None => {
@@ -179,7 +192,16 @@ impl SubmittedShares {
                 self.blocks.len() - 1
             }
         };
-        self.blocks[i].1.insert(id)
+        let digest = self.hasher.hash_one(id);
+        let block = &mut self.blocks[i].1;
+        if block.contains(&digest) {
+            return Err(NotRecorded::Duplicate);
+        }
+        if block.len() >= MAX_SHARES_PER_BLOCK {
+            return Err(NotRecorded::Full);
+        }
+        block.insert(digest);
+        Ok(())
     }
 
     /// Shares remembered, over every block kept.
@@ -395,16 +417,17 @@ mod tests {
     #[test]
     fn accepted_shares_are_remembered_for_two_blocks_and_no_longer() {
         let mut s = SubmittedShares::default();
-        assert!(s.insert([1; 32], id(1)));
-        assert!(!s.insert([1; 32], id(1)), "a duplicate is refused");
-        assert!(s.insert([2; 32], id(1)), "another block, another share");
-        assert!(
-            !s.insert([1; 32], id(1)),
+        assert_eq!(s.insert([1; 32], &id(1)), Ok(()));
+        assert_eq!(s.insert([1; 32], &id(1)), Err(NotRecorded::Duplicate));
+        assert_eq!(s.insert([2; 32], &id(1)), Ok(()), "another block");
+        assert_eq!(
+            s.insert([1; 32], &id(1)),
+            Err(NotRecorded::Duplicate),
             "the block before is still remembered"
         );
         for block in 3..100u8 {
             for n in 0..10 {
-                s.insert([block; 32], id(n));
+                assert_eq!(s.insert([block; 32], &id(n)), Ok(()));
             }
         }
         assert_eq!(s.len(), 20, "only the last two blocks' shares are kept");

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch};
 
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use super::pool::{ConnectionSlot, PoolCommand, PoolJob, Shared};
+use super::pool::{ConnectionSlot, NotRecorded, PoolCommand, PoolJob, Shared};
 use super::protocol::{
     codes, encode_call, encode_response, parse_line, Message, RpcError, Submit, MAX_LINE_BYTES,
 };
@@ -55,6 +55,9 @@ fn reject(code: i64, message: &str) -> RpcError {
         message: message.to_string(),
     }
 }
+
+/// Sessions remembered for resumption; past it one no connection holds is forgotten.
+const MAX_RESUMABLE_SESSIONS: usize = 4096;
 
 /// Worker names one connection may authorize.
 const MAX_WORKERS_PER_CONNECTION: usize = 16;
@@ -156,12 +159,21 @@ impl Session {
                     self.extranonce1 = en1;
                 }
                 live.insert(self.session_id.clone());
+                {
+                    // Locked after `live`, as above: one order, no deadlock.
+                    let mut sessions = self.shared.sessions.lock().expect("sessions lock");
+                    if sessions.len() >= MAX_RESUMABLE_SESSIONS
+                        && !sessions.contains_key(&self.session_id)
+                    {
+                        // A peer reconnecting without end cannot grow the table: a session
+                        // no connection holds is forgotten (it can no longer be resumed).
+                        if let Some(old) = sessions.keys().find(|k| !live.contains(*k)).cloned() {
+                            sessions.remove(&old);
+                        }
+                    }
+                    sessions.insert(self.session_id.clone(), self.extranonce1.clone());
+                }
                 drop(live);
-                self.shared
-                    .sessions
-                    .lock()
-                    .expect("sessions lock")
-                    .insert(self.session_id.clone(), self.extranonce1.clone());
                 self.subscribed = true;
                 let result = json!([
                     [
@@ -203,8 +215,14 @@ impl Session {
                     .push(encode_call(None, "mining.set_difficulty", json!([d])));
             }
             "mining.suggest_difficulty" => {
-                if let Some(d) = params.first().and_then(Value::as_f64).filter(|d| *d > 0.0) {
-                    self.difficulty = d.max(self.shared.cfg.min_difficulty);
+                // Honoured upwards only: a miner may ask for fewer, harder shares, never for
+                // a flood of easy ones below what vardiff set.
+                if let Some(d) = params
+                    .first()
+                    .and_then(Value::as_f64)
+                    .filter(|d| d.is_finite())
+                {
+                    self.difficulty = self.difficulty.max(d);
                 }
                 reply(self, json!(true), None);
             }
@@ -281,14 +299,21 @@ impl Session {
             s.nonce,
             version,
         );
-        if !self
+        let recorded = self
             .shared
             .submitted
             .lock()
             .expect("submitted lock")
-            .insert(job.job.prevhash, key)
-        {
-            return Err(reject(codes::DUPLICATE, "duplicate share"));
+            .insert(job.job.prevhash, &key);
+        match recorded {
+            Ok(()) => {}
+            Err(NotRecorded::Duplicate) => return Err(reject(codes::DUPLICATE, "duplicate share")),
+            Err(NotRecorded::Full) => {
+                return Err(reject(
+                    codes::OTHER,
+                    "too many shares for this block: raise the difficulty",
+                ))
+            }
         }
         if meets_target(&hash, &U256::from_compact(job.job.nbits)) {
             self.shared.stats.blocks.fetch_add(1, Ordering::Relaxed);

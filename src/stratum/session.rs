@@ -107,8 +107,8 @@ pub struct ClientSession {
     /// Since (re)connecting, no notify yet: queued shares wait to learn whether their job lives.
     awaiting_notify: bool,
     queued: VecDeque<Share>,
-    /// Shares sent for live jobs, so that none is sent twice; pruned as jobs end.
-    submitted: HashSet<ShareKey>,
+    /// Shares sent, by job, so that none is sent twice; a job's go when it ends.
+    submitted: HashMap<String, HashSet<ShareKey>>,
     drop_log: RateLimitedLog,
     pub counts: ShareCounts,
 }
@@ -133,7 +133,7 @@ impl ClientSession {
             authorized: false,
             awaiting_notify: true,
             queued: VecDeque::new(),
-            submitted: HashSet::new(),
+            submitted: HashMap::new(),
             drop_log: RateLimitedLog::default(),
             counts: ShareCounts::default(),
         }
@@ -191,7 +191,9 @@ impl ClientSession {
         let pending = std::mem::take(&mut self.pending);
         for (_, p) in pending {
             if let Pending::Submit(share) = p {
-                self.submitted.remove(&key(&share));
+                if let Some(sent) = self.submitted.get_mut(&share.job_id) {
+                    sent.remove(&key(&share));
+                }
                 self.counts.submitted -= 1;
                 self.enqueue(share);
             }
@@ -201,7 +203,7 @@ impl ClientSession {
 
     /// A share the miner found.
     pub fn on_share(&mut self, share: Share) -> Vec<Action> {
-        if self.submitted.contains(&key(&share)) {
+        if self.was_submitted(&share) {
             self.counts.duplicates_suppressed += 1;
             return vec![];
         }
@@ -237,7 +239,13 @@ impl ClientSession {
 
     /// Shares remembered for the duplicate check.
     pub fn remembered_submits(&self) -> usize {
-        self.submitted.len()
+        self.submitted.values().map(HashSet::len).sum()
+    }
+
+    fn was_submitted(&self, share: &Share) -> bool {
+        self.submitted
+            .get(&share.job_id)
+            .is_some_and(|sent| sent.contains(&key(share)))
     }
 
     /// Jobs a share may still be submitted for.
@@ -245,11 +253,14 @@ impl ClientSession {
         self.valid_jobs.len()
     }
 
-    /// Forgets the submitted shares of jobs that have ended: they can no longer be sent.
+    /// Forgets the submitted shares of jobs that have ended, and of an extranonce1 no longer
+    /// in use: they can no longer be sent.
     fn prune_submitted(&mut self) {
         let (jobs, en1) = (&self.valid_jobs, &self.extranonce1);
-        self.submitted
-            .retain(|k| jobs.contains(&k.0) && en1.as_ref() == Some(&k.1));
+        self.submitted.retain(|job, sent| {
+            sent.retain(|k| en1.as_ref() == Some(&k.1));
+            jobs.contains(job) && !sent.is_empty()
+        });
     }
 
     fn share_is_current(&self, share: &Share) -> bool {
@@ -267,12 +278,17 @@ impl ClientSession {
             self.record_drop(&share, "the pool has not answered the last submissions");
             return None;
         }
-        if self.submitted.len() >= MAX_REMEMBERED_SUBMITS {
+        if self.remembered_submits() >= MAX_REMEMBERED_SUBMITS {
             // The pool's own duplicate check still stands; this only bounds memory.
             tracing::debug!("forgetting submitted shares: the duplicate check's bound was reached");
             self.submitted.clear();
         }
-        if !self.submitted.insert(key(&share)) {
+        if !self
+            .submitted
+            .entry(share.job_id.clone())
+            .or_default()
+            .insert(key(&share))
+        {
             self.counts.duplicates_suppressed += 1;
             return None;
         }
@@ -397,12 +413,13 @@ impl ClientSession {
                     if job.clean_jobs {
                         self.valid_jobs.clear();
                     }
-                    if !self.valid_jobs.contains(&job.job_id) {
-                        if self.valid_jobs.len() >= MAX_LIVE_JOBS {
-                            self.valid_jobs.pop_front();
-                        }
-                        self.valid_jobs.push_back(job.job_id.clone());
+                    // A job sent again is the newest again: the job being mined is never the
+                    // first to be evicted.
+                    self.valid_jobs.retain(|j| *j != job.job_id);
+                    if self.valid_jobs.len() >= MAX_LIVE_JOBS {
+                        self.valid_jobs.pop_front();
                     }
+                    self.valid_jobs.push_back(job.job_id.clone());
                     self.prune_submitted();
                     self.job = Some(job);
                     let mut out = self.work();

@@ -54,6 +54,9 @@ pub struct GpuStats {
 #[derive(Default)]
 struct Assignment {
     source: Option<WorkSource>,
+    /// No pool work for now: the source and the unit in hand are kept, so that the same job
+    /// resumed after a reconnect goes on where it was.
+    paused: bool,
     /// Bumped on every new job; the thread's unit of an older generation is dropped.
     generation: u64,
 }
@@ -149,6 +152,7 @@ impl Miner for GpuMiner {
     /// place: the unit in hand and its sweep stay, and the next launch takes the new target.
     fn set_work(&self, source: WorkSource) {
         let mut a = self.shared.assignment.lock().expect("assignment lock");
+        a.paused = false;
         match a.source.as_mut() {
             Some(current) if current.continues(&source) => {
                 current.share_target = source.share_target;
@@ -162,10 +166,11 @@ impl Miner for GpuMiner {
         self.shared.wake.notify_all();
     }
 
+    /// Parks the work: the launch in flight ends as usual, and no other starts until work
+    /// is set again; the same job then goes on where it was.
     fn clear_work(&self) {
         let mut a = self.shared.assignment.lock().expect("assignment lock");
-        a.source = None;
-        a.generation += 1;
+        a.paused = true;
     }
 
     fn resume(&self) {
@@ -224,7 +229,8 @@ fn next_unit(
                 *unit = None;
             }
             let generation = a.generation;
-            if let Some(source) = a.source.as_mut() {
+            let paused = a.paused;
+            if let Some(source) = a.source.as_mut().filter(|_| !paused) {
                 if let Some(u) = unit.as_mut() {
                     if u.work.share_target != source.share_target {
                         // A retarget: same nonce space, the sweep goes on where it was.
