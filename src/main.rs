@@ -70,6 +70,7 @@ fn run() -> anyhow::Result<()> {
                     BenchCommand::Mine(args) => idlerig::bench::mine::run(args),
                     BenchCommand::Preempt(args) => idlerig::bench::preempt::run(args).await,
                     BenchCommand::GpuCheck(args) => idlerig::bench::gpu_check::run(args).await,
+                    BenchCommand::Grammar(args) => idlerig::bench::grammar::run(args).await,
                 }
                 .map_err(anyhow::Error::msg)?;
                 println!("{line}");

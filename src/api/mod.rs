@@ -9,6 +9,7 @@ mod error;
 mod handlers;
 mod lifecycle;
 mod openapi;
+mod output_format;
 mod responses;
 mod stream;
 mod timing;

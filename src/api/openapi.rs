@@ -87,8 +87,24 @@ pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String
     let chat = &mut schemas["ChatFields"]["properties"];
     chat["tools"] = json!({"description": "Not supported: absent, null or empty.", "type": ["array", "null"], "maxItems": 0});
     chat["functions"] = json!({"description": "Not supported.", "type": "null"});
-    chat["response_format"] = json!({"description": "Only `text`.", "type": ["object", "null"],
-        "properties": {"type": {"enum": ["text"]}}, "required": ["type"]});
+    chat["response_format"] = json!({"type": ["object", "null"],
+        "description": "`text`, `json_object`, or `json_schema` with a JSON Schema (and `strict`).",
+        "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object", "properties": {
+                "name": {"type": "string"},
+                "schema": {"type": "object"},
+                "strict": {"type": ["boolean", "null"]}}, "required": ["schema"]}},
+        "required": ["type"]});
+    schemas["CommonParams"]["properties"]["structured_outputs"] = json!({"type": ["object", "null"],
+        "description": "vLLM's extension: exactly one of `json` (a JSON Schema), `regex`, `choice`, `grammar` (Lark) or `json_object: true`.",
+        "properties": {
+            "json": {"type": "object"},
+            "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "grammar": {"type": "string"},
+            "json_object": {"enum": [true]}},
+        "minProperties": 1, "maxProperties": 1});
     let completion = &mut schemas["CompletionFields"];
     completion["required"] = json!(["prompt"]);
     let fields = &mut completion["properties"];
@@ -188,6 +204,7 @@ mod tests {
             ("CommonParams", "max_tokens"),
             ("CommonParams", "priority"),
             ("CommonParams", "logit_bias"),
+            ("CommonParams", "structured_outputs"),
             ("ChatFields", "top_logprobs"),
             ("ChatFields", "tools"),
             ("ChatFields", "functions"),

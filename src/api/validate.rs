@@ -5,6 +5,7 @@
 use crate::engine::{ChatMessage, SamplingParams, ServedModel, ValidRequest};
 
 use super::error::ApiError;
+use super::output_format;
 use super::wire::{
     ChatRequest, CommonParams, CompletionRequest, MessageContent, OneOrMany, Prompt,
 };
@@ -79,15 +80,8 @@ pub fn validate_chat(
             "function calling is not supported by this server",
         ));
     }
-    if let Some(rf) = &req.response_format {
-        let kind = rf.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        if !rf.is_null() && kind != "text" {
-            return Err(ApiError::invalid(
-                "response_format",
-                format!("response_format `{kind}` is not supported; only `text`"),
-            ));
-        }
-    }
+    let format =
+        output_format::requested(req.response_format.as_ref(), c.structured_outputs.as_ref())?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -168,7 +162,7 @@ pub fn validate_chat(
         Some(m) => ("max_completion_tokens", Some(m)),
         None => ("max_tokens", c.max_tokens),
     };
-    common(
+    let (mut valid, plan) = common(
         &c,
         prompt,
         max_tokens_field,
@@ -177,7 +171,9 @@ pub fn validate_chat(
         top_logprobs,
         model,
         limits,
-    )
+    )?;
+    valid.constraint = output_format::compile(format, model)?;
+    Ok((valid, plan))
 }
 
 pub fn validate_completion(
@@ -233,8 +229,9 @@ pub fn validate_completion(
         .logprobs
         .map(|k| in_range("logprobs", k, 0, limits.max_top_logprobs as i64).map(|k| k as usize))
         .transpose()?;
+    let format = output_format::requested(None, c.structured_outputs.as_ref())?;
     // The legacy endpoint's default, as OpenAI's and vLLM's.
-    common(
+    let (mut valid, plan) = common(
         &c,
         prompt,
         "max_tokens",
@@ -243,7 +240,9 @@ pub fn validate_completion(
         top_logprobs,
         model,
         limits,
-    )
+    )?;
+    valid.constraint = output_format::compile(format, model)?;
+    Ok((valid, plan))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -378,6 +377,7 @@ fn common(
             params,
             ignore_eos,
             request_id: String::new(),
+            constraint: None,
             priority: in_range(
                 "priority",
                 c.priority.unwrap_or(0),

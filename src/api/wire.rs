@@ -57,6 +57,9 @@ pub struct CommonParams {
     /// vLLM's extension: scheduling priority, lower first (default 0), within the operator's
     /// range (by default -100..=100).
     pub priority: Option<i64>,
+    /// vLLM's extension: constrain the output to exactly one of `json` (a JSON Schema),
+    /// `regex`, `choice` (a list of strings), `grammar` (Lark) or `json_object: true`.
+    pub structured_outputs: Option<Value>,
     /// Accepted and ignored, as the brief of the API asks.
     #[allow(dead_code)]
     pub user: Option<String>,

@@ -2,6 +2,7 @@
 //! engine, the miner) and prints one JSON line of figures.
 
 pub mod gpu_check;
+pub mod grammar;
 pub mod infer;
 pub mod llama_cpp;
 pub mod mine;

@@ -68,6 +68,21 @@ pub enum BenchCommand {
     /// latency with lost and duplicate nonces counted, power. Without a GPU it runs the
     /// kernel checks on the CPU stand-in and reports `"gpu": null`.
     GpuCheck(BenchGpuCheckArgs),
+    /// What constrained decoding (response_format, structured_outputs) costs per token: the
+    /// grammar's mask alone, and the engine's decode time with and without it.
+    Grammar(BenchGrammarArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchGrammarArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Tokens per measurement (the mask walk, and each request's maximum).
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Requests through the engine per format, with and without the grammar.
+    #[arg(long, default_value_t = 4)]
+    pub requests: usize,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -36,6 +36,9 @@ pub struct ServedModel {
     /// `None` when the model ships no chat template: chat requests are refused.
     pub template: Option<ChatTemplate>,
     pub context_length: usize,
+    /// Compiles the requests' output formats; `None` when the tokenizer's vocabulary cannot
+    /// be read as bytes (such requests are refused).
+    pub grammar: Option<Arc<super::GrammarFactory>>,
     pub backend: Arc<dyn Backend>,
     /// The engine's counters (running sequences, tokens, busy).
     pub stats: Arc<EngineStats>,
@@ -102,6 +105,13 @@ pub fn load_model_reporting(
             context_length = blocks * per_block;
         }
     }
+    let grammar = match super::GrammarFactory::new(&tokenizer, model.config().vocab_size) {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            tracing::warn!(error = %e, "constrained decoding is unavailable for this model (response_format and structured_outputs are refused)");
+            None
+        }
+    };
     let handle = spawn_engine(model, tokenizer.clone(), cfg);
     let stats = handle.stats().clone();
     Ok(ServedModel {
@@ -109,6 +119,7 @@ pub fn load_model_reporting(
         tokenizer,
         template,
         context_length,
+        grammar,
         backend: Arc::new(handle),
         stats,
     })

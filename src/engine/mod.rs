@@ -4,6 +4,7 @@
 //! channel. Dropping that channel cancels the request at the next step.
 
 mod chat_template;
+mod grammar;
 mod load;
 mod sampling;
 mod sequence;
@@ -12,6 +13,7 @@ mod tokenizer;
 mod worker;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
+pub use grammar::{Constraint, GrammarFactory, OutputFormat};
 pub use load::{load_model, load_model_reporting, Backend, ServedModel};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingParams};
 pub use stop::{StopMatcher, StopOutcome};
@@ -58,6 +60,9 @@ pub struct ValidRequest {
     /// Scheduling priority: lower values are admitted first and pre-empted last (vLLM's
     /// convention); 0 by default.
     pub priority: i64,
+    /// The grammar every choice's output must follow (compiled by the API's validation;
+    /// each choice takes its own copy).
+    pub constraint: Option<Constraint>,
 }
 
 /// Why a choice ended.

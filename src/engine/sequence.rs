@@ -23,6 +23,8 @@ pub(super) struct Sequence {
     pub sampler: Sampler,
     pub decoder: IncrementalDecoder,
     pub stop: StopMatcher,
+    /// The output's grammar, when the request has one.
+    pub constraint: Option<super::Constraint>,
     pub max_tokens: usize,
     pub ignore_eos: bool,
     pub generated: usize,

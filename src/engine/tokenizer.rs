@@ -213,6 +213,11 @@ impl TextTokenizer {
         self.end_of_generation.contains(&id)
     }
 
+    /// The Hugging Face tokenizer underneath (the grammar engine reads its vocabulary).
+    pub fn hf(&self) -> &Tokenizer {
+        &self.inner
+    }
+
     pub fn end_of_generation(&self) -> &[u32] {
         &self.end_of_generation
     }

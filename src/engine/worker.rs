@@ -187,6 +187,7 @@ impl Engine {
                     ),
                     decoder: IncrementalDecoder::new(),
                     stop: StopMatcher::new(r.stop.clone()),
+                    constraint: r.constraint.clone(),
                     max_tokens: r.max_tokens,
                     ignore_eos: r.ignore_eos,
                     generated: 0,
@@ -265,9 +266,19 @@ impl Engine {
             if seq.pending() > 0 {
                 continue; // a prompt chunk that does not reach the end yet
             }
-            let tok = seq.sampler.sample(&mut row);
+            let (tok, complete) = match sample_constrained(seq, &mut row) {
+                Ok(sampled) => sampled,
+                Err(e) => {
+                    // The output so far stands as it is; it is never a server error.
+                    tracing::warn!(request_id = %seq.request_id, error = %e, "the output's grammar failed; ending the choice");
+                    done[i] = seq.finish(&self.tokenizer, FinishReason::Stop);
+                    continue;
+                }
+            };
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            done[i] = seq.emit_token(tok, &self.tokenizer);
+            let finished = seq.emit_token(tok, &self.tokenizer);
+            // A complete output (the grammar allows nothing more) ends the choice.
+            done[i] = finished || (complete && seq.finish(&self.tokenizer, FinishReason::Stop));
         }
         self.remove_marked(&done);
     }
@@ -355,4 +366,20 @@ impl Engine {
             !marked[idx - 1]
         });
     }
+}
+
+/// Samples `seq`'s next token from `row`, under its grammar when it has one: the logits the
+/// grammar rules out are masked first, and the token is committed to the grammar after.
+/// Returns the token and whether the output is now complete.
+fn sample_constrained(
+    seq: &mut Sequence,
+    row: &mut [f32],
+) -> Result<(super::SampledToken, bool), String> {
+    let Some(constraint) = seq.constraint.as_mut() else {
+        return Ok((seq.sampler.sample(row), false));
+    };
+    constraint.mask(row)?;
+    let tok = seq.sampler.sample(row);
+    let complete = constraint.commit(tok.id)?;
+    Ok((tok, complete))
 }

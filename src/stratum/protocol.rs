@@ -422,7 +422,7 @@ mod tests {
         };
         assert_eq!(
             encode_response(&json!(4), Value::Null, Some(&err)),
-            "{\"error\":[22,\"Duplicate share\",null],\"id\":4,\"result\":null}\n"
+            "{\"id\":4,\"result\":null,\"error\":[22,\"Duplicate share\",null]}\n"
         );
     }
 }
