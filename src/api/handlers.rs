@@ -17,6 +17,7 @@ use crate::engine::{FinishReason, SeqEvent, ServedModel, TokenLogprob, ValidRequ
 use super::context::RequestId;
 use super::error::ApiError;
 use super::lifecycle::{InFlight, Watchdog};
+use super::reasoning::ReasoningSplitter;
 use super::responses::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, Completion, CompletionChoice,
     CompletionLogprobs, EngineStatus, Health, ModelCard, ModelList, ServerStatus,
@@ -384,9 +385,22 @@ fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion
             .enumerate()
             .map(|(i, c)| ChatChoice {
                 index: i,
-                message: AssistantMessage {
-                    role: "assistant".into(),
-                    content: c.text.clone(),
+                message: match plan.reasoning {
+                    Some(inside) => {
+                        let (reasoning, content) = ReasoningSplitter::split_all(inside, &c.text);
+                        AssistantMessage {
+                            role: "assistant".into(),
+                            content,
+                            reasoning_content: Some(reasoning.clone()).filter(|r| !r.is_empty()),
+                            reasoning: Some(reasoning).filter(|r| !r.is_empty()),
+                        }
+                    }
+                    None => AssistantMessage {
+                        role: "assistant".into(),
+                        content: c.text.clone(),
+                        reasoning_content: None,
+                        reasoning: None,
+                    },
                 },
                 logprobs: plan.logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
                 finish_reason: c.finish_reason.map(|r| r.as_str().into()),

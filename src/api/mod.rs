@@ -10,6 +10,7 @@ mod handlers;
 mod lifecycle;
 mod openapi;
 mod output_format;
+mod reasoning;
 mod responses;
 mod stream;
 mod timing;

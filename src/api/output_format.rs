@@ -39,6 +39,17 @@ pub fn requested(
     }
 }
 
+impl Requested {
+    /// The format applied only after the model's reasoning (see
+    /// [`OutputFormat::after_reasoning`]).
+    pub fn after_reasoning(self, inside: bool) -> Self {
+        Self {
+            format: self.format.after_reasoning(inside),
+            ..self
+        }
+    }
+}
+
 /// Compiles the format for `model`: one constraint, copied for each choice by the engine.
 pub fn compile(
     requested: Option<Requested>,

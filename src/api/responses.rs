@@ -40,6 +40,14 @@ pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
     pub content: String,
+    /// The model's reasoning (the text inside `<think>…</think>`), when its template has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reasoning_content: Option<String>,
+    /// The same as `reasoning_content`, under the name other clients read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -192,6 +200,13 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub content: Option<String>,
+    /// A piece of the model's reasoning (see `AssistantMessage`), under both names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reasoning: Option<String>,
 }
 
 /// `/v1/models`.

@@ -18,6 +18,7 @@ use crate::engine::{SeqEvent, TokenLogprob};
 use super::error::ApiError;
 use super::handlers::{now_unix, response_id};
 use super::lifecycle::{InFlight, Watchdog};
+use super::reasoning::ReasoningSplitter;
 use super::responses::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs, Completion, CompletionChoice,
     CompletionLogprobs,
@@ -69,6 +70,8 @@ struct ChunkWriter {
 struct Piece<'a> {
     index: usize,
     text: Option<&'a str>,
+    /// A piece of the reasoning (chat with a `<think>` template).
+    reasoning: Option<&'a str>,
     role: bool,
     logprob: Option<&'a TokenLogprob>,
     /// Bytes of this choice's text already sent (legacy completions' `text_offset`).
@@ -81,6 +84,7 @@ impl Piece<'_> {
         Piece {
             index,
             text: None,
+            reasoning: None,
             role: false,
             logprob: None,
             text_offset: 0,
@@ -126,6 +130,8 @@ impl ChunkWriter {
                     delta: ChatDelta {
                         role: p.role.then(|| "assistant".into()),
                         content: p.text.map(Into::into),
+                        reasoning_content: p.reasoning.map(Into::into),
+                        reasoning: p.reasoning.map(Into::into),
                     },
                     logprobs: lps.map(ChatLogprobs::of),
                     finish_reason: p.finish.map(Into::into),
@@ -194,6 +200,10 @@ async fn forward(
         }
     }
     let mut text_offsets = vec![0usize; n];
+    let mut splitters: Vec<Option<ReasoningSplitter>> = (0..n)
+        .map(|_| w.plan.reasoning.map(ReasoningSplitter::new))
+        .collect();
+    let nonempty = |s: &str| !s.is_empty();
     let (mut completion_tokens, mut cached) = (0, 0);
     let mut open = n;
     while open > 0 {
@@ -216,11 +226,16 @@ async fn forward(
                 text,
                 logprob,
             }) => {
-                if text.is_empty() && logprob.is_none() {
+                let (reasoning, text) = match splitters[choice].as_mut() {
+                    Some(s) => s.push(&text),
+                    None => (String::new(), text),
+                };
+                if text.is_empty() && reasoning.is_empty() && logprob.is_none() {
                     continue;
                 }
                 let piece = w.piece(Piece {
-                    text: Some(&text),
+                    text: Some(text.as_str()).filter(|t| nonempty(t) || reasoning.is_empty()),
+                    reasoning: Some(reasoning.as_str()).filter(|r| nonempty(r)),
                     logprob: logprob.as_ref(),
                     text_offset: text_offsets[choice],
                     ..Piece::new(choice)
@@ -237,6 +252,19 @@ async fn forward(
                 cached = cached.max(cached_tokens);
                 open -= 1;
                 completion_tokens += c;
+                // What the reasoning split still held goes out before the finish.
+                if let Some((reasoning, text)) = splitters[choice].as_mut().map(|s| s.finish()) {
+                    if !(reasoning.is_empty() && text.is_empty()) {
+                        let rest = w.piece(Piece {
+                            text: Some(text.as_str()).filter(|t| nonempty(t)),
+                            reasoning: Some(reasoning.as_str()).filter(|r| nonempty(r)),
+                            ..Piece::new(choice)
+                        });
+                        if !send(rest).await {
+                            return;
+                        }
+                    }
+                }
                 w.piece(Piece {
                     // A chat's finish has an empty delta; a completion's an empty text.
                     text: (endpoint == Endpoint::Completion).then_some(""),

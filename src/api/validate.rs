@@ -52,6 +52,9 @@ pub struct ResponsePlan {
     pub include_usage: bool,
     pub logprobs: bool,
     pub prompt_tokens: usize,
+    /// Chat with a template that has `<think>`: split the reasoning off the answer; `true`
+    /// when the output starts inside it.
+    pub reasoning: Option<bool>,
 }
 
 pub(super) const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -131,7 +134,11 @@ pub fn validate_chat(
         .template
         .as_ref()
         .ok_or(crate::engine::EngineError::NoChatTemplate)?;
-    let text = template.render(&messages)?;
+    let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    let text = template.render_with(&messages, &kwargs.into_iter().collect())?;
+    let reasoning = template
+        .uses_reasoning_tags()
+        .then(|| super::reasoning::starts_inside(&text));
     let prompt = model.tokenizer.encode(&text).map_err(ApiError::internal)?;
 
     let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -172,8 +179,13 @@ pub fn validate_chat(
         model,
         limits,
     )?;
+    // A template with reasoning: the format constrains the answer, not the reasoning.
+    let format = match reasoning {
+        Some(inside) => format.map(|f| f.after_reasoning(inside)),
+        None => format,
+    };
     valid.constraint = output_format::compile(format, model)?;
-    Ok((valid, plan))
+    Ok((valid, ResponsePlan { reasoning, ..plan }))
 }
 
 pub fn validate_completion(
@@ -366,6 +378,7 @@ fn common(
             .unwrap_or(false),
         logprobs: top_logprobs.is_some(),
         prompt_tokens: prompt.len(),
+        reasoning: None,
     };
     let ignore_eos = c.ignore_eos.unwrap_or(false);
     Ok((

@@ -86,6 +86,8 @@ pub struct ChatFields {
     pub tools: Option<Value>,
     pub functions: Option<Value>,
     pub response_format: Option<Value>,
+    /// Extra variables for the model's chat template (e.g. `{"enable_thinking": false}`).
+    pub chat_template_kwargs: Option<HashMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

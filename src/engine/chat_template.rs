@@ -19,6 +19,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    reasoning_tags: bool,
 }
 
 impl ChatTemplate {
@@ -46,17 +47,35 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
+            reasoning_tags: source.contains("<think>") || source.contains("</think>"),
         })
+    }
+
+    /// Whether the template knows `<think>…</think>`: the model's reasoning is then split off
+    /// its answer.
+    pub fn uses_reasoning_tags(&self) -> bool {
+        self.reasoning_tags
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opened.
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.render_with(messages, &serde_json::Map::new())
+    }
+
+    /// As [`Self::render`], with a request's `chat_template_kwargs` (e.g. `enable_thinking`)
+    /// in the template's context; they cannot replace the messages or the special tokens.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, EngineError> {
         let tmpl = self.env.get_template("chat").expect("added in new");
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => true,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            ..minijinja::Value::from_serialize(kwargs)
         })
         .map_err(|e| {
             // A template's raise_exception is the model telling the user what it accepts

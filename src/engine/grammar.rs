@@ -33,18 +33,45 @@ pub enum OutputFormat {
     Choice(Vec<String>),
 }
 
+/// A JSON schema with llguidance's options: compact JSON (`,` and `:`, no spaces), so
+/// that a small model cannot loop on whitespace inside a document; lenient unless strict.
+fn with_options(mut schema: Value, lenient: bool) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.insert(
+            "x-guidance".into(),
+            json!({"whitespace_flexible": false, "lenient": lenient}),
+        );
+    }
+    schema
+}
+
 impl OutputFormat {
-    fn grammar(&self) -> TopLevelGrammar {
-        let json = |mut schema: Value, lenient: bool| {
-            if let Some(obj) = schema.as_object_mut() {
-                // Read by llguidance at the top level only. Compact JSON (`, ` and `: `), as
-                // OpenAI's: a small model cannot loop on whitespace inside a document.
-                obj.insert(
-                    "x-guidance".into(),
-                    json!({"whitespace_flexible": false, "lenient": lenient}),
-                );
+    /// The format applied only once the model's reasoning is over: free text up to
+    /// `</think>` (opened by `<think>` unless the output starts inside it), then the format.
+    /// A Lark grammar is the client's own and stays as it is: it must allow the reasoning.
+    pub fn after_reasoning(self, inside: bool) -> OutputFormat {
+        let answer = match &self {
+            OutputFormat::JsonObject => {
+                format!("%json {}", with_options(json!({"type": "object"}), false))
             }
-            TopLevelGrammar::from_json_schema(schema)
+            OutputFormat::JsonSchema { schema, strict } => {
+                format!("%json {}", with_options(schema.clone(), !strict))
+            }
+            OutputFormat::Regex(rx) => format!("/{}/", rx.replace('/', "\\/")),
+            OutputFormat::Choice(choices) => choice_alternatives(choices),
+            OutputFormat::Lark(_) => return self,
+        };
+        let reasoning = if inside {
+            "reasoning[lazy]: /(.|\\n)*/ \"</think>\"\nstart: reasoning /[ \\t\\n]*/ answer"
+        } else {
+            "reasoning[lazy]: \"<think>\" /(.|\\n)*/ \"</think>\"\nstart: (reasoning /[ \\t\\n]*/)? answer"
+        };
+        OutputFormat::Lark(format!("{reasoning}\nanswer: {answer}\n"))
+    }
+
+    fn grammar(&self) -> TopLevelGrammar {
+        let json = |schema: Value, lenient: bool| {
+            TopLevelGrammar::from_json_schema(with_options(schema, lenient))
         };
         match self {
             OutputFormat::JsonObject => json(json!({"type": "object"}), false),
@@ -52,15 +79,19 @@ impl OutputFormat {
             OutputFormat::Regex(rx) => TopLevelGrammar::from_regex(rx),
             OutputFormat::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
             OutputFormat::Choice(choices) => {
-                // JSON string literals are valid Lark string literals.
-                let alternatives: Vec<String> = choices
-                    .iter()
-                    .map(|c| serde_json::to_string(c).unwrap_or_default())
-                    .collect();
-                TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
+                TopLevelGrammar::from_lark(format!("start: {}", choice_alternatives(choices)))
             }
         }
     }
+}
+
+/// `"a" | "b"`: JSON string literals are valid Lark string literals.
+fn choice_alternatives(choices: &[String]) -> String {
+    choices
+        .iter()
+        .map(|c| serde_json::to_string(c).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Builds matchers for one model's tokenizer. Shared by the API's validation (which compiles
