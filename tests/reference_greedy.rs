@@ -79,10 +79,7 @@ async fn agrees_with_llama_cpp(options: LoadOptions) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| ChatMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: m["content"].as_str().unwrap().into(),
-            })
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let text = template.render(&messages).unwrap();
         assert_eq!(
@@ -163,6 +160,7 @@ async fn agrees_with_llama_cpp(options: LoadOptions) {
             ignore_eos: true,
             request_id: String::new(),
             priority: 0,
+            constraint: None,
         };
         let mut events = served.backend.submit(request).unwrap();
         let mut got_text = String::new();

@@ -97,10 +97,10 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
         .unwrap();
 
     let hf_served = load_model(&dir, &Device::Cpu, EngineConfig::default()).unwrap();
-    let chat = [ChatMessage {
-        role: "user".into(),
-        content: "Explain what a hash function is, in 12 words. ✓ 2024".into(),
-    }];
+    let chat = [ChatMessage::new(
+        "user",
+        "Explain what a hash function is, in 12 words. ✓ 2024",
+    )];
     let text_hf = hf_served
         .template
         .as_ref()

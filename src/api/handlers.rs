@@ -18,12 +18,14 @@ use super::context::RequestId;
 use super::error::ApiError;
 use super::lifecycle::{InFlight, Watchdog};
 use super::reasoning::ReasoningSplitter;
+use super::responses::ToolCall;
 use super::responses::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, Completion, CompletionChoice,
     CompletionLogprobs, EngineStatus, Health, ModelCard, ModelList, ServerStatus,
 };
 use super::stream::{sse_response, Endpoint, StreamGuards};
 use super::timing::RequestTimer;
+use super::tools;
 use super::validate::{validate_chat, validate_completion, ApiLimits, ResponsePlan};
 use super::wire::{ChatRequest, CompletionRequest, Usage};
 use super::AppState;
@@ -383,27 +385,39 @@ fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion
         choices: choices
             .iter()
             .enumerate()
-            .map(|(i, c)| ChatChoice {
-                index: i,
-                message: match plan.reasoning {
-                    Some(inside) => {
-                        let (reasoning, content) = ReasoningSplitter::split_all(inside, &c.text);
-                        AssistantMessage {
-                            role: "assistant".into(),
-                            content,
-                            reasoning_content: Some(reasoning.clone()).filter(|r| !r.is_empty()),
-                            reasoning: Some(reasoning).filter(|r| !r.is_empty()),
-                        }
-                    }
-                    None => AssistantMessage {
+            .map(|(i, c)| {
+                let (reasoning, content) = match plan.reasoning {
+                    Some(inside) => ReasoningSplitter::split_all(inside, &c.text),
+                    None => (String::new(), c.text.clone()),
+                };
+                // Calls are read from the answer, after any reasoning.
+                let (content, calls) = match plan.tool_calls {
+                    Some(format) => tools::parse::parse(format, &content),
+                    None => (content, Vec::new()),
+                };
+                let reasoning = Some(reasoning).filter(|r| !r.is_empty());
+                let made_calls = !calls.is_empty();
+                ChatChoice {
+                    index: i,
+                    message: AssistantMessage {
                         role: "assistant".into(),
-                        content: c.text.clone(),
-                        reasoning_content: None,
-                        reasoning: None,
+                        content: Some(content).filter(|c| !(made_calls && c.is_empty())),
+                        tool_calls: made_calls.then(|| {
+                            calls
+                                .into_iter()
+                                .map(|c| ToolCall::new(c.name, c.arguments))
+                                .collect()
+                        }),
+                        reasoning_content: reasoning.clone(),
+                        reasoning,
                     },
-                },
-                logprobs: plan.logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
-                finish_reason: c.finish_reason.map(|r| r.as_str().into()),
+                    logprobs: plan.logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
+                    finish_reason: if made_calls {
+                        Some("tool_calls".into())
+                    } else {
+                        c.finish_reason.map(|r| r.as_str().into())
+                    },
+                }
             })
             .collect(),
         usage: usage_of(plan, choices),

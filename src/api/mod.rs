@@ -14,6 +14,7 @@ mod reasoning;
 mod responses;
 mod stream;
 mod timing;
+mod tools;
 mod validate;
 mod wire;
 

@@ -82,10 +82,21 @@ pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String
     schemas["ContentPart"]["properties"]["type"]["enum"] = json!(["text"]);
     let top = limits.max_top_logprobs;
     schemas["ChatFields"]["properties"]["top_logprobs"]["maximum"] = json!(top);
-    // What the server refuses is written down, so that clients see it before they send it:
-    // no tool calling, text responses only, no echo, suffix or best_of, one prompt.
+    // What the server takes, and what it refuses, written down so that clients see it before
+    // they send it: function tools, output formats, no echo, suffix or best_of, one prompt.
     let chat = &mut schemas["ChatFields"]["properties"];
-    chat["tools"] = json!({"description": "Not supported: absent, null or empty.", "type": ["array", "null"], "maxItems": 0});
+    chat["tools"] = json!({"type": ["array", "null"], "description": "Functions the model may call.",
+        "items": {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"}}}}}});
+    chat["tool_choice"] = json!({"anyOf": [
+        {"enum": ["none", "auto", "required", null]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]});
     chat["functions"] = json!({"description": "Not supported.", "type": "null"});
     chat["response_format"] = json!({"type": ["object", "null"],
         "description": "`text`, `json_object`, or `json_schema` with a JSON Schema (and `strict`).",
@@ -207,6 +218,7 @@ mod tests {
             ("CommonParams", "structured_outputs"),
             ("ChatFields", "top_logprobs"),
             ("ChatFields", "tools"),
+            ("ChatFields", "tool_choice"),
             ("ChatFields", "functions"),
             ("ChatFields", "response_format"),
             ("CompletionFields", "prompt"),

@@ -40,6 +40,11 @@ pub fn requested(
 }
 
 impl Requested {
+    /// A format the server sets itself (a forced tool call), reported under `param`.
+    pub fn new(format: OutputFormat, param: &'static str) -> Self {
+        Self { format, param }
+    }
+
     /// The format applied only after the model's reasoning (see
     /// [`OutputFormat::after_reasoning`]).
     pub fn after_reasoning(self, inside: bool) -> Self {

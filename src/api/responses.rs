@@ -39,7 +39,12 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
-    pub content: String,
+    /// Null when the turn is only tool calls.
+    pub content: Option<String>,
+    /// The calls the model made (`finish_reason` is then `tool_calls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tool_calls: Option<Vec<ToolCall>>,
     /// The model's reasoning (the text inside `<think>…</think>`), when its template has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
@@ -48,6 +53,58 @@ pub struct AssistantMessage {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub reasoning: Option<String>,
+}
+
+/// One call: its id (for the `tool` message that answers it) and the function with its
+/// arguments as JSON text.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// A JSON object, as text.
+    pub arguments: String,
+}
+
+impl ToolCall {
+    pub fn new(name: String, arguments: String) -> Self {
+        Self {
+            id: super::tools::call_id(),
+            kind: "function".into(),
+            function: FunctionCall { name, arguments },
+        }
+    }
+}
+
+/// A piece of a streamed call: the first has its id, type and name (arguments empty), the
+/// next its whole arguments; `index` says which call of the turn.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub kind: Option<String>,
+    pub function: FunctionCallDelta,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub arguments: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -200,6 +257,10 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub content: Option<String>,
+    /// Tool calls, each sent whole: id and name, then the arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
     /// A piece of the model's reasoning (see `AssistantMessage`), under both names.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]

@@ -21,9 +21,10 @@ use super::lifecycle::{InFlight, Watchdog};
 use super::reasoning::ReasoningSplitter;
 use super::responses::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs, Completion, CompletionChoice,
-    CompletionLogprobs,
+    CompletionLogprobs, FunctionCallDelta, ToolCallDelta,
 };
 use super::timing::RequestTimer;
+use super::tools::{CallHolder, ParsedCall};
 use super::validate::ResponsePlan;
 use super::wire::Usage;
 
@@ -130,6 +131,7 @@ impl ChunkWriter {
                     delta: ChatDelta {
                         role: p.role.then(|| "assistant".into()),
                         content: p.text.map(Into::into),
+                        tool_calls: None,
                         reasoning_content: p.reasoning.map(Into::into),
                         reasoning: p.reasoning.map(Into::into),
                     },
@@ -148,6 +150,44 @@ impl ChunkWriter {
                 None,
             ),
         }
+    }
+
+    /// A call of a chat stream, in two chunks: its id, type and name; then its arguments.
+    fn tool_call(&self, choice: usize, index: usize, call: &ParsedCall) -> [String; 2] {
+        let chunk = |delta: ToolCallDelta| {
+            self.chat(
+                vec![ChatChunkChoice {
+                    index: choice,
+                    delta: ChatDelta {
+                        tool_calls: Some(vec![delta]),
+                        ..ChatDelta::default()
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            )
+        };
+        [
+            chunk(ToolCallDelta {
+                index,
+                id: Some(super::tools::call_id()),
+                kind: Some("function".into()),
+                function: FunctionCallDelta {
+                    name: Some(call.name.clone()),
+                    arguments: Some(String::new()),
+                },
+            }),
+            chunk(ToolCallDelta {
+                index,
+                id: None,
+                kind: None,
+                function: FunctionCallDelta {
+                    name: None,
+                    arguments: Some(call.arguments.clone()),
+                },
+            }),
+        ]
     }
 
     /// The last chunk when usage was asked for: no choices, the request's usage.
@@ -203,6 +243,9 @@ async fn forward(
     let mut splitters: Vec<Option<ReasoningSplitter>> = (0..n)
         .map(|_| w.plan.reasoning.map(ReasoningSplitter::new))
         .collect();
+    let mut holders: Vec<Option<CallHolder>> = (0..n)
+        .map(|_| w.plan.tool_calls.map(CallHolder::new))
+        .collect();
     let nonempty = |s: &str| !s.is_empty();
     let (mut completion_tokens, mut cached) = (0, 0);
     let mut open = n;
@@ -230,6 +273,10 @@ async fn forward(
                     Some(s) => s.push(&text),
                     None => (String::new(), text),
                 };
+                let text = match holders[choice].as_mut() {
+                    Some(h) => h.push(&text),
+                    None => text,
+                };
                 if text.is_empty() && reasoning.is_empty() && logprob.is_none() {
                     continue;
                 }
@@ -252,15 +299,32 @@ async fn forward(
                 cached = cached.max(cached_tokens);
                 open -= 1;
                 completion_tokens += c;
-                // What the reasoning split still held goes out before the finish.
-                if let Some((reasoning, text)) = splitters[choice].as_mut().map(|s| s.finish()) {
-                    if !(reasoning.is_empty() && text.is_empty()) {
-                        let rest = w.piece(Piece {
-                            text: Some(text.as_str()).filter(|t| nonempty(t)),
-                            reasoning: Some(reasoning.as_str()).filter(|r| nonempty(r)),
-                            ..Piece::new(choice)
-                        });
-                        if !send(rest).await {
+                // What the reasoning split and the call holder still held goes out before
+                // the finish: text as content, calls whole.
+                let (reasoning, mut text) = splitters[choice]
+                    .as_mut()
+                    .map(|s| s.finish())
+                    .unwrap_or_default();
+                let mut calls = Vec::new();
+                if let Some(h) = holders[choice].as_mut() {
+                    let sent = h.push(&text);
+                    let (rest, found) = h.finish();
+                    text = sent + &rest;
+                    calls = found;
+                }
+                if !(reasoning.is_empty() && text.is_empty()) {
+                    let rest = w.piece(Piece {
+                        text: Some(text.as_str()).filter(|t| nonempty(t)),
+                        reasoning: Some(reasoning.as_str()).filter(|r| nonempty(r)),
+                        ..Piece::new(choice)
+                    });
+                    if !send(rest).await {
+                        return;
+                    }
+                }
+                for (j, call) in calls.iter().enumerate() {
+                    for chunk in w.tool_call(choice, j, call) {
+                        if !send(chunk).await {
                             return;
                         }
                     }
@@ -268,7 +332,11 @@ async fn forward(
                 w.piece(Piece {
                     // A chat's finish has an empty delta; a completion's an empty text.
                     text: (endpoint == Endpoint::Completion).then_some(""),
-                    finish: Some(reason.as_str()),
+                    finish: Some(if calls.is_empty() {
+                        reason.as_str()
+                    } else {
+                        "tool_calls"
+                    }),
                     ..Piece::new(choice)
                 })
             }

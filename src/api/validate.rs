@@ -6,6 +6,7 @@ use crate::engine::{ChatMessage, SamplingParams, ServedModel, ValidRequest};
 
 use super::error::ApiError;
 use super::output_format;
+use super::tools::{self, CallFormat};
 use super::wire::{
     ChatRequest, CommonParams, CompletionRequest, MessageContent, OneOrMany, Prompt,
 };
@@ -55,6 +56,8 @@ pub struct ResponsePlan {
     /// Chat with a template that has `<think>`: split the reasoning off the answer; `true`
     /// when the output starts inside it.
     pub reasoning: Option<bool>,
+    /// Chat with tools: read the model's text for calls in this format.
+    pub tool_calls: Option<CallFormat>,
 }
 
 pub(super) const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -67,16 +70,12 @@ pub fn validate_chat(
     model: &ServedModel,
     limits: &ApiLimits,
 ) -> Result<(ValidRequest, ResponsePlan), ApiError> {
-    if req
-        .tools
-        .as_ref()
-        .is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::invalid(
-            "tools",
-            "tool calling is not supported by this server",
-        ));
-    }
+    let tool_req = tools::read(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?
+    .filter(|t| t.reads_calls());
     if req.functions.as_ref().is_some_and(|f| !f.is_null()) {
         return Err(ApiError::invalid(
             "functions",
@@ -128,17 +127,55 @@ pub fn validate_chat(
         } else {
             m.role.clone()
         };
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage {
+            role,
+            content,
+            tool_calls: template_tool_calls(i, m.tool_calls.as_deref())?,
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
+        });
     }
     let template = model
         .template
         .as_ref()
         .ok_or(crate::engine::EngineError::NoChatTemplate)?;
-    let kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = template.render_with(&messages, &kwargs.into_iter().collect())?;
+    let mut kwargs: serde_json::Map<String, serde_json::Value> = req
+        .chat_template_kwargs
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let call_format = CallFormat::of_template(template.source());
+    if let Some(t) = &tool_req {
+        kwargs.insert("tools".into(), t.raw.clone());
+        if !template.source().contains("tools") {
+            // The template cannot show the tools: a system message describes them.
+            match messages.first_mut().filter(|m| m.role == "system") {
+                Some(system) => {
+                    system.content = format!("{}\n\n{}", system.content, t.system_prompt())
+                }
+                None => messages.insert(0, ChatMessage::new("system", t.system_prompt())),
+            }
+        }
+    }
+    let text = template.render_with(&messages, &kwargs)?;
     let reasoning = template
         .uses_reasoning_tags()
         .then(|| super::reasoning::starts_inside(&text));
+    let forced = tool_req
+        .as_ref()
+        .and_then(|t| t.forced_grammar(call_format, &|s| special_or_literal(model, s), reasoning));
+    let format = match (format, forced) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a required or named `tool_choice` cannot be combined with an output format",
+            ))
+        }
+        (Some(f), None) => Some(f),
+        (None, Some(g)) => Some(output_format::Requested::new(g, "tool_choice")),
+        (None, None) => None,
+    };
     let prompt = model.tokenizer.encode(&text).map_err(ApiError::internal)?;
 
     let top_logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -185,7 +222,14 @@ pub fn validate_chat(
         None => format,
     };
     valid.constraint = output_format::compile(format, model)?;
-    Ok((valid, ResponsePlan { reasoning, ..plan }))
+    Ok((
+        valid,
+        ResponsePlan {
+            reasoning,
+            tool_calls: tool_req.map(|_| call_format),
+            ..plan
+        },
+    ))
 }
 
 pub fn validate_completion(
@@ -379,6 +423,7 @@ fn common(
         logprobs: top_logprobs.is_some(),
         prompt_tokens: prompt.len(),
         reasoning: None,
+        tool_calls: None,
     };
     let ignore_eos = c.ignore_eos.unwrap_or(false);
     Ok((
@@ -422,5 +467,51 @@ fn f_range(field: &str, v: Option<f32>, default: f32, lo: f32, hi: f32) -> Resul
         ))
     } else {
         Ok(v)
+    }
+}
+
+/// An assistant message's calls as templates print them: OpenAI's shape, with the arguments
+/// as a JSON object when they hold one.
+fn template_tool_calls(
+    i: usize,
+    calls: Option<&[serde_json::Value]>,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    let mut out = Vec::new();
+    for (j, call) in calls.unwrap_or_default().iter().enumerate() {
+        let f = call.get("function");
+        let name = f.and_then(|f| f.get("name")).and_then(|n| n.as_str());
+        let Some(name) = name else {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_calls[{j}].function.name"),
+                "a tool call needs `function.name`",
+            ));
+        };
+        let arguments = match f.and_then(|f| f.get("arguments")) {
+            Some(serde_json::Value::String(s)) => {
+                serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone()))
+            }
+            Some(v) => v.clone(),
+            None => serde_json::json!({}),
+        };
+        out.push(serde_json::json!({
+            "id": call.get("id").cloned().unwrap_or(serde_json::Value::Null),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }));
+    }
+    Ok(out)
+}
+
+/// `text` as a Lark terminal: the special token when the tokenizer has it as one (grammar
+/// text never matches a special token), else a string literal.
+fn special_or_literal(model: &ServedModel, text: &str) -> String {
+    let hf = model.tokenizer.hf();
+    match hf
+        .get_added_tokens_decoder()
+        .iter()
+        .find(|(_, t)| t.special && t.content == text)
+    {
+        Some((id, _)) => format!("<[{id}]>"),
+        None => serde_json::to_string(text).unwrap_or_default(),
     }
 }

@@ -84,6 +84,11 @@ pub struct ChatFields {
     #[schema(minimum = 0)]
     pub top_logprobs: Option<i64>,
     pub tools: Option<Value>,
+    /// `none`, `auto` (the default), `required`, or `{"type": "function", "function":
+    /// {"name": …}}`.
+    pub tool_choice: Option<Value>,
+    /// Whether the model may make several calls in one turn (default true).
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub response_format: Option<Value>,
     /// Extra variables for the model's chat template (e.g. `{"enable_thinking": false}`).
@@ -97,6 +102,11 @@ pub struct WireMessage {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// An assistant message's calls (OpenAI's shape).
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

@@ -7,11 +7,31 @@ use serde::Serialize;
 
 use super::EngineError;
 
-/// One message of a chat, as the template sees it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One message of a chat, as the template sees it. The tool fields are left out when empty,
+/// so that templates testing `message.tool_calls is defined` see what they expect.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls, as OpenAI sends them (`{"id", "type", "function": {"name",
+    /// "arguments"}}`), with the arguments as a JSON object, which is what templates print.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A `tool` message's answer to this call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
 }
 
 /// A compiled chat template.
@@ -20,6 +40,7 @@ pub struct ChatTemplate {
     bos_token: String,
     eos_token: String,
     reasoning_tags: bool,
+    source: String,
 }
 
 impl ChatTemplate {
@@ -48,7 +69,14 @@ impl ChatTemplate {
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
             reasoning_tags: source.contains("<think>") || source.contains("</think>"),
+            source: source.to_string(),
         })
+    }
+
+    /// The template's Jinja source (what tool-call format it teaches, whether it renders
+    /// tools).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether the template knows `<think>…</think>`: the model's reasoning is then split off
@@ -96,10 +124,7 @@ mod tests {
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     #[test]

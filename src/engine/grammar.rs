@@ -61,12 +61,7 @@ impl OutputFormat {
             OutputFormat::Choice(choices) => choice_alternatives(choices),
             OutputFormat::Lark(_) => return self,
         };
-        let reasoning = if inside {
-            "reasoning[lazy]: /(.|\\n)*/ \"</think>\"\nstart: reasoning /[ \\t\\n]*/ answer"
-        } else {
-            "reasoning[lazy]: \"<think>\" /(.|\\n)*/ \"</think>\"\nstart: (reasoning /[ \\t\\n]*/)? answer"
-        };
-        OutputFormat::Lark(format!("{reasoning}\nanswer: {answer}\n"))
+        OutputFormat::Lark(lark_after_reasoning(inside, &answer))
     }
 
     fn grammar(&self) -> TopLevelGrammar {
@@ -83,6 +78,17 @@ impl OutputFormat {
             }
         }
     }
+}
+
+/// A Lark grammar whose `answer` rule comes after the model's reasoning: free text up to
+/// `</think>` (opened by `<think>` unless the output starts inside it; optional then).
+pub fn lark_after_reasoning(inside: bool, answer: &str) -> String {
+    let start = if inside {
+        "reasoning[lazy]: /(.|\\n)*/ \"</think>\"\nstart: reasoning /[ \\t\\n]*/ answer"
+    } else {
+        "reasoning[lazy]: \"<think>\" /(.|\\n)*/ \"</think>\"\nstart: (reasoning /[ \\t\\n]*/)? answer"
+    };
+    format!("{start}\nanswer: {answer}\n")
 }
 
 /// `"a" | "b"`: JSON string literals are valid Lark string literals.

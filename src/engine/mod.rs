@@ -13,7 +13,7 @@ mod tokenizer;
 mod worker;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use grammar::{Constraint, GrammarFactory, OutputFormat};
+pub use grammar::{lark_after_reasoning, Constraint, GrammarFactory, OutputFormat};
 pub use load::{load_model, load_model_reporting, Backend, ServedModel};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingParams};
 pub use stop::{StopMatcher, StopOutcome};

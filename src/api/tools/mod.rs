@@ -1,0 +1,402 @@
+//! Tool calling. The request's `tools`, `tool_choice` and `parallel_tool_calls` are read and
+//! checked here; the tools reach the model's chat template (or, for a template that knows no
+//! tools, a system message that describes them in the Hermes format); `required` and a named
+//! function become a grammar that forces a valid call whose arguments match the function's
+//! `parameters`; and the model's text is read back into `tool_calls` ([`parse`]), whole or
+//! streamed ([`CallHolder`]).
+
+pub mod parse;
+
+use serde_json::{json, Value};
+
+use crate::engine::{lark_after_reasoning, OutputFormat};
+
+use super::error::ApiError;
+pub use parse::{CallFormat, ParsedCall};
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    /// A JSON Schema for the arguments (an object schema; `{}` when none was given).
+    pub parameters: Value,
+}
+
+/// What `tool_choice` asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// The tools part of a chat request, checked.
+#[derive(Debug, Clone)]
+pub struct ToolRequest {
+    pub tools: Vec<Tool>,
+    /// The tools as the client sent them, for the template.
+    pub raw: Value,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+/// Reads `tools`, `tool_choice` and `parallel_tool_calls`. `None` when no tools are offered.
+pub fn read(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ToolRequest>, ApiError> {
+    let list = match tools {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let param = |field: &str| format!("tools[{i}]{field}");
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::invalid(
+                param(".type"),
+                "only `function` tools are supported",
+            ));
+        }
+        let f = t.get("function").filter(|f| f.is_object()).ok_or_else(|| {
+            ApiError::invalid(param(".function"), "a tool needs a `function` object")
+        })?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| {
+                !n.is_empty()
+                    && n.len() <= 64
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    param(".function.name"),
+                    "a function name is 1–64 letters, digits, `_` or `-`",
+                )
+            })?;
+        let parameters = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object"}),
+            Some(p) if p.is_object() => p.clone(),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    param(".function.parameters"),
+                    "`parameters` must be a JSON Schema object",
+                ))
+            }
+        };
+        if out.iter().any(|t: &Tool| t.name == name) {
+            return Err(ApiError::invalid(
+                param(".function.name"),
+                format!("`{name}` is defined twice"),
+            ));
+        }
+        out.push(Tool {
+            name: name.to_string(),
+            parameters,
+        });
+    }
+    let choice = read_choice(choice, &out)?;
+    if out.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ToolRequest {
+        raw: Value::Array(list),
+        tools: out,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+fn read_choice(choice: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, ApiError> {
+    const PARAM: &str = "tool_choice";
+    let choice = match choice {
+        None | Some(Value::Null) => return Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    PARAM,
+                    format!("`tool_choice` `{other}`: expected none, auto, required or a function"),
+                ))
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        PARAM,
+                        "a named `tool_choice` is {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    )
+                })?;
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(ApiError::invalid(
+                    PARAM,
+                    format!("`tool_choice` names `{name}`, which is not among the tools"),
+                ));
+            }
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    if tools.is_empty() && matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
+        return Err(ApiError::invalid(PARAM, "`tool_choice` needs `tools`"));
+    }
+    Ok(choice)
+}
+
+impl ToolRequest {
+    /// Whether the model's text is read for calls.
+    pub fn reads_calls(&self) -> bool {
+        self.choice != ToolChoice::None
+    }
+
+    /// For `required` and a named function: a grammar that admits only calls, in `format`,
+    /// whose arguments match the function's schema (several when parallel calls are allowed).
+    /// `marker` renders a fixed piece of text as a Lark terminal (a special token when the
+    /// tokenizer has it as one).
+    /// With `reasoning` (`Some(starts inside)`), the calls come after the model's reasoning.
+    pub fn forced_grammar(
+        &self,
+        format: CallFormat,
+        marker: &dyn Fn(&str) -> String,
+        reasoning: Option<bool>,
+    ) -> Option<OutputFormat> {
+        let tools: Vec<&Tool> = match &self.choice {
+            ToolChoice::Required => self.tools.iter().collect(),
+            ToolChoice::Named(n) => self.tools.iter().filter(|t| &t.name == n).collect(),
+            ToolChoice::None | ToolChoice::Auto => return None,
+        };
+        let lit = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let args = |t: &Tool| {
+            let mut schema = t.parameters.clone();
+            if let Some(o) = schema.as_object_mut() {
+                o.insert("x-guidance".into(), json!({"whitespace_flexible": false}));
+            }
+            format!("%json {schema}")
+        };
+        let calls: Vec<String> = tools
+            .iter()
+            .map(|t| match format {
+                CallFormat::Hermes => format!(
+                    "{} {} {} {} {}",
+                    marker(parse::HERMES_OPEN),
+                    lit(&format!("\n{{\"name\": \"{}\", \"arguments\": ", t.name)),
+                    args(t),
+                    lit("}\n"),
+                    marker(parse::HERMES_CLOSE)
+                ),
+                CallFormat::Llama3Json => format!(
+                    "{} {} {}",
+                    lit(&format!("{{\"name\": \"{}\", \"parameters\": ", t.name)),
+                    args(t),
+                    lit("}")
+                ),
+                CallFormat::Mistral => format!(
+                    "{} {} {}",
+                    lit(&format!("{{\"name\": \"{}\", \"arguments\": ", t.name)),
+                    args(t),
+                    lit("}")
+                ),
+            })
+            .collect();
+        let (sep, open, close) = match format {
+            CallFormat::Hermes => (lit("\n"), String::new(), String::new()),
+            CallFormat::Llama3Json => (lit("; "), String::new(), String::new()),
+            CallFormat::Mistral => (
+                lit(", "),
+                format!("{} {}", marker(parse::MISTRAL_CALLS), lit("[")),
+                lit("]"),
+            ),
+        };
+        let more = if self.parallel {
+            format!("({sep} call)*")
+        } else {
+            String::new()
+        };
+        let answer = format!("{open} call {more} {close}");
+        let top = match reasoning {
+            Some(inside) => lark_after_reasoning(inside, &answer),
+            None => format!("start: {answer}\n"),
+        };
+        Some(OutputFormat::Lark(format!(
+            "{top}call: {}\n",
+            calls.join(" | ")
+        )))
+    }
+
+    /// A system message describing the tools in the Hermes format, for a chat template that
+    /// does not render tools itself.
+    pub fn system_prompt(&self) -> String {
+        let listed: Vec<String> = self
+            .raw
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(Value::to_string)
+            .collect();
+        format!(
+            "You may call functions to answer. The functions, as JSON Schema:\n<tools>\n{}\n</tools>\n\
+             To call one, reply with a JSON object holding its name and arguments inside tags:\n\
+             <tool_call>\n{{\"name\": \"<function-name>\", \"arguments\": <args-json-object>}}\n</tool_call>",
+            listed.join("\n")
+        )
+    }
+}
+
+/// A tool call as it is sent: its id, and the call.
+pub fn call_id() -> String {
+    format!("call_{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// Holds back a choice's streamed text once it may be a tool call, so that a call reaches the
+/// client whole (its id and name first, then arguments that are valid JSON), and text that
+/// turns out not to be one is still sent, as content, at the end.
+#[derive(Debug, Clone)]
+pub struct CallHolder {
+    format: CallFormat,
+    /// Everything held from the first possible call on.
+    held: String,
+    holding: bool,
+    /// Nothing but whitespace sent yet: a Llama 3 call may start with a bare `{`.
+    at_start: bool,
+}
+
+impl CallHolder {
+    pub fn new(format: CallFormat) -> Self {
+        Self {
+            format,
+            held: String::new(),
+            holding: false,
+            at_start: true,
+        }
+    }
+
+    /// The part of `text` that can be sent as content now.
+    pub fn push(&mut self, text: &str) -> String {
+        if self.holding {
+            self.held.push_str(text);
+            return String::new();
+        }
+        self.held.push_str(text);
+        let marker = self.format.marker();
+        if let Some(i) = self.held.find(marker) {
+            self.holding = true;
+            let sent = self.held[..i].to_string();
+            self.held.drain(..i);
+            return sent;
+        }
+        if self.at_start && self.format == CallFormat::Llama3Json {
+            let t = self.held.trim_start();
+            if t.starts_with('{') {
+                self.holding = true;
+                return String::new();
+            }
+            if t.is_empty() {
+                return String::new();
+            }
+        }
+        self.at_start = false;
+        // Keep back what could be the start of the marker (ASCII, so a character boundary).
+        let keep = (1..marker.len())
+            .rev()
+            .find(|&k| self.held.ends_with(&marker[..k]))
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let sent = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        sent
+    }
+
+    /// At the end: the calls found in what was held, and the text to send as content (all
+    /// of it when no call parses).
+    pub fn finish(&mut self) -> (String, Vec<ParsedCall>) {
+        let held = std::mem::take(&mut self.held);
+        if !self.holding {
+            return (held, Vec::new());
+        }
+        parse::parse(self.format, &held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools() -> Value {
+        json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}])
+    }
+
+    #[test]
+    fn tools_and_choices_are_read_and_bad_ones_name_their_field() {
+        let r = read(Some(&tools()), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.choice.clone(), r.parallel), (ToolChoice::Required, true));
+        let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        assert_eq!(
+            read(Some(&tools()), Some(&named), Some(false))
+                .unwrap()
+                .unwrap()
+                .choice,
+            ToolChoice::Named("get_weather".into())
+        );
+        assert!(read(None, None, None).unwrap().is_none());
+        for (tools, choice, param) in [
+            (json!([{"type": "code"}]), json!("auto"), "tools[0].type"),
+            (
+                json!([{"type": "function", "function": {"name": "a b"}}]),
+                json!("auto"),
+                "tools[0].function.name",
+            ),
+            (
+                json!([{"type": "function", "function": {"name": "f", "parameters": 3}}]),
+                json!("auto"),
+                "tools[0].function.parameters",
+            ),
+            (tools(), json!("sometimes"), "tool_choice"),
+            (
+                tools(),
+                json!({"type": "function", "function": {"name": "nope"}}),
+                "tool_choice",
+            ),
+            (json!([]), json!("required"), "tool_choice"),
+        ] {
+            let e = read(Some(&tools), Some(&choice), None)
+                .err()
+                .expect("refused");
+            assert_eq!(e.param.as_deref(), Some(param), "{tools} {choice}");
+        }
+    }
+
+    #[test]
+    fn a_held_stream_gives_the_same_calls_and_content_as_the_whole() {
+        for (format, text) in [
+            (CallFormat::Hermes, "Let me look.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>"),
+            (CallFormat::Hermes, "No call, just <tool text and < signs."),
+            (CallFormat::Hermes, "<tool_call>{\"name\": broken</tool_call>"),
+            (CallFormat::Llama3Json, "{\"name\": \"f\", \"parameters\": {}}"),
+            (CallFormat::Llama3Json, "  plain answer {with braces}"),
+            (CallFormat::Mistral, "ok[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]"),
+        ] {
+            let whole = parse::parse(format, text);
+            for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                let mut h = CallHolder::new(format);
+                let mut content = h.push(&text[..cut]);
+                content += &h.push(&text[cut..]);
+                let (rest, calls) = h.finish();
+                content += &rest;
+                assert_eq!((content.trim_end().to_string(), calls), (whole.0.trim_end().to_string(), whole.1.clone()), "{text:?} cut at {cut}");
+            }
+        }
+    }
+}
