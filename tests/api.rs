@@ -440,7 +440,7 @@ async fn bad_requests_get_openai_errors_naming_the_field() {
         .await;
     assert_error(s, &b, 400, Some("top_logprobs"), "logprobs");
     let (s, b) = srv.post(p, json!({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]})).await;
-    assert_error(s, &b, 400, Some("tools"), "not supported");
+    assert_error(s, &b, 400, Some("tools[0].function"), "needs a `function`");
     let (s, b) = srv.post(p, json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})).await;
     assert_error(s, &b, 400, Some("messages[0].content[0].type"), "image_url");
     // A prompt longer than the 8192-token context window (body under the size limit).

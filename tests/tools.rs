@@ -195,3 +195,54 @@ async fn tool_conversations_render_and_bad_tools_name_their_field() {
         );
     }
 }
+
+/// A template that renders tools gets them, and an assistant's earlier call with its arguments
+/// as an object (what templates print), and the `tool` message's id: the template below
+/// refuses the request (a 400 with its message) unless each is there in that shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_receives_tools_calls_and_tool_messages_in_its_shape() {
+    use idlerig::api::LoadState;
+    use idlerig::engine::ChatTemplate;
+    const TEMPLATE: &str = "{% if tools is not defined or tools[0].function.name != 'get_weather' %}{{ raise_exception('no tools') }}{% endif %}<tools>{{ tools | tojson }}</tools>{% for m in messages %}{% if m.tool_calls is defined %}{% if m.tool_calls[0].function.arguments.city != 'Paris' %}{{ raise_exception('arguments are not an object') }}{% endif %}<tool_call>{{ m.tool_calls[0].function | tojson }}</tool_call>{% elif m.role == 'tool' %}{% if m.tool_call_id != 'call_1' %}{{ raise_exception('no tool_call_id') }}{% endif %}<tool_response>{{ m.content }}</tool_response>{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}<|im_start|>assistant\n";
+    let model = tokio::task::spawn_blocking(|| {
+        let mut m = common::load_default_model(EngineConfig::default());
+        m.template = Some(ChatTemplate::new(TEMPLATE, None, None).unwrap());
+        m
+    })
+    .await
+    .unwrap();
+    let srv = common::spawn_app(
+        LoadState::Ready(std::sync::Arc::new(model)),
+        ApiLimits::default(),
+    )
+    .await;
+    let body = |args: &str| {
+        json!({
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": args}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+            ],
+            "tools": tools(), "temperature": 0, "max_tokens": 8,
+        })
+    };
+    let (status, answer) = srv
+        .post(
+            "/v1/chat/completions",
+            body("{\"city\": \"Paris\", \"unit\": \"celsius\"}"),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = srv
+        .post(
+            "/v1/chat/completions",
+            body("{\"city\": \"Lyon\", \"unit\": \"celsius\"}"),
+        )
+        .await;
+    assert_eq!(status, 400, "the template saw the arguments: {answer}");
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("arguments are not an object"));
+}

@@ -25,7 +25,6 @@ use super::responses::{
 };
 use super::stream::{sse_response, Endpoint, StreamGuards};
 use super::timing::RequestTimer;
-use super::tools;
 use super::validate::{validate_chat, validate_completion, ApiLimits, ResponsePlan};
 use super::wire::{ChatRequest, CompletionRequest, Usage};
 use super::AppState;
@@ -391,8 +390,8 @@ fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion
                     None => (String::new(), c.text.clone()),
                 };
                 // Calls are read from the answer, after any reasoning.
-                let (content, calls) = match plan.tool_calls {
-                    Some(format) => tools::parse::parse(format, &content),
+                let (content, calls) = match &plan.tool_calls {
+                    Some(reader) => reader.parse(&content),
                     None => (content, Vec::new()),
                 };
                 let reasoning = Some(reasoning).filter(|r| !r.is_empty());

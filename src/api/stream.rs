@@ -244,7 +244,7 @@ async fn forward(
         .map(|_| w.plan.reasoning.map(ReasoningSplitter::new))
         .collect();
     let mut holders: Vec<Option<CallHolder>> = (0..n)
-        .map(|_| w.plan.tool_calls.map(CallHolder::new))
+        .map(|_| w.plan.tool_calls.clone().map(CallHolder::new))
         .collect();
     let nonempty = |s: &str| !s.is_empty();
     let (mut completion_tokens, mut cached) = (0, 0);

@@ -56,8 +56,8 @@ pub struct ResponsePlan {
     /// Chat with a template that has `<think>`: split the reasoning off the answer; `true`
     /// when the output starts inside it.
     pub reasoning: Option<bool>,
-    /// Chat with tools: read the model's text for calls in this format.
-    pub tool_calls: Option<CallFormat>,
+    /// Chat with tools: what reads the model's text for calls.
+    pub tool_calls: Option<tools::CallReader>,
 }
 
 pub(super) const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -74,8 +74,7 @@ pub fn validate_chat(
         req.tools.as_ref(),
         req.tool_choice.as_ref(),
         req.parallel_tool_calls,
-    )?
-    .filter(|t| t.reads_calls());
+    )?;
     if req.functions.as_ref().is_some_and(|f| !f.is_null()) {
         return Err(ApiError::invalid(
             "functions",
@@ -147,8 +146,10 @@ pub fn validate_chat(
         .collect();
     let call_format = CallFormat::of_template(template.source());
     if let Some(t) = &tool_req {
+        // With `none` the template still sees the tools (as OpenAI's models do); the calls
+        // are neither described by us, forced, nor read.
         kwargs.insert("tools".into(), t.raw.clone());
-        if !template.source().contains("tools") {
+        if t.reads_calls() && !template.source().contains("tools") {
             // The template cannot show the tools: a system message describes them.
             match messages.first_mut().filter(|m| m.role == "system") {
                 Some(system) => {
@@ -226,7 +227,9 @@ pub fn validate_chat(
         valid,
         ResponsePlan {
             reasoning,
-            tool_calls: tool_req.map(|_| call_format),
+            tool_calls: tool_req
+                .filter(|t| t.reads_calls())
+                .map(|t| t.reader(call_format)),
             ..plan
         },
     ))

@@ -57,7 +57,7 @@ impl OutputFormat {
             OutputFormat::JsonSchema { schema, strict } => {
                 format!("%json {}", with_options(schema.clone(), !strict))
             }
-            OutputFormat::Regex(rx) => format!("/{}/", rx.replace('/', "\\/")),
+            OutputFormat::Regex(rx) => lark_regex(rx),
             OutputFormat::Choice(choices) => choice_alternatives(choices),
             OutputFormat::Lark(_) => return self,
         };
@@ -91,11 +91,43 @@ pub fn lark_after_reasoning(inside: bool, answer: &str) -> String {
     format!("{start}\nanswer: {answer}\n")
 }
 
-/// `"a" | "b"`: JSON string literals are valid Lark string literals.
+/// A regex as a Lark terminal: `/…/`, with escapes kept as they are and only a bare `/` and
+/// line breaks escaped; the empty regex is the empty string.
+fn lark_regex(rx: &str) -> String {
+    if rx.is_empty() {
+        return "\"\"".into();
+    }
+    let mut out = String::with_capacity(rx.len() + 2);
+    out.push('/');
+    let mut chars = rx.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                out.push('\\');
+                if let Some(next) = chars.next() {
+                    out.push(next);
+                }
+            }
+            '/' => out.push_str("\\/"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('/');
+    out
+}
+
+/// `"a" | "b"`: JSON string literals are valid Lark string literals (DEL, which JSON leaves
+/// as it is, is escaped: Lark strings refuse it).
 fn choice_alternatives(choices: &[String]) -> String {
     choices
         .iter()
-        .map(|c| serde_json::to_string(c).unwrap_or_default())
+        .map(|c| {
+            serde_json::to_string(c)
+                .unwrap_or_default()
+                .replace('\u{7f}', "\\u007f")
+        })
         .collect::<Vec<_>>()
         .join(" | ")
 }
@@ -329,6 +361,15 @@ mod tests {
         assert_eq!(map[&'Ġ'], b' ');
         assert_eq!(map[&'Ċ'], b'\n');
         assert_eq!(map[&'a'], b'a');
+    }
+
+    #[test]
+    fn regexes_become_lark_terminals_with_their_escapes_kept() {
+        assert_eq!(lark_regex(r"https?:\/\/x"), r"/https?:\/\/x/");
+        assert_eq!(lark_regex("a/b"), r"/a\/b/");
+        assert_eq!(lark_regex("a\nb"), r"/a\nb/");
+        assert_eq!(lark_regex(""), r#""""#);
+        assert_eq!(lark_regex(r"\d+"), r"/\d+/");
     }
 
     #[test]

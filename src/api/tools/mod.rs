@@ -18,8 +18,29 @@ pub use parse::{CallFormat, ParsedCall};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tool {
     pub name: String,
-    /// A JSON Schema for the arguments (an object schema; `{}` when none was given).
+    /// A JSON Schema for the arguments, always of an object.
     pub parameters: Value,
+    /// OpenAI's `strict`: keywords the grammar cannot enforce are refused instead of ignored.
+    pub strict: bool,
+}
+
+/// Reads a model's text for calls in its format, to the functions offered only: a call to
+/// anything else means the text was not a tool call, and it stays content.
+#[derive(Debug, Clone)]
+pub struct CallReader {
+    format: CallFormat,
+    names: Vec<String>,
+}
+
+impl CallReader {
+    pub fn parse(&self, text: &str) -> (String, Vec<ParsedCall>) {
+        let (content, calls) = parse::parse(self.format, text);
+        if calls.iter().all(|c| self.names.contains(&c.name)) {
+            (content, calls)
+        } else {
+            (text.to_string(), Vec::new())
+        }
+    }
 }
 
 /// What `tool_choice` asks.
@@ -81,6 +102,12 @@ pub fn read(
             })?;
         let parameters = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object"}),
+            // Arguments are always an object, whatever else the schema says.
+            Some(p) if p.is_object() && p.get("type").is_none() => {
+                let mut p = p.clone();
+                p["type"] = json!("object");
+                p
+            }
             Some(p) if p.is_object() => p.clone(),
             Some(_) => {
                 return Err(ApiError::invalid(
@@ -98,6 +125,7 @@ pub fn read(
         out.push(Tool {
             name: name.to_string(),
             parameters,
+            strict: f.get("strict").and_then(Value::as_bool).unwrap_or(false),
         });
     }
     let choice = read_choice(choice, &out)?;
@@ -155,9 +183,17 @@ fn read_choice(choice: Option<&Value>, tools: &[Tool]) -> Result<ToolChoice, Api
 }
 
 impl ToolRequest {
-    /// Whether the model's text is read for calls.
+    /// Whether the model's text is read for calls (not with `none`).
     pub fn reads_calls(&self) -> bool {
         self.choice != ToolChoice::None
+    }
+
+    /// What reads the model's text for calls to these tools, in `format`.
+    pub fn reader(&self, format: CallFormat) -> CallReader {
+        CallReader {
+            format,
+            names: self.tools.iter().map(|t| t.name.clone()).collect(),
+        }
     }
 
     /// For `required` and a named function: a grammar that admits only calls, in `format`,
@@ -180,7 +216,10 @@ impl ToolRequest {
         let args = |t: &Tool| {
             let mut schema = t.parameters.clone();
             if let Some(o) = schema.as_object_mut() {
-                o.insert("x-guidance".into(), json!({"whitespace_flexible": false}));
+                o.insert(
+                    "x-guidance".into(),
+                    json!({"whitespace_flexible": false, "lenient": !t.strict}),
+                );
             }
             format!("%json {schema}")
         };
@@ -263,7 +302,7 @@ pub fn call_id() -> String {
 /// turns out not to be one is still sent, as content, at the end.
 #[derive(Debug, Clone)]
 pub struct CallHolder {
-    format: CallFormat,
+    reader: CallReader,
     /// Everything held from the first possible call on.
     held: String,
     holding: bool,
@@ -272,9 +311,9 @@ pub struct CallHolder {
 }
 
 impl CallHolder {
-    pub fn new(format: CallFormat) -> Self {
+    pub fn new(reader: CallReader) -> Self {
         Self {
-            format,
+            reader,
             held: String::new(),
             holding: false,
             at_start: true,
@@ -288,14 +327,14 @@ impl CallHolder {
             return String::new();
         }
         self.held.push_str(text);
-        let marker = self.format.marker();
+        let marker = self.reader.format.marker();
         if let Some(i) = self.held.find(marker) {
             self.holding = true;
             let sent = self.held[..i].to_string();
             self.held.drain(..i);
             return sent;
         }
-        if self.at_start && self.format == CallFormat::Llama3Json {
+        if self.at_start && self.reader.format == CallFormat::Llama3Json {
             let t = self.held.trim_start();
             if t.starts_with('{') {
                 self.holding = true;
@@ -324,7 +363,7 @@ impl CallHolder {
         if !self.holding {
             return (held, Vec::new());
         }
-        parse::parse(self.format, &held)
+        self.reader.parse(&held)
     }
 }
 
@@ -388,9 +427,13 @@ mod tests {
             (CallFormat::Llama3Json, "  plain answer {with braces}"),
             (CallFormat::Mistral, "ok[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]"),
         ] {
-            let whole = parse::parse(format, text);
+            let reader = CallReader {
+                format,
+                names: vec!["f".into()],
+            };
+            let whole = reader.parse(text);
             for cut in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
-                let mut h = CallHolder::new(format);
+                let mut h = CallHolder::new(reader.clone());
                 let mut content = h.push(&text[..cut]);
                 content += &h.push(&text[cut..]);
                 let (rest, calls) = h.finish();
@@ -398,5 +441,32 @@ mod tests {
                 assert_eq!((content.trim_end().to_string(), calls), (whole.0.trim_end().to_string(), whole.1.clone()), "{text:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_call_to_a_function_not_offered_is_content() {
+        let reader = CallReader {
+            format: CallFormat::Hermes,
+            names: vec!["get_weather".into()],
+        };
+        let text = "<tool_call>{\"name\": \"rm_rf\", \"arguments\": {}}</tool_call>";
+        assert_eq!(reader.parse(text), (text.to_string(), vec![]));
+    }
+
+    #[test]
+    fn reasoning_followed_by_a_call_is_read_from_the_answer() {
+        let text = "<think>Not <tool_call>{\"name\": \"time\"}</tool_call>; get_weather.</think>\n\
+                    <tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>";
+        let (reasoning, answer) =
+            super::super::reasoning::ReasoningSplitter::split_all(false, text);
+        assert!(reasoning.contains("get_weather"));
+        let (content, calls) = parse::parse(CallFormat::Hermes, &answer);
+        assert_eq!(content, "");
+        assert_eq!(
+            calls.len(),
+            1,
+            "the call in the reasoning is not a call; the one after is"
+        );
+        assert_eq!(calls[0].arguments, r#"{"city":"Paris"}"#);
     }
 }

@@ -86,20 +86,26 @@ fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
 }
 
 fn parse_llama3(text: &str) -> Option<(String, Vec<ParsedCall>)> {
-    let (content, body) = match text.find(PYTHON_TAG) {
-        Some(i) => (text[..i].trim_end(), &text[i + PYTHON_TAG.len()..]),
-        None => ("", text),
+    let (content, body, tagged) = match text.find(PYTHON_TAG) {
+        Some(i) => (text[..i].trim_end(), &text[i + PYTHON_TAG.len()..], true),
+        None => ("", text, false),
     };
     let body = body.trim();
     if !body.starts_with('{') {
         return None;
     }
-    // `;`-separated objects (a `;` inside a string does not split).
+    // `;`-separated objects (a `;` inside a string does not split). Without the tag, an
+    // object is a call only if it has arguments: a JSON answer with a "name" is an answer.
     let calls = split_top_level(body, ';')
         .into_iter()
         .map(str::trim)
         .filter(|part| !part.is_empty())
-        .map(|part| call_from_json(&serde_json::from_str(part).ok()?))
+        .map(|part| {
+            let v: Value = serde_json::from_str(part).ok()?;
+            let has_args = v.get("parameters").or_else(|| v.get("arguments")).is_some();
+            (tagged || has_args).then_some(())?;
+            call_from_json(&v)
+        })
         .collect::<Option<Vec<_>>>()?;
     Some((content.to_string(), calls))
 }
@@ -265,6 +271,7 @@ mod tests {
             "The weather is nice.",
             r#"{"name": "f", "parameters": [1]}"#,
             r#"{"name": "f" "#,
+            r#"{"name": "Alice", "age": 3}"#,
         ] {
             assert_eq!(
                 parse(CallFormat::Llama3Json, bad),
