@@ -278,6 +278,10 @@ async fn connection(
                         tracing::warn!(from = %current, to = %to, "ignoring the pool's client.reconnect to another host (allow it with --allow-reconnect-elsewhere)");
                         continue;
                     }
+                    // Shares sent while the pool was asking us to go are answered on this
+                    // connection: leaving first would submit them again after the reconnect,
+                    // as duplicates of shares the pool accepted.
+                    await_answers(session, &mut lines, Duration::from_secs(2)).await;
                     return Ended::Redirect(Some(to), wait);
                 }
             }
@@ -318,6 +322,22 @@ async fn connection(
     }
 }
 
+/// Reads the pool's lines until every submission has its answer, or `limit` passes. Only the
+/// answers matter: new jobs are not mined (the connection is ending).
+async fn await_answers(session: &mut ClientSession, lines: &mut PoolLines, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while session.pending_submits() > 0 {
+        match tokio::time::timeout_at(deadline, lines.next()).await {
+            Ok(Some(Ok(line))) => {
+                if let Ok(msg) = parse_line(&line) {
+                    let _ = session.on_message(msg);
+                }
+            }
+            _ => break,
+        }
+    }
+}
+
 /// At shutdown: submits the shares the miner found before it stopped and waits (up to 5 s)
 /// for the pool's answers to every submission still open, so that nothing found is lost.
 async fn flush_shares(
@@ -340,18 +360,7 @@ async fn flush_shares(
         }
     }
     let open = session.pending_submits();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while session.pending_submits() > 0 {
-        match tokio::time::timeout_at(deadline, lines.next()).await {
-            Ok(Some(Ok(line))) => {
-                if let Ok(msg) = parse_line(&line) {
-                    // Only the answers matter now; new jobs are not mined.
-                    let _ = session.on_message(msg);
-                }
-            }
-            _ => break,
-        }
-    }
+    await_answers(session, lines, Duration::from_secs(5)).await;
     stats.publish(&session.counts, session.difficulty(), shares.dropped());
     let unanswered = session.pending_submits();
     if unanswered > 0 {

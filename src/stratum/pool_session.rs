@@ -438,6 +438,13 @@ pub(super) async fn run_session(
                 Ok(PoolCommand::NewExtranonce) => {
                     let en1 = shared.next_extranonce1.fetch_add(1, Ordering::Relaxed) as u32;
                     s.extranonce1 = en1.to_be_bytes().to_vec();
+                    // A resumed session gets the extranonce1 in use now, not the first one:
+                    // the old one's work was mined already.
+                    shared
+                        .sessions
+                        .lock()
+                        .expect("sessions lock")
+                        .insert(s.session_id.clone(), s.extranonce1.clone());
                     s.out.push(encode_call(None, "mining.set_extranonce", json!([hex::encode(&s.extranonce1), shared.cfg.extranonce2_size])));
                     // Work under the old extranonce1 is void: a clean job follows.
                     if let Some(job) = s.last_job.clone() {

@@ -253,14 +253,12 @@ impl ClientSession {
         self.valid_jobs.len()
     }
 
-    /// Forgets the submitted shares of jobs that have ended, and of an extranonce1 no longer
-    /// in use: they can no longer be sent.
+    /// Forgets the submitted shares of jobs that have ended: they can no longer be sent. (Not
+    /// those of an earlier extranonce1: a pool may hand it back on the next connection, and the
+    /// same job mined again under it must not be submitted twice.)
     fn prune_submitted(&mut self) {
-        let (jobs, en1) = (&self.valid_jobs, &self.extranonce1);
-        self.submitted.retain(|job, sent| {
-            sent.retain(|k| en1.as_ref() == Some(&k.1));
-            jobs.contains(job) && !sent.is_empty()
-        });
+        let jobs = &self.valid_jobs;
+        self.submitted.retain(|job, _| jobs.contains(job));
     }
 
     fn share_is_current(&self, share: &Share) -> bool {
