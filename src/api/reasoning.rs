@@ -16,6 +16,15 @@ enum State {
     Content,
 }
 
+/// How many bytes at the end of `text` could be the start of `tag` (an ASCII tag, so the text
+/// before them ends on a character boundary). Streams hold those back until they know.
+pub(super) fn partial_tag_len(text: &str, tag: &str) -> usize {
+    (1..tag.len())
+        .rev()
+        .find(|&k| text.ends_with(&tag[..k]))
+        .unwrap_or(0)
+}
+
 /// Where an output starts, from the rendered prompt: templates that open the assistant's
 /// turn with `<think>` (Qwen3, DeepSeek-R1) make the model start inside its reasoning.
 pub fn starts_inside(prompt: &str) -> bool {
@@ -65,13 +74,8 @@ impl ReasoningSplitter {
                         self.state = State::AfterReasoning;
                     }
                     None => {
-                        // Keep back what could be the start of `</think>` (ASCII, so the cut
-                        // is on a character boundary).
-                        let keep = (1..CLOSE.len())
-                            .rev()
-                            .find(|&k| self.held.ends_with(&CLOSE[..k]))
-                            .unwrap_or(0);
-                        let cut = self.held.len() - keep;
+                        // Keep back what could be the start of `</think>`.
+                        let cut = self.held.len() - partial_tag_len(&self.held, CLOSE);
                         reasoning.push_str(&self.held[..cut]);
                         self.held.drain(..cut);
                         return (reasoning, content);

@@ -345,12 +345,8 @@ impl CallHolder {
             }
         }
         self.at_start = false;
-        // Keep back what could be the start of the marker (ASCII, so a character boundary).
-        let keep = (1..marker.len())
-            .rev()
-            .find(|&k| self.held.ends_with(&marker[..k]))
-            .unwrap_or(0);
-        let cut = self.held.len() - keep;
+        // Keep back what could be the start of the marker.
+        let cut = self.held.len() - super::reasoning::partial_tag_len(&self.held, marker);
         let sent = self.held[..cut].to_string();
         self.held.drain(..cut);
         sent
