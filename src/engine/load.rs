@@ -92,7 +92,7 @@ pub fn load_model_reporting(
         .map(|src| ChatTemplate::new(&src, tokenizer.bos_text(), tokenizer.eos_text()))
         .transpose()?;
     let tokenizer = Arc::new(tokenizer);
-    let model = files.load_llama_reporting(device, cfg.model, progress)?;
+    let model = files.load_model_reporting(device, cfg.model, progress)?;
     // A sequence longer than the KV pool could never run: the pool bounds the window too.
     let mut context_length = model.config().context_length;
     if let Some((_, blocks, per_block)) = model.kv_usage() {

@@ -14,7 +14,7 @@ use super::sequence::Sequence;
 use super::stop::StopMatcher;
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission};
-use crate::model::{BatchItem, Llama};
+use crate::model::{BatchItem, Decoder};
 
 /// Scheduling limits of the engine.
 #[derive(Debug, Clone)]
@@ -46,7 +46,7 @@ impl Default for EngineConfig {
 
 /// Starts the engine thread, which owns `model` from now on.
 pub fn spawn_engine(
-    model: Llama,
+    model: Decoder,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
 ) -> EngineHandle {
@@ -78,7 +78,7 @@ pub fn spawn_engine(
 }
 
 struct Engine {
-    model: Llama,
+    model: Decoder,
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
     rx: mpsc::Receiver<Submission>,

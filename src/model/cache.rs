@@ -5,7 +5,7 @@
 //! pre-emptions and refusals then work as with the paged pool, and a full GPU means a request
 //! waits or is refused, never an out-of-memory error.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use super::paged::{SeqBlocks, BLOCK_TOKENS};
 
@@ -145,37 +145,9 @@ impl DenseBudget {
     }
 }
 
-/// The causal mask of `t` new tokens at positions `pos..pos + t` over `pos + t` cached ones,
-/// `[t, pos + t]` of 0 and −∞, built on `device` from two index vectors (not a `t × n` host
-/// buffer), once per step and sequence; `None` for a single token, which sees everything.
-pub fn causal_mask(t: usize, pos: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
-    if t <= 1 {
-        return Ok(None);
-    }
-    let n = pos + t;
-    let rows = Tensor::arange(pos as u32, n as u32, device)?.reshape((t, 1))?;
-    let cols = Tensor::arange(0u32, n as u32, device)?.reshape((1, n))?;
-    let future = cols.broadcast_gt(&rows)?;
-    let neg = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as((t, n))?;
-    let zero = Tensor::zeros((t, n), DType::F32, device)?;
-    Ok(Some(future.where_cond(&neg, &zero)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_mask_hides_exactly_the_future() {
-        let m = causal_mask(3, 2, &Device::Cpu).unwrap().unwrap();
-        let rows = m.to_vec2::<f32>().unwrap();
-        for (i, row) in rows.iter().enumerate() {
-            for (j, &x) in row.iter().enumerate() {
-                assert_eq!(x == f32::NEG_INFINITY, j > 2 + i, "({i}, {j})");
-            }
-        }
-        assert!(causal_mask(1, 9, &Device::Cpu).unwrap().is_none());
-    }
 
     #[test]
     fn the_budget_admits_what_fits_and_gets_everything_back() {

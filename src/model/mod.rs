@@ -1,18 +1,23 @@
-//! Model code of our own, on candle-core and candle-nn: a llama-family decoder that runs a
-//! batch of sequences, each at its own position with its own KV cache, and the loaders that
-//! build it from a GGUF file or a Hugging Face safetensors directory.
+//! Model code of our own, on candle-core and candle-nn: one decoder, configured per family
+//! (Llama, Qwen2/3, Phi-3, Gemma 2/3), that runs a batch of sequences, each at its own
+//! position with its own KV cache, and the loaders that build it from a GGUF file or a
+//! Hugging Face safetensors directory.
 //!
-//! Nothing here knows about requests, tokenizers or HTTP; the engine owns a [`Llama`] and the
-//! [`SeqCache`]s of its sequences and calls [`Llama::forward`] once per step.
+//! Nothing here knows about requests, tokenizers or HTTP; the engine owns a [`Decoder`] and the
+//! [`SeqCache`]s of its sequences and calls [`Decoder::forward`] once per step.
 
 mod cache;
-mod llama;
+pub mod config;
+mod decoder;
+mod dense;
 pub mod paged;
 pub mod quant;
+mod rope;
 mod weights;
 
 pub use cache::SeqCache;
-pub use llama::{BatchItem, Llama, LlamaConfig};
+pub use config::{Arch, ModelConfig};
+pub use decoder::{BatchItem, Decoder};
 pub use weights::{gguf_int, LoadOptions, ModelFiles, ModelFormat};
 
 use thiserror::Error;

@@ -1,6 +1,6 @@
 //! Finding and opening model weights: a GGUF file (quantized, with its tokenizer and chat
 //! template in the metadata) or a Hugging Face directory (`config.json`, `*.safetensors`,
-//! `tokenizer.json`, `tokenizer_config.json`). Both end up as the same [`Llama`].
+//! `tokenizer.json`, `tokenizer_config.json`). Both end up as the same [`Decoder`].
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,7 +13,8 @@ use candle_nn::VarBuilder;
 use rayon::ThreadPool;
 use serde::Deserialize;
 
-use super::llama::{Llama, LlamaConfig};
+use super::config::{derived_head_dim, ModelConfig};
+use super::decoder::Decoder;
 use super::quant::{unpack, Linear, Unpacked};
 use super::ModelError;
 
@@ -59,7 +60,7 @@ pub struct ModelFiles {
     path: PathBuf,
     format: ModelFormat,
     gguf: Option<gguf_file::Content>,
-    config: LlamaConfig,
+    config: ModelConfig,
     hf_tie_embeddings: bool,
     /// The checkpoint's own type (`torch_dtype` of config.json), when it is f16 or bf16.
     hf_dtype: Option<DType>,
@@ -109,7 +110,8 @@ impl ModelFiles {
                 path.display()
             ))
         })?;
-        let config = gguf_config(&content)?;
+        let rope_freqs = rope_factors(&content, &mut file, path)?;
+        let config = ModelConfig::from_gguf(&content.metadata, rope_freqs)?;
         Ok(Self {
             path: path.to_path_buf(),
             format: ModelFormat::Gguf,
@@ -147,7 +149,7 @@ impl ModelFiles {
         self.format
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -177,17 +179,17 @@ impl ModelFiles {
     }
 
     /// Loads every weight onto `device` and builds the model.
-    pub fn load_llama(&self, device: &Device, options: LoadOptions) -> Result<Llama, ModelError> {
-        self.load_llama_reporting(device, options, &mut |_| {})
+    pub fn load_model(&self, device: &Device, options: LoadOptions) -> Result<Decoder, ModelError> {
+        self.load_model_reporting(device, options, &mut |_| {})
     }
 
-    /// As [`Self::load_llama`], telling `progress` the fraction loaded as it goes.
-    pub fn load_llama_reporting(
+    /// As [`Self::load_model`], telling `progress` the fraction loaded as it goes.
+    pub fn load_model_reporting(
         &self,
         device: &Device,
         options: LoadOptions,
         progress: &mut dyn FnMut(f32),
-    ) -> Result<Llama, ModelError> {
+    ) -> Result<Decoder, ModelError> {
         let pool = match (device, options.own_kernels) {
             (Device::Cpu, true) => Some(Arc::new(
                 rayon::ThreadPoolBuilder::new()
@@ -244,7 +246,7 @@ impl ModelFiles {
                 }
             }
         };
-        Llama::load(
+        Decoder::load(
             weights,
             device,
             options.kv_cache_mb,
@@ -261,14 +263,14 @@ pub(crate) enum Weights<'a> {
         content: &'a gguf_file::Content,
         file: File,
         device: Device,
-        config: LlamaConfig,
+        config: ModelConfig,
         /// Set when our CPU kernels run the quantized matrices.
         pool: Option<Arc<ThreadPool>>,
     },
     Safetensors {
         vb: VarBuilder<'a>,
         tie: bool,
-        config: LlamaConfig,
+        config: ModelConfig,
     },
 }
 
@@ -281,10 +283,35 @@ impl Weights<'_> {
         }
     }
 
-    pub(crate) fn config(&self) -> &LlamaConfig {
+    pub(crate) fn config(&self) -> &ModelConfig {
         match self {
             Weights::Gguf { config, .. } | Weights::Safetensors { config, .. } => config,
         }
+    }
+
+    /// Whether the weights are a GGUF file's.
+    pub(crate) fn is_gguf(&self) -> bool {
+        matches!(self, Weights::Gguf { .. })
+    }
+
+    /// Whether a GGUF file holds tensor `name` (always `false` for safetensors).
+    pub(crate) fn has_gguf_tensor(&self, name: &str) -> bool {
+        match self {
+            Weights::Gguf { content, .. } => content.tensor_infos.contains_key(name),
+            Weights::Safetensors { .. } => false,
+        }
+    }
+
+    /// A GGUF vector of `len` that a file may leave out (biases), as f32.
+    pub(crate) fn optional_vector(
+        &mut self,
+        name: &str,
+        len: usize,
+    ) -> Result<Option<Tensor>, ModelError> {
+        if !self.has_gguf_tensor(name) {
+            return Ok(None);
+        }
+        self.vector(name, "", len).map(Some)
     }
 
     fn gguf_tensor(&mut self, name: &str) -> Result<candle_core::quantized::QTensor, ModelError> {
@@ -371,7 +398,7 @@ impl Weights<'_> {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Linear::Packed {
-            w: Unpacked::stack(parts)?,
+            parts: Unpacked::stack_runs(parts)?,
             pool,
         })
     }
@@ -436,78 +463,28 @@ fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), ModelErr
     }
 }
 
-fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig, ModelError> {
-    let md = &content.metadata;
-    let get = |k: &str| {
-        md.get(k)
-            .ok_or_else(|| ModelError::Metadata(format!("GGUF metadata lacks `{k}`")))
-    };
-    let arch = get("general.architecture")?
-        .to_string()
-        .map_err(|e| ModelError::Metadata(e.to_string()))?
-        .clone();
-    if arch != "llama" {
-        return Err(ModelError::Unsupported(format!(
-            "GGUF architecture `{arch}`; idlerig runs llama-family models (architecture `llama`)"
-        )));
+/// The per-frequency rotary factors a GGUF file carries: Llama 3.1's `rope_freqs.weight`, or
+/// Phi-3's `rope_factors_short.weight` (the ones for contexts within the original; see
+/// [`ModelConfig::from_gguf`]).
+fn rope_factors(
+    content: &gguf_file::Content,
+    file: &mut File,
+    path: &Path,
+) -> Result<Option<Vec<f32>>, ModelError> {
+    for name in ["rope_freqs.weight", "rope_factors_short.weight"] {
+        if content.tensor_infos.contains_key(name) {
+            let t = content
+                .tensor(file, name, &Device::Cpu)
+                .and_then(|t| t.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| {
+                    ModelError::Metadata(format!("{}: tensor {name}: {e}", path.display()))
+                })?;
+            return Ok(Some(t));
+        }
     }
-    let u = |k: &str| -> Result<usize, ModelError> {
-        let key = format!("llama.{k}");
-        gguf_int(get(&key)?)
-            .ok_or_else(|| ModelError::Metadata(format!("`{key}` is not an integer")))
-    };
-    let f = |k: &str, default: f32| -> f32 {
-        md.get(&format!("llama.{k}"))
-            .and_then(|v| v.to_f32().ok())
-            .unwrap_or(default)
-    };
-    let hidden = u("embedding_length")?;
-    let heads = u("attention.head_count")?;
-    let vocab = match md.get("llama.vocab_size").and_then(gguf_int) {
-        Some(v) => v,
-        None => md
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.to_vec().ok())
-            .map(|v| v.len())
-            .ok_or_else(|| ModelError::Metadata("cannot tell the vocabulary size".into()))?,
-    };
-    let config = LlamaConfig {
-        hidden_size: hidden,
-        intermediate_size: u("feed_forward_length")?,
-        num_layers: u("block_count")?,
-        num_heads: heads,
-        num_kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("rope.dimension_count").or_else(|_| {
-            derived_head_dim(
-                hidden,
-                heads,
-                "llama.embedding_length",
-                "llama.attention.head_count",
-            )
-        })?,
-        vocab_size: vocab,
-        rms_norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5) as f64,
-        rope_theta: f("rope.freq_base", 10_000.0),
-        context_length: u("context_length")?,
-        rope_interleaved: true,
-    };
-    config.validate(true)?;
-    Ok(config)
-}
-
-/// hidden ÷ heads, when the file gives no head dimension: heads must divide hidden.
-fn derived_head_dim(
-    hidden: usize,
-    heads: usize,
-    hidden_key: &str,
-    heads_key: &str,
-) -> Result<usize, ModelError> {
-    if heads == 0 || hidden % heads != 0 {
-        return Err(ModelError::Metadata(format!(
-            "`{heads_key}` = {heads} does not divide `{hidden_key}` = {hidden}"
-        )));
-    }
-    Ok(hidden / heads)
+    Ok(None)
 }
 
 /// Any GGUF integer value as `usize` (writers differ in the width they use for counts).
@@ -546,7 +523,7 @@ struct HfConfig {
 }
 
 impl HfConfig {
-    fn to_config(&self) -> Result<LlamaConfig, ModelError> {
+    fn to_config(&self) -> Result<ModelConfig, ModelError> {
         match self.model_type.as_deref() {
             Some("llama") | Some("mistral") | None => {}
             Some(other) => {
@@ -560,28 +537,29 @@ impl HfConfig {
                 "rope_scaling in config.json is not supported yet".into(),
             ));
         }
-        let config = LlamaConfig {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: match self.head_dim {
-                Some(d) => d,
-                None => derived_head_dim(
-                    self.hidden_size,
-                    self.num_attention_heads,
-                    "hidden_size",
-                    "num_attention_heads",
-                )?,
-            },
-            vocab_size: self.vocab_size,
-            rms_norm_eps: self.rms_norm_eps,
-            rope_theta: self.rope_theta.unwrap_or(10_000.0),
-            context_length: self.max_position_embeddings,
-            rope_interleaved: false,
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None => derived_head_dim(
+                self.hidden_size,
+                self.num_attention_heads,
+                "hidden_size",
+                "num_attention_heads",
+            )?,
         };
-        config.validate(false)?;
+        let config = ModelConfig::llama(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            self.vocab_size,
+            self.rms_norm_eps,
+            self.rope_theta.unwrap_or(10_000.0),
+            self.max_position_embeddings,
+            false,
+        );
+        config.validate(None)?;
         Ok(config)
     }
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::power::Sampler;
 use crate::config::{BenchCommand, Cli, Command};
-use crate::model::{BatchItem, Llama, LoadOptions, ModelFiles};
+use crate::model::{BatchItem, Decoder, LoadOptions, ModelFiles};
 
 /// Two implementations that round 8-bit activations differently move the log-probabilities
 /// of the 20 likeliest tokens by about 0.1 on average (idlerig's paged and dense CPU paths,
@@ -55,7 +55,7 @@ fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>, String> {
 
 /// `batch` sequences of different lengths: one batched prefill and 4 batched decode steps on
 /// CUDA, each sequence alone on the CPU twin, teacher-forced with the CPU's greedy tokens.
-fn agreement(cpu: &mut Llama, gpu: &mut Llama, batch: usize) -> Result<Value, String> {
+fn agreement(cpu: &mut Decoder, gpu: &mut Decoder, batch: usize) -> Result<Value, String> {
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|i| {
             (0..5 + 7 * (i % 9))
@@ -117,10 +117,10 @@ pub fn agreements(
         ..LoadOptions::default()
     };
     let mut cpu = files
-        .load_llama(&Device::Cpu, twin)
+        .load_model(&Device::Cpu, twin)
         .map_err(|e| e.to_string())?;
     let mut on_gpu = files
-        .load_llama(device, options)
+        .load_model(device, options)
         .map_err(|e| e.to_string())?;
     let per_batch = batches
         .iter()

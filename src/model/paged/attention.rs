@@ -7,55 +7,17 @@
 use rayon::prelude::*;
 
 use super::{KvPool, SeqBlocks, BLOCK_TOKENS};
+pub use crate::model::rope::Rope;
 
-/// Rotary position embedding tables, computed as the dense path computes them.
-pub struct Rope {
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    half: usize,
-    interleaved: bool,
-}
-
-impl Rope {
-    pub fn new(head_dim: usize, theta: f32, context: usize, interleaved: bool) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
-            .collect();
-        let (mut cos, mut sin) = (Vec::with_capacity(context * half), Vec::new());
-        sin.reserve(context * half);
-        for p in 0..context {
-            for f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        Self {
-            cos,
-            sin,
-            half,
-            interleaved,
-        }
-    }
-
-    /// Rotates one head's vector `x` for position `pos`.
-    fn apply(&self, x: &mut [f32], pos: usize) {
-        let (cos, sin) = (
-            &self.cos[pos * self.half..(pos + 1) * self.half],
-            &self.sin[pos * self.half..(pos + 1) * self.half],
-        );
-        for i in 0..self.half {
-            let (a, b) = if self.interleaved {
-                (2 * i, 2 * i + 1)
-            } else {
-                (i, i + self.half)
-            };
-            let (xa, xb) = (x[a], x[b]);
-            x[a] = xa * cos[i] - xb * sin[i];
-            x[b] = xa * sin[i] + xb * cos[i];
-        }
-    }
+/// What differs between one layer's attention and another's besides the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    /// The factor on Q·K.
+    pub scale: f32,
+    /// `c·tanh(s / c)` on the scaled scores.
+    pub softcap: Option<f32>,
+    /// Keys a query sees, itself included: positions `p − window < j ≤ p`.
+    pub window: Option<usize>,
 }
 
 /// One sequence's part of a step: its blocks (already reserved for `pos + tokens`), the
@@ -73,6 +35,7 @@ pub fn paged_attention(
     pool: &mut KvPool,
     layer: usize,
     rope: &Rope,
+    params: AttnParams,
     items: &[PagedItem<'_>],
     qkv: &mut [f32],
 ) -> Vec<f32> {
@@ -99,21 +62,23 @@ pub fn paged_attention(
     let pool = &*pool;
     let qkv = &*qkv;
     let group = g.heads / g.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
     // The quantized kernels' check (AVX2, FMA, F16C): one answer for the whole forward pass.
     let simd = crate::model::quant::simd_available();
     let one = |(c, o): (usize, &mut [f32])| {
         let (row, h) = (c / g.heads, c % g.heads);
         let (s, pos) = rows[row];
         let q = &qkv[row * width + h * d..row * width + (h + 1) * d];
+        let n = pos + 1;
         let job = Job {
             pool,
             layer,
             seq: items[s].blocks,
-            n: pos + 1,
+            start: params.window.map_or(0, |w| n.saturating_sub(w)),
+            n,
             kv_head: h / group,
             q,
-            scale,
+            scale: params.scale,
+            softcap: params.softcap,
         };
         #[cfg(target_arch = "x86_64")]
         if simd {
@@ -123,7 +88,8 @@ pub fn paged_attention(
         attend::<false>(&job, o);
     };
     // Work in position-heads; below this a thread hand-off costs more than it saves.
-    let work: usize = rows.iter().map(|&(_, p)| p + 1).sum::<usize>() * g.heads;
+    let seen = |p: usize| params.window.map_or(p + 1, |w| (p + 1).min(w));
+    let work: usize = rows.iter().map(|&(_, p)| seen(p)).sum::<usize>() * g.heads;
     if work >= 4 * 1024 {
         out.par_chunks_mut(d)
             .enumerate()
@@ -135,15 +101,17 @@ pub fn paged_attention(
     out
 }
 
-/// One query head's attention: over positions `0..n` of `seq` on `kv_head`.
+/// One query head's attention: over positions `start..n` of `seq` on `kv_head`.
 struct Job<'a> {
     pool: &'a KvPool,
     layer: usize,
     seq: &'a SeqBlocks,
+    start: usize,
     n: usize,
     kv_head: usize,
     q: &'a [f32],
     scale: f32,
+    softcap: Option<f32>,
 }
 
 /// [`attend`] compiled for AVX2 and FMA, where the compiler turns its eight-lane loops into
@@ -162,26 +130,37 @@ fn attend<const FMA: bool>(job: &Job<'_>, out: &mut [f32]) {
         pool,
         layer,
         seq,
+        start: first,
         n,
         kv_head,
         q,
         scale,
+        softcap,
     } = *job;
     let d = out.len();
     let (keys, values) = pool.layer(layer);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     out.fill(0.0);
     let mut scores = [0.0f32; BLOCK_TOKENS];
-    for (bi, &block) in seq.blocks.iter().enumerate() {
+    for (bi, &block) in seq.blocks.iter().enumerate().skip(first / BLOCK_TOKENS) {
         let start = bi * BLOCK_TOKENS;
         if start >= n {
             break;
         }
         let count = (n - start).min(BLOCK_TOKENS);
+        // Positions before the window's start (in its first block) weigh nothing.
+        let skip = first.saturating_sub(start);
         let base = pool.at(block, kv_head, 0);
         let mut block_max = f32::NEG_INFINITY;
         for (j, s) in scores[..count].iter_mut().enumerate() {
+            if j < skip {
+                *s = f32::NEG_INFINITY;
+                continue;
+            }
             *s = dot::<FMA>(q, &keys[base + j * d..base + (j + 1) * d]) * scale;
+            if let Some(c) = softcap {
+                *s = c * (*s / c).tanh();
+            }
             block_max = block_max.max(*s);
         }
         let new_max = max.max(block_max);
@@ -192,7 +171,7 @@ fn attend<const FMA: bool>(job: &Job<'_>, out: &mut [f32]) {
             out.iter_mut().for_each(|o| *o *= correction);
             max = new_max;
         }
-        for (j, s) in scores[..count].iter().enumerate() {
+        for (j, s) in scores[..count].iter().enumerate().skip(skip) {
             let p = (s - max).exp();
             sum += p;
             axpy::<FMA>(p, &values[base + j * d..base + (j + 1) * d], out);
@@ -236,6 +215,17 @@ fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
 mod tests {
     use super::super::{KvGeometry, KvPool, SeqBlocks, BLOCK_TOKENS};
     use super::*;
+    use crate::model::config::RopeConfig;
+
+    fn rope_cfg(interleaved: bool) -> RopeConfig {
+        RopeConfig {
+            theta: 10_000.0,
+            interleaved,
+            position_scale: 1.0,
+            freq_factors: None,
+            mscale: 1.0,
+        }
+    }
     use candle_core::{Device, Tensor};
 
     const GEO: KvGeometry = KvGeometry {
@@ -260,7 +250,7 @@ mod tests {
     #[test]
     fn rope_matches_candles_rope_in_both_layouts() {
         for interleaved in [true, false] {
-            let rope = Rope::new(64, 10_000.0, 300, interleaved);
+            let rope = Rope::new(&rope_cfg(interleaved), 64, 300);
             let x = noise(64, 3);
             for pos in [0usize, 1, 17, 299] {
                 let mut ours = x.clone();
@@ -298,31 +288,71 @@ mod tests {
         }
     }
 
-    /// Straightforward causal attention in f64 over whole (already rotated) K and V.
-    fn reference(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], n: usize) -> Vec<f64> {
+    /// Straightforward causal attention in f64 over whole (already rotated) K and V: the
+    /// query at position `n − 1` over the keys its window shows it.
+    fn reference(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        values: &[Vec<f32>],
+        n: usize,
+        params: AttnParams,
+    ) -> Vec<f64> {
         let d = q.len();
-        let scores: Vec<f64> = (0..n)
+        let first = params.window.map_or(0, |w| n.saturating_sub(w));
+        let scores: Vec<f64> = (first..n)
             .map(|j| {
-                q.iter()
+                let s = q
+                    .iter()
                     .zip(&keys[j])
                     .map(|(a, b)| f64::from(*a) * f64::from(*b))
                     .sum::<f64>()
-                    / (d as f64).sqrt()
+                    * f64::from(params.scale);
+                match params.softcap {
+                    Some(c) => f64::from(c) * (s / f64::from(c)).tanh(),
+                    None => s,
+                }
             })
             .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f64 = w.iter().sum();
         (0..d)
-            .map(|x| (0..n).map(|j| w[j] * f64::from(values[j][x])).sum::<f64>() / total)
+            .map(|x| {
+                (first..n)
+                    .map(|j| w[j - first] * f64::from(values[j][x]))
+                    .sum::<f64>()
+                    / total
+            })
             .collect()
     }
 
     #[test]
     fn paged_attention_equals_plain_attention_across_blocks_batches_and_layers() {
+        let plain = AttnParams {
+            scale: 1.0 / (GEO.head_dim as f32).sqrt(),
+            softcap: None,
+            window: None,
+        };
+        check_against_reference(plain);
+    }
+
+    /// Gemma's windowed layers (a window that ends inside a block and spans several) and
+    /// Gemma 2's soft-capped scores, with a scale other than 1/√d.
+    #[test]
+    fn windowed_and_soft_capped_attention_equals_plain_attention() {
+        for window in [1usize, 5, 20, 33] {
+            check_against_reference(AttnParams {
+                scale: 0.3,
+                softcap: Some(2.5),
+                window: Some(window),
+            });
+        }
+    }
+
+    fn check_against_reference(params: AttnParams) {
         let g = GEO;
         let (d, width) = (g.head_dim, (g.heads + 2 * g.kv_heads) * g.head_dim);
-        let rope = Rope::new(d, 10_000.0, 256, false);
+        let rope = Rope::new(&rope_cfg(false), d, 256);
         let mut pool = KvPool::new(g, 32);
         let mut seqs = [SeqBlocks::default(), SeqBlocks::default()];
         // Per sequence, layer and KV head: every rotated key and value so far.
@@ -349,7 +379,7 @@ mod tests {
                         tokens: counts[s],
                     })
                     .collect();
-                let out = paged_attention(&mut pool, layer, &rope, &items, &mut qkv);
+                let out = paged_attention(&mut pool, layer, &rope, params, &items, &mut qkv);
                 let mut row = 0;
                 for s in 0..2 {
                     for i in 0..counts[s] {
@@ -366,8 +396,13 @@ mod tests {
                             let mut q = r[h * d..(h + 1) * d].to_vec();
                             rope.apply(&mut q, pos);
                             let kv = h / (g.heads / g.kv_heads);
-                            let want =
-                                reference(&q, &keys[s][layer][kv], &values[s][layer][kv], pos + 1);
+                            let want = reference(
+                                &q,
+                                &keys[s][layer][kv],
+                                &values[s][layer][kv],
+                                pos + 1,
+                                params,
+                            );
                             let got = &out[(row * g.heads + h) * d..(row * g.heads + h + 1) * d];
                             let err = got
                                 .iter()

@@ -7,7 +7,7 @@
 pub mod attention;
 pub mod blocks;
 
-pub use attention::{paged_attention, Rope};
+pub use attention::{paged_attention, AttnParams, Rope};
 pub use blocks::{BlockAllocator, BLOCK_TOKENS};
 
 /// The shape of the cached keys and values.

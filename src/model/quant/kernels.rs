@@ -129,7 +129,14 @@ pub fn q8_dot_portable(qs: &[i8], scale: &[f16], a: ActRow<'_>) -> f32 {
 
 /// `x` (`rows × k`, row-major) times `wᵀ`: `rows × n`.
 pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
-    let (n, k) = (w.rows(), w.cols());
+    matmul_parts(std::slice::from_ref(w), x, rows, pool)
+}
+
+/// `x` times several matrices of one width side by side (layouts may differ: a Q4_K_M file
+/// stores Q as Q4_K and V as Q6_K), the activations quantized once for all of them.
+pub fn matmul_parts(parts: &[Unpacked], x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
+    let k = parts[0].cols();
+    let n: usize = parts.iter().map(Unpacked::rows).sum();
     let acts = Q8Acts::quantize(x, rows, k);
     let mut out = vec![0.0f32; rows * n];
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -146,8 +153,16 @@ pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f3
     let task = |chunk: usize| {
         let start = chunk * run;
         let end = (start + run).min(n);
-        // SAFETY: tasks write disjoint columns `start..end` of `out`, which outlives them.
-        unsafe { product_rows(w, &acts, start..end, out_ptr, n, simd) };
+        // Each part's share of the run, in its own row numbers.
+        let mut first = 0;
+        for w in parts {
+            let (lo, hi) = (start.max(first), end.min(first + w.rows()));
+            if lo < hi {
+                // SAFETY: tasks write disjoint columns `lo..hi` of `out`, which outlives them.
+                unsafe { product_rows(w, &acts, lo - first..hi - first, first, out_ptr, n, simd) };
+            }
+            first += w.rows();
+        }
     };
     if run == n {
         task(0);
@@ -163,7 +178,7 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Fills `out[t·n + r]` for every token `t` and weight row `r` in `rows_range`.
+/// Fills `out[t·n + column + r]` for every token `t` and weight row `r` in `rows_range`.
 ///
 /// # Safety
 /// `out` must point to `acts.rows × n` floats, and no other thread may write those columns;
@@ -172,6 +187,7 @@ unsafe fn product_rows(
     w: &Unpacked,
     acts: &Q8Acts,
     rows_range: std::ops::Range<usize>,
+    column: usize,
     out: OutPtr,
     n: usize,
     simd: bool,
@@ -184,7 +200,7 @@ unsafe fn product_rows(
             let mut sums = [0.0f32; 4];
             dot_rows(w, r, &a, group, &mut sums, simd);
             for (i, s) in sums.iter().take(group).enumerate() {
-                *out.0.add((t + i) * n + r) = *s;
+                *out.0.add((t + i) * n + column + r) = *s;
             }
         }
         t += group;
@@ -219,13 +235,25 @@ unsafe fn dot_rows(
         Unpacked::Q8(m) => {
             let (qs, scale) = q8_row(m, r);
             #[cfg(target_arch = "x86_64")]
-            if simd {
+            let done = if simd {
                 // SAFETY: as above.
                 super::avx2::q8_dots(qs, scale, a, group, sums);
-                return;
+                true
+            } else {
+                false
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                for i in 0..group {
+                    sums[i] = q8_dot_portable(qs, scale, a[i]);
+                }
             }
-            for i in 0..group {
-                sums[i] = q8_dot_portable(qs, scale, a[i]);
+            if !m.min.is_empty() {
+                let min = q8_row_min(m, r);
+                for i in 0..group {
+                    sums[i] += min_term(min, a[i]);
+                }
             }
         }
     }
@@ -238,6 +266,17 @@ pub fn q4_row(m: &Q4Matrix, r: usize) -> (&[u8], &[f16], &[f16]) {
         &m.scale[r * nb..(r + 1) * nb],
         &m.min[r * nb..(r + 1) * nb],
     )
+}
+
+/// `Σ_b min_b·dsum_b`: the offset of the formats whose 8-bit layout has a `min`.
+pub fn min_term(min: &[f16], a: ActRow<'_>) -> f32 {
+    min.iter().zip(a.dsum).map(|(m, s)| m.to_f32() * s).sum()
+}
+
+/// Row `r`'s mins (empty slice when the matrix has none).
+pub fn q8_row_min(m: &Q8Matrix, r: usize) -> &[f16] {
+    let nb = m.k / 32;
+    m.min.get(r * nb..(r + 1) * nb).unwrap_or(&[])
 }
 
 pub fn q8_row(m: &Q8Matrix, r: usize) -> (&[i8], &[f16]) {

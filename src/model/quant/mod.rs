@@ -27,7 +27,7 @@ use rayon::ThreadPool;
 use thiserror::Error;
 
 pub(crate) use kernels::simd_available;
-pub use kernels::{matmul, Q8Acts};
+pub use kernels::{matmul, matmul_parts, Q8Acts};
 pub use unpack::Unpacked;
 
 #[derive(Debug, Error)]
@@ -62,13 +62,16 @@ impl Q4Matrix {
     }
 }
 
-/// 8-bit weights, `n` rows of `k`, row-major `qs`, one `scale` per 16 elements.
+/// 8-bit weights, `n` rows of `k`, row-major `qs`, one `scale` per 16 elements, and for the
+/// formats that have one (Q5_1, Q5_K) a `min` per 32 elements: `x = scale·q + min`. `min` is
+/// empty otherwise, and the kernels skip its term.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     pub n: usize,
     pub k: usize,
     pub qs: Vec<i8>,
     pub scale: Vec<f16>,
+    pub min: Vec<f16>,
 }
 
 impl Q8Matrix {
@@ -78,6 +81,7 @@ impl Q8Matrix {
             k,
             qs: vec![0; n * k],
             scale: vec![f16::ZERO; n * k / 16],
+            min: Vec::new(),
         }
     }
 }
@@ -97,6 +101,30 @@ impl Unpacked {
         }
     }
 
+    /// Several matrices of one width, side by side: each run of neighbours in one layout
+    /// stacked into one matrix (see [`Self::stack`]), the runs kept in order.
+    pub fn stack_runs(parts: Vec<Unpacked>) -> Result<Vec<Unpacked>, QuantError> {
+        let mut runs: Vec<Unpacked> = Vec::new();
+        for p in parts {
+            if runs.last().is_some_and(|r| r.cols() != p.cols()) {
+                return Err(QuantError::Shape(
+                    "side-by-side matrices differ in width".into(),
+                ));
+            }
+            match runs.pop() {
+                Some(last) if std::mem::discriminant(&last) == std::mem::discriminant(&p) => {
+                    runs.push(Self::stack(vec![last, p])?)
+                }
+                Some(last) => runs.extend([last, p]),
+                None => runs.push(p),
+            }
+        }
+        if runs.is_empty() {
+            return Err(QuantError::Shape("nothing to stack".into()));
+        }
+        Ok(runs)
+    }
+
     /// The rows of several matrices of one layout and width, stacked: one matrix whose
     /// output is theirs side by side.
     pub fn stack(parts: Vec<Unpacked>) -> Result<Unpacked, QuantError> {
@@ -113,9 +141,16 @@ impl Unpacked {
                     a.min.extend(b.min);
                 }
                 (Unpacked::Q8(a), Unpacked::Q8(b)) if a.k == b.k => {
+                    // One part with a min and one without: the other's mins are zero.
+                    match (a.min.is_empty(), b.min.is_empty()) {
+                        (true, false) => a.min = vec![f16::ZERO; a.n * a.k / 32],
+                        (false, true) => a.min.resize(a.min.len() + b.n * b.k / 32, f16::ZERO),
+                        _ => {}
+                    }
                     a.n += b.n;
                     a.qs.extend(b.qs);
                     a.scale.extend(b.scale);
+                    a.min.extend(b.min);
                 }
                 _ => return Err(QuantError::Shape("stacked matrices differ".into())),
             }
@@ -135,7 +170,10 @@ impl Unpacked {
                 })
                 .collect(),
             Unpacked::Q8(m) => (0..m.n * m.k)
-                .map(|i| m.scale[i / 16].to_f32() * m.qs[i] as f32)
+                .map(|i| {
+                    let min = m.min.get(i / 32).map_or(0.0, |v| v.to_f32());
+                    m.scale[i / 16].to_f32() * m.qs[i] as f32 + min
+                })
                 .collect(),
         }
     }
@@ -143,8 +181,12 @@ impl Unpacked {
 
 /// A weight matrix used as `y = x · Wᵀ`.
 pub enum Linear {
-    /// Our kernels, on the CPU, with the pool that splits rows across threads.
-    Packed { w: Unpacked, pool: Arc<ThreadPool> },
+    /// Our kernels, on the CPU, with the pool that splits rows across threads: one matrix, or
+    /// several side by side where their layouts differ.
+    Packed {
+        parts: Vec<Unpacked>,
+        pool: Arc<ThreadPool>,
+    },
     /// candle's matmul; several parts are run one after another and concatenated.
     Candle(Vec<QMatMul>),
 }
@@ -152,8 +194,8 @@ pub enum Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Linear::Packed { w, pool } => x.contiguous()?.apply_op1_no_bwd(&PackedMatmulOp {
-                w,
+            Linear::Packed { parts, pool } => x.contiguous()?.apply_op1_no_bwd(&PackedMatmulOp {
+                parts,
                 pool: pool.as_ref(),
             }),
             Linear::Candle(parts) => {
@@ -173,7 +215,7 @@ impl Linear {
 
 /// The candle op that runs our kernel on an f32 CPU tensor `[.., k]` → `[.., n]`.
 struct PackedMatmulOp<'a> {
-    w: &'a Unpacked,
+    parts: &'a [Unpacked],
     pool: &'a ThreadPool,
 }
 
@@ -187,7 +229,8 @@ impl CustomOp1 for PackedMatmulOp<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (k, n) = (self.w.cols(), self.w.rows());
+        let k = self.parts[0].cols();
+        let n: usize = self.parts.iter().map(Unpacked::rows).sum();
         let dims = layout.shape().dims();
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!(
@@ -203,7 +246,7 @@ impl CustomOp1 for PackedMatmulOp<'_> {
         }
         let x = &data[start..end];
         let rows = x.len() / k;
-        let out = matmul(self.w, x, rows, self.pool);
+        let out = matmul_parts(self.parts, x, rows, self.pool);
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("non-empty") = n;
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))

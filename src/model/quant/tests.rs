@@ -6,15 +6,20 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use super::kernels::{q4_dot_portable, q4_row, q8_dot_portable, q8_row, Q8Acts};
+use super::kernels::{
+    min_term, q4_dot_portable, q4_row, q8_dot_portable, q8_row, q8_row_min, Q8Acts,
+};
 use super::*;
 
-const FORMATS: [GgmlDType; 5] = [
+const FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
     GgmlDType::Q6K,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q5K,
 ];
 
 fn random(len: usize, seed: u64) -> Vec<f32> {
@@ -63,7 +68,7 @@ fn unpacking_reproduces_candles_dequantization() {
         // Exact for the formats whose scales are f16 already. The K formats' scale products
         // are rounded to f16 (see `unpack`): `x = scale·q + min` may move by 2⁻¹¹ of
         // |scale·q| + |min|, which is at most three times the block's largest |x|.
-        let exact = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        let exact = !matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K);
         let ours = ours.dequantize();
         for (block, (a, b)) in ours.chunks(32).zip(reference.chunks(32)).enumerate() {
             let largest = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -152,7 +157,7 @@ fn simd_and_portable_agree() {
                     }
                     Unpacked::Q8(m) => {
                         let (qs, s) = q8_row(m, r);
-                        q8_dot_portable(qs, s, row)
+                        q8_dot_portable(qs, s, row) + min_term(q8_row_min(m, r), row)
                     }
                 };
                 let got = simd[t * 6 + r];
@@ -183,10 +188,51 @@ fn stacked_matrices_give_side_by_side_outputs() {
     assert!(Unpacked::stack(vec![stacked, c]).is_err());
 }
 
+/// A Q4_K_M file stores Q and K as Q4_K and V as Q6_K (and a Q5_K_M file mixes Q5_K with
+/// Q6_K): side by side they run as separate parts, with one quantization of the input.
+#[test]
+fn side_by_side_parts_of_different_layouts_give_each_ones_output() {
+    let k = 512;
+    let p = pool(2);
+    let x = random(5 * k, 11);
+    let formats = [
+        (GgmlDType::Q4K, 24),
+        (GgmlDType::Q4K, 8),
+        (GgmlDType::Q6K, 8),
+        (GgmlDType::Q5K, 16),
+        (GgmlDType::Q8_0, 40),
+    ];
+    let parts: Vec<Unpacked> = formats
+        .iter()
+        .enumerate()
+        .map(|(i, &(f, n))| quantized(f, n, k, 20 + i as u64).0)
+        .collect();
+    let alone: Vec<Vec<f32>> = parts.iter().map(|w| matmul(w, &x, 5, &p)).collect();
+    let runs = Unpacked::stack_runs(parts).unwrap();
+    // Q4_K+Q4_K stack; Q6_K, Q5_K and Q8_0 share the 8-bit layout (Q6_K has no min, Q5_K has).
+    assert_eq!(runs.len(), 2);
+    let n: usize = formats.iter().map(|f| f.1).sum();
+    let y = super::matmul_parts(&runs, &x, 5, &p);
+    for t in 0..5 {
+        let mut col = 0;
+        for (i, &(f, rows)) in formats.iter().enumerate() {
+            let got = &y[t * n + col..t * n + col + rows];
+            let want = &alone[i][t * rows..(t + 1) * rows];
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "{f:?} token {t}: {g} vs {w}"
+                );
+            }
+            col += rows;
+        }
+    }
+}
+
 #[test]
 fn malformed_input_is_refused() {
     assert!(matches!(
-        unpack::unpack(GgmlDType::Q5_0, &[0; 22], 1, 32),
+        unpack::unpack(GgmlDType::Q2K, &[0; 84], 1, 256),
         Err(QuantError::Format(_))
     ));
     assert!(matches!(

@@ -10,7 +10,10 @@
 //! - Q4_1: `x = d·q + m` → scale `d`, min `m`;
 //! - Q4_K: per 32-element sub-block `x = d·sc·q − dmin·m` → scale `d·sc`, min `−dmin·m`;
 //! - Q8_0: `x = d·q` → `q`, with `d` as the scale of both 16-element groups;
-//! - Q6_K: per 16-element group `x = d·sc·(q − 32)` → `q − 32`, scale `d·sc`.
+//! - Q6_K: per 16-element group `x = d·sc·(q − 32)` → `q − 32`, scale `d·sc`;
+//! - Q5_0: `x = d·(q − 16)` → `q − 16`, scale `d` (5 bits fit the 8-bit layout exactly);
+//! - Q5_1: `x = d·q + m` → `q`, scale `d`, and the 8-bit layout's optional `min` = `m`;
+//! - Q5_K: per 32-element sub-block `x = d·sc·q − dmin·m` → `q`, scale `d·sc`, min `−dmin·m`.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -29,6 +32,9 @@ fn block_geometry(dtype: GgmlDType) -> Option<(usize, usize)> {
         GgmlDType::Q8_0 => (34, 32),
         GgmlDType::Q4K => (144, 256),
         GgmlDType::Q6K => (210, 256),
+        GgmlDType::Q5_0 => (22, 32),
+        GgmlDType::Q5_1 => (24, 32),
+        GgmlDType::Q5K => (176, 256),
         _ => return None,
     })
 }
@@ -95,6 +101,7 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
             }
             Unpacked::Q4(m)
         }
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => unpack_q5(dtype, blocks, n, k),
         _ => {
             let mut m = Q8Matrix::zeros(n, k);
             let mut group = 0; // index of the 16-element group
@@ -136,6 +143,66 @@ pub fn unpack(dtype: GgmlDType, bytes: &[u8], n: usize, k: usize) -> Result<Unpa
             Unpacked::Q8(m)
         }
     })
+}
+
+/// The 5-bit formats, into the 8-bit layout (with a `min` for Q5_1 and Q5_K).
+fn unpack_q5<'a>(
+    dtype: GgmlDType,
+    blocks: impl Iterator<Item = &'a [u8]>,
+    n: usize,
+    k: usize,
+) -> Unpacked {
+    let mut m = Q8Matrix::zeros(n, k);
+    if dtype != GgmlDType::Q5_0 {
+        m.min = vec![f16::ZERO; n * k / 32];
+    }
+    let mut sub = 0; // index of the 32-element sub-block
+    for b in blocks {
+        if dtype == GgmlDType::Q5K {
+            // 256 elements: four runs of 64 share 32 bytes of `ql` (low nibbles first) and
+            // take their fifth bits from `qh`, two bit planes per run.
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let (scales, qh, ql) = (&b[4..16], &b[16..48], &b[48..176]);
+            for run in 0..4 {
+                for half in 0..2 {
+                    let j = 2 * run + half;
+                    let (sc, mn) = q4k_scale_min(j, scales);
+                    let bit = 1u8 << j;
+                    let base = sub * 32;
+                    for l in 0..32 {
+                        let low = (ql[run * 32 + l] >> (4 * half)) & 0x0F;
+                        let high = if qh[l] & bit != 0 { 16 } else { 0 };
+                        m.qs[base + l] = (low | high) as i8;
+                    }
+                    let scale = f16::from_f32(d * sc as f32);
+                    m.scale[2 * sub] = scale;
+                    m.scale[2 * sub + 1] = scale;
+                    m.min[sub] = f16::from_f32(-(dmin * mn as f32));
+                    sub += 1;
+                }
+            }
+            continue;
+        }
+        // Q5_0 and Q5_1: 32 elements; byte j of `qs` holds elements j (low nibble) and
+        // j + 16 (high), and bit j of the little-endian `qh` word is element j's fifth bit.
+        let (d, rest) = (f16_at(b, 0), if dtype == GgmlDType::Q5_1 { 4 } else { 2 });
+        let qh = u32::from_le_bytes([b[rest], b[rest + 1], b[rest + 2], b[rest + 3]]);
+        let qs = &b[rest + 4..rest + 20];
+        let offset = if dtype == GgmlDType::Q5_0 { 16 } else { 0 };
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            m.qs[sub * 32 + j] = (lo as i16 - offset) as i8;
+            m.qs[sub * 32 + j + 16] = (hi as i16 - offset) as i8;
+        }
+        m.scale[2 * sub] = f16::from_f32(d);
+        m.scale[2 * sub + 1] = f16::from_f32(d);
+        if dtype == GgmlDType::Q5_1 {
+            m.min[sub] = f16::from_f32(f16_at(b, 2));
+        }
+        sub += 1;
+    }
+    Unpacked::Q8(m)
 }
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K block, as ggml packs them.

@@ -1,120 +1,23 @@
-//! Llama-family decoder (Touvron et al., "LLaMA: Open and Efficient Foundation Language
-//! Models", 2023): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP,
-//! optionally tied input/output embeddings. Covers Llama 2/3, SmolLM/SmolLM2, TinyLlama.
+//! One decoder for every family idlerig runs (see [`super::config`] for the options that
+//! make it Llama, Qwen2/3, Phi-3 or Gemma 2/3): pre-norm transformer blocks with rotary
+//! embeddings, grouped-query attention and a gated MLP (Touvron et al., "LLaMA", 2023).
 //!
-//! Unlike candle-transformers' llama, one forward pass takes several sequences at different
+//! Unlike candle-transformers' models, one forward pass takes several sequences at different
 //! positions: their tokens are flattened into one `[tokens, hidden]` matrix for every matmul
-//! (where batching pays), and only attention runs per sequence against that sequence's cache.
+//! (where batching pays), and only attention runs per sequence against that sequence's cache,
+//! through one of two bodies: [`super::paged::attention`] (CPU) or [`super::dense`].
 
 use candle_core::{DType, Device, Tensor};
 
-use super::cache::{causal_mask, DenseBudget, SeqCache};
+use super::cache::{DenseBudget, SeqCache};
+use super::config::{Activation, ModelConfig};
+use super::dense::{attention_mask, dense_attention, Heads, RopeTensors};
 use super::paged::attention::PagedItem;
-use super::paged::{paged_attention, KvGeometry, KvPool, Rope};
+use super::paged::{paged_attention, AttnParams, KvGeometry, KvPool};
 use super::quant::Linear;
+use super::rope::Rope;
 use super::weights::Weights;
 use super::ModelError;
-
-/// Hyper-parameters of a llama-family model, read from GGUF metadata or `config.json`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_layers: usize,
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f32,
-    pub context_length: usize,
-    /// GGUF stores Q/K permuted for interleaved (GPT-J style) rotary pairs; Hugging Face
-    /// checkpoints rotate the two halves of each head (GPT-NeoX style).
-    pub rope_interleaved: bool,
-}
-
-/// Bounds a model file must keep: beyond them it is damaged or hostile, not just big.
-const MAX_CONTEXT: usize = 1 << 24;
-const MAX_VOCAB: usize = 1 << 22;
-const MAX_WIDTH: usize = 1 << 18;
-const MAX_LAYERS: usize = 1024;
-
-impl LlamaConfig {
-    /// Refuses a configuration no real model has, naming the field (in the file's own
-    /// convention: GGUF metadata keys, or config.json's), before any tensor is read.
-    pub fn validate(&self, gguf: bool) -> Result<(), ModelError> {
-        let key = |g: &str, h: &str| {
-            if gguf {
-                format!("llama.{g}")
-            } else {
-                h.to_string()
-            }
-        };
-        let bad = |k: String, v: &dyn std::fmt::Display, why: &str| {
-            Err(ModelError::Metadata(format!("`{k}` = {v}: {why}")))
-        };
-        let heads = key("attention.head_count", "num_attention_heads");
-        let kv = key("attention.head_count_kv", "num_key_value_heads");
-        if self.num_heads == 0 || self.num_heads > MAX_WIDTH {
-            return bad(heads, &self.num_heads, "needs at least one attention head");
-        }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
-            return bad(
-                kv,
-                &self.num_kv_heads,
-                &format!("must divide the {} query heads", self.num_heads),
-            );
-        }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > MAX_WIDTH {
-            let k = key("rope.dimension_count", "head_dim");
-            return bad(
-                k,
-                &self.head_dim,
-                "the head dimension must be even and positive (rotary pairs)",
-            );
-        }
-        let checks = [
-            (
-                key("embedding_length", "hidden_size"),
-                self.hidden_size,
-                MAX_WIDTH,
-            ),
-            (
-                key("feed_forward_length", "intermediate_size"),
-                self.intermediate_size,
-                MAX_WIDTH,
-            ),
-            (
-                key("block_count", "num_hidden_layers"),
-                self.num_layers,
-                MAX_LAYERS,
-            ),
-            (
-                key("context_length", "max_position_embeddings"),
-                self.context_length,
-                MAX_CONTEXT,
-            ),
-            (key("vocab_size", "vocab_size"), self.vocab_size, MAX_VOCAB),
-        ];
-        for (k, v, max) in checks {
-            if v == 0 || v > max {
-                return bad(k, &v, &format!("must be between 1 and {max}"));
-            }
-        }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            let k = key("attention.layer_norm_rms_epsilon", "rms_norm_eps");
-            return bad(k, &self.rms_norm_eps, "must be a positive number");
-        }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(
-                key("rope.freq_base", "rope_theta"),
-                &self.rope_theta,
-                "must be a positive number",
-            );
-        }
-        Ok(())
-    }
-}
 
 /// One sequence's part of a batched step: the tokens to run (a whole prompt, a chunk of it,
 /// or one decoded token) and its cache, whose length is the position of the first of them.
@@ -123,55 +26,29 @@ pub struct BatchItem<'a> {
     pub cache: &'a mut SeqCache,
 }
 
-struct RotaryEmbedding {
-    cos: Tensor,
-    sin: Tensor,
-    interleaved: bool,
-}
-
-impl RotaryEmbedding {
-    /// Tables in `dtype`, the activations' type (rotation needs both in one type).
-    fn new(cfg: &LlamaConfig, device: &Device, dtype: DType) -> Result<Self, ModelError> {
-        let half = cfg.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((cfg.context_length, 1))?;
-        let freqs = positions.broadcast_mul(&inv_freq)?;
-        Ok(Self {
-            cos: freqs.cos()?.to_dtype(dtype)?,
-            sin: freqs.sin()?.to_dtype(dtype)?,
-            interleaved: cfg.rope_interleaved,
-        })
-    }
-
-    /// Rotates `x` (`[1, heads, t, head_dim]`) whose first token sits at `pos`.
-    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        if self.interleaved {
-            candle_nn::rotary_emb::rope_i(x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(x, &cos, &sin)
-        }
-    }
+/// The rotation of one kind of layer, in both forms: tables for the paged body, tensors for
+/// the dense one.
+struct LayerRope {
+    tables: Rope,
+    tensors: RopeTensors,
 }
 
 struct Attention {
     /// Q, K and V stacked: one product, split by columns.
     qkv: Linear,
+    /// Their biases side by side (Qwen2).
+    qkv_bias: Option<Tensor>,
+    /// Per-head RMS norm weights of Q and K (Qwen3, Gemma 3).
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+    heads: Heads,
+    params: AttnParams,
+    /// Index into the decoder's rotations: 0 global, 1 windowed layers' own.
+    rope: usize,
 }
 
 impl Attention {
-    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+    fn load(w: &mut Weights, i: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let names = |gguf: &str, hf: &str| {
             (
                 format!("blk.{i}.attn_{gguf}"),
@@ -186,33 +63,98 @@ impl Attention {
         );
         let (hidden, q_out) = (cfg.hidden_size, cfg.num_heads * cfg.head_dim);
         let kv_out = cfg.num_kv_heads * cfg.head_dim;
-        Ok(Self {
-            qkv: w.linear(&[
+        let fused = (format!("blk.{i}.attn_qkv"), String::new());
+        let qkv = if w.has_gguf_tensor(&format!("{}.weight", fused.0)) {
+            // Phi-3: one matrix, rows already Q, K, V.
+            w.linear(&[(&fused.0, &fused.1, [q_out + 2 * kv_out, hidden])])?
+        } else {
+            w.linear(&[
                 (&q.0, &q.1, [q_out, hidden]),
                 (&k.0, &k.1, [kv_out, hidden]),
                 (&v.0, &v.1, [kv_out, hidden]),
-            ])?,
+            ])?
+        };
+        let bias = |name: &str, len: usize, w: &mut Weights| {
+            w.optional_vector(&format!("{name}.bias"), len)
+        };
+        let qkv_bias = match (
+            bias(&q.0, q_out, w)?,
+            bias(&k.0, kv_out, w)?,
+            bias(&v.0, kv_out, w)?,
+        ) {
+            (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+            (None, None, None) => None,
+            _ => {
+                return Err(ModelError::Metadata(format!(
+                    "layer {i} has biases for some of Q, K and V but not all"
+                )))
+            }
+        };
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                w.vector(
+                    &format!("blk.{i}.attn_q_norm.weight"),
+                    &format!("model.layers.{i}.self_attn.q_norm.weight"),
+                    cfg.head_dim,
+                )?,
+                w.vector(
+                    &format!("blk.{i}.attn_k_norm.weight"),
+                    &format!("model.layers.{i}.self_attn.k_norm.weight"),
+                    cfg.head_dim,
+                )?,
+            ))
+        } else {
+            None
+        };
+        let windowed = cfg.layer_is_windowed(i);
+        Ok(Self {
+            qkv,
+            qkv_bias,
+            qk_norm,
             o: w.linear(&[(&o.0, &o.1, [hidden, q_out])])?,
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
+            heads: Heads {
+                q: cfg.num_heads,
+                kv: cfg.num_kv_heads,
+                dim: cfg.head_dim,
+            },
+            params: AttnParams {
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+                window: if windowed { cfg.sliding_window } else { None },
+            },
+            rope: usize::from(windowed && cfg.local_rope.is_some()),
         })
     }
 
     /// `x` is `[tokens, hidden]` for all sequences, each item's rows in turn; `masks` holds
-    /// each item's causal mask (dense layout), built once per step.
+    /// each item's mask for this layer's kind (dense layout), built once per step.
     fn forward(
         &self,
         layer: usize,
         x: &Tensor,
         batch: &mut [BatchItem<'_>],
-        rope: &RotaryEmbedding,
-        paged: Option<(&mut KvPool, &Rope)>,
+        rope: &LayerRope,
+        pool: Option<&mut KvPool>,
         masks: &[Option<Tensor>],
+        eps: f32,
     ) -> candle_core::Result<Tensor> {
-        if let Some((pool, rope)) = paged {
-            let qkv = self.qkv.forward(x)?;
-            let rows = qkv.dim(0)?;
+        let mut qkv = self.qkv.forward(x)?;
+        if let Some(b) = &self.qkv_bias {
+            qkv = qkv.broadcast_add(b)?;
+        }
+        let Heads { q: h, kv, dim } = self.heads;
+        let rows = qkv.dim(0)?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            // RMS over each head's vector, before the rotation.
+            let norm = |m: Tensor, heads: usize, w: &Tensor| -> candle_core::Result<Tensor> {
+                let m = m.contiguous()?.reshape((rows * heads, dim))?;
+                candle_nn::ops::rms_norm(&m, w, eps)?.reshape((rows, heads * dim))
+            };
+            let q = norm(qkv.narrow(1, 0, h * dim)?, h, qn)?;
+            let k = norm(qkv.narrow(1, h * dim, kv * dim)?, kv, kn)?;
+            qkv = Tensor::cat(&[q, k, qkv.narrow(1, (h + kv) * dim, kv * dim)?], 1)?;
+        }
+        if let Some(pool) = pool {
             let mut data = qkv.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let items: Vec<PagedItem<'_>> = batch
                 .iter()
@@ -222,73 +164,27 @@ impl Attention {
                     tokens: b.tokens.len(),
                 })
                 .collect();
-            let out = paged_attention(pool, layer, rope, &items, &mut data);
-            let out = Tensor::from_vec(out, (rows, self.num_heads * self.head_dim), x.device())?;
+            let out = paged_attention(pool, layer, &rope.tables, self.params, &items, &mut data);
+            let out = Tensor::from_vec(out, (rows, h * dim), x.device())?;
             return self.o.forward(&out);
         }
-        let qkv = self.qkv.forward(x)?;
-        let (q_width, kv_width) = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
-        let q = qkv.narrow(1, 0, q_width)?;
-        let k = qkv.narrow(1, q_width, kv_width)?;
-        let v = qkv.narrow(1, q_width + kv_width, kv_width)?;
-        let mut outputs = Vec::with_capacity(batch.len());
-        let mut row = 0;
-        for (item, mask) in batch.iter_mut().zip(masks) {
-            let t = item.tokens.len();
-            let pos = item.cache.len();
-            let heads = |m: &Tensor, h: usize| -> candle_core::Result<Tensor> {
-                m.narrow(0, row, t)?
-                    .reshape((1, t, h, self.head_dim))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let qs = rope.apply(&heads(&q, self.num_heads)?, pos)?;
-            let ks = rope.apply(&heads(&k, self.num_kv_heads)?, pos)?;
-            let vs = heads(&v, self.num_kv_heads)?;
-            let (ck, cv) = item.cache.append(layer, &ks.squeeze(0)?, &vs.squeeze(0)?)?;
-            outputs.push(self.attend(&qs.squeeze(0)?, &ck, &cv, mask.as_ref())?);
-            row += t;
-        }
-        let out = if outputs.len() == 1 {
-            outputs.pop().expect("one")
-        } else {
-            Tensor::cat(&outputs, 0)?
-        };
+        let q = qkv.narrow(1, 0, h * dim)?;
+        let k = qkv.narrow(1, h * dim, kv * dim)?;
+        let v = qkv.narrow(1, (h + kv) * dim, kv * dim)?;
+        let mut items: Vec<(usize, &mut SeqCache)> = batch
+            .iter_mut()
+            .map(|b| (b.tokens.len(), &mut *b.cache))
+            .collect();
+        let out = dense_attention(
+            layer,
+            self.heads,
+            self.params,
+            &rope.tensors,
+            (&q, &k, &v),
+            &mut items,
+            masks,
+        )?;
         self.o.forward(&out)
-    }
-
-    /// Causal attention of `q` (`[heads, t, d]`) over the cache (`[kv_heads, pos + t, d]`,
-    /// views into the sequence's buffers: neither K nor V is copied). Query heads sharing a
-    /// KV head are folded into its rows, so grouped-query attention needs no copy of K or V
-    /// per query head.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let t = q.dim(1)?;
-        let groups = self.num_heads / self.num_kv_heads;
-        let kv_len = k.dim(1)?;
-        let q = q.reshape((self.num_kv_heads, groups * t, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((self.num_kv_heads, groups, t, kv_len))?
-                .broadcast_add(&mask.to_dtype(scores.dtype())?)?
-                .reshape((self.num_kv_heads, groups * t, kv_len))?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(v)?; // [kv_heads, groups * t, d]
-        out.reshape((self.num_heads, t, self.head_dim))?
-            .transpose(0, 1)?
-            .reshape((t, self.num_heads * self.head_dim))
     }
 }
 
@@ -297,10 +193,11 @@ struct Mlp {
     gate_up: Linear,
     down: Linear,
     intermediate: usize,
+    activation: Activation,
 }
 
 impl Mlp {
-    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+    fn load(w: &mut Weights, i: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
         let names = |gguf: &str, hf: &str| {
             (
                 format!("blk.{i}.ffn_{gguf}"),
@@ -313,13 +210,20 @@ impl Mlp {
             names("down", "down"),
         );
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            gate_up: w.linear(&[
+        let gate_up = if w.has_gguf_tensor(&format!("{}.weight", gate.0)) || !w.is_gguf() {
+            w.linear(&[
                 (&gate.0, &gate.1, [inter, hidden]),
                 (&up.0, &up.1, [inter, hidden]),
-            ])?,
+            ])?
+        } else {
+            // Phi-3: `ffn_up` holds the gate's rows, then the up projection's.
+            w.linear(&[(&up.0, &up.1, [2 * inter, hidden])])?
+        };
+        Ok(Self {
+            gate_up,
             down: w.linear(&[(&down.0, &down.1, [hidden, inter])])?,
             intermediate: cfg.intermediate_size,
+            activation: cfg.activation,
         })
     }
 
@@ -327,7 +231,12 @@ impl Mlp {
         let gate_up = self.gate_up.forward(x)?;
         let gate = gate_up.narrow(1, 0, self.intermediate)?;
         let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // candle's `gelu` is the tanh approximation, as ggml's.
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        self.down.forward(&(gate * up)?)
     }
 }
 
@@ -336,10 +245,12 @@ struct DecoderLayer {
     attn: Attention,
     mlp_norm: Tensor,
     mlp: Mlp,
+    /// Norms of the attention's and the MLP's outputs (Gemma).
+    post_norms: Option<(Tensor, Tensor)>,
 }
 
 impl DecoderLayer {
-    fn load(w: &mut Weights, i: usize, cfg: &LlamaConfig) -> Result<Self, ModelError> {
+    fn load(w: &mut Weights, i: usize, cfg: &ModelConfig) -> Result<Self, ModelError> {
         Ok(Self {
             attn_norm: w.vector(
                 &format!("blk.{i}.attn_norm.weight"),
@@ -353,29 +264,46 @@ impl DecoderLayer {
                 cfg.hidden_size,
             )?,
             mlp: Mlp::load(w, i, cfg)?,
+            post_norms: if cfg.post_norms {
+                Some((
+                    w.vector(
+                        &format!("blk.{i}.post_attention_norm.weight"),
+                        &format!("model.layers.{i}.post_attention_layernorm.weight"),
+                        cfg.hidden_size,
+                    )?,
+                    w.vector(
+                        &format!("blk.{i}.post_ffw_norm.weight"),
+                        &format!("model.layers.{i}.post_feedforward_layernorm.weight"),
+                        cfg.hidden_size,
+                    )?,
+                ))
+            } else {
+                None
+            },
         })
     }
 }
 
 /// The decoder: embeddings, layers, final norm and output head.
-pub struct Llama {
-    cfg: LlamaConfig,
+pub struct Decoder {
+    cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: Linear,
-    rope: RotaryEmbedding,
+    /// The global layers' rotation, then the windowed layers' own where they have one.
+    ropes: Vec<LayerRope>,
     device: Device,
     /// The CPU pool that runs every step when our kernels are in use: candle's own
     /// operations then run on it too, so one set of threads serves the whole forward pass.
     pool: Option<std::sync::Arc<rayon::ThreadPool>>,
-    /// The paged KV cache and its rotary tables (CPU); `None`: dense per-sequence caches.
-    kv: Option<(KvPool, Rope)>,
+    /// The paged KV cache (CPU); `None`: dense per-sequence caches.
+    kv: Option<KvPool>,
     /// The dense caches' admission budget (`--kv-cache-mb`); `None`: paged, or no limit.
     dense: Option<DenseBudget>,
 }
 
-impl Llama {
+impl Decoder {
     /// Builds the model from opened weights (see [`super::ModelFiles::open`]).
     /// `progress` hears the fraction loaded (0–1) after each layer. `kv_cache_mb` sizes the
     /// paged KV pool (CPU) or the dense caches' budget (CUDA, or `dense_kv`); 0: dense caches
@@ -417,15 +345,17 @@ impl Llama {
                 head_dim: cfg.head_dim,
             };
             let blocks = (kv_cache_mb << 20) / geo.block_bytes();
-            let rope = Rope::new(
-                cfg.head_dim,
-                cfg.rope_theta,
-                cfg.context_length,
-                cfg.rope_interleaved,
-            );
-            (KvPool::new(geo, blocks.max(1)), rope)
+            KvPool::new(geo, blocks.max(1))
         });
         let embed_dtype = embed.dtype();
+        let ropes = std::iter::once(&cfg.rope)
+            .chain(&cfg.local_rope)
+            .map(|r| {
+                let tables = Rope::new(r, cfg.head_dim, cfg.context_length);
+                let tensors = RopeTensors::new(&tables, device, embed_dtype)?;
+                Ok(LayerRope { tables, tensors })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let dense = (!paged && kv_cache_mb > 0).then(|| {
             // K and V of every layer, in the activations' type.
             let bytes =
@@ -438,7 +368,7 @@ impl Llama {
         Ok(Self {
             kv,
             dense,
-            rope: RotaryEmbedding::new(&cfg, device, embed_dtype)?,
+            ropes,
             norm: w.vector("output_norm.weight", "model.norm.weight", cfg.hidden_size)?,
             embed,
             layers,
@@ -449,7 +379,7 @@ impl Llama {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -493,23 +423,43 @@ impl Llama {
             .collect();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        if let Some(scale) = self.cfg.embed_scale {
+            x = (x * f64::from(scale))?;
+        }
         let eps = self.cfg.rms_norm_eps as f32;
-        let masks = if self.kv.is_some() {
-            vec![None; batch.len()]
-        } else {
-            batch
-                .iter()
-                .map(|b| causal_mask(b.tokens.len(), b.cache.len(), &self.device))
-                .collect::<candle_core::Result<Vec<_>>>()?
-        };
+        // The dense layout's masks, once per step for each kind of layer (global, windowed).
+        let (mut masks, mut windowed_masks) = (Vec::new(), Vec::new());
+        if self.kv.is_none() {
+            for b in batch.iter() {
+                let (t, pos) = (b.tokens.len(), b.cache.len());
+                masks.push(attention_mask(t, pos, None, &self.device)?);
+                if let Some(w) = self.cfg.sliding_window {
+                    windowed_masks.push(attention_mask(t, pos, Some(w), &self.device)?);
+                }
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let paged = self.kv.as_mut().map(|(pool, rope)| (pool, &*rope));
-            x = (x + layer
-                .attn
-                .forward(i, &h, batch, &self.rope, paged, &masks)?)?;
+            let layer_masks = if layer.attn.params.window.is_some() {
+                &windowed_masks
+            } else {
+                &masks
+            };
+            let rope = &self.ropes[layer.attn.rope];
+            let mut a =
+                layer
+                    .attn
+                    .forward(i, &h, batch, rope, self.kv.as_mut(), layer_masks, eps)?;
+            if let Some((post_attn, _)) = &layer.post_norms {
+                a = candle_nn::ops::rms_norm(&a, post_attn, eps)?;
+            }
+            x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            let mut m = layer.mlp.forward(&h)?;
+            if let Some((_, post_mlp)) = &layer.post_norms {
+                m = candle_nn::ops::rms_norm(&m, post_mlp, eps)?;
+            }
+            x = (x + m)?;
         }
         let mut last_rows = Vec::with_capacity(batch.len());
         let mut row = 0u32;
@@ -521,7 +471,11 @@ impl Llama {
         let last = Tensor::new(last_rows.as_slice(), &self.device)?;
         let x = x.index_select(&last, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(match self.cfg.final_softcap {
+            Some(c) => ((logits / f64::from(c))?.tanh()? * f64::from(c))?,
+            None => logits,
+        })
     }
 
     /// A fresh, empty cache for a new sequence.
@@ -537,7 +491,7 @@ impl Llama {
     /// budget is exhausted. Dense caches without a budget always have room.
     pub fn kv_reserve(&mut self, cache: &mut SeqCache, len: usize) -> bool {
         match (&mut self.kv, &mut self.dense) {
-            (Some((pool, _)), _) => pool.reserve(&mut cache.paged, len),
+            (Some(pool), _) => pool.reserve(&mut cache.paged, len),
             (None, Some(budget)) => budget.reserve(cache, len),
             (None, None) => true,
         }
@@ -545,7 +499,7 @@ impl Llama {
 
     /// Empties `cache` and gives its blocks back to the pool.
     pub fn kv_release(&mut self, cache: &mut SeqCache) {
-        if let Some((pool, _)) = &mut self.kv {
+        if let Some(pool) = &mut self.kv {
             pool.release(&mut cache.paged);
         }
         if let Some(budget) = &mut self.dense {
@@ -562,7 +516,7 @@ impl Llama {
             return 0;
         }
         match &mut self.kv {
-            Some((pool, _)) => {
+            Some(pool) => {
                 cache.len = pool.match_prefix(&mut cache.paged, tokens);
                 cache.len
             }
@@ -573,7 +527,7 @@ impl Llama {
     /// Offers the full blocks of `cache` to the prefix cache; `tokens` are the sequence's
     /// tokens, at least `cache.len()` of them.
     pub fn kv_commit(&mut self, cache: &mut SeqCache, tokens: &[u32]) {
-        if let Some((pool, _)) = &mut self.kv {
+        if let Some(pool) = &mut self.kv {
             pool.commit(&mut cache.paged, &tokens[..cache.len.min(tokens.len())]);
         }
     }
@@ -583,7 +537,7 @@ impl Llama {
     pub fn kv_usage(&self) -> Option<(usize, usize, usize)> {
         let per_block = super::paged::BLOCK_TOKENS;
         match (&self.kv, &self.dense) {
-            (Some((pool, _)), _) => {
+            (Some(pool), _) => {
                 let total = pool.alloc.total();
                 Some((total - pool.alloc.available(), total, per_block))
             }
