@@ -12,13 +12,13 @@ use candle_core::Device;
 use futures::StreamExt;
 use idlerig::api::ApiLimits;
 use idlerig::engine::EngineConfig;
-use idlerig::model::{BatchItem, Llama, LoadOptions, ModelFiles};
+use idlerig::model::{BatchItem, Decoder, LoadOptions, ModelFiles};
 use serde_json::{json, Value};
 
-fn load(kv_cache_mb: usize) -> Llama {
+fn load(kv_cache_mb: usize) -> Decoder {
     ModelFiles::open(&common::default_model_path())
         .unwrap()
-        .load_llama(
+        .load_model(
             &Device::Cpu,
             LoadOptions {
                 kv_cache_mb,
@@ -77,7 +77,7 @@ fn paged_attention_matches_the_dense_path_in_batches_at_different_positions() {
         paged.new_cache(),
     );
     // Prefill of one, then both in one step at different positions, then decode steps.
-    let run = |m: &mut Llama, items: &mut [BatchItem<'_>]| {
+    let run = |m: &mut Decoder, items: &mut [BatchItem<'_>]| {
         m.forward(items).unwrap().to_vec2::<f32>().unwrap()
     };
     let x = run(

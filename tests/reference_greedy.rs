@@ -63,7 +63,7 @@ async fn agrees_with_llama_cpp(options: LoadOptions) {
         .expect("reference JSON");
     let files = idlerig::model::ModelFiles::open(&common::default_model_path()).unwrap();
     let mut llama = files
-        .load_llama(&candle_core::Device::Cpu, options)
+        .load_model(&candle_core::Device::Cpu, options)
         .unwrap();
     let mut engine_cfg = EngineConfig::default();
     engine_cfg.model = options;

@@ -127,7 +127,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
 
     let mut hf = ModelFiles::open(&dir)
         .unwrap()
-        .load_llama(&Device::Cpu, Default::default())
+        .load_model(&Device::Cpu, Default::default())
         .unwrap();
     // The HF directory holds the GGUF's weights dequantized to f32. What is checked here is
     // the loader (names, Q/K un-permutation, rotary halves, tied head), so the GGUF side runs
@@ -136,7 +136,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
     // against llama.cpp in reference_greedy.rs.
     let mut gg = ModelFiles::open(&gguf_path)
         .unwrap()
-        .load_llama(
+        .load_model(
             &Device::Cpu,
             idlerig::model::LoadOptions {
                 own_kernels: false,
@@ -149,7 +149,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
     // logits within f16's rounding over 30 layers.
     let mut half = ModelFiles::open(&dir)
         .unwrap()
-        .load_llama(
+        .load_model(
             &Device::Cpu,
             idlerig::model::LoadOptions {
                 dtype: Some(candle_core::DType::F16),
@@ -163,7 +163,7 @@ fn hf_directory_matches_the_gguf_it_was_made_from() {
     let mut half_max_diff = 0f32;
     /// One step of `model` on `tokens`: the last token's logits.
     fn step(
-        model: &mut idlerig::model::Llama,
+        model: &mut idlerig::model::Decoder,
         cache: &mut idlerig::model::SeqCache,
         tokens: &[u32],
     ) -> Vec<f32> {
