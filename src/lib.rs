@@ -7,7 +7,10 @@
 //!   error envelope.
 //! - [`engine`]: the engine thread that owns the model and KV caches and batches sequences;
 //!   tokenizer, chat template, sampling, stop strings.
-//! - [`model`]: our own llama-family model code on candle, loaded from GGUF or safetensors.
+//! - [`model`]: our own decoder on candle (Llama, Qwen2/3, Phi-3, Gemma 2/3), loaded from GGUF
+//!   or safetensors.
+//! - [`embed`]: embedding models (a BERT encoder with sentence-transformers pooling) for
+//!   `/v1/embeddings`, batched on a thread of their own.
 //! - [`mining`]: SHA-256d, block headers and targets, the CPU miner, and the GPU miner over a
 //!   scan launcher (CUDA, or the CPU stand-in that runs the same kernel source).
 //! - [`arbiter`]: who has the device now; inference always wins.
@@ -21,6 +24,7 @@ pub mod api;
 pub mod arbiter;
 pub mod bench;
 pub mod config;
+pub mod embed;
 pub mod engine;
 pub mod log_limit;
 pub mod mining;

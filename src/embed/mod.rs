@@ -1,0 +1,267 @@
+//! Embedding models: a sentence-transformers directory (BERT weights, `tokenizer.json`, its
+//! pooling and normalisation modules) served for `/v1/embeddings`. One thread owns the
+//! encoder; the [`Embedder`] handle tokenizes on the caller's side and sends token ids, and
+//! the thread batches whatever requests are waiting into padded forward passes.
+
+mod bert;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+pub use bert::{Bert, BertConfig};
+
+/// Why an embedding model could not be loaded or run.
+#[derive(Debug, Error)]
+pub enum EmbedError {
+    #[error("embedding model: {0}")]
+    Load(String),
+    #[error("embedding failed: {0}")]
+    Failed(String),
+    #[error("the embedding model has stopped")]
+    Stopped,
+}
+
+/// How token states become one vector (sentence-transformers' `1_Pooling/config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+}
+
+/// Tokens of padded batch (inputs × longest) one forward pass takes at most.
+const BATCH_TOKENS: usize = 8192;
+/// Requests waiting for the encoder thread; past this, senders wait their turn.
+const QUEUE: usize = 256;
+
+/// The sentence-transformers pipeline around the encoder: pooling, normalisation, the
+/// longest input it was trained for.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub pooling: Pooling,
+    pub normalize: bool,
+    pub max_tokens: usize,
+}
+
+impl Pipeline {
+    /// Reads `1_Pooling/config.json`, `modules.json` and `sentence_bert_config.json`; a
+    /// directory without them is pooled by mean and normalised, as sentence-transformers does
+    /// for a plain BERT.
+    pub fn read(dir: &Path, cfg: &BertConfig) -> Result<Self, EmbedError> {
+        let json = |name: &str| -> Result<Option<serde_json::Value>, EmbedError> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| EmbedError::Load(format!("{}: {e}", path.display()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(EmbedError::Load(format!("{}: {e}", path.display()))),
+            }
+        };
+        let pooling = match json("1_Pooling/config.json")? {
+            None => Pooling::Mean,
+            Some(p) => {
+                let on = |k: &str| p.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+                match (
+                    on("pooling_mode_mean_tokens"),
+                    on("pooling_mode_cls_token"),
+                    on("pooling_mode_max_tokens"),
+                ) {
+                    (true, false, false) => Pooling::Mean,
+                    (false, true, false) => Pooling::Cls,
+                    (false, false, true) => Pooling::Max,
+                    _ => {
+                        return Err(EmbedError::Load(
+                            "1_Pooling/config.json: idlerig pools by exactly one of mean, CLS \
+                             or max"
+                                .into(),
+                        ))
+                    }
+                }
+            }
+        };
+        let normalize = match json("modules.json")? {
+            None => true,
+            Some(m) => m.as_array().is_some_and(|mods| {
+                mods.iter().any(|x| {
+                    x.get("type").and_then(|t| t.as_str())
+                        == Some("sentence_transformers.models.Normalize")
+                })
+            }),
+        };
+        let max_tokens = json("sentence_bert_config.json")?
+            .and_then(|c| c.get("max_seq_length").and_then(|v| v.as_u64()))
+            .map_or(cfg.max_position_embeddings, |m| m as usize)
+            .min(cfg.max_position_embeddings);
+        Ok(Self {
+            pooling,
+            normalize,
+            max_tokens,
+        })
+    }
+
+    /// One vector per input from the encoder's states `[b, t, h]` and mask `[b, t]`.
+    fn pool(&self, states: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let m = mask.unsqueeze(D::Minus1)?; // [b, t, 1]
+        let pooled = match self.pooling {
+            Pooling::Mean => states
+                .broadcast_mul(&m)?
+                .sum(1)?
+                .broadcast_div(&m.sum(1)?)?,
+            Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Max => {
+                // Padding can never be the maximum.
+                let hide = ((m.ones_like()? - &m)? * -1e30)?;
+                states.broadcast_add(&hide)?.max(1)?
+            }
+        };
+        if !self.normalize {
+            return Ok(pooled);
+        }
+        let norm = pooled
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        pooled.broadcast_div(&norm)
+    }
+}
+
+/// One request's inputs (token ids) and where its vectors go.
+struct Job {
+    inputs: Vec<Vec<u32>>,
+    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>,
+}
+
+/// The handle the API holds: the model's facts, its tokenizer, and the way to its thread.
+#[derive(Clone)]
+pub struct Embedder {
+    pub id: String,
+    pub dimensions: usize,
+    pub max_tokens: usize,
+    pub vocab_size: usize,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Embedder {
+    /// Loads the model in `dir` on `device` and starts its thread.
+    pub fn load(dir: &Path, id: String, device: &Device) -> Result<Self, EmbedError> {
+        let cfg = BertConfig::read(dir)?;
+        let pipeline = Pipeline::read(dir, &cfg)?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| EmbedError::Load(format!("{}: {e}", tok_path.display())))?;
+        // Its file pads and truncates to 128; idlerig pads per batch and refuses what is too
+        // long instead of cutting it.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| EmbedError::Load(e.to_string()))?;
+        tokenizer.with_padding(None);
+        let model = Bert::load(dir, cfg.clone(), device)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let max_tokens = pipeline.max_tokens;
+        std::thread::Builder::new()
+            .name("idlerig-embed".into())
+            .spawn(move || run(model, pipeline, rx))
+            .map_err(|e| EmbedError::Load(format!("cannot start its thread: {e}")))?;
+        Ok(Self {
+            id,
+            dimensions: cfg.hidden_size,
+            max_tokens,
+            vocab_size: cfg.vocab_size,
+            tokenizer: Arc::new(tokenizer),
+            jobs: tx,
+        })
+    }
+
+    /// The token ids of `text`, with the model's special tokens ([CLS] … [SEP]).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        self.tokenizer
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| EmbedError::Failed(format!("tokenizer: {e}")))
+    }
+
+    /// One vector per input, in order. Inputs must be non-empty, within `max_tokens` and
+    /// the vocabulary (the API checks).
+    pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { inputs, reply })
+            .await
+            .map_err(|_| EmbedError::Stopped)?;
+        answer.await.map_err(|_| EmbedError::Stopped)?
+    }
+}
+
+/// The encoder's thread: takes every request waiting, runs their inputs sorted by length in
+/// padded batches of at most [`BATCH_TOKENS`], and answers each. Ends when every handle is
+/// dropped.
+fn run(model: Bert, pipeline: Pipeline, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        let mut queued: usize = jobs[0].inputs.iter().map(Vec::len).sum();
+        while queued < 4 * BATCH_TOKENS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    queued += job.inputs.iter().map(Vec::len).sum::<usize>();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut order: Vec<(usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, job)| (0..job.inputs.len()).map(move |i| (j, i)))
+            .collect();
+        order.sort_by_key(|&(j, i)| jobs[j].inputs[i].len());
+        let mut results: Vec<Vec<Vec<f32>>> = jobs
+            .iter()
+            .map(|j| vec![Vec::new(); j.inputs.len()])
+            .collect();
+        let mut failure = None;
+        let mut start = 0;
+        while start < order.len() && failure.is_none() {
+            // Sorted by length: the batch's last input is its longest.
+            let mut end = start + 1;
+            while end < order.len() {
+                let (j, i) = order[end];
+                if (end + 1 - start) * jobs[j].inputs[i].len() > BATCH_TOKENS {
+                    break;
+                }
+                end += 1;
+            }
+            let batch: Vec<&[u32]> = order[start..end]
+                .iter()
+                .map(|&(j, i)| jobs[j].inputs[i].as_slice())
+                .collect();
+            match model
+                .encode(&batch)
+                .and_then(|(states, mask)| pipeline.pool(&states, &mask))
+                .and_then(|v| v.to_vec2::<f32>())
+            {
+                Ok(vectors) => {
+                    for (&(j, i), v) in order[start..end].iter().zip(vectors) {
+                        results[j][i] = v;
+                    }
+                }
+                Err(e) => failure = Some(e.to_string()),
+            }
+            start = end;
+        }
+        for (job, result) in jobs.into_iter().zip(results) {
+            let answer = match &failure {
+                Some(e) => Err(EmbedError::Failed(e.clone())),
+                None => Ok(result),
+            };
+            // A caller that went away no longer wants its answer.
+            let _ = job.reply.send(answer);
+        }
+    }
+}
