@@ -38,6 +38,8 @@ pub enum ServerError {
     MiningDevice(String),
     #[error("the model failed to load: {0}")]
     ModelLoad(String),
+    #[error(transparent)]
+    Embedding(#[from] crate::embed::EmbedError),
 }
 
 /// The device the miner runs on, chosen from `--mine-device` and `--device`.
@@ -244,6 +246,19 @@ pub async fn start(
     let (engine_tx, engine_rx) = watch::channel(None);
     let mut state = AppState::new(model_id.clone(), load_rx, args.api_limits())
         .with_keys(keys, args.access.metrics_require_key);
+    if let Some(dir) = args.embedding_model_path().map_err(ServerError::Config)? {
+        // Small (MiniLM: 91 MB, mapped): loaded before serving, on the CPU.
+        let id = dir
+            .file_name()
+            .map_or_else(|| "embedding".into(), |n| n.to_string_lossy().into_owned());
+        let embedder = tokio::task::spawn_blocking(move || {
+            crate::embed::Embedder::load(&dir, id, &candle_core::Device::Cpu)
+        })
+        .await
+        .map_err(|e| ServerError::Config(format!("embedding model: {e}")))??;
+        tracing::info!(model = %embedder.id, dimensions = embedder.dimensions, "serving embeddings on /v1/embeddings");
+        state = state.with_embedder(embedder);
+    }
     // The arbiter stops first at shutdown, the pool session last (after the last shares).
     let (arbiter_stop_tx, arbiter_stop) = watch::channel(false);
     let (pool_stop_tx, pool_stop) = watch::channel(false);

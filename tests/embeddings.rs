@@ -8,13 +8,33 @@
 mod common;
 
 use base64::Engine as _;
+use idlerig::api::{ApiLimits, LoadState};
 use idlerig::embed::Embedder;
-use serde_json::Value;
+use serde_json::{json, Value};
+
+const ID: &str = "all-minilm-l6-v2";
 
 fn minilm() -> Embedder {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
-    Embedder::load(&dir, "all-MiniLM-L6-v2".into(), &candle_core::Device::Cpu)
+    Embedder::load(&dir, ID.into(), &candle_core::Device::Cpu)
         .expect("models/fetch has put all-MiniLM-L6-v2 in place")
+}
+
+fn f32s_of_base64(b64: &str) -> Vec<f32> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -39,13 +59,7 @@ async fn minilm_embeddings_match_llama_cpp() {
         let ids = embedder.tokenize(text).unwrap();
         let theirs: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
         assert_eq!(ids, theirs, "tokens of {text:?}");
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(case["embedding_f32_base64"].as_str().unwrap())
-            .unwrap();
-        let v: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let v = f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
         inputs.push(ids);
         wanted.push(v);
     }
@@ -70,4 +84,143 @@ async fn minilm_embeddings_match_llama_cpp() {
         }
     }
     eprintln!("all-MiniLM-L6-v2 vs llama.cpp: lowest cosine over 50 sentences {worst:.7}");
+}
+
+/// `/v1/embeddings` as OpenAI's clients use it, served while the chat model is still loading
+/// (the two are independent): each input form, both encodings, usage, and a clear 4xx for
+/// every input it refuses, including a model on the wrong endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
+    let reference: Value =
+        serde_json::from_str(include_str!("reference/minilm_embeddings.json")).unwrap();
+    let case = &reference["cases"][0];
+    let text = case["text"].as_str().unwrap();
+    let want = f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
+    let embedder = minilm();
+    let server = common::spawn_app_with(LoadState::Loading(0.5), ApiLimits::default(), |app| {
+        app.with_embedder(embedder)
+    })
+    .await;
+
+    let (status, body) = server
+        .post("/v1/embeddings", json!({"input": text, "model": ID}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], ID);
+    assert_eq!(body["data"][0]["object"], "embedding");
+    assert_eq!(body["data"][0]["index"], 0);
+    let one = floats(&body["data"][0]["embedding"]);
+    assert_eq!(one.len(), 384);
+    assert!(cosine(&one, &want) >= 0.9999);
+    let n_tokens = case["tokens"].as_array().unwrap().len();
+    assert_eq!(body["usage"]["prompt_tokens"], n_tokens);
+    assert_eq!(body["usage"]["total_tokens"], n_tokens);
+
+    // Several texts keep their order; base64 carries the same vectors; token ids (without
+    // [CLS]/[SEP], which idlerig adds) embed as their text does.
+    let texts = ["first sentence", text, "a third one"];
+    let (status, floats_body) = server.post("/v1/embeddings", json!({"input": texts})).await;
+    assert_eq!(status, 200, "{floats_body}");
+    let (status, b64_body) = server
+        .post(
+            "/v1/embeddings",
+            json!({"input": texts, "encoding_format": "base64", "dimensions": 384}),
+        )
+        .await;
+    assert_eq!(status, 200, "{b64_body}");
+    for i in 0..3 {
+        assert_eq!(floats_body["data"][i]["index"], i);
+        let f = floats(&floats_body["data"][i]["embedding"]);
+        let b = f32s_of_base64(b64_body["data"][i]["embedding"].as_str().unwrap());
+        assert_eq!(f, b, "input {i}: float and base64 agree");
+    }
+    assert!(cosine(&floats(&floats_body["data"][1]["embedding"]), &want) >= 0.9999);
+    let ids: Vec<u64> = serde_json::from_value(case["tokens"].clone()).unwrap();
+    let inner = &ids[1..ids.len() - 1];
+    for input in [json!(inner), json!([inner, inner])] {
+        let (status, body) = server.post("/v1/embeddings", json!({"input": input})).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(cosine(&floats(&body["data"][0]["embedding"]), &want) >= 0.9999);
+    }
+
+    // Refusals: status, the parameter, and words that say what to do.
+    let long = "word ".repeat(300);
+    for (body, code, param, words) in [
+        (
+            json!({"input": text, "dimensions": 128}),
+            400,
+            "dimensions",
+            "does not support `dimensions`",
+        ),
+        (
+            json!({"input": text, "encoding_format": "int8"}),
+            400,
+            "encoding_format",
+            "base64",
+        ),
+        (json!({"input": ""}), 400, "input", "empty"),
+        (json!({"input": []}), 400, "input", "1 to 2048"),
+        (json!({"input": [[]]}), 400, "input[0]", "empty"),
+        (
+            json!({"input": [5, 99999]}),
+            400,
+            "input",
+            "outside the vocabulary",
+        ),
+        (json!({"input": long}), 400, "input", "nothing is truncated"),
+        (
+            json!({"input": text, "model": "SmolLM2-135M-Instruct.Q4_1"}),
+            400,
+            "model",
+            "chat model",
+        ),
+        (
+            json!({"input": text, "model": "nope"}),
+            404,
+            "model",
+            "does not exist",
+        ),
+        (json!({"input": 7.5}), 400, "input", ""),
+    ] {
+        let (status, got) = server.post("/v1/embeddings", body.clone()).await;
+        assert_eq!(status, code, "{body} -> {got}");
+        assert_eq!(got["error"]["param"], param, "{body} -> {got}");
+        let message = got["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{body} -> {message}");
+    }
+    let (status, got) = server
+        .post(
+            "/v1/chat/completions",
+            json!({"model": ID, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{got}");
+    assert!(got["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/embeddings"));
+
+    let models = server.get("/v1/models").await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["SmolLM2-135M-Instruct.Q4_1", ID]);
+}
+
+/// Without an embedding model the route says so (404, and the flag to start one with).
+#[tokio::test]
+async fn without_an_embedding_model_the_route_says_how_to_serve_one() {
+    let server = common::spawn_app(LoadState::Loading(0.0), ApiLimits::default()).await;
+    let (status, got) = server
+        .post("/v1/embeddings", json!({"input": "hello"}))
+        .await;
+    assert_eq!(status, 404, "{got}");
+    assert!(got["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--embedding-model"));
 }

@@ -30,7 +30,10 @@ use super::wire::{ChatRequest, CompletionRequest, Usage};
 use super::AppState;
 
 /// Reads the body as one JSON object.
-fn parse_json(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+pub(super) fn parse_json(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Value, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::payload_too_large(limit)
@@ -48,7 +51,7 @@ fn parse_json(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value
 }
 
 /// Deserializes `T` from the body, naming the field at fault in the error (`messages[0].role`).
-fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+pub(super) fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
@@ -135,7 +138,22 @@ async fn answer<R: Send + 'static>(
     // keeps the miner off.
     let _admitted = state.admit();
     let limit = state.limits.max_body_bytes;
-    let req = off_runtime(move || parse(&parse_json(body, limit)?)).await?;
+    let embedding_model = state.embedder.as_ref().map(|e| e.id.clone());
+    let req = off_runtime(move || {
+        let v = parse_json(body, limit)?;
+        // The embedding model named where text is generated: say which endpoint it is for.
+        if let (Some(m), Some(e)) = (v.get("model").and_then(Value::as_str), &embedding_model) {
+            if m == e {
+                return Err(ApiError::invalid(
+                    "model",
+                    format!("`{m}` is an embedding model; use it on /v1/embeddings"),
+                )
+                .with_code("model_not_supported"));
+            }
+        }
+        parse(&v)
+    })
+    .await?;
     let model = state.ready_model()?;
     let (m, limits) = (model.clone(), state.limits.clone());
     let request = off_runtime(move || validate(req, &m, &limits)).await?;
@@ -144,7 +162,7 @@ async fn answer<R: Send + 'static>(
 }
 
 /// Runs `f` on the blocking pool.
-async fn off_runtime<T: Send + 'static>(
+pub(super) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -196,12 +214,15 @@ async fn generate(
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: vec![ModelCard {
-            id: state.model_id.clone(),
-            object: "model".into(),
-            created: state.started_at,
-            owned_by: "idlerig".into(),
-        }],
+        data: std::iter::once(state.model_id.clone())
+            .chain(state.embedder.as_ref().map(|e| e.id.clone()))
+            .map(|id| ModelCard {
+                id,
+                object: "model".into(),
+                created: state.started_at,
+                owned_by: "idlerig".into(),
+            })
+            .collect(),
     })
 }
 

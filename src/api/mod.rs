@@ -5,6 +5,7 @@
 mod auth;
 mod context;
 mod dashboard;
+mod embeddings;
 mod error;
 mod handlers;
 mod lifecycle;
@@ -64,6 +65,8 @@ pub struct AppState {
     telemetry: Option<Telemetry>,
     metrics: Option<Arc<Metrics>>,
     snapshot: Option<watch::Receiver<TelemetrySnapshot>>,
+    /// The embedding model, when one is served (`/v1/embeddings`).
+    embedder: Option<crate::embed::Embedder>,
 }
 
 impl AppState {
@@ -82,7 +85,14 @@ impl AppState {
             telemetry: None,
             metrics: None,
             snapshot: None,
+            embedder: None,
         }
+    }
+
+    /// Serves `embedder` on `/v1/embeddings` and lists it in `/v1/models`.
+    pub fn with_embedder(mut self, embedder: crate::embed::Embedder) -> Self {
+        self.embedder = Some(embedder);
+        self
     }
 
     /// Serves alongside the miner: requests pre-empt it through `gate`; `/v1/status` shows
@@ -154,6 +164,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/status", get(handlers::status))
         .route_layer(keyed.clone());

@@ -29,6 +29,7 @@ use super::{AppState, LoadState};
     paths(
         super::handlers::chat_completions,
         super::handlers::completions,
+        super::embeddings::embeddings,
         super::handlers::list_models,
         super::handlers::status,
         super::handlers::health,
@@ -58,7 +59,20 @@ impl Modify for BearerAuth {
 /// The document for this server: the static part is generated once; the served model's
 /// name, the operator's limits and, once it is loaded, the model's vocabulary are filled in,
 /// so that a client (or a fuzzer) sees the values validation takes.
-pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String {
+/// The facts of the embedding model the document describes, when one is served.
+pub struct EmbeddingFacts<'a> {
+    pub id: &'a str,
+    pub vocab: usize,
+    pub dimensions: usize,
+    pub max_tokens: usize,
+}
+
+pub fn document(
+    model: &str,
+    limits: &ApiLimits,
+    vocab: Option<usize>,
+    embedding: Option<EmbeddingFacts<'_>>,
+) -> String {
     static STATIC: LazyLock<Value> =
         LazyLock::new(|| serde_json::to_value(ApiDoc::openapi()).unwrap_or(Value::Null));
     let mut doc = STATIC.clone();
@@ -137,6 +151,32 @@ pub fn document(model: &str, limits: &ApiLimits, vocab: Option<usize>) -> String
         {"type": "array", "items": text, "minItems": 1, "maxItems": 1},
         {"type": "array", "items": tokens, "minItems": 1, "maxItems": 1},
     ]);
+    match embedding {
+        None => {
+            if let Some(paths) = doc["paths"].as_object_mut() {
+                paths.remove("/v1/embeddings");
+            }
+        }
+        Some(e) => {
+            let schemas = &mut doc["components"]["schemas"];
+            let req = &mut schemas["EmbeddingRequest"]["properties"];
+            req["model"]["enum"] = json!([e.id, "", null]);
+            req["encoding_format"]["enum"] = json!(["float", "base64", null]);
+            req["dimensions"]["enum"] = json!([e.dimensions, null]);
+            // [CLS] and [SEP] come on top of the input's own tokens.
+            let room = e.max_tokens.saturating_sub(2).max(1);
+            let text = json!({"type": "string", "minLength": 1, "maxLength": room});
+            let token =
+                json!({"type": "integer", "minimum": 0, "maximum": e.vocab.saturating_sub(1)});
+            let tokens = json!({"type": "array", "items": token, "minItems": 1, "maxItems": room});
+            schemas["EmbeddingInput"]["oneOf"] = json!([
+                text,
+                {"type": "array", "items": text, "minItems": 1, "maxItems": super::embeddings::MAX_INPUTS},
+                tokens,
+                {"type": "array", "items": tokens, "minItems": 1, "maxItems": super::embeddings::MAX_INPUTS},
+            ]);
+        }
+    }
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
@@ -150,7 +190,17 @@ pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
     };
     (
         [(header::CONTENT_TYPE, "application/json")],
-        document(&state.model_id, &state.limits, vocab),
+        document(
+            &state.model_id,
+            &state.limits,
+            vocab,
+            state.embedder.as_ref().map(|e| EmbeddingFacts {
+                id: &e.id,
+                vocab: e.vocab_size,
+                dimensions: e.dimensions,
+                max_tokens: e.max_tokens,
+            }),
+        ),
     )
 }
 
@@ -228,6 +278,9 @@ mod tests {
             ("CompletionFields", "best_of"),
             ("WireMessage", "role"),
             ("ContentPart", "type"),
+            ("EmbeddingRequest", "model"),
+            ("EmbeddingRequest", "encoding_format"),
+            ("EmbeddingRequest", "dimensions"),
         ] {
             assert!(
                 schemas[name]["properties"][field].is_object(),
@@ -236,6 +289,7 @@ mod tests {
         }
         assert!(schemas["OneOrMany"]["oneOf"].is_array());
         assert!(schemas["Prompt"]["oneOf"].is_array());
+        assert!(schemas["EmbeddingInput"]["oneOf"].is_array());
         let refs = |name: &str| schemas[name]["allOf"].to_string();
         assert!(refs("ChatCompletionRequest").contains("CommonParams"));
         assert!(refs("ChatCompletionRequest").contains("ChatFields"));
@@ -244,12 +298,30 @@ mod tests {
 
     #[test]
     fn the_document_is_openapi_3_1_and_lists_every_route() {
-        let doc: Value =
-            serde_json::from_str(&document("m", &ApiLimits::default(), Some(49152))).unwrap();
+        let facts = EmbeddingFacts {
+            id: "e",
+            vocab: 30522,
+            dimensions: 384,
+            max_tokens: 256,
+        };
+        let doc: Value = serde_json::from_str(&document(
+            "m",
+            &ApiLimits::default(),
+            Some(49152),
+            Some(facts),
+        ))
+        .unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
+        let without: Value =
+            serde_json::from_str(&document("m", &ApiLimits::default(), None, None)).unwrap();
+        assert!(
+            without["paths"]["/v1/embeddings"].is_null(),
+            "no embedding model, no /v1/embeddings in the document"
+        );
         for path in [
             "/v1/chat/completions",
             "/v1/completions",
+            "/v1/embeddings",
             "/v1/models",
             "/v1/status",
             "/health",

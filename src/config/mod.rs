@@ -207,6 +207,9 @@ impl ModelArgs {
     }
 }
 
+/// Where `models/fetch` puts the default embedding model, relative to the repository.
+pub const DEFAULT_EMBEDDING_MODEL_RELATIVE: &str = "models/all-minilm-l6-v2";
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// TOML file of settings: keys are the long flag names (`port = 8080`, `api-key = ["k1"]`).
@@ -215,6 +218,11 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Embedding model served on /v1/embeddings beside the chat model: a sentence-transformers
+    /// directory (BERT: config.json, model.safetensors, tokenizer.json), run on the CPU.
+    /// Default: all-MiniLM-L6-v2 from `models/fetch`, when it is there. `none`: no embeddings.
+    #[arg(long, env = "IDLERIG_EMBEDDING_MODEL")]
+    pub embedding_model: Option<String>,
     /// Address to listen on. The default accepts only local clients.
     #[arg(long, env = "IDLERIG_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
@@ -285,6 +293,31 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The embedding model to serve: the flag's path (which must exist), none with `none`,
+    /// else the default one where `models/fetch` put it (under the current directory or the
+    /// source tree), or none when it is not there.
+    pub fn embedding_model_path(&self) -> Result<Option<PathBuf>, String> {
+        match self.embedding_model.as_deref() {
+            Some("none") => Ok(None),
+            Some(p) => {
+                let path = PathBuf::from(p);
+                if path.is_dir() {
+                    Ok(Some(path))
+                } else {
+                    Err(format!(
+                        "--embedding-model {p}: no such directory (a sentence-transformers model,                          or `none`)"
+                    ))
+                }
+            }
+            None => Ok([
+                PathBuf::from(DEFAULT_EMBEDDING_MODEL_RELATIVE),
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_EMBEDDING_MODEL_RELATIVE),
+            ]
+            .into_iter()
+            .find(|p| p.join("model.safetensors").exists())),
+        }
+    }
+
     pub fn api_limits(&self) -> ApiLimits {
         ApiLimits {
             max_body_bytes: self.max_body_bytes,

@@ -187,6 +187,21 @@ impl Embedder {
             .map_err(|e| EmbedError::Failed(format!("tokenizer: {e}")))
     }
 
+    /// `ids` (the model's ordinary tokens) between the special tokens its tokenizer adds to
+    /// a text ([CLS] … [SEP] for BERT), so that a text and its token ids embed alike.
+    pub fn with_special_tokens(&self, ids: &[u32]) -> Vec<u32> {
+        let empty = self
+            .tokenizer
+            .encode("", true)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
+        match empty.as_slice() {
+            [first, last] => [&[*first], ids, &[*last]].concat(),
+            [first] => [&[*first], ids].concat(),
+            _ => ids.to_vec(),
+        }
+    }
+
     /// One vector per input, in order. Inputs must be non-empty, within `max_tokens` and
     /// the vocabulary (the API checks).
     pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EmbedError> {

@@ -38,8 +38,21 @@ pub struct TestServer {
 
 /// Starts the API on 127.0.0.1:0 with `state` and `limits`.
 pub async fn spawn_app(state: LoadState, limits: ApiLimits) -> TestServer {
+    spawn_app_with(state, limits, |app| app).await
+}
+
+/// As [`spawn_app`], with `extend` adding to the application state (an embedding model).
+pub async fn spawn_app_with(
+    state: LoadState,
+    limits: ApiLimits,
+    extend: impl FnOnce(AppState) -> AppState,
+) -> TestServer {
     let (tx, rx) = watch::channel(state);
-    let app = AppState::new("SmolLM2-135M-Instruct.Q4_1".into(), rx, limits);
+    let app = extend(AppState::new(
+        "SmolLM2-135M-Instruct.Q4_1".into(),
+        rx,
+        limits,
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(api::serve(listener, app, std::future::pending()));
