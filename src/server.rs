@@ -232,20 +232,41 @@ pub async fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunningServer, ServerError> {
-    let path = args.model.model_path();
-    if !path.exists() {
-        return Err(ServerError::ModelMissing(path.display().to_string()));
+    // Every chat model's file is found and its header read before anything starts.
+    let mut chat = Vec::new();
+    for (name, path) in args.model.models() {
+        if !path.exists() {
+            return Err(ServerError::ModelMissing(path.display().to_string()));
+        }
+        let files = crate::model::ModelFiles::open(&path)?;
+        let id = name.unwrap_or_else(|| files.model_id());
+        if chat.iter().any(|c: &ChatModel| c.id == id) {
+            return Err(ServerError::Config(format!(
+                "two chat models are named `{id}`; name them with --model NAME=PATH"
+            )));
+        }
+        let (load_tx, load_rx) = watch::channel(LoadState::Loading(0.0));
+        let (engine_tx, engine_rx) = watch::channel(None);
+        chat.push(ChatModel {
+            id,
+            path,
+            context_length: files.config().context_length,
+            load: (load_tx, load_rx),
+            engine: (engine_tx, engine_rx),
+        });
     }
     let device = device_from_name(&args.model.device)?;
-    let files = crate::model::ModelFiles::open(&path)?;
-    let (model_id, context_length) = (files.model_id(), files.config().context_length);
+    let (model_id, context_length) = (chat[0].id.clone(), chat[0].context_length);
     let keys = ApiKeys::new(args.access.keys().map_err(ServerError::Config)?);
     warn_if_exposed(&args, &keys);
-    let (load_tx, load_rx) = watch::channel(LoadState::Loading(0.0));
-    let mut load_watch = load_rx.clone();
-    let (engine_tx, engine_rx) = watch::channel(None);
-    let mut state = AppState::new(model_id.clone(), load_rx, args.api_limits())
+    let engine_rx = chat[0].engine.1.clone();
+    let engines: Vec<_> = chat.iter().map(|c| c.engine.1.clone()).collect();
+    let mut state = AppState::new(model_id.clone(), chat[0].load.1.clone(), args.api_limits())
         .with_keys(keys, args.access.metrics_require_key);
+    for c in &chat[1..] {
+        state = state.with_chat_model(c.id.clone(), c.load.1.clone());
+    }
+    let mut load_watches: Vec<_> = chat.iter().map(|c| c.load.1.clone()).collect();
     if let Some(dir) = args.embedding_model_path().map_err(ServerError::Config)? {
         // Small (MiniLM: 91 MB, mapped): loaded before serving, on the CPU.
         let id = dir
@@ -299,7 +320,7 @@ pub async fn start(
                 ));
                 let parts = ArbiterParts {
                     gate: gate.clone(),
-                    engine: engine_rx.clone(),
+                    engines: engines.clone(),
                     miner: stack.miner.clone(),
                     pool: stack.client.clone(),
                     pool_label: stack.label.clone(),
@@ -345,27 +366,49 @@ pub async fn start(
     );
     state = state.with_telemetry(telemetry.clone(), metrics, snapshot_rx);
 
+    // One after another (each load uses every core), the default model first. The first
+    // reports to the telemetry (its figures are the server's); each has its own engine.
     let mut engine_cfg = args.model.engine_config();
     engine_cfg.telemetry = Some(telemetry);
+    let names: Vec<String> = chat.iter().map(|c| c.id.clone()).collect();
+    let loads: Vec<_> = chat
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut cfg = engine_cfg.clone();
+            if i > 0 {
+                cfg.telemetry = None;
+            }
+            (c, cfg)
+        })
+        .collect();
+    let load_device = device.clone();
     tokio::task::spawn_blocking(move || {
-        load_in_background(path, device, engine_cfg, load_tx, engine_tx)
+        for (c, cfg) in loads {
+            load_in_background(c.id, c.path, load_device.clone(), cfg, c.load.0, c.engine.0);
+        }
     });
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, model = %model_id, "idlerig listening; /health turns 200 once the model is loaded");
+    tracing::info!(%addr, models = ?names, "idlerig listening; /health turns 200 once the models are loaded");
     let miner = mining.as_ref().map(|m: &MiningStack| m.miner.clone());
     let lifecycle = state.lifecycle();
     let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.clamp(0.0, 86_400.0));
     // A model that fails to load (or panics loading) ends the server with an error: a
     // server that can never answer is not left running, saying "loading" or "failed".
     let load_failed = async move {
-        loop {
-            if let LoadState::Failed(e) = &*load_watch.borrow_and_update() {
-                return e.clone();
-            }
-            if load_watch.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        let watches = load_watches.iter_mut().map(|w| {
+            Box::pin(async move {
+                loop {
+                    if let LoadState::Failed(e) = &*w.borrow_and_update() {
+                        return e.clone();
+                    }
+                    if w.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            })
+        });
+        futures::future::select_all(watches).await.0
     };
     let failure = Arc::new(std::sync::Mutex::new(None::<String>));
     let failure_seen = failure.clone();
@@ -410,8 +453,23 @@ pub async fn start(
     })
 }
 
-/// Loads the model, reporting progress on the terminal (every quarter) and to `/health`.
+/// A chat model the server was asked to serve: its name, file, and the channels its loading
+/// reports on (the API's load state, the arbiter's and telemetry's engine counters).
+struct ChatModel {
+    id: String,
+    path: std::path::PathBuf,
+    context_length: usize,
+    load: (watch::Sender<LoadState>, watch::Receiver<LoadState>),
+    engine: (
+        watch::Sender<Option<Arc<crate::engine::EngineStats>>>,
+        watch::Receiver<Option<Arc<crate::engine::EngineStats>>>,
+    ),
+}
+
+/// Loads a model as `id`, reporting progress on the terminal (every quarter) and to
+/// `/health`.
 fn load_in_background(
+    id: String,
     path: std::path::PathBuf,
     device: candle_core::Device,
     cfg: crate::engine::EngineConfig,
@@ -425,7 +483,7 @@ fn load_in_background(
         let quarter = (f * 4.0).floor() as i32;
         if quarter > logged_quarter {
             logged_quarter = quarter;
-            tracing::info!(percent = quarter * 25, "loading the model");
+            tracing::info!(model = %id, percent = quarter * 25, "loading the model");
         }
     };
     // A panic while loading would otherwise leave `/health` at "loading" for ever.
@@ -441,7 +499,9 @@ fn load_in_background(
         Err(crate::model::ModelError::Metadata(format!("loading panicked: {why}")).into())
     });
     match loaded {
-        Ok(m) => {
+        Ok(mut m) => {
+            // Requests name it as the operator did (`--model NAME=PATH`).
+            m.id = id;
             tracing::info!(model = %m.id, context = m.context_length, secs = started.elapsed().as_secs_f32(), "model loaded");
             let _ = engine_tx.send(Some(m.stats.clone()));
             let _ = load_tx.send(LoadState::Ready(Arc::new(m)));

@@ -102,10 +102,11 @@ pub async fn embeddings(
         .with_code("model_not_found")
     })?;
     let limit = state.limits.max_body_bytes;
-    let (chat_id, e) = (state.model_id.clone(), embedder.clone());
+    let chat_ids: Vec<String> = state.chat_ids().map(str::to_string).collect();
+    let e = embedder.clone();
     let (inputs, tokens, base64) = off_runtime(move || {
         let req: EmbeddingRequest = fields(&parse_json(body, limit)?)?;
-        validate(req, &e, &chat_id)
+        validate(req, &e, &chat_ids)
     })
     .await?;
     let vectors = embedder.embed(inputs).await.map_err(ApiError::internal)?;
@@ -140,12 +141,12 @@ pub async fn embeddings(
 fn validate(
     req: EmbeddingRequest,
     embedder: &Embedder,
-    chat_model: &str,
+    chat_models: &[String],
 ) -> Result<(Vec<Vec<u32>>, usize, bool), ApiError> {
     match req.model.as_deref() {
         None | Some("") => {}
         Some(m) if m == embedder.id => {}
-        Some(m) if m == chat_model => {
+        Some(m) if chat_models.iter().any(|c| c == m) => {
             return Err(ApiError::invalid(
                 "model",
                 format!(

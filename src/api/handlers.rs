@@ -138,23 +138,14 @@ async fn answer<R: Send + 'static>(
     // keeps the miner off.
     let _admitted = state.admit();
     let limit = state.limits.max_body_bytes;
-    let embedding_model = state.embedder.as_ref().map(|e| e.id.clone());
-    let req = off_runtime(move || {
+    let (requested, req) = off_runtime(move || {
         let v = parse_json(body, limit)?;
-        // The embedding model named where text is generated: say which endpoint it is for.
-        if let (Some(m), Some(e)) = (v.get("model").and_then(Value::as_str), &embedding_model) {
-            if m == e {
-                return Err(ApiError::invalid(
-                    "model",
-                    format!("`{m}` is an embedding model; use it on /v1/embeddings"),
-                )
-                .with_code("model_not_supported"));
-            }
-        }
-        parse(&v)
+        let requested = v.get("model").and_then(Value::as_str).map(str::to_string);
+        Ok((requested, parse(&v)?))
     })
     .await?;
-    let model = state.ready_model()?;
+    // Routed by `model`: each chat model has an engine of its own.
+    let model = state.ready_model(requested.as_deref())?;
     let (m, limits) = (model.clone(), state.limits.clone());
     let request = off_runtime(move || validate(req, &m, &limits)).await?;
     let started = Started { id, at, in_flight };
@@ -214,10 +205,11 @@ async fn generate(
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list".into(),
-        data: std::iter::once(state.model_id.clone())
-            .chain(state.embedder.as_ref().map(|e| e.id.clone()))
+        data: state
+            .chat_ids()
+            .chain(state.embedder.as_ref().map(|e| e.id.as_str()))
             .map(|id| ModelCard {
-                id,
+                id: id.to_string(),
                 object: "model".into(),
                 created: state.started_at,
                 owned_by: "idlerig".into(),

@@ -49,10 +49,18 @@ pub enum LoadState {
     Failed(String),
 }
 
+/// One chat model the server serves: its name (what requests put in `model`) and its state.
+#[derive(Clone)]
+pub struct ChatSlot {
+    pub id: String,
+    pub load: watch::Receiver<LoadState>,
+}
+
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    model: watch::Receiver<LoadState>,
+    /// The chat models, the default first (requests that name none go there).
+    models: Arc<Vec<ChatSlot>>,
     model_id: String,
     started_at: u64,
     limits: Arc<ApiLimits>,
@@ -73,7 +81,10 @@ impl AppState {
     /// `model_id` is listed by `/v1/models` even while the model loads.
     pub fn new(model_id: String, model: watch::Receiver<LoadState>, limits: ApiLimits) -> Self {
         Self {
-            model,
+            models: Arc::new(vec![ChatSlot {
+                id: model_id.clone(),
+                load: model,
+            }]),
             model_id,
             started_at: handlers::now_unix(),
             limits: Arc::new(limits),
@@ -86,6 +97,38 @@ impl AppState {
             metrics: None,
             snapshot: None,
             embedder: None,
+        }
+    }
+
+    /// Serves another chat model beside the first, routed by the request's `model`.
+    pub fn with_chat_model(mut self, id: String, load: watch::Receiver<LoadState>) -> Self {
+        Arc::make_mut(&mut self.models).push(ChatSlot { id, load });
+        self
+    }
+
+    /// The names of the chat models, the default first.
+    fn chat_ids(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|m| m.id.as_str())
+    }
+
+    /// The chat model a request names (`None`, empty or `default`: the first), or why not.
+    fn chat_slot(&self, requested: Option<&str>) -> Result<&ChatSlot, ApiError> {
+        match requested {
+            None | Some("") | Some("default") => Ok(&self.models[0]),
+            Some(m) => match self.models.iter().find(|s| s.id == m) {
+                Some(slot) => Ok(slot),
+                None if self.embedder.as_ref().is_some_and(|e| e.id == m) => {
+                    Err(ApiError::invalid(
+                        "model",
+                        format!("`{m}` is an embedding model; use it on /v1/embeddings"),
+                    )
+                    .with_code("model_not_supported"))
+                }
+                None => Err(ApiError::model_not_found(
+                    m,
+                    &self.chat_ids().collect::<Vec<_>>().join("`, `"),
+                )),
+            },
         }
     }
 
@@ -132,12 +175,33 @@ impl AppState {
         self.lifecycle.clone()
     }
 
+    /// The state of the whole server: failed if any model failed, loading (at the least
+    /// progress) while any loads, else the default model, ready.
     fn load_state(&self) -> LoadState {
-        self.model.borrow().clone()
+        let states: Vec<LoadState> = self
+            .models
+            .iter()
+            .map(|m| m.load.borrow().clone())
+            .collect();
+        if let Some(LoadState::Failed(e)) =
+            states.iter().find(|s| matches!(s, LoadState::Failed(_)))
+        {
+            return LoadState::Failed(e.clone());
+        }
+        let loading = states.iter().filter_map(|s| match s {
+            LoadState::Loading(p) => Some(*p),
+            _ => None,
+        });
+        match loading.reduce(f32::min) {
+            Some(p) => LoadState::Loading(p),
+            None => states.into_iter().next().unwrap_or(LoadState::Loading(0.0)),
+        }
     }
 
-    fn ready_model(&self) -> Result<Arc<ServedModel>, ApiError> {
-        match self.load_state() {
+    /// The chat model a request names, once it is loaded.
+    fn ready_model(&self, requested: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+        let state = self.chat_slot(requested)?.load.borrow().clone();
+        match state {
             LoadState::Ready(m) => Ok(m),
             LoadState::Loading(_) => Err(ApiError::loading()),
             LoadState::Failed(e) => {

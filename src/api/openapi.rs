@@ -68,7 +68,7 @@ pub struct EmbeddingFacts<'a> {
 }
 
 pub fn document(
-    model: &str,
+    models: &[&str],
     limits: &ApiLimits,
     vocab: Option<usize>,
     embedding: Option<EmbeddingFacts<'_>>,
@@ -78,7 +78,11 @@ pub fn document(
     let mut doc = STATIC.clone();
     let schemas = &mut doc["components"]["schemas"];
     let common = &mut schemas["CommonParams"]["properties"];
-    common["model"]["enum"] = json!([model, "", "default", null]);
+    let mut names = json!(models);
+    if let Some(names) = names.as_array_mut() {
+        names.extend([json!(""), json!("default"), Value::Null]);
+    }
+    common["model"]["enum"] = names;
     common["n"]["maximum"] = json!(limits.max_n);
     if let Some(max) = limits.max_tokens {
         common["max_tokens"]["maximum"] = json!(max);
@@ -184,14 +188,20 @@ pub fn document(
 #[utoipa::path(get, path = "/openapi.json", tag = "Operations",
     responses((status = 200, description = "OpenAPI 3.1", content_type = "application/json", body = Object)))]
 pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
-    let vocab = match state.load_state() {
-        LoadState::Ready(m) => Some(m.tokenizer.vocab_size()),
-        _ => None,
-    };
+    // Token ids every served chat model takes: below the smallest vocabulary.
+    let vocab = state
+        .models
+        .iter()
+        .map(|m| match &*m.load.borrow() {
+            LoadState::Ready(m) => Some(m.tokenizer.vocab_size()),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .and_then(|v| v.into_iter().min());
     (
         [(header::CONTENT_TYPE, "application/json")],
         document(
-            &state.model_id,
+            &state.chat_ids().collect::<Vec<_>>(),
             &state.limits,
             vocab,
             state.embedder.as_ref().map(|e| EmbeddingFacts {
@@ -305,7 +315,7 @@ mod tests {
             max_tokens: 256,
         };
         let doc: Value = serde_json::from_str(&document(
-            "m",
+            &["m"],
             &ApiLimits::default(),
             Some(49152),
             Some(facts),
@@ -313,7 +323,7 @@ mod tests {
         .unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
         let without: Value =
-            serde_json::from_str(&document("m", &ApiLimits::default(), None, None)).unwrap();
+            serde_json::from_str(&document(&["m"], &ApiLimits::default(), None, None)).unwrap();
         assert!(
             without["paths"]["/v1/embeddings"].is_null(),
             "no embedding model, no /v1/embeddings in the document"

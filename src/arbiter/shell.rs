@@ -18,8 +18,9 @@ use crate::stratum::client::ClientStats;
 /// What the arbiter watches and drives.
 pub struct ArbiterParts {
     pub gate: Arc<DeviceGate>,
-    /// The engine's counters, once the model has loaded.
-    pub engine: watch::Receiver<Option<Arc<EngineStats>>>,
+    /// Each chat model's engine counters, once it has loaded: any busy engine keeps the
+    /// miner off.
+    pub engines: Vec<watch::Receiver<Option<Arc<EngineStats>>>>,
     pub miner: Arc<dyn Miner>,
     pub pool: Arc<ClientStats>,
     /// Shown in the status: the pool's address (never its password) and whether it pays.
@@ -109,7 +110,10 @@ pub fn spawn_arbiter(
                 admitted = seen;
                 events.push(Event::RequestAdmitted);
             }
-            let engine_busy = parts.engine.borrow().as_ref().is_some_and(|e| e.is_busy());
+            let engine_busy = parts
+                .engines
+                .iter()
+                .any(|e| e.borrow().as_ref().is_some_and(|e| e.is_busy()));
             let now_busy = parts.gate.in_flight() > 0 || engine_busy;
             if now_busy != busy {
                 busy = now_busy;

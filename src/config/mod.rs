@@ -123,10 +123,12 @@ pub enum LogFormat {
 /// Model and engine settings shared by `serve` and the benchmarks.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model to serve: a .gguf file, or a directory with config.json + *.safetensors (+ tokenizer.json).
+    /// Chat model to serve: a .gguf file, or a directory with config.json + *.safetensors
+    /// (+ tokenizer.json). Repeat it, as `NAME=PATH`, to serve several: requests choose one by
+    /// their `model` (the first is the default), and each has its own engine and KV cache.
     /// Default: the SmolLM2-135M-Instruct GGUF that `models/fetch` downloads.
-    #[arg(long, env = "IDLERIG_MODEL")]
-    pub model: Option<PathBuf>,
+    #[arg(long, env = "IDLERIG_MODEL", value_name = "[NAME=]PATH")]
+    pub model: Vec<String>,
     /// Device to run the model on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, env = "IDLERIG_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -193,11 +195,20 @@ impl ModelArgs {
         }
     }
 
-    /// The model path: the flag, else the default model under the current directory, else
-    /// under the source tree this binary was built from.
+    /// The chat models to serve, each with the name `NAME=` gave it (else its file's), the
+    /// default model when none is named.
+    pub fn models(&self) -> Vec<(Option<String>, PathBuf)> {
+        if self.model.is_empty() {
+            return vec![(None, self.model_path())];
+        }
+        self.model.iter().map(|s| model_spec(s)).collect()
+    }
+
+    /// The first model's path: the flag, else the default model under the current
+    /// directory, else under the source tree this binary was built from.
     pub fn model_path(&self) -> PathBuf {
-        if let Some(p) = &self.model {
-            return p.clone();
+        if let Some(spec) = self.model.first() {
+            return model_spec(spec).1;
         }
         let here = PathBuf::from(DEFAULT_MODEL_RELATIVE);
         if here.exists() {
@@ -209,6 +220,16 @@ impl ModelArgs {
 
 /// Where `models/fetch` puts the default embedding model, relative to the repository.
 pub const DEFAULT_EMBEDDING_MODEL_RELATIVE: &str = "models/all-minilm-l6-v2";
+
+/// `NAME=PATH` or `PATH` (what precedes a `=` is a name only when it is not itself a path).
+fn model_spec(spec: &str) -> (Option<String>, PathBuf) {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains(['/', '\\']) => {
+            (Some(name.to_string()), PathBuf::from(path))
+        }
+        _ => (None, PathBuf::from(spec)),
+    }
+}
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
