@@ -245,6 +245,11 @@ pub async fn start(
                 "two chat models are named `{id}`; name them with --model NAME=PATH"
             )));
         }
+        if id.is_empty() || id == "default" {
+            return Err(ServerError::Config(format!(
+                "a chat model may not be named `{id}` (requests use it for the first model)"
+            )));
+        }
         let (load_tx, load_rx) = watch::channel(LoadState::Loading(0.0));
         let (engine_tx, engine_rx) = watch::channel(None);
         chat.push(ChatModel {
@@ -272,13 +277,28 @@ pub async fn start(
         let id = dir
             .file_name()
             .map_or_else(|| "embedding".into(), |n| n.to_string_lossy().into_owned());
-        let embedder = tokio::task::spawn_blocking(move || {
+        if chat.iter().any(|c| c.id == id) || id == "default" {
+            return Err(ServerError::Config(format!(
+                "the embedding model's name `{id}` is taken; rename a chat model with --model NAME=PATH"
+            )));
+        }
+        let loaded = tokio::task::spawn_blocking(move || {
             crate::embed::Embedder::load(&dir, id, &candle_core::Device::Cpu)
         })
         .await
-        .map_err(|e| ServerError::Config(format!("embedding model: {e}")))??;
-        tracing::info!(model = %embedder.id, dimensions = embedder.dimensions, "serving embeddings on /v1/embeddings");
-        state = state.with_embedder(embedder);
+        .map_err(|e| ServerError::Config(format!("embedding model: {e}")))?;
+        match loaded {
+            Ok(embedder) => {
+                tracing::info!(model = %embedder.id, dimensions = embedder.dimensions, "serving embeddings on /v1/embeddings");
+                state = state.with_embedder(embedder);
+            }
+            // The operator asked for it: not serving it is an error.
+            Err(e) if args.embedding_model.is_some() => return Err(e.into()),
+            // The default one, found but broken (a partial download): chat goes on.
+            Err(e) => {
+                tracing::warn!(error = %e, "the default embedding model did not load; serving without /v1/embeddings (models/fetch repairs it)")
+            }
+        }
     }
     // The arbiter stops first at shutdown, the pool session last (after the last shares).
     let (arbiter_stop_tx, arbiter_stop) = watch::channel(false);
@@ -370,6 +390,11 @@ pub async fn start(
     // reports to the telemetry (its figures are the server's); each has its own engine.
     let mut engine_cfg = args.model.engine_config();
     engine_cfg.telemetry = Some(telemetry);
+    // One KV budget for the device, shared equally by the chat models.
+    engine_cfg.model.kv_cache_mb /= chat.len();
+    if args.model.kv_cache_mb > 0 && engine_cfg.model.kv_cache_mb == 0 {
+        engine_cfg.model.kv_cache_mb = 1;
+    }
     let names: Vec<String> = chat.iter().map(|c| c.id.clone()).collect();
     let loads: Vec<_> = chat
         .into_iter()
@@ -384,8 +409,20 @@ pub async fn start(
         .collect();
     let load_device = device.clone();
     tokio::task::spawn_blocking(move || {
+        let mut failed = None;
         for (c, cfg) in loads {
+            // After a failure the server stops: the rest are not loaded, and say why.
+            if let Some(why) = &failed {
+                let _ = c.load.0.send(LoadState::Failed(format!(
+                    "not loaded: model `{why}` failed to load first"
+                )));
+                continue;
+            }
+            let (id, load_tx) = (c.id.clone(), c.load.0.clone());
             load_in_background(c.id, c.path, load_device.clone(), cfg, c.load.0, c.engine.0);
+            if matches!(*load_tx.borrow(), LoadState::Failed(_)) {
+                failed = Some(id);
+            }
         }
     });
     let addr = listener.local_addr()?;

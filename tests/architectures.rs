@@ -15,6 +15,8 @@
 //! - the mean |Δ log-probability| over llama.cpp's top 8 tokens and the next token stays within
 //!   twice llama.cpp's own f32/f16 spread, and the largest within twice its largest.
 
+mod common;
+
 use idlerig::model::{BatchItem, LoadOptions, ModelFiles, SeqCache};
 use serde_json::Value;
 
@@ -22,17 +24,6 @@ const NEAR_TIE: f64 = 0.5;
 
 fn reference() -> Value {
     serde_json::from_str(include_str!("reference/arch_reference.json")).expect("reference JSON")
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    logits.iter().map(|&l| l as f64 - lse).collect()
 }
 
 /// The chunk sizes each of the three sequences feeds per step.
@@ -88,7 +79,7 @@ fn run(
             let logits = model.forward(&mut items).expect("forward");
             let rows = logits.to_vec2::<f32>().expect("logits");
             for (&(g, s, start, n), row) in spans.iter().zip(rows) {
-                out[s][start + n - 1] = Some(log_softmax(&row));
+                out[s][start + n - 1] = Some(common::log_softmax(&row));
                 steps[g] += 1;
             }
         }

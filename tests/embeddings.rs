@@ -7,7 +7,6 @@
 
 mod common;
 
-use base64::Engine as _;
 use idlerig::api::{ApiLimits, LoadState};
 use idlerig::embed::Embedder;
 use serde_json::{json, Value};
@@ -18,15 +17,6 @@ fn minilm() -> Embedder {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
     Embedder::load(&dir, ID.into(), &candle_core::Device::Cpu)
         .expect("models/fetch has put all-MiniLM-L6-v2 in place")
-}
-
-fn f32s_of_base64(b64: &str) -> Vec<f32> {
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -59,7 +49,7 @@ async fn minilm_embeddings_match_llama_cpp() {
         let ids = embedder.tokenize(text).unwrap();
         let theirs: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
         assert_eq!(ids, theirs, "tokens of {text:?}");
-        let v = f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
+        let v = common::f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
         inputs.push(ids);
         wanted.push(v);
     }
@@ -84,6 +74,22 @@ async fn minilm_embeddings_match_llama_cpp() {
         }
     }
     eprintln!("all-MiniLM-L6-v2 vs llama.cpp: lowest cosine over 50 sentences {worst:.7}");
+
+    // Requests sent together are batched by the encoder's thread: each still gets its own
+    // vectors, in its own order.
+    let calls = (0..6).map(|k| {
+        let e = embedder.clone();
+        let mine: Vec<Vec<u32>> = inputs.iter().skip(k).step_by(6).cloned().collect();
+        tokio::spawn(async move { (k, e.embed(mine).await.unwrap()) })
+    });
+    for call in futures::future::join_all(calls).await {
+        let (k, vectors) = call.unwrap();
+        for (n, v) in vectors.iter().enumerate() {
+            let i = k + 6 * n;
+            let c = cosine(v, &wanted[i]);
+            assert!(c >= 0.9999, "concurrent request {k}, input {n}: cosine {c}");
+        }
+    }
 }
 
 /// `/v1/embeddings` as OpenAI's clients use it, served while the chat model is still loading
@@ -95,7 +101,7 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
         serde_json::from_str(include_str!("reference/minilm_embeddings.json")).unwrap();
     let case = &reference["cases"][0];
     let text = case["text"].as_str().unwrap();
-    let want = f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
+    let want = common::f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
     let embedder = minilm();
     let server = common::spawn_app_with(LoadState::Loading(0.5), ApiLimits::default(), |app| {
         app.with_embedder(embedder)
@@ -132,7 +138,7 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
     for i in 0..3 {
         assert_eq!(floats_body["data"][i]["index"], i);
         let f = floats(&floats_body["data"][i]["embedding"]);
-        let b = f32s_of_base64(b64_body["data"][i]["embedding"].as_str().unwrap());
+        let b = common::f32s_of_base64(b64_body["data"][i]["embedding"].as_str().unwrap());
         assert_eq!(f, b, "input {i}: float and base64 agree");
     }
     assert!(cosine(&floats(&floats_body["data"][1]["embedding"]), &want) >= 0.9999);

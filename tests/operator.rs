@@ -3,11 +3,11 @@
 //! Prometheus metrics that move, the profit switch, and a clean shutdown with a stream in
 //! flight (503 for new requests, the stream finishes or is cancelled past the grace period).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use futures::StreamExt;
-use idlerig::config::{Cli, Command};
 use idlerig::server::RunningServer;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -20,35 +20,18 @@ struct Server {
 }
 
 async fn start(flags: &[&str]) -> Server {
-    let mut argv = vec!["idlerig", "serve", "--local-pool-port", "0"];
+    let mut argv = vec!["--local-pool-port", "0"];
     argv.extend_from_slice(flags);
-    let Command::Serve(args) = Cli::parse_from(argv).command else {
-        unreachable!()
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let running = idlerig::server::start(args, listener, async {
+    let (running, base) = common::start_serve(&argv, async {
         let _ = stopped.await;
     })
-    .await
-    .expect("server starts");
-    let base = format!("http://{}", running.addr);
-    let http = reqwest::Client::new();
-    let t = Instant::now();
-    while http
-        .get(format!("{base}/health"))
-        .send()
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
-        assert!(t.elapsed() < Duration::from_secs(60), "model did not load");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    .await;
     Server {
         base,
         running,
         stop: Some(stop),
-        http,
+        http: reqwest::Client::new(),
     }
 }
 

@@ -29,17 +29,6 @@ fn f64s(v: &Value) -> Vec<f64> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-fn log_softmax_at(logits: &[f32], tok: usize) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max
-        + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln();
-    logits[tok] as f64 - lse
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_agrees_with_llama_cpp() {
     agrees_with_llama_cpp(LoadOptions::default()).await;
@@ -111,7 +100,7 @@ async fn agrees_with_llama_cpp(options: LoadOptions) {
         let (mut ours, mut theirs, mut ties_flipped) = (Vec::new(), Vec::new(), 0);
         for (p, &tok) in want.iter().enumerate() {
             let row = logits.to_vec2::<f32>().unwrap().remove(0);
-            let lp = log_softmax_at(&row, tok as usize);
+            let lp = common::log_softmax(&row)[tok as usize];
             ours.push((lp - ref_lp[p]).abs());
             theirs.push((ref_f16_lp[p] - ref_lp[p]).abs());
             let pick = idlerig::engine::argmax(&row) as u32;

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::error::ApiError;
 use super::handlers::{fields, off_runtime, parse_json};
 use super::AppState;
-use crate::embed::Embedder;
+use crate::embed::{EmbedError, Embedder};
 
 /// Inputs one request may hold (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -86,7 +86,8 @@ pub struct EmbeddingUsage {
     responses(
         (status = 200, body = EmbeddingList),
         (status = "4XX", description = "An invalid request, a missing or wrong key, or no embedding model served", body = super::responses::ErrorResponse),
-        (status = 503, description = "Shutting down", body = super::responses::ErrorResponse)),
+        (status = 503, description = "Shutting down", body = super::responses::ErrorResponse),
+        (status = 504, description = "Past the request timeout", body = super::responses::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn embeddings(
     State(state): State<AppState>,
@@ -109,7 +110,17 @@ pub async fn embeddings(
         validate(req, &e, &chat_ids)
     })
     .await?;
-    let vectors = embedder.embed(inputs).await.map_err(ApiError::internal)?;
+    let limit = state.limits.request_timeout;
+    let vectors = match tokio::time::timeout(limit, embedder.embed(inputs)).await {
+        Err(_) => return Err(ApiError::timeout(limit)),
+        Ok(Err(EmbedError::Busy)) => {
+            return Err(ApiError::overloaded(
+                "the embedding queue is full; retry shortly",
+            ))
+        }
+        Ok(Err(e)) => return Err(ApiError::internal(e)),
+        Ok(Ok(v)) => v,
+    };
     let data = vectors
         .into_iter()
         .enumerate()
@@ -145,7 +156,7 @@ fn validate(
 ) -> Result<(Vec<Vec<u32>>, usize, bool), ApiError> {
     match req.model.as_deref() {
         None | Some("") => {}
-        Some(m) if m == embedder.id => {}
+        Some(m) if m == embedder.id || m == "default" => {}
         Some(m) if chat_models.iter().any(|c| c == m) => {
             return Err(ApiError::invalid(
                 "model",

@@ -125,9 +125,15 @@ pub enum LogFormat {
 pub struct ModelArgs {
     /// Chat model to serve: a .gguf file, or a directory with config.json + *.safetensors
     /// (+ tokenizer.json). Repeat it, as `NAME=PATH`, to serve several: requests choose one by
-    /// their `model` (the first is the default), and each has its own engine and KV cache.
+    /// their `model` (the first is the default), and each has its own engine, with an equal
+    /// share of --kv-cache-mb.
     /// Default: the SmolLM2-135M-Instruct GGUF that `models/fetch` downloads.
-    #[arg(long, env = "IDLERIG_MODEL", value_name = "[NAME=]PATH")]
+    #[arg(
+        long,
+        env = "IDLERIG_MODEL",
+        value_name = "[NAME=]PATH",
+        value_delimiter = ','
+    )]
     pub model: Vec<String>,
     /// Device to run the model on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature).
     #[arg(long, env = "IDLERIG_DEVICE", default_value = "cpu")]
@@ -221,10 +227,15 @@ impl ModelArgs {
 /// Where `models/fetch` puts the default embedding model, relative to the repository.
 pub const DEFAULT_EMBEDDING_MODEL_RELATIVE: &str = "models/all-minilm-l6-v2";
 
-/// `NAME=PATH` or `PATH` (what precedes a `=` is a name only when it is not itself a path).
+/// `NAME=PATH` or `PATH` (what precedes a `=` is a name only when it is not itself part of a
+/// path: a file whose name holds `=` is taken whole).
 fn model_spec(spec: &str) -> (Option<String>, PathBuf) {
     match spec.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !name.contains(['/', '\\']) => {
+        Some((name, path))
+            if !name.is_empty()
+                && !name.contains(['/', '\\'])
+                && !std::path::Path::new(spec).exists() =>
+        {
             (Some(name.to_string()), PathBuf::from(path))
         }
         _ => (None, PathBuf::from(spec)),
@@ -326,7 +337,7 @@ impl ServeArgs {
                     Ok(Some(path))
                 } else {
                     Err(format!(
-                        "--embedding-model {p}: no such directory (a sentence-transformers model,                          or `none`)"
+                        "--embedding-model {p}: no such directory (a sentence-transformers model, or `none`)"
                     ))
                 }
             }

@@ -23,6 +23,8 @@ pub enum EmbedError {
     Failed(String),
     #[error("the embedding model has stopped")]
     Stopped,
+    #[error("the embedding queue is full; retry shortly")]
+    Busy,
 }
 
 /// How token states become one vector (sentence-transformers' `1_Pooling/config.json`).
@@ -203,20 +205,23 @@ impl Embedder {
     }
 
     /// One vector per input, in order. Inputs must be non-empty, within `max_tokens` and
-    /// the vocabulary (the API checks).
+    /// the vocabulary (the API checks). A full queue is [`EmbedError::Busy`] at once.
     pub async fn embed(&self, inputs: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, EmbedError> {
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { inputs, reply })
-            .await
-            .map_err(|_| EmbedError::Stopped)?;
+            .try_send(Job { inputs, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => EmbedError::Busy,
+                mpsc::error::TrySendError::Closed(_) => EmbedError::Stopped,
+            })?;
         answer.await.map_err(|_| EmbedError::Stopped)?
     }
 }
 
 /// The encoder's thread: takes every request waiting, runs their inputs sorted by length in
-/// padded batches of at most [`BATCH_TOKENS`], and answers each. Ends when every handle is
-/// dropped.
+/// padded batches of at most [`BATCH_TOKENS`], and answers each. A batch that fails (or
+/// panics) fails only the requests with an input in it; requests whose caller has gone are
+/// skipped. Ends when every handle is dropped.
 fn run(model: Bert, pipeline: Pipeline, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -230,19 +235,19 @@ fn run(model: Bert, pipeline: Pipeline, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        jobs.retain(|j| !j.reply.is_closed());
         let mut order: Vec<(usize, usize)> = jobs
             .iter()
             .enumerate()
             .flat_map(|(j, job)| (0..job.inputs.len()).map(move |i| (j, i)))
             .collect();
         order.sort_by_key(|&(j, i)| jobs[j].inputs[i].len());
-        let mut results: Vec<Vec<Vec<f32>>> = jobs
+        let mut results: Vec<Result<Vec<Vec<f32>>, EmbedError>> = jobs
             .iter()
-            .map(|j| vec![Vec::new(); j.inputs.len()])
+            .map(|j| Ok(vec![Vec::new(); j.inputs.len()]))
             .collect();
-        let mut failure = None;
         let mut start = 0;
-        while start < order.len() && failure.is_none() {
+        while start < order.len() {
             // Sorted by length: the batch's last input is its longest.
             let mut end = start + 1;
             while end < order.len() {
@@ -252,31 +257,42 @@ fn run(model: Bert, pipeline: Pipeline, mut rx: mpsc::Receiver<Job>) {
                 }
                 end += 1;
             }
-            let batch: Vec<&[u32]> = order[start..end]
+            let span = &order[start..end];
+            start = end;
+            if span.iter().all(|&(j, _)| results[j].is_err()) {
+                continue;
+            }
+            let batch: Vec<&[u32]> = span
                 .iter()
                 .map(|&(j, i)| jobs[j].inputs[i].as_slice())
                 .collect();
-            match model
-                .encode(&batch)
-                .and_then(|(states, mask)| pipeline.pool(&states, &mask))
-                .and_then(|v| v.to_vec2::<f32>())
-            {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model
+                    .encode(&batch)
+                    .and_then(|(states, mask)| pipeline.pool(&states, &mask))
+                    .and_then(|v| v.to_vec2::<f32>())
+                    .map_err(|e| e.to_string())
+            }))
+            .unwrap_or_else(|_| Err("the encoder panicked".into()));
+            match outcome {
                 Ok(vectors) => {
-                    for (&(j, i), v) in order[start..end].iter().zip(vectors) {
-                        results[j][i] = v;
+                    for (&(j, i), v) in span.iter().zip(vectors) {
+                        if let Ok(r) = &mut results[j] {
+                            r[i] = v;
+                        }
                     }
                 }
-                Err(e) => failure = Some(e.to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, inputs = span.len(), "an embedding batch failed");
+                    for &(j, _) in span {
+                        results[j] = Err(EmbedError::Failed(e.clone()));
+                    }
+                }
             }
-            start = end;
         }
         for (job, result) in jobs.into_iter().zip(results) {
-            let answer = match &failure {
-                Some(e) => Err(EmbedError::Failed(e.clone())),
-                None => Ok(result),
-            };
             // A caller that went away no longer wants its answer.
-            let _ = job.reply.send(answer);
+            let _ = job.reply.send(result);
         }
     }
 }

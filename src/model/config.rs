@@ -403,7 +403,8 @@ impl ModelConfig {
                 // layers) and the head dimension for the others.
                 let big = (arch == Arch::Gemma2 && cfg.num_layers == 46)
                     || (arch == Arch::Gemma3 && cfg.num_layers == 62);
-                let scalar = if big { hidden / heads } else { head_dim };
+                // (`validate` below refuses zero heads; this must not divide by them first.)
+                let scalar = if big { hidden / heads.max(1) } else { head_dim };
                 cfg.attn_scale = 1.0 / (scalar as f32).sqrt();
             }
         }

@@ -170,3 +170,73 @@ pub fn wait_for_exit(
     }
     (status, err)
 }
+
+/// A vector sent as base64 of little-endian f32 (OpenAI's `encoding_format: base64`, and the
+/// committed embedding reference).
+pub fn f32s_of_base64(b64: &str) -> Vec<f32> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64")
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Log-probabilities of every token from raw logits, in f64.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// `POST url` with a JSON body: the status and the JSON answer (null when it is not JSON).
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let res = client.post(url).json(body).send().await.unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// `idlerig serve` in-process with `argv` (after `idlerig serve`) on a loopback port, once
+/// `/health` answers 200 (every model loaded); its base URL. `shutdown` stops it.
+pub async fn start_serve(
+    argv: &[&str],
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (idlerig::server::RunningServer, String) {
+    use clap::Parser;
+    let mut all = vec!["idlerig", "serve"];
+    all.extend_from_slice(argv);
+    let idlerig::config::Command::Serve(args) = idlerig::config::Cli::parse_from(all).command
+    else {
+        unreachable!("`serve` parses as the serve command")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = idlerig::server::start(args, listener, shutdown)
+        .await
+        .expect("server starts");
+    let base = format!("http://{}", running.addr);
+    let http = reqwest::Client::new();
+    let t = std::time::Instant::now();
+    while http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(120),
+            "the models did not load"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    (running, base)
+}

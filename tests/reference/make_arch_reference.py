@@ -47,9 +47,11 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 # Each family's shape and options; `ftype` is llama.cpp's LLAMA_FTYPE_MOSTLY_*.
 ARCHS = [
     # Llama 3.1: rope_freqs, an explicit head dimension (8 heads of 64 over a hidden of 256,
-    # as Mistral Nemo's 32 × 128 over 5120), grouped KV heads, an untied output.
+    # as Mistral Nemo's 32 × 128 over 5120), grouped KV heads, an untied output. The factors
+    # are Llama 3.1's formula for an original context of 32 (not 8192), so that they change
+    # the angles within the 56 positions the test runs.
     dict(name="llama", arch="llama", hidden=256, ff=512, layers=2, heads=8, kv=2, head_dim=64,
-         ftype=15, rope_base=500000.0, rope_freqs=True, tied=False),
+         ftype=15, rope_base=10000.0, rope_freqs=True, rope_orig_ctx=32, tied=False),
     # Qwen2.5: Q/K/V biases, tied embeddings, NEOX rotation.
     dict(name="qwen2", arch="qwen2", hidden=256, ff=512, layers=2, heads=4, kv=2, head_dim=64,
          ftype=17, rope_base=1000000.0, qkv_bias=True, tied=True),
@@ -152,11 +154,11 @@ def write_f32(spec, path, rng):
     embd_std = spec.get("embd_std", 0.12)
     w.add_tensor("token_embd.weight", (rng.standard_normal((VOCAB, h)) * embd_std).astype(np.float32))
     if spec.get("rope_freqs"):
-        # Llama 3.1's factors (factor 8, low 1, high 4, original context 8192), as
-        # convert_hf_to_gguf.py computes them.
+        # Llama 3.1's factors (factor 8, low 1, high 4), as convert_hf_to_gguf.py computes
+        # them, over the spec's original context.
         base, dim = spec["rope_base"], hd
         freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        factor, low, high, old = 8.0, 1.0, 4.0, 8192
+        factor, low, high, old = 8.0, 1.0, 4.0, spec["rope_orig_ctx"]
         low_wl, high_wl = old / low, old / high
         ff_ = []
         for f in freqs:

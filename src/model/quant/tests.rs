@@ -195,12 +195,14 @@ fn side_by_side_parts_of_different_layouts_give_each_ones_output() {
     let k = 512;
     let p = pool(2);
     let x = random(5 * k, 11);
+    // Work enough (384 rows × 512 × 5 tokens) that the pool splits the rows into runs that
+    // cross the parts' boundaries.
     let formats = [
-        (GgmlDType::Q4K, 24),
-        (GgmlDType::Q4K, 8),
-        (GgmlDType::Q6K, 8),
-        (GgmlDType::Q5K, 16),
-        (GgmlDType::Q8_0, 40),
+        (GgmlDType::Q4K, 96),
+        (GgmlDType::Q4K, 32),
+        (GgmlDType::Q6K, 32),
+        (GgmlDType::Q5K, 64),
+        (GgmlDType::Q8_0, 160),
     ];
     let parts: Vec<Unpacked> = formats
         .iter()
