@@ -222,3 +222,31 @@ fn an_unknown_architecture_is_refused_by_name() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A tensor type without a kernel (here IQ4_NL, GGML type 20) is refused at start-up with its
+/// name and what to do, not a bare number.
+#[test]
+fn an_unsupported_tensor_type_is_refused_by_name() {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/arch/qwen2.gguf");
+    let mut bytes = std::fs::read(src).unwrap();
+    // The tensor's entry in the header: name, dimension count (u32), dimensions (u64 each),
+    // then its type (u32).
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the tensor is listed")
+        + name.len();
+    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * dims;
+    bytes[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
+    let dir = std::env::temp_dir().join(format!("idlerig-iq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("iq4nl.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let err = ModelFiles::open(&path).err().expect("refused").to_string();
+    assert!(err.contains("IQ4_NL"), "{err}");
+    assert!(err.contains("llama-quantize"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -105,10 +105,23 @@ impl ModelFiles {
             source,
         })?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            ModelError::Metadata(format!(
-                "{} is not a readable GGUF file: {e}",
-                path.display()
-            ))
+            // candle's message, without the backtrace it may carry.
+            let e = e.to_string();
+            let first = e.lines().next().unwrap_or_default();
+            match first
+                .strip_prefix("unknown dtype for tensor ")
+                .and_then(|n| n.trim().parse::<u32>().ok())
+            {
+                Some(id) => ModelError::Unsupported(format!(
+                    "{}: tensor type {} (GGML type {id}) is not supported; idlerig runs F32,                      F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K types Q2_K to Q6_K                      (requantize the model, e.g. with llama-quantize to Q4_K_M)",
+                    path.display(),
+                    ggml_type_name(id)
+                )),
+                None => ModelError::Metadata(format!(
+                    "{} is not a readable GGUF file: {first}",
+                    path.display()
+                )),
+            }
         })?;
         let rope_freqs = rope_factors(&content, &mut file, path)?;
         let config = ModelConfig::from_gguf(&content.metadata, rope_freqs)?;
@@ -485,6 +498,48 @@ fn rope_factors(
         }
     }
     Ok(None)
+}
+
+/// GGML's name for tensor type `id` (ggml.h's `ggml_type`), for the types a file may hold.
+fn ggml_type_name(id: u32) -> &'static str {
+    const NAMES: [(u32, &str); 32] = [
+        (0, "F32"),
+        (1, "F16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (8, "Q8_0"),
+        (9, "Q8_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+        (15, "Q8_K"),
+        (16, "IQ2_XXS"),
+        (17, "IQ2_XS"),
+        (18, "IQ3_XXS"),
+        (19, "IQ1_S"),
+        (20, "IQ4_NL"),
+        (21, "IQ3_S"),
+        (22, "IQ2_S"),
+        (23, "IQ4_XS"),
+        (24, "I8"),
+        (25, "I16"),
+        (26, "I32"),
+        (27, "I64"),
+        (28, "F64"),
+        (29, "IQ1_M"),
+        (30, "BF16"),
+        (34, "TQ1_0"),
+        (35, "TQ2_0"),
+        (39, "MXFP4"),
+    ];
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == id)
+        .map_or("unknown", |(_, name)| name)
 }
 
 /// Any GGUF integer value as `usize` (writers differ in the width they use for counts).
