@@ -8,6 +8,7 @@ mod grammar;
 mod load;
 mod sampling;
 mod sequence;
+mod spm;
 mod stop;
 mod tokenizer;
 mod worker;

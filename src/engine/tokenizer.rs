@@ -77,9 +77,10 @@ impl TextTokenizer {
         })
     }
 
-    /// Builds the tokenizer from GGUF metadata. Only byte-level BPE (`tokenizer.ggml.model`
-    /// = `gpt2`) is supported, with the pre-tokenizer named by `tokenizer.ggml.pre`; an
-    /// unknown one is refused, since a wrong guess silently changes every token id.
+    /// Builds the tokenizer from GGUF metadata: byte-level BPE (`tokenizer.ggml.model` =
+    /// `gpt2`) with the pre-tokenizer named by `tokenizer.ggml.pre` (an unknown one is
+    /// refused, since a wrong guess silently changes every token id), or a SentencePiece
+    /// vocabulary (`llama`, see [`super::spm`]).
     pub fn from_gguf(md: &HashMap<String, Value>) -> Result<Self, EngineError> {
         let err = |m: String| EngineError::Tokenizer(m);
         let get = |k: &str| {
@@ -88,11 +89,12 @@ impl TextTokenizer {
         };
         let model = get("tokenizer.ggml.model")?
             .to_string()
-            .map_err(|e| err(e.to_string()))?;
-        if model != "gpt2" {
+            .map_err(|e| err(e.to_string()))?
+            .clone();
+        if model != "gpt2" && model != "llama" {
             return Err(err(format!(
-                "tokenizer.ggml.model `{model}` is not supported (only byte-level BPE, `gpt2`); \
-                 put a tokenizer.json beside the model instead"
+                "tokenizer.ggml.model `{model}` is not supported (byte-level BPE, `gpt2`, and \
+                 SentencePiece, `llama`, are); put a tokenizer.json beside the model instead"
             )));
         }
         let strings = |k: &str| -> Result<Vec<String>, EngineError> {
@@ -104,56 +106,42 @@ impl TextTokenizer {
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| err(format!("malformed merge `{m}`")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| err(format!("cannot build BPE: {e}")))?;
-        let mut inner = Tokenizer::new(bpe);
-
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(v) => v.to_string().map_err(|e| err(e.to_string()))?.clone(),
-            None => "default".to_string(),
-        };
-        let (pre_tokenizer, nfc) = pre_tokenizer_for(&pre)?;
-        if nfc {
-            inner
-                .with_normalizer(Some(NFC))
-                .map_err(|e| err(e.to_string()))?;
-        }
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        // Control and user-defined tokens are matched whole, never split into bytes.
-        if let Some(types) = md
+        let types: Vec<u32> = md
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
-        {
-            let special: Vec<AddedToken> = types
+            .map(|v| {
+                v.iter()
+                    .map(|t| crate::model::gguf_int(t).unwrap_or(1) as u32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
+        let mut inner = if model == "llama" {
+            let scores: Vec<f32> = get("tokenizer.ggml.scores")?
+                .to_vec()
+                .map_err(|e| err(format!("tokenizer.ggml.scores: {e}")))?
                 .iter()
-                .enumerate()
-                .filter(|(_, t)| {
-                    let t = crate::model::gguf_int(t).unwrap_or(1) as u32;
-                    t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED
+                .map(|v| {
+                    v.to_f32()
+                        .map_err(|e| err(format!("tokenizer.ggml.scores: {e}")))
                 })
-                .filter_map(|(i, _)| tokens.get(i).map(|t| AddedToken::from(t.clone(), true)))
-                .collect();
-            inner
-                .add_special_tokens(special)
-                .map_err(|e| err(e.to_string()))?;
-        }
+                .collect::<Result<_, _>>()?;
+            let add_space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            super::spm::spm_tokenizer(&tokens, &scores, &types, add_space_prefix)?
+        } else {
+            byte_level_bpe(md, &tokens, &strings("tokenizer.ggml.merges")?)?
+        };
+
+        // Control and user-defined tokens are matched whole, never split into bytes.
+        let special: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .filter_map(|(i, _)| tokens.get(i).map(|t| AddedToken::from(t.clone(), true)))
+            .collect();
+        inner
+            .add_special_tokens(special)
+            .map_err(|e| err(e.to_string()))?;
 
         let id = |k: &str| md.get(k).and_then(crate::model::gguf_int).map(|v| v as u32);
         let mut eog: Vec<u32> = [
@@ -165,10 +153,8 @@ impl TextTokenizer {
         .filter_map(|k| id(k))
         .collect();
         add_named_end_tokens(&mut eog, |t| inner.token_to_id(t));
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false);
+        // llama.cpp's default: SentencePiece vocabularies start with BOS, byte-level ones not.
+        let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(model == "llama");
         let vocab_size = inner.get_vocab_size(true);
         Ok(Self {
             inner,
@@ -244,6 +230,46 @@ impl TextTokenizer {
             .first()
             .map(|&e| self.inner.id_to_token(e).unwrap_or_default())
     }
+}
+
+/// A byte-level BPE from its vocabulary and merges, with the pre-tokenizer the GGUF names.
+fn byte_level_bpe(
+    md: &HashMap<String, Value>,
+    tokens: &[String],
+    merges: &[String],
+) -> Result<Tokenizer, EngineError> {
+    let err = |m: String| EngineError::Tokenizer(m);
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| err(format!("malformed merge `{m}`")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| err(format!("cannot build BPE: {e}")))?;
+    let mut inner = Tokenizer::new(bpe);
+    let pre = match md.get("tokenizer.ggml.pre") {
+        Some(v) => v.to_string().map_err(|e| err(e.to_string()))?.clone(),
+        None => "default".to_string(),
+    };
+    let (pre_tokenizer, nfc) = pre_tokenizer_for(&pre)?;
+    if nfc {
+        inner
+            .with_normalizer(Some(NFC))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    inner.with_pre_tokenizer(Some(pre_tokenizer));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
 }
 
 fn add_named_end_tokens(eog: &mut Vec<u32>, lookup: impl Fn(&str) -> Option<u32>) {
