@@ -18,6 +18,7 @@
 //! - [`log_limit`]: rate-limited log lines for events a peer can repeat at will.
 //! - [`stats`]: quantiles shared by the benchmarks, the telemetry and the arbiter.
 //! - [`stratum`]: the Stratum V1 protocol (sans-IO), the client task and the embedded pool.
+//! - [`usage`]: requests and tokens per API key and day, in SQLite, with daily quotas.
 //! - [`config`]: the typed configuration each subsystem is built from.
 
 pub mod api;
@@ -33,3 +34,4 @@ pub mod server;
 pub mod stats;
 pub mod stratum;
 pub mod telemetry;
+pub mod usage;

@@ -40,6 +40,8 @@ pub enum ServerError {
     ModelLoad(String),
     #[error(transparent)]
     Embedding(#[from] crate::embed::EmbedError),
+    #[error(transparent)]
+    Usage(#[from] crate::usage::UsageError),
 }
 
 /// The device the miner runs on, chosen from `--mine-device` and `--device`.
@@ -262,7 +264,9 @@ pub async fn start(
     }
     let device = device_from_name(&args.model.device)?;
     let (model_id, context_length) = (chat[0].id.clone(), chat[0].context_length);
-    let keys = ApiKeys::new(args.access.keys().map_err(ServerError::Config)?);
+    let keys = ApiKeys::parse(args.access.keys().map_err(ServerError::Config)?)
+        .map_err(ServerError::Config)?;
+    let keys_empty = keys.is_empty();
     warn_if_exposed(&args, &keys);
     let engine_rx = chat[0].engine.1.clone();
     let engines: Vec<_> = chat.iter().map(|c| c.engine.1.clone()).collect();
@@ -384,6 +388,17 @@ pub async fn start(
         snapshot_tx,
         arbiter_stop.clone(),
     );
+    // Usage per key, when there are keys: counted, kept, and held to the keys' quotas.
+    if !keys_empty {
+        let path = match args.usage_db.as_deref() {
+            Some("none") => None,
+            Some(p) => Some(std::path::PathBuf::from(p)),
+            None => Some(crate::usage::default_path()),
+        };
+        let usage = crate::usage::Usage::open(path.as_deref(), metrics.keys.clone())?;
+        tracing::info!(db = ?path, "counting usage per API key");
+        state = state.with_usage(usage);
+    }
     state = state.with_telemetry(telemetry.clone(), metrics, snapshot_rx);
 
     // One after another (each load uses every core), the default model first. The first

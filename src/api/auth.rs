@@ -1,6 +1,10 @@
 //! API keys: `Authorization: Bearer KEY` on the routes that need one. Keys are kept only as
 //! SHA-256 digests and a presented key is compared with every one of them in constant time,
 //! so neither the comparison's duration nor its length says how close a guess came.
+//!
+//! Each key has a name (usage is counted, exported and shown by it, never by the key), and
+//! may be an admin key (`/v1/usage`) or carry a daily token quota. A key is written
+//! `[NAME:]KEY [admin] [daily-tokens=N]`; a key without a name is called `key-N` by its place.
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -11,10 +15,20 @@ use sha2::{Digest, Sha256};
 use super::error::ApiError;
 use super::AppState;
 
+/// Who a key belongs to and what it may do: what requests carry once their key is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyIdentity {
+    pub name: String,
+    pub admin: bool,
+    /// Prompt and completion tokens the key may use per UTC day.
+    pub daily_tokens: Option<u64>,
+}
+
 /// The accepted keys. `Debug` shows how many, never what.
 #[derive(Clone, Default)]
 pub struct ApiKeys {
     digests: Vec<[u8; 32]>,
+    identities: Vec<std::sync::Arc<KeyIdentity>>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -24,13 +38,61 @@ impl std::fmt::Debug for ApiKeys {
 }
 
 impl ApiKeys {
-    pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
-        Self {
-            digests: keys
-                .into_iter()
-                .map(|k| Sha256::digest(k.as_ref().as_bytes()).into())
-                .collect(),
+    /// Keys written `[NAME:]KEY [admin] [daily-tokens=N]`; a malformed one, or two keys of
+    /// one name, is an error that names the line (never the key).
+    pub fn parse<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Result<Self, String> {
+        let mut out = Self::default();
+        for (i, line) in keys.into_iter().enumerate() {
+            let mut words = line.as_ref().split_whitespace();
+            let Some(first) = words.next() else { continue };
+            let (name, key) = match first.split_once(':') {
+                Some((n, k)) if !n.is_empty() && !k.is_empty() => (n.to_string(), k),
+                _ => (format!("key-{}", i + 1), first),
+            };
+            let mut identity = KeyIdentity {
+                name,
+                admin: false,
+                daily_tokens: None,
+            };
+            for w in words {
+                match w.split_once('=') {
+                    None if w == "admin" => identity.admin = true,
+                    Some(("daily-tokens", n)) => {
+                        identity.daily_tokens = Some(n.parse().map_err(|_| {
+                            format!("key {} (`{}`): daily-tokens=`{n}` is not a count", i + 1, identity.name)
+                        })?)
+                    }
+                    _ => {
+                        return Err(format!(
+                            "key {} (`{}`): unknown option `{w}` (expected `admin` or `daily-tokens=N`)",
+                            i + 1,
+                            identity.name
+                        ))
+                    }
+                }
+            }
+            if out.identities.iter().any(|k| k.name == identity.name) {
+                return Err(format!("two keys are named `{}`", identity.name));
+            }
+            out.digests.push(Sha256::digest(key.as_bytes()).into());
+            out.identities.push(std::sync::Arc::new(identity));
         }
+        Ok(out)
+    }
+
+    /// Plain keys (no names or options given).
+    pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
+        let mut out = Self::default();
+        for (i, k) in keys.into_iter().enumerate() {
+            out.digests
+                .push(Sha256::digest(k.as_ref().as_bytes()).into());
+            out.identities.push(std::sync::Arc::new(KeyIdentity {
+                name: format!("key-{}", i + 1),
+                admin: false,
+                daily_tokens: None,
+            }));
+        }
+        out
     }
 
     /// No key configured: the API is open.
@@ -44,13 +106,26 @@ impl ApiKeys {
 
     /// Whether `presented` is one of the keys; every key is compared, each in constant time.
     pub fn verify(&self, presented: &str) -> bool {
+        self.identify(presented).is_some()
+    }
+
+    /// The identity of `presented`, if it is one of the keys; every key is compared, each in
+    /// constant time.
+    pub fn identify(&self, presented: &str) -> Option<std::sync::Arc<KeyIdentity>> {
         let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut matched = 0u8;
-        for k in &self.digests {
+        let mut found = usize::MAX;
+        for (i, k) in self.digests.iter().enumerate() {
             let diff = k.iter().zip(&d).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            matched |= u8::from(std::hint::black_box(diff) == 0);
+            if std::hint::black_box(diff) == 0 {
+                found = i;
+            }
         }
-        matched == 1
+        self.identities.get(found).cloned()
+    }
+
+    /// The keys' identities (names and quotas), in order.
+    pub fn identities(&self) -> impl Iterator<Item = &KeyIdentity> {
+        self.identities.iter().map(|k| k.as_ref())
     }
 }
 
@@ -61,15 +136,19 @@ fn bearer(req: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Middleware: passes the request on when no key is configured or a valid one is presented,
-/// else answers 401 in the OpenAI envelope.
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// Middleware: passes the request on when no key is configured or a valid one is presented
+/// (with the key's [`KeyIdentity`] as an extension), else answers 401 in the OpenAI envelope.
+pub async fn require_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if state.keys.is_empty() {
         return next.run(req).await;
     }
-    match bearer(&req) {
-        Some(key) if state.keys.verify(key) => next.run(req).await,
-        Some(_) => {
+    let identity = bearer(&req).map(|key| state.keys.identify(key));
+    match identity {
+        Some(Some(who)) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+        Some(None) => {
             tracing::info!("request refused: invalid API key");
             ApiError::unauthorized("Incorrect API key provided.").into_response()
         }
@@ -93,6 +172,28 @@ mod tests {
         }
         assert!(!format!("{keys:?}").contains("sk-"));
         assert!(ApiKeys::new(Vec::<String>::new()).is_empty());
+    }
+
+    #[test]
+    fn keys_have_names_roles_and_quotas_and_bad_lines_are_refused_without_the_key() {
+        let keys =
+            ApiKeys::parse(["alice:sk-a daily-tokens=1000", "ops:sk-o admin", "sk-plain"]).unwrap();
+        let a = keys.identify("sk-a").unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.admin, a.daily_tokens),
+            ("alice", false, Some(1000))
+        );
+        assert!(keys.identify("sk-o").unwrap().admin);
+        assert_eq!(keys.identify("sk-plain").unwrap().name, "key-3");
+        assert!(keys.identify("alice:sk-a").is_none() && keys.identify("sk-x").is_none());
+        for bad in [
+            vec!["a:sk-1 superuser"],
+            vec!["a:sk-1 daily-tokens=lots"],
+            vec!["a:sk-1", "a:sk-2"],
+        ] {
+            let err = ApiKeys::parse(bad.clone()).err().expect("refused");
+            assert!(!err.contains("sk-"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

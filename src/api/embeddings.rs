@@ -6,13 +6,16 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use std::sync::Arc;
+
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::auth::KeyIdentity;
 use super::error::ApiError;
 use super::handlers::{fields, off_runtime, parse_json};
 use super::AppState;
@@ -91,8 +94,11 @@ pub struct EmbeddingUsage {
     security(("bearer" = [])))]
 pub async fn embeddings(
     State(state): State<AppState>,
+    who: Option<Extension<Arc<KeyIdentity>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let who = who.map(|Extension(w)| w);
+    state.check_quota(who.as_deref())?;
     let _in_flight = state.lifecycle.enter()?;
     // An embedding request uses the device as a generation does: the miner steps aside.
     let _admitted = state.admit();
@@ -135,6 +141,9 @@ pub async fn embeddings(
             },
         })
         .collect();
+    if let (Some(usage), Some(who)) = (&state.usage, &who) {
+        usage.record(&who.name, tokens as u64, 0);
+    }
     Ok(Json(EmbeddingList {
         object: "list".into(),
         data,

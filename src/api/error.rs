@@ -102,6 +102,24 @@ impl ApiError {
         }
     }
 
+    /// 429 for a key past its daily token quota (OpenAI's `insufficient_quota`).
+    pub fn quota_exceeded(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("insufficient_quota"),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota", message)
+        }
+    }
+
+    /// 503 for a part of the server that cannot answer now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+    }
+
+    /// 403 for a key that may not do what it asked.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+    }
+
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
             .with_code("invalid_api_key")

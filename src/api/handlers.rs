@@ -1,6 +1,7 @@
 //! Request handlers: parse the body, validate, submit to the engine, and answer either as one
 //! JSON document or as a stream of server-sent events.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::engine::{FinishReason, SeqEvent, ServedModel, TokenLogprob, ValidRequest};
 
+use super::auth::KeyIdentity;
 use super::context::RequestId;
 use super::error::ApiError;
 use super::lifecycle::{InFlight, Watchdog};
@@ -76,6 +78,7 @@ pub(super) fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
+    who: Option<Extension<Arc<KeyIdentity>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let parse = |v: &Value| {
@@ -84,7 +87,8 @@ pub async fn chat_completions(
             chat: fields(v)?,
         })
     };
-    answer(state, id, body, Endpoint::Chat, parse, validate_chat).await
+    let who = who.map(|Extension(w)| w);
+    answer(state, (id, who), body, Endpoint::Chat, parse, validate_chat).await
 }
 
 /// Creates a legacy text completion: one JSON document, or with `stream` server-sent events
@@ -100,6 +104,7 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
+    who: Option<Extension<Arc<KeyIdentity>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let parse = |v: &Value| {
@@ -108,9 +113,10 @@ pub async fn completions(
             completion: fields(v)?,
         })
     };
+    let who = who.map(|Extension(w)| w);
     answer(
         state,
-        id,
+        (id, who),
         body,
         Endpoint::Completion,
         parse,
@@ -124,7 +130,7 @@ pub async fn completions(
 /// of unbounded length for the async runtime's few threads: they run on the blocking pool.
 async fn answer<R: Send + 'static>(
     state: AppState,
-    id: RequestId,
+    (id, who): (RequestId, Option<Arc<KeyIdentity>>),
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
     parse: impl FnOnce(&Value) -> Result<R, ApiError> + Send + 'static,
@@ -133,6 +139,7 @@ async fn answer<R: Send + 'static>(
         + 'static,
 ) -> Result<Response, ApiError> {
     let at = Instant::now();
+    state.check_quota(who.as_deref())?;
     let in_flight = state.lifecycle.enter()?;
     // Held until the request is in the engine's hands; from then on the engine's busy flag
     // keeps the miner off.
@@ -148,7 +155,12 @@ async fn answer<R: Send + 'static>(
     let model = state.ready_model(requested.as_deref())?;
     let (m, limits) = (model.clone(), state.limits.clone());
     let request = off_runtime(move || validate(req, &m, &limits)).await?;
-    let started = Started { id, at, in_flight };
+    let started = Started {
+        id,
+        at,
+        in_flight,
+        who,
+    };
     generate(&state, &model, endpoint, request, started).await
 }
 
@@ -166,6 +178,8 @@ struct Started {
     id: RequestId,
     at: Instant,
     in_flight: InFlight,
+    /// The API key's owner, whose usage the request counts to.
+    who: Option<Arc<KeyIdentity>>,
 }
 
 /// Submits a validated request and answers it, streamed or whole.
@@ -178,7 +192,8 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     valid.request_id = started.id.0.to_string();
     let n = valid.n;
-    let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens);
+    let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens)
+        .with_usage(state.usage.clone().zip(started.who));
     let mut watchdog = state.watchdog(started.at);
     let events = model.backend.submit(valid)?;
     if plan.stream {

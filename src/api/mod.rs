@@ -16,10 +16,11 @@ mod responses;
 mod stream;
 mod timing;
 mod tools;
+mod usage;
 mod validate;
 mod wire;
 
-pub use auth::ApiKeys;
+pub use auth::{ApiKeys, KeyIdentity};
 pub use context::{RequestId, REQUEST_ID_HEADER};
 pub use error::ApiError;
 pub use lifecycle::Lifecycle;
@@ -75,6 +76,8 @@ pub struct AppState {
     snapshot: Option<watch::Receiver<TelemetrySnapshot>>,
     /// The embedding model, when one is served (`/v1/embeddings`).
     embedder: Option<crate::embed::Embedder>,
+    /// Usage per API key (counters, quotas, the database), when keys are configured.
+    usage: Option<crate::usage::Usage>,
 }
 
 impl AppState {
@@ -97,7 +100,33 @@ impl AppState {
             metrics: None,
             snapshot: None,
             embedder: None,
+            usage: None,
         }
+    }
+
+    /// Counts each key's requests and tokens, and holds keys to their daily quotas.
+    pub fn with_usage(mut self, usage: crate::usage::Usage) -> Self {
+        self.usage = Some(usage);
+        self
+    }
+
+    /// 429 when `who`'s daily token quota is used up (UTC days).
+    fn check_quota(&self, who: Option<&KeyIdentity>) -> Result<(), ApiError> {
+        let (Some(who), Some(usage)) = (who, &self.usage) else {
+            return Ok(());
+        };
+        let Some(quota) = who.daily_tokens else {
+            return Ok(());
+        };
+        let used = usage.tokens_today(&who.name);
+        if used >= quota {
+            return Err(ApiError::quota_exceeded(format!(
+                "key `{}` has used {used} of its {quota} tokens for today (UTC); the quota \
+                 resets at 00:00 UTC",
+                who.name
+            )));
+        }
+        Ok(())
     }
 
     /// Serves another chat model beside the first, routed by the request's `model`.
@@ -229,6 +258,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/usage", get(usage::usage))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/status", get(handlers::status))
         .route_layer(keyed.clone());

@@ -30,6 +30,7 @@ use super::{AppState, LoadState};
         super::handlers::chat_completions,
         super::handlers::completions,
         super::embeddings::embeddings,
+        super::usage::usage,
         super::handlers::list_models,
         super::handlers::status,
         super::handlers::health,

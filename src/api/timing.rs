@@ -4,11 +4,17 @@
 
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use super::auth::KeyIdentity;
 use crate::engine::{FinishReason, SeqEvent};
 use crate::telemetry::{Outcome, RequestRecord, Telemetry};
+use crate::usage::Usage;
 
 pub struct RequestTimer {
     telemetry: Option<Telemetry>,
+    /// Where the request's tokens are counted, and to whom.
+    usage: Option<(Usage, Arc<KeyIdentity>)>,
     started: Instant,
     last_token: Option<Instant>,
     record: RequestRecord,
@@ -19,6 +25,7 @@ impl RequestTimer {
     pub fn new(telemetry: Option<Telemetry>, started: Instant, prompt_tokens: usize) -> Self {
         Self {
             telemetry,
+            usage: None,
             started,
             last_token: None,
             record: RequestRecord {
@@ -26,6 +33,12 @@ impl RequestTimer {
                 ..RequestRecord::default()
             },
         }
+    }
+
+    /// Counts the request's tokens to `who` when it ends.
+    pub fn with_usage(mut self, usage: Option<(Usage, Arc<KeyIdentity>)>) -> Self {
+        self.usage = usage;
+        self
     }
 
     /// Notes one engine event.
@@ -61,6 +74,14 @@ impl RequestTimer {
 
 impl Drop for RequestTimer {
     fn drop(&mut self) {
+        if let Some((usage, who)) = self.usage.take() {
+            let r = &self.record;
+            usage.record(
+                &who.name,
+                r.prompt_tokens as u64,
+                r.completion_tokens as u64,
+            );
+        }
         if let Some(t) = self.telemetry.take() {
             self.record.e2e_s = self.started.elapsed().as_secs_f64();
             t.finished(std::mem::take(&mut self.record));

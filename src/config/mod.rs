@@ -255,6 +255,12 @@ pub struct ServeArgs {
     /// Default: all-MiniLM-L6-v2 from `models/fetch`, when it is there. `none`: no embeddings.
     #[arg(long, env = "IDLERIG_EMBEDDING_MODEL")]
     pub embedding_model: Option<String>,
+    /// SQLite file where requests and tokens per API key and day are kept (WAL mode; it
+    /// survives restarts; GET /v1/usage shows it to admin keys). Default, when API keys are
+    /// configured: idlerig-usage.db in the working directory. `none`: counters and quotas in
+    /// memory only.
+    #[arg(long, env = "IDLERIG_USAGE_DB")]
+    pub usage_db: Option<String>,
     /// Address to listen on. The default accepts only local clients.
     #[arg(long, env = "IDLERIG_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,

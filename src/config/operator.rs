@@ -20,7 +20,9 @@ pub struct AccessArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
-    /// File of API keys, one per line (blank lines and lines starting with `#` are ignored).
+    /// File of API keys, one per line: `[NAME:]KEY [admin] [daily-tokens=N]` (usage is counted
+    /// by NAME; `admin` may read /v1/usage; `daily-tokens` caps prompt + completion tokens per
+    /// UTC day, answered 429 past it). Blank lines and lines starting with `#` are ignored.
     #[arg(long, env = "IDLERIG_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
     /// Require a key on /metrics too. /health and the dashboard page stay open either way (the

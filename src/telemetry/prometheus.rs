@@ -89,6 +89,8 @@ pub struct Metrics {
     pub http_responses: Family<Labels, Counter>,
     /// Observed by the arbiter for each pre-emption.
     pub preempt_latency: Histogram,
+    /// Requests and tokens by API key name (never the key), counted by the usage handle.
+    pub keys: crate::usage::KeyCounters,
 }
 
 /// What the collector reads at scrape time.
@@ -187,11 +189,28 @@ impl Metrics {
             arbiter: live.arbiter,
             snapshot: live.snapshot,
         }));
+        let keys = crate::usage::KeyCounters::default();
+        registry.register(
+            "idlerig_api_key_requests",
+            "Requests answered, by API key name",
+            keys.requests.clone(),
+        );
+        registry.register(
+            "idlerig_api_key_prompt_tokens",
+            "Prompt tokens, by API key name",
+            keys.prompt_tokens.clone(),
+        );
+        registry.register(
+            "idlerig_api_key_completion_tokens",
+            "Completion tokens, by API key name",
+            keys.completion_tokens.clone(),
+        );
         Self {
             registry,
             requests,
             http_responses,
             preempt_latency,
+            keys,
         }
     }
 

@@ -1,0 +1,338 @@
+//! Usage per API key: requests and prompt/completion tokens by key name and UTC day, kept in
+//! an embedded SQLite database (`--usage-db`) so that they survive restarts, counted for
+//! Prometheus by key name (never the key), and checked against each key's daily token quota.
+//!
+//! One thread owns the database connection and writes every record in order; the [`Usage`]
+//! handle adds a record to today's in-memory totals at once (so a quota holds from the next
+//! request on) and sends it to that thread.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Error)]
+pub enum UsageError {
+    #[error("usage database {path}: {why}")]
+    Open { path: String, why: String },
+    #[error("usage database: {0}")]
+    Query(String),
+    #[error("the usage database's writer has stopped")]
+    Stopped,
+}
+
+/// The Prometheus counters by key name.
+#[derive(Clone, Default)]
+pub struct KeyCounters {
+    pub requests: Family<KeyLabel, Counter>,
+    pub prompt_tokens: Family<KeyLabel, Counter>,
+    pub completion_tokens: Family<KeyLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct KeyLabel {
+    pub key: String,
+}
+
+/// One key's totals for one day.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct DayUsage {
+    /// The key's name.
+    pub key: String,
+    /// UTC day, `YYYY-MM-DD`.
+    pub date: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+enum Message {
+    Record {
+        day: String,
+        key: String,
+        prompt: u64,
+        completion: u64,
+    },
+    Query {
+        from: String,
+        to: String,
+        reply: oneshot::Sender<Result<Vec<DayUsage>, UsageError>>,
+    },
+}
+
+/// The handle: today's totals, the counters, and the way to the database's thread.
+#[derive(Clone)]
+pub struct Usage {
+    today: Arc<Mutex<(String, HashMap<String, DayUsage>)>>,
+    counters: KeyCounters,
+    writer: Option<std::sync::mpsc::Sender<Message>>,
+}
+
+impl Usage {
+    /// Opens (or creates) the database at `path`, in WAL mode; `None` keeps usage in memory
+    /// only (counters and quotas, forgotten at restart). A file that is not a database, is
+    /// corrupt or cannot be written is an error that says so.
+    pub fn open(path: Option<&Path>, counters: KeyCounters) -> Result<Self, UsageError> {
+        let day = utc_day(std::time::SystemTime::now());
+        let mut today = HashMap::new();
+        let writer = match path {
+            None => None,
+            Some(path) => {
+                let conn = open_db(path)?;
+                for row in query(&conn, &day, &day)? {
+                    today.insert(row.key.clone(), row);
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                let shown = path.display().to_string();
+                std::thread::Builder::new()
+                    .name("idlerig-usage".into())
+                    .spawn(move || write_loop(conn, rx, shown))
+                    .map_err(|e| UsageError::Query(format!("cannot start its thread: {e}")))?;
+                Some(tx)
+            }
+        };
+        Ok(Self {
+            today: Arc::new(Mutex::new((day, today))),
+            counters,
+            writer,
+        })
+    }
+
+    /// Counts one finished request of key `key`.
+    pub fn record(&self, key: &str, prompt: u64, completion: u64) {
+        let label = KeyLabel { key: key.into() };
+        self.counters.requests.get_or_create(&label).inc();
+        self.counters
+            .prompt_tokens
+            .get_or_create(&label)
+            .inc_by(prompt);
+        self.counters
+            .completion_tokens
+            .get_or_create(&label)
+            .inc_by(completion);
+        let day = utc_day(std::time::SystemTime::now());
+        {
+            let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+            if today.0 != day {
+                *today = (day.clone(), HashMap::new());
+            }
+            let row = today.1.entry(key.to_string()).or_insert_with(|| DayUsage {
+                key: key.into(),
+                date: day.clone(),
+                ..DayUsage::default()
+            });
+            row.requests += 1;
+            row.prompt_tokens += prompt;
+            row.completion_tokens += completion;
+        }
+        if let Some(w) = &self.writer {
+            let msg = Message::Record {
+                day,
+                key: key.into(),
+                prompt,
+                completion,
+            };
+            if w.send(msg).is_err() {
+                tracing::error!(key, "usage not stored: the database's writer has stopped");
+            }
+        }
+    }
+
+    /// Prompt and completion tokens `key` has used today (UTC).
+    pub fn tokens_today(&self, key: &str) -> u64 {
+        let day = utc_day(std::time::SystemTime::now());
+        let today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+        if today.0 != day {
+            return 0;
+        }
+        today
+            .1
+            .get(key)
+            .map_or(0, |r| r.prompt_tokens + r.completion_tokens)
+    }
+
+    /// Every key's totals for the days `from..=to` (`YYYY-MM-DD`), from the database (or,
+    /// without one, today's in memory).
+    pub async fn days(&self, from: String, to: String) -> Result<Vec<DayUsage>, UsageError> {
+        let Some(w) = &self.writer else {
+            let today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rows: Vec<DayUsage> = if from <= today.0 && today.0 <= to {
+                today.1.values().cloned().collect()
+            } else {
+                Vec::new()
+            };
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+            return Ok(rows);
+        };
+        let (reply, answer) = oneshot::channel();
+        w.send(Message::Query { from, to, reply })
+            .map_err(|_| UsageError::Stopped)?;
+        answer.await.map_err(|_| UsageError::Stopped)?
+    }
+}
+
+fn open_db(path: &Path) -> Result<rusqlite::Connection, UsageError> {
+    let err = |why: String| UsageError::Open {
+        path: path.display().to_string(),
+        why,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its folder: {e}")))?;
+    }
+    let conn = rusqlite::Connection::open(path).map_err(|e| err(e.to_string()))?;
+    let setup = || -> rusqlite::Result<String> {
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS usage (
+                day TEXT NOT NULL,
+                key TEXT NOT NULL,
+                requests INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                PRIMARY KEY (day, key)
+            )",
+        )?;
+        Ok(format!("{mode}/{check}"))
+    };
+    match setup() {
+        Ok(state) if state == "wal/ok" => Ok(conn),
+        Ok(state) => Err(err(format!(
+            "not usable ({state}); move it aside to start a new one"
+        ))),
+        Err(e) => Err(err(format!(
+            "{e} (a corrupt file or not a database? move it aside to start a new one; an \
+             unwritable one needs write access)"
+        ))),
+    }
+}
+
+fn query(conn: &rusqlite::Connection, from: &str, to: &str) -> Result<Vec<DayUsage>, UsageError> {
+    let run = || -> rusqlite::Result<Vec<DayUsage>> {
+        let mut stmt = conn.prepare(
+            "SELECT key, day, requests, prompt_tokens, completion_tokens FROM usage
+             WHERE day >= ?1 AND day <= ?2 ORDER BY day, key",
+        )?;
+        let rows = stmt.query_map([from, to], |r| {
+            Ok(DayUsage {
+                key: r.get(0)?,
+                date: r.get(1)?,
+                requests: r.get::<_, i64>(2)? as u64,
+                prompt_tokens: r.get::<_, i64>(3)? as u64,
+                completion_tokens: r.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        rows.collect()
+    };
+    run().map_err(|e| UsageError::Query(e.to_string()))
+}
+
+/// The database's thread: each record is added in its own small transaction (a crash loses
+/// at most the one being written), in the order they came.
+fn write_loop(conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Message>, path: String) {
+    for msg in rx {
+        match msg {
+            Message::Record {
+                day,
+                key,
+                prompt,
+                completion,
+            } => {
+                let r = conn.execute(
+                    "INSERT INTO usage VALUES (?1, ?2, 1, ?3, ?4)
+                     ON CONFLICT (day, key) DO UPDATE SET
+                       requests = requests + 1,
+                       prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                       completion_tokens = completion_tokens + excluded.completion_tokens",
+                    rusqlite::params![day, key, prompt as i64, completion as i64],
+                );
+                if let Err(e) = r {
+                    tracing::error!(error = %e, db = %path, key, "usage not stored");
+                }
+            }
+            Message::Query { from, to, reply } => {
+                let _ = reply.send(query(&conn, &from, &to));
+            }
+        }
+    }
+}
+
+/// The UTC day of `t`, `YYYY-MM-DD` (the civil-from-days algorithm of H. Hinnant).
+pub fn utc_day(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The default database: `idlerig-usage.db` in the working directory.
+pub fn default_path() -> PathBuf {
+    PathBuf::from("idlerig-usage.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_days_are_civil_dates() {
+        let at = |s: u64| utc_day(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01");
+        assert_eq!(at(951_782_400), "2000-02-29");
+        assert_eq!(at(1_798_675_199), "2026-12-30");
+        assert_eq!(at(1_798_761_600), "2027-01-01");
+    }
+
+    #[test]
+    fn usage_survives_reopening_and_a_damaged_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("idlerig-usage-{}", std::process::id()));
+        let path = dir.join("usage.db");
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let u = Usage::open(Some(&path), KeyCounters::default()).unwrap();
+            u.record("alice", 10, 5);
+            u.record("alice", 1, 2);
+            u.record("bob", 7, 0);
+            assert_eq!(u.tokens_today("alice"), 18);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let day = utc_day(std::time::SystemTime::now());
+            let rows = rt.block_on(u.days(day.clone(), day)).unwrap();
+            assert_eq!(rows.len(), 2);
+        }
+        let u = Usage::open(Some(&path), KeyCounters::default()).unwrap();
+        assert_eq!(u.tokens_today("alice"), 18, "today's totals come back");
+        assert_eq!(u.tokens_today("bob"), 7);
+        drop(u);
+        std::fs::write(
+            dir.join("junk.db"),
+            b"not a database at all, just some bytes".repeat(200),
+        )
+        .unwrap();
+        let err = Usage::open(Some(&dir.join("junk.db")), KeyCounters::default())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("junk.db") && err.contains("move it aside"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
