@@ -1,7 +1,8 @@
 //! Usage per API key over real HTTP: named keys (`NAME:KEY` in the key file), requests and
 //! tokens counted per key and day in SQLite, `/v1/usage` for admin keys only, Prometheus
 //! counters by key name (never the key), a daily token quota answered with 429, and all of it
-//! intact after the server restarts on the same database. A damaged database stops the start
+//! intact after the server restarts on the same database, with requests counted once each when
+//! they come at once. A damaged database stops the start
 //! with a message that says what to do.
 
 mod common;
@@ -142,8 +143,22 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
     let (status, after) = call(&base, OPS, "GET", "/v1/usage", None).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(usage_of(&after, "alice"), usage_of(&before, "alice"));
-    let (status, _) = call(&base, ALICE, "POST", "/v1/completions", Some(body)).await;
+    let (status, _) = call(&base, ALICE, "POST", "/v1/completions", Some(body.clone())).await;
     assert_eq!(status, 429, "the quota holds across the restart");
+    // Requests at once: each is counted once, none lost.
+    let calls = (0..6).map(|_| call(&base, OPS, "POST", "/v1/completions", Some(body.clone())));
+    let answers = futures::future::join_all(calls).await;
+    let tokens: u64 = answers
+        .iter()
+        .map(|(status, got)| {
+            assert_eq!(*status, 200, "{got}");
+            got["usage"]["total_tokens"].as_u64().unwrap()
+        })
+        .sum();
+    let (_, now) = call(&base, OPS, "GET", "/v1/usage", None).await;
+    let (requests, used) = usage_of(&now, "ops");
+    let (requests_before, used_before) = usage_of(&after, "ops");
+    assert_eq!((requests, used), (requests_before + 6, used_before + tokens));
     stop.send(()).unwrap();
     running.task.await.unwrap().unwrap();
 
