@@ -26,6 +26,8 @@ async fn json_logs_tag_requests_hide_secrets_and_sigterm_exits_cleanly() {
             "1",
             "--api-key",
             "sk-secret-abc",
+            "--usage-db",
+            "none",
             "--pass",
             "pool-secret-xyz",
             "--log-format",

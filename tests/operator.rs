@@ -100,6 +100,8 @@ async fn api_keys_guard_v1_and_requests_carry_their_id() {
         "sk-from-flag",
         "--api-key-file",
         dir.to_str().unwrap(),
+        "--usage-db",
+        "none",
         "--max-body-bytes",
         "2000",
     ])
