@@ -158,7 +158,10 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
     let (_, now) = call(&base, OPS, "GET", "/v1/usage", None).await;
     let (requests, used) = usage_of(&now, "ops");
     let (requests_before, used_before) = usage_of(&after, "ops");
-    assert_eq!((requests, used), (requests_before + 6, used_before + tokens));
+    assert_eq!(
+        (requests, used),
+        (requests_before + 6, used_before + tokens)
+    );
     stop.send(()).unwrap();
     running.task.await.unwrap().unwrap();
 
