@@ -1,6 +1,7 @@
 //! gpu-check's serving figures on GPU `N`: the model's log-probabilities on CUDA against the
 //! CPU twin of the CUDA path (candle's quantized kernels, dense caches) at batches of 1, 8, 9
-//! and 32 sequences, then `bench infer` (decode at 1, 8 and 32 streams, prefill at 512 tokens,
+//! and 32 sequences, the same for the tiny model of every architecture
+//! (`tests/reference/arch/*.gguf`, which travel with the working tree) at 1 and 9, then `bench infer` (decode at 1, 8 and 32 streams, prefill at 512 tokens,
 //! TTFT) and `bench preempt` (the same schedule with the GPU miner in the gaps and without).
 
 use std::path::Path;
@@ -56,10 +57,19 @@ fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>, String> {
 /// `batch` sequences of different lengths: one batched prefill and 4 batched decode steps on
 /// CUDA, each sequence alone on the CPU twin, teacher-forced with the CPU's greedy tokens.
 fn agreement(cpu: &mut Decoder, gpu: &mut Decoder, batch: usize) -> Result<Value, String> {
+    // Ordinary tokens of a real vocabulary (ids 1000–31000), or any of a tiny one.
+    let vocab = cpu.config().vocab_size;
+    let token = |x: usize| {
+        if vocab > 31_000 {
+            1000 + (x % 30_000) as u32
+        } else {
+            (x % vocab) as u32
+        }
+    };
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|i| {
             (0..5 + 7 * (i % 9))
-                .map(|j| 1000 + ((i * 7919 + j * 104_729) % 30_000) as u32)
+                .map(|j| token(i * 7919 + j * 104_729))
                 .collect()
         })
         .collect();
@@ -204,6 +214,9 @@ pub async fn figures(model: &Path, gpu: usize) -> Value {
     .map_err(|e| e.to_string())
     .and_then(|r| r)
     .unwrap_or_else(|e| json!({ "error": e }));
+    let architectures = tokio::task::spawn_blocking(move || architecture_agreements(gpu))
+        .await
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }));
     let infer = |prompt: usize, gen: usize, c: usize| infer_args(&m, &dev, prompt, gen, c);
     let mut decode = Vec::new();
     let mut serving_w = None;
@@ -219,11 +232,42 @@ pub async fn figures(model: &Path, gpu: usize) -> Value {
     let with_miner = bench(&preempt_args(&m, &dev)).await;
     json!({
         "logprob_agreement": agreement,
+        "architectures": architectures,
         "decode": decode,
         "prefill_512": prefill,
         "mining_in_the_gaps": with_miner,
         "power_w_serving_32_streams": serving_w,
     })
+}
+
+/// Each tiny architecture model under `tests/reference/arch` (the working tree's, where
+/// gpu-check runs) on GPU `gpu` against its CPU twin, at batches of 1 and 9.
+fn architecture_agreements(gpu: usize) -> Value {
+    let dir = Path::new("tests/reference/arch");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return json!({"error": format!("{} is not here (run from the repository)", dir.display())});
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    paths.sort();
+    let device = match crate::model::device_from_name(&format!("cuda:{gpu}")) {
+        Ok(d) => d,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let per_model: serde_json::Map<String, Value> = paths
+        .iter()
+        .map(|p| {
+            let name = p
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into());
+            let v = agreements(p, &device, LoadOptions::default(), &[1, 9])
+                .unwrap_or_else(|e| json!({ "error": e }));
+            (name, v)
+        })
+        .collect();
+    Value::Object(per_model)
 }
 
 #[cfg(test)]
@@ -253,5 +297,14 @@ mod tests {
             assert_eq!(b["ok"], true, "{b}");
         }
         assert_eq!(v["batches"][1]["rows"], 9 * 5);
+        // And every architecture's tiny model (prompts within its 320-token vocabulary).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/arch");
+        for arch in ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"] {
+            let path = dir.join(format!("{arch}.gguf"));
+            let v = agreements(&path, &Device::Cpu, LoadOptions::default(), &[1, 9]).unwrap();
+            for b in v["batches"].as_array().unwrap() {
+                assert_eq!(b["ok"], true, "{arch}: {b}");
+            }
+        }
     }
 }
