@@ -195,25 +195,37 @@ macro_rules! arch_tests {
 
 arch_tests!(llama, qwen2, qwen3, phi3, gemma2, gemma3);
 
-/// A family idlerig does not run, or a tensor type without a kernel, is named in the error.
-#[test]
-fn an_unknown_architecture_is_refused_by_name() {
+/// A copy of the tiny Qwen2 model with `edit` applied to its bytes, in a fresh temporary
+/// folder (removed by the caller): a file idlerig must refuse.
+fn damaged_qwen2(
+    file: &str,
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let src =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/arch/qwen2.gguf");
     let mut bytes = std::fs::read(src).unwrap();
-    // Rename the architecture in place: "qwen2" → "mamba" (same length), key prefixes too.
-    let from = b"qwen2";
-    let mut i = 0;
-    while i + from.len() <= bytes.len() {
-        if &bytes[i..i + from.len()] == from {
-            bytes[i..i + from.len()].copy_from_slice(b"mamba");
-        }
-        i += 1;
-    }
-    let dir = std::env::temp_dir().join(format!("idlerig-arch-{}", std::process::id()));
+    edit(&mut bytes);
+    let dir = std::env::temp_dir().join(format!("idlerig-{file}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("mamba.gguf");
+    let path = dir.join(file);
     std::fs::write(&path, bytes).unwrap();
+    (dir, path)
+}
+
+/// A family idlerig does not run is named in the error, with the ones it runs.
+#[test]
+fn an_unknown_architecture_is_refused_by_name() {
+    // Rename the architecture in place: "qwen2" → "mamba" (same length), key prefixes too.
+    let (dir, path) = damaged_qwen2("mamba.gguf", |bytes| {
+        let from = b"qwen2";
+        let mut i = 0;
+        while i + from.len() <= bytes.len() {
+            if &bytes[i..i + from.len()] == from {
+                bytes[i..i + from.len()].copy_from_slice(b"mamba");
+            }
+            i += 1;
+        }
+    });
     let err = ModelFiles::open(&path).err().expect("refused").to_string();
     assert!(err.contains("`mamba`"), "{err}");
     assert!(
@@ -227,24 +239,19 @@ fn an_unknown_architecture_is_refused_by_name() {
 /// name and what to do, not a bare number.
 #[test]
 fn an_unsupported_tensor_type_is_refused_by_name() {
-    let src =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/arch/qwen2.gguf");
-    let mut bytes = std::fs::read(src).unwrap();
     // The tensor's entry in the header: name, dimension count (u32), dimensions (u64 each),
     // then its type (u32).
-    let name = b"blk.0.attn_q.weight";
-    let at = bytes
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("the tensor is listed")
-        + name.len();
-    let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    let ty = at + 4 + 8 * dims;
-    bytes[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
-    let dir = std::env::temp_dir().join(format!("idlerig-iq-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("iq4nl.gguf");
-    std::fs::write(&path, bytes).unwrap();
+    let (dir, path) = damaged_qwen2("iq4nl.gguf", |bytes| {
+        let name = b"blk.0.attn_q.weight";
+        let at = bytes
+            .windows(name.len())
+            .position(|w| w == name)
+            .expect("the tensor is listed")
+            + name.len();
+        let dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        let ty = at + 4 + 8 * dims;
+        bytes[ty..ty + 4].copy_from_slice(&20u32.to_le_bytes());
+    });
     let err = ModelFiles::open(&path).err().expect("refused").to_string();
     assert!(err.contains("IQ4_NL"), "{err}");
     assert!(err.contains("llama-quantize"), "{err}");

@@ -19,14 +19,6 @@ fn minilm() -> Embedder {
         .expect("models/fetch has put all-MiniLM-L6-v2 in place")
 }
 
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .expect("an array of numbers")
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -116,7 +108,7 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
     assert_eq!(body["model"], ID);
     assert_eq!(body["data"][0]["object"], "embedding");
     assert_eq!(body["data"][0]["index"], 0);
-    let one = floats(&body["data"][0]["embedding"]);
+    let one = common::floats(&body["data"][0]["embedding"]);
     assert_eq!(one.len(), 384);
     assert!(cosine(&one, &want) >= 0.9999);
     let n_tokens = case["tokens"].as_array().unwrap().len();
@@ -137,17 +129,17 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
     assert_eq!(status, 200, "{b64_body}");
     for i in 0..3 {
         assert_eq!(floats_body["data"][i]["index"], i);
-        let f = floats(&floats_body["data"][i]["embedding"]);
+        let f = common::floats(&floats_body["data"][i]["embedding"]);
         let b = common::f32s_of_base64(b64_body["data"][i]["embedding"].as_str().unwrap());
         assert_eq!(f, b, "input {i}: float and base64 agree");
     }
-    assert!(cosine(&floats(&floats_body["data"][1]["embedding"]), &want) >= 0.9999);
+    assert!(cosine(&common::floats(&floats_body["data"][1]["embedding"]), &want) >= 0.9999);
     let ids: Vec<u64> = serde_json::from_value(case["tokens"].clone()).unwrap();
     let inner = &ids[1..ids.len() - 1];
     for input in [json!(inner), json!([inner, inner])] {
         let (status, body) = server.post("/v1/embeddings", json!({"input": input})).await;
         assert_eq!(status, 200, "{body}");
-        assert!(cosine(&floats(&body["data"][0]["embedding"]), &want) >= 0.9999);
+        assert!(cosine(&common::floats(&body["data"][0]["embedding"]), &want) >= 0.9999);
     }
 
     // Refusals: status, the parameter, and words that say what to do.
@@ -192,7 +184,7 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
         let (status, got) = server.post("/v1/embeddings", body.clone()).await;
         assert_eq!(status, code, "{body} -> {got}");
         assert_eq!(got["error"]["param"], param, "{body} -> {got}");
-        let message = got["error"]["message"].as_str().unwrap();
+        let message = common::error_message(&got);
         assert!(message.contains(words), "{body} -> {message}");
     }
     let (status, got) = server
@@ -202,10 +194,7 @@ async fn the_embeddings_endpoint_answers_and_refuses_as_openai_does() {
         )
         .await;
     assert_eq!(status, 400, "{got}");
-    assert!(got["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("/v1/embeddings"));
+    assert!(common::error_message(&got).contains("/v1/embeddings"));
 
     let models = server.get("/v1/models").await;
     let ids: Vec<&str> = models["data"]
@@ -225,8 +214,5 @@ async fn without_an_embedding_model_the_route_says_how_to_serve_one() {
         .post("/v1/embeddings", json!({"input": "hello"}))
         .await;
     assert_eq!(status, 404, "{got}");
-    assert!(got["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("--embedding-model"));
+    assert!(common::error_message(&got).contains("--embedding-model"));
 }

@@ -115,12 +115,7 @@ async fn two_chat_models_and_the_embedding_model_answer_through_one_server() {
     .await;
     assert_eq!(status, 200, "{got}");
     let want = common::f32s_of_base64(case["embedding_f32_base64"].as_str().unwrap());
-    let got: Vec<f32> = got["data"][0]["embedding"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
+    let got = common::floats(&got["data"][0]["embedding"]);
     let cos: f32 = got.iter().zip(&want).map(|(a, b)| a * b).sum();
     assert!(cos >= 0.9999, "cosine {cos}");
 
@@ -130,23 +125,17 @@ async fn two_chat_models_and_the_embedding_model_answer_through_one_server() {
     )
     .await;
     assert_eq!(status, 400, "{got}");
-    assert!(got["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("/v1/embeddings"));
+    assert!(common::error_message(&got).contains("/v1/embeddings"));
     let (status, got) = post("/v1/embeddings", json!({"model": "tiny", "input": "hi"})).await;
     assert_eq!(status, 400, "{got}");
-    assert!(got["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("chat model"));
+    assert!(common::error_message(&got).contains("chat model"));
     let (status, got) = post(
         "/v1/chat/completions",
         json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
     )
     .await;
     assert_eq!(status, 404, "{got}");
-    let message = got["error"]["message"].as_str().unwrap();
+    let message = common::error_message(&got);
     assert!(
         message.contains("smol") && message.contains("tiny"),
         "{message}"

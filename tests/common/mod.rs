@@ -240,3 +240,17 @@ pub async fn start_serve(
     }
     (running, base)
 }
+
+/// A JSON array of numbers as f32 (an embedding in `float` encoding).
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("a number") as f32)
+        .collect()
+}
+
+/// The message of an OpenAI error envelope.
+pub fn error_message(v: &serde_json::Value) -> &str {
+    v["error"]["message"].as_str().expect("an error envelope")
+}
