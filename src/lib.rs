@@ -19,10 +19,14 @@
 //! - [`stats`]: quantiles shared by the benchmarks, the telemetry and the arbiter.
 //! - [`stratum`]: the Stratum V1 protocol (sans-IO), the client task and the embedded pool.
 //! - [`usage`]: requests and tokens per API key and day, in SQLite, with daily quotas.
+//! - [`batch`]: OpenAI's Files and Batches: uploads, batches kept in SQLite across restarts,
+//!   and the runner that feeds their lines to the engine as deferred work.
+//! - [`sqlite`]: opening the embedded databases (WAL, integrity check, schema).
 //! - [`config`]: the typed configuration each subsystem is built from.
 
 pub mod api;
 pub mod arbiter;
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod embed;
@@ -31,6 +35,7 @@ pub mod log_limit;
 pub mod mining;
 pub mod model;
 pub mod server;
+pub mod sqlite;
 pub mod stats;
 pub mod stratum;
 pub mod telemetry;

@@ -42,6 +42,8 @@ pub enum ServerError {
     Embedding(#[from] crate::embed::EmbedError),
     #[error(transparent)]
     Usage(#[from] crate::usage::UsageError),
+    #[error(transparent)]
+    Batch(#[from] crate::batch::BatchError),
 }
 
 /// The device the miner runs on, chosen from `--mine-device` and `--device`.
@@ -384,20 +386,25 @@ pub async fn start(
             arbiter: arbiter_status,
             mining: profit,
             history_interval: std::time::Duration::from_millis(args.history_interval_ms.max(10)),
+            deferred_price_usd_per_mtok: args.earnings.deferred_price,
         },
         snapshot_tx,
         arbiter_stop.clone(),
     );
     // Usage per key, when there are keys: counted, kept, and held to the keys' quotas.
+    let usage_path = match (keys_empty, args.usage_db.as_deref()) {
+        (true, _) | (_, Some("none")) => None,
+        (false, Some(p)) => Some(std::path::PathBuf::from(p)),
+        (false, None) => Some(crate::usage::default_path()),
+    };
     if !keys_empty {
-        let path = match args.usage_db.as_deref() {
-            Some("none") => None,
-            Some(p) => Some(std::path::PathBuf::from(p)),
-            None => Some(crate::usage::default_path()),
-        };
-        let usage = crate::usage::Usage::open(path.as_deref(), metrics.keys.clone())?;
-        tracing::info!(db = ?path, "counting usage per API key");
+        let usage = crate::usage::Usage::open(usage_path.as_deref(), metrics.keys.clone())?;
+        tracing::info!(db = ?usage_path, "counting usage per API key");
         state = state.with_usage(usage);
+    }
+    let batches = open_batches(&args, usage_path.as_deref())?;
+    if let Some(b) = &batches {
+        state = state.with_batches(b.clone());
     }
     state = state.with_telemetry(telemetry.clone(), metrics, snapshot_rx);
 
@@ -443,6 +450,12 @@ pub async fn start(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, models = ?names, "idlerig listening; /health turns 200 once the models are loaded");
     let miner = mining.as_ref().map(|m: &MiningStack| m.miner.clone());
+    // Batch lines run through the same routes as requests, as deferred work; the runner
+    // stops first at shutdown (its lines in flight run again at the next start).
+    let (batch_stop_tx, batch_stop) = watch::channel(false);
+    if let Some(b) = &batches {
+        b.start_runner(api::batch_executor(state.clone()), batch_stop);
+    }
     let lifecycle = state.lifecycle();
     let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.clamp(0.0, 86_400.0));
     // A model that fails to load (or panics loading) ends the server with an error: a
@@ -472,6 +485,7 @@ pub async fn start(
                 *failure_seen.lock().expect("failure lock") = Some(e);
             }
         }
+        let _ = batch_stop_tx.send(true);
         tracing::info!(
             in_flight = lifecycle.in_flight(),
             grace_s = grace.as_secs_f64(),
@@ -503,6 +517,31 @@ pub async fn start(
         miner,
         task,
     })
+}
+
+/// The Files and Batches store, unless `--data-dir none`.
+fn open_batches(
+    args: &ServeArgs,
+    usage_db: Option<&std::path::Path>,
+) -> Result<Option<crate::batch::Batches>, ServerError> {
+    let Some(dir) = args.batch.dir() else {
+        return Ok(None);
+    };
+    let cfg = crate::batch::BatchConfig {
+        db_path: args.batch.db_path(&dir, usage_db),
+        dir,
+        max_file_bytes: args.batch.batch_max_file_mb.saturating_mul(1 << 20),
+        max_requests: args.batch.batch_max_requests.max(1),
+        max_line_bytes: args.max_body_bytes,
+        concurrency: args
+            .batch
+            .batch_concurrency
+            .unwrap_or(args.model.max_running)
+            .max(1),
+        window_s: 24 * 3600,
+    };
+    tracing::info!(dir = %cfg.dir.display(), db = %cfg.db_path.display(), "Files and Batches API on /v1/files and /v1/batches");
+    Ok(Some(crate::batch::Batches::open(cfg)?))
 }
 
 /// A chat model the server was asked to serve: its name, file, and the channels its loading

@@ -147,6 +147,7 @@ async fn agrees_with_llama_cpp(options: LoadOptions) {
                 ..Default::default()
             },
             ignore_eos: true,
+            tier: Default::default(),
             request_id: String::new(),
             priority: 0,
             constraint: None,

@@ -123,6 +123,11 @@ impl ApiKeys {
         self.identities.get(found).cloned()
     }
 
+    /// The identity of the key named `name` (a batch's owner).
+    pub fn named(&self, name: &str) -> Option<std::sync::Arc<KeyIdentity>> {
+        self.identities.iter().find(|k| k.name == name).cloned()
+    }
+
     /// The keys' identities (names and quotas), in order.
     pub fn identities(&self) -> impl Iterator<Item = &KeyIdentity> {
         self.identities.iter().map(|k| k.as_ref())
@@ -140,6 +145,13 @@ fn bearer(req: &Request) -> Option<&str> {
 /// (with the key's [`KeyIdentity`] as an extension), else answers 401 in the OpenAI envelope.
 pub async fn require_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if state.keys.is_empty() {
+        return next.run(req).await;
+    }
+    // A batch line, run by the server itself as the batch's owner (checked at creation).
+    if let Some(caller) = req.extensions().get::<super::BatchCaller>().cloned() {
+        if let Some(who) = caller.identity {
+            req.extensions_mut().insert(who);
+        }
         return next.run(req).await;
     }
     let identity = bearer(&req).map(|key| state.keys.identify(key));

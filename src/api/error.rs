@@ -45,6 +45,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
 
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    /// 409: the request conflicts with the resource's state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
@@ -191,6 +201,10 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull(_) => ApiError::overloaded(format!("{e}; retry shortly")),
+            // OpenAI's answer when flex capacity is short: 429 `resource_unavailable`.
+            EngineError::DeferredQueueFull(_) => {
+                ApiError::overloaded(e.to_string()).with_code("resource_unavailable")
+            }
             EngineError::NoChatTemplate => ApiError::bad_request(e.to_string()),
             // The template's own message tells the user what the model accepts.
             EngineError::ChatTemplate(msg) => ApiError::invalid("messages", msg),

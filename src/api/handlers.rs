@@ -13,7 +13,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
-use crate::engine::{FinishReason, SeqEvent, ServedModel, TokenLogprob, ValidRequest};
+use crate::engine::{FinishReason, SeqEvent, ServedModel, ServiceTier, TokenLogprob, ValidRequest};
 
 use super::auth::KeyIdentity;
 use super::context::RequestId;
@@ -79,6 +79,7 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
     who: Option<Extension<Arc<KeyIdentity>>>,
+    batch: Option<Extension<super::BatchCaller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let parse = |v: &Value| {
@@ -88,7 +89,12 @@ pub async fn chat_completions(
         })
     };
     let who = who.map(|Extension(w)| w);
-    answer(state, (id, who), body, Endpoint::Chat, parse, validate_chat).await
+    let caller = Caller {
+        id,
+        who,
+        batch: batch.is_some(),
+    };
+    answer(state, caller, body, Endpoint::Chat, parse, validate_chat).await
 }
 
 /// Creates a legacy text completion: one JSON document, or with `stream` server-sent events
@@ -105,6 +111,7 @@ pub async fn completions(
     State(state): State<AppState>,
     Extension(id): Extension<RequestId>,
     who: Option<Extension<Arc<KeyIdentity>>>,
+    batch: Option<Extension<super::BatchCaller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let parse = |v: &Value| {
@@ -114,9 +121,14 @@ pub async fn completions(
         })
     };
     let who = who.map(|Extension(w)| w);
+    let caller = Caller {
+        id,
+        who,
+        batch: batch.is_some(),
+    };
     answer(
         state,
-        (id, who),
+        caller,
         body,
         Endpoint::Completion,
         parse,
@@ -125,12 +137,20 @@ pub async fn completions(
     .await
 }
 
+/// Who sent a generation request: its id, its key's owner, and whether it is a batch line
+/// (run by the server itself, always deferred).
+struct Caller {
+    id: RequestId,
+    who: Option<Arc<KeyIdentity>>,
+    batch: bool,
+}
+
 /// Admits, parses, validates and answers one generation request. Parsing (up to
 /// `--max-body-bytes` of JSON) and validation (the chat template, the tokenizer) are CPU work
 /// of unbounded length for the async runtime's few threads: they run on the blocking pool.
 async fn answer<R: Send + 'static>(
     state: AppState,
-    (id, who): (RequestId, Option<Arc<KeyIdentity>>),
+    Caller { id, who, batch }: Caller,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
     parse: impl FnOnce(&Value) -> Result<R, ApiError> + Send + 'static,
@@ -143,7 +163,15 @@ async fn answer<R: Send + 'static>(
     let in_flight = state.lifecycle.enter()?;
     // Held until the request is in the engine's hands; from then on the engine's busy flag
     // keeps the miner off.
-    let _admitted = state.admit();
+    let mut admitted = state.admit();
+    let mut set_tier = |tier| {
+        if let Some(g) = admitted.as_mut() {
+            g.set_tier(tier)
+        }
+    };
+    if batch {
+        set_tier(ServiceTier::Deferred);
+    }
     let limit = state.limits.max_body_bytes;
     let (requested, req) = off_runtime(move || {
         let v = parse_json(body, limit)?;
@@ -154,7 +182,12 @@ async fn answer<R: Send + 'static>(
     // Routed by `model`: each chat model has an engine of its own.
     let model = state.ready_model(requested.as_deref())?;
     let (m, limits) = (model.clone(), state.limits.clone());
-    let request = off_runtime(move || validate(req, &m, &limits)).await?;
+    let (mut valid, mut plan) = off_runtime(move || validate(req, &m, &limits)).await?;
+    if batch {
+        (valid.tier, plan.tier) = (ServiceTier::Deferred, ServiceTier::Deferred);
+    }
+    set_tier(valid.tier);
+    let request = (valid, plan);
     let started = Started {
         id,
         at,
@@ -194,7 +227,7 @@ async fn generate(
     let n = valid.n;
     let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens)
         .with_usage(state.usage.clone().zip(started.who));
-    let mut watchdog = state.watchdog(started.at);
+    let mut watchdog = state.watchdog(started.at, valid.tier);
     let events = model.backend.submit(valid)?;
     if plan.stream {
         let guards = StreamGuards {
@@ -277,6 +310,23 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
             kv_blocks_total: m.stats.kv_blocks_total.load(Relaxed),
             kv_preemptions: m.stats.preemptions.load(Relaxed),
             busy: m.stats.is_busy(),
+            running_by_tier: ServiceTier::ALL
+                .iter()
+                .map(|&t| {
+                    (
+                        t.as_str(),
+                        m.stats.running_by_tier[t as usize].load(Relaxed),
+                    )
+                })
+                .collect(),
+            waiting_by_tier: ServiceTier::ALL
+                .iter()
+                .map(|&t| {
+                    let w = m.stats.waiting_by_tier[t as usize].load(Relaxed)
+                        + m.stats.in_channel[t as usize].load(Relaxed);
+                    (t.as_str(), w)
+                })
+                .collect(),
         }),
         _ => None,
     };
@@ -298,6 +348,13 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
         engine,
         mining,
         telemetry,
+        batch_lines: state
+            .batches
+            .as_ref()
+            .map(|b| super::responses::BatchLines {
+                succeeded: b.lines_done[0].load(Relaxed),
+                failed: b.lines_done[1].load(Relaxed),
+            }),
     })
 }
 
@@ -409,6 +466,7 @@ fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion
         object: "chat.completion".into(),
         created: now_unix(),
         model: plan.model.clone(),
+        service_tier: plan.tier.as_str(),
         choices: choices
             .iter()
             .enumerate()
@@ -457,6 +515,7 @@ fn completion_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> Completi
         object: "text_completion".into(),
         created: now_unix(),
         model: plan.model.clone(),
+        service_tier: plan.tier.as_str(),
         choices: choices
             .iter()
             .enumerate()

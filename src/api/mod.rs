@@ -3,10 +3,12 @@
 //! the model's [`Backend`](crate::engine::Backend); errors leave through [`ApiError`].
 
 mod auth;
+mod batches;
 mod context;
 mod dashboard;
 mod embeddings;
 mod error;
+mod files;
 mod handlers;
 mod lifecycle;
 mod openapi;
@@ -21,6 +23,7 @@ mod validate;
 mod wire;
 
 pub use auth::{ApiKeys, KeyIdentity};
+pub use batches::{batch_executor, BatchCaller};
 pub use context::{RequestId, REQUEST_ID_HEADER};
 pub use error::ApiError;
 pub use lifecycle::Lifecycle;
@@ -78,6 +81,8 @@ pub struct AppState {
     embedder: Option<crate::embed::Embedder>,
     /// Usage per API key (counters, quotas, the database), when keys are configured.
     usage: Option<crate::usage::Usage>,
+    /// Files and batches, unless `--data-dir none`.
+    batches: Option<crate::batch::Batches>,
 }
 
 impl AppState {
@@ -101,7 +106,14 @@ impl AppState {
             snapshot: None,
             embedder: None,
             usage: None,
+            batches: None,
         }
+    }
+
+    /// Serves the Files and Batches API over `batches`.
+    pub fn with_batches(mut self, batches: crate::batch::Batches) -> Self {
+        self.batches = Some(batches);
+        self
     }
 
     /// Counts each key's requests and tokens, and holds keys to their daily quotas.
@@ -244,21 +256,49 @@ impl AppState {
         self.gate.as_ref().map(|g| g.admit())
     }
 
-    fn watchdog(&self, started: Instant) -> lifecycle::Watchdog {
-        self.lifecycle
-            .watchdog(started, self.limits.request_timeout)
+    /// The request's deadline: `--request-timeout-s` for interactive requests; deferred ones
+    /// (flex, batch lines) wait for the gaps, and get the batch window.
+    fn watchdog(&self, started: Instant, tier: crate::engine::ServiceTier) -> lifecycle::Watchdog {
+        let timeout = match tier {
+            crate::engine::ServiceTier::Interactive => self.limits.request_timeout,
+            crate::engine::ServiceTier::Deferred => self
+                .limits
+                .request_timeout
+                .max(std::time::Duration::from_secs(24 * 3600)),
+        };
+        self.lifecycle.watchdog(started, timeout)
     }
 }
 
 /// The application's routes, usable without a socket in tests.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
+    // An upload's multipart body: the file and a few small fields.
+    let file_limit = state.batches.as_ref().map_or(body_limit, |b| {
+        usize::try_from(b.cfg.max_file_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(64 << 10)
+    });
     let keyed = from_fn_with_state(state.clone(), auth::require_key);
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/usage", get(usage::usage))
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(file_limit))
+                .get(files::list),
+        )
+        .route(
+            "/v1/files/{file_id}",
+            get(files::retrieve).delete(files::delete),
+        )
+        .route("/v1/files/{file_id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{batch_id}", get(batches::retrieve))
+        .route("/v1/batches/{batch_id}/cancel", post(batches::cancel))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/status", get(handlers::status))
         .route_layer(keyed.clone());

@@ -21,6 +21,9 @@ pub struct ChatCompletion {
     pub object: String,
     pub created: u64,
     pub model: String,
+    /// `default` (interactive) or `flex` (deferred: run in the interactive gaps).
+    #[schema(example = "default")]
+    pub service_tier: &'static str,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
 }
@@ -176,6 +179,9 @@ pub struct Completion {
     pub object: String,
     pub created: u64,
     pub model: String,
+    /// `default` (interactive) or `flex` (deferred: run in the interactive gaps).
+    #[schema(example = "default")]
+    pub service_tier: &'static str,
     pub choices: Vec<CompletionChoice>,
     /// On a stream: absent unless `stream_options.include_usage`, then null on every chunk but
     /// the last one, which has no choices.
@@ -232,6 +238,9 @@ pub struct ChatCompletionChunk {
     pub object: String,
     pub created: u64,
     pub model: String,
+    /// `default` (interactive) or `flex` (deferred).
+    #[schema(example = "default")]
+    pub service_tier: &'static str,
     pub choices: Vec<ChatChunkChoice>,
     /// Absent unless `stream_options.include_usage`; then null on every chunk but the last
     /// one, which has no choices.
@@ -329,6 +338,16 @@ pub struct ServerStatus {
     /// The telemetry's latest snapshot (earnings, power, history); null without telemetry.
     #[schema(value_type = Option<Object>)]
     pub telemetry: Value,
+    /// Batch lines this process has run to a recorded result; null without the Batches API.
+    pub batch_lines: Option<BatchLines>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchLines {
+    /// Answered 200 (in an output file).
+    pub succeeded: u64,
+    /// Answered with an error (in an error file).
+    pub failed: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -340,6 +359,12 @@ pub struct EngineStatus {
     pub kv_blocks_total: usize,
     pub kv_preemptions: u64,
     pub busy: bool,
+    /// Sequences running and requests waiting, by tier (`default`: interactive; `flex`:
+    /// deferred work, flex requests and batch lines).
+    #[schema(value_type = Object)]
+    pub running_by_tier: std::collections::BTreeMap<&'static str, usize>,
+    #[schema(value_type = Object)]
+    pub waiting_by_tier: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// The OpenAI error envelope, on every error status and mid-stream.

@@ -106,6 +106,7 @@ impl ChunkWriter {
             object: "chat.completion.chunk".into(),
             created: self.created,
             model: self.plan.model.clone(),
+            service_tier: self.plan.tier.as_str(),
             choices,
             usage: self.usage(usage),
         })
@@ -117,6 +118,7 @@ impl ChunkWriter {
             object: "text_completion".into(),
             created: self.created,
             model: self.plan.model.clone(),
+            service_tier: self.plan.tier.as_str(),
             choices,
             usage: self.usage(usage),
         })

@@ -58,6 +58,8 @@ pub struct ResponsePlan {
     pub reasoning: Option<bool>,
     /// Chat with tools: what reads the model's text for calls.
     pub tool_calls: Option<tools::CallReader>,
+    /// Interactive or deferred (`service_tier: flex`, batch lines).
+    pub tier: crate::engine::ServiceTier,
 }
 
 pub(super) const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -427,7 +429,9 @@ fn common(
         prompt_tokens: prompt.len(),
         reasoning: None,
         tool_calls: None,
+        tier: c.service_tier.map(|t| t.tier()).unwrap_or_default(),
     };
+    let tier = plan.tier;
     let ignore_eos = c.ignore_eos.unwrap_or(false);
     Ok((
         ValidRequest {
@@ -439,6 +443,7 @@ fn common(
             ignore_eos,
             request_id: String::new(),
             constraint: None,
+            tier,
             priority: in_range(
                 "priority",
                 c.priority.unwrap_or(0),

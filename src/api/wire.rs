@@ -22,6 +22,26 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
+/// OpenAI's service tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WireServiceTier {
+    Auto,
+    Default,
+    Flex,
+    Scale,
+    Priority,
+}
+
+impl WireServiceTier {
+    pub fn tier(self) -> crate::engine::ServiceTier {
+        match self {
+            WireServiceTier::Flex => crate::engine::ServiceTier::Deferred,
+            _ => crate::engine::ServiceTier::Interactive,
+        }
+    }
+}
+
 /// Parameters shared by both endpoints.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CommonParams {
@@ -60,6 +80,10 @@ pub struct CommonParams {
     /// vLLM's extension: constrain the output to exactly one of `json` (a JSON Schema),
     /// `regex`, `choice` (a list of strings), `grammar` (Lark) or `json_object: true`.
     pub structured_outputs: Option<Value>,
+    /// `flex` runs the request as deferred work, in the gaps between interactive requests
+    /// (429 `resource_unavailable` when the deferred queue is full); `auto`, `default`,
+    /// `scale` and `priority` are interactive.
+    pub service_tier: Option<WireServiceTier>,
     /// Accepted and ignored, as the brief of the API asks.
     #[allow(dead_code)]
     pub user: Option<String>,

@@ -2,18 +2,24 @@
 //! time, and returns what to do. No clocks, threads or tokio: the shell around it supplies
 //! time in microseconds and carries out the actions.
 //!
-//! Inference always wins: mining runs only while no request is queued or running, after the
-//! engine has been idle for the grace period, while the pool has work, under the duty cap.
+//! Three classes of work share the device. Interactive requests always win; deferred work
+//! (flex requests, batch lines) runs in their gaps, and the engine itself keeps the two apart;
+//! mining runs only while neither is queued or running, after the engine has been idle for the
+//! grace period, while the pool has work, under the duty cap.
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// An HTTP request was accepted (the fast path has already raised the miner's flag).
     RequestAdmitted,
-    /// The engine has work (queued or running).
+    /// The engine has interactive work (queued or running).
     EngineBusy,
-    /// The engine has nothing to do.
+    /// The engine has no interactive work.
     EngineIdle,
+    /// The engine has deferred work (flex requests, batch lines), queued or running.
+    DeferredBusy,
+    /// The engine has no deferred work.
+    DeferredIdle,
     /// The miner acknowledged a pre-emption: every worker has stopped.
     MinerStopped,
     /// The miner failed; retry after a pause.
@@ -70,6 +76,8 @@ pub enum Phase {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TimeSplit {
     pub serving_us: u64,
+    /// Deferred work (flex, batch) with no interactive work.
+    pub deferred_us: u64,
     pub mining_us: u64,
     pub idle_us: u64,
     pub preempting_us: u64,
@@ -80,8 +88,9 @@ pub struct PolicyState {
     pub cfg: PolicyConfig,
     pub phase: Phase,
     engine_busy: bool,
+    deferred_busy: bool,
     pool_has_work: bool,
-    /// When the engine last became idle.
+    /// When the engine last became idle (no work of either class).
     idle_since_us: Option<u64>,
     retry_after_us: u64,
     window_start_us: u64,
@@ -97,6 +106,7 @@ impl PolicyState {
             cfg,
             phase: Phase::NotMining,
             engine_busy: false,
+            deferred_busy: false,
             pool_has_work: false,
             idle_since_us: Some(now_us),
             retry_after_us: 0,
@@ -112,6 +122,17 @@ impl PolicyState {
         self.engine_busy
     }
 
+    pub fn deferred_busy(&self) -> bool {
+        self.deferred_busy
+    }
+
+    /// Marks the end of some work: the grace period starts once neither class has any.
+    fn work_ended(&mut self, now: u64) {
+        if !self.engine_busy && !self.deferred_busy && self.idle_since_us.is_none() {
+            self.idle_since_us = Some(now);
+        }
+    }
+
     fn duty_exhausted(&self) -> bool {
         self.cfg.max_duty < 1.0
             && self.mined_in_window_us as f64 >= self.cfg.max_duty * self.cfg.duty_window_us as f64
@@ -120,6 +141,7 @@ impl PolicyState {
     fn may_mine(&self, now: u64) -> bool {
         self.cfg.mining_enabled
             && !self.engine_busy
+            && !self.deferred_busy
             && self.pool_has_work
             && now >= self.retry_after_us
             && self
@@ -132,11 +154,12 @@ impl PolicyState {
     fn account(&mut self, now: u64) {
         let dt = now.saturating_sub(self.last_us);
         self.last_us = now.max(self.last_us);
-        let slot = match (self.phase, self.engine_busy) {
-            (Phase::Preempting, _) => &mut self.time.preempting_us,
-            (_, true) => &mut self.time.serving_us,
-            (Phase::Mining, false) => &mut self.time.mining_us,
-            (Phase::NotMining, false) => &mut self.time.idle_us,
+        let slot = match (self.phase, self.engine_busy, self.deferred_busy) {
+            (Phase::Preempting, _, _) => &mut self.time.preempting_us,
+            (_, true, _) => &mut self.time.serving_us,
+            (_, false, true) => &mut self.time.deferred_us,
+            (Phase::Mining, false, false) => &mut self.time.mining_us,
+            (Phase::NotMining, false, false) => &mut self.time.idle_us,
         };
         *slot += dt;
         if self.phase == Phase::Mining {
@@ -169,10 +192,18 @@ pub fn step(s: &mut PolicyState, event: Event, now_us: u64) -> Vec<Action> {
             s.preempt()
         }
         Event::EngineIdle => {
-            if s.engine_busy || s.idle_since_us.is_none() {
-                s.idle_since_us = Some(now_us);
-            }
             s.engine_busy = false;
+            s.work_ended(now_us);
+            vec![]
+        }
+        Event::DeferredBusy => {
+            s.deferred_busy = true;
+            s.idle_since_us = None;
+            s.preempt()
+        }
+        Event::DeferredIdle => {
+            s.deferred_busy = false;
+            s.work_ended(now_us);
             vec![]
         }
         Event::MinerStopped => {
@@ -363,10 +394,101 @@ mod tests {
             s.time,
             TimeSplit {
                 serving_us: 2000 * MS,
+                deferred_us: 0,
                 mining_us: 0,
                 idle_us: 1500 * MS,
                 preempting_us: 0
             }
+        );
+    }
+
+    #[test]
+    fn deferred_work_pre_empts_mining_and_mining_waits_for_both_classes() {
+        let mut s = ready(PolicyConfig::default());
+        assert_eq!(
+            step(&mut s, Event::Tick, 100 * MS),
+            vec![Action::StartMining]
+        );
+        assert_eq!(
+            step(&mut s, Event::DeferredBusy, 200 * MS),
+            vec![Action::PreemptMining],
+            "a batch line beats the miner"
+        );
+        step(&mut s, Event::MinerStopped, 201 * MS);
+        step(&mut s, Event::EngineBusy, 300 * MS);
+        step(&mut s, Event::EngineIdle, 400 * MS);
+        assert_eq!(
+            step(&mut s, Event::Tick, 900 * MS),
+            vec![],
+            "interactive done, deferred still busy: no mining"
+        );
+        step(&mut s, Event::DeferredIdle, 1000 * MS);
+        assert_eq!(
+            step(&mut s, Event::Tick, 1050 * MS),
+            vec![],
+            "grace counts from the end of the deferred work"
+        );
+        assert_eq!(
+            step(&mut s, Event::Tick, 1100 * MS),
+            vec![Action::StartMining]
+        );
+    }
+
+    #[test]
+    fn deferred_idle_while_interactive_runs_keeps_the_miner_off() {
+        let mut s = ready(PolicyConfig::default());
+        step(&mut s, Event::DeferredBusy, 0);
+        step(&mut s, Event::EngineBusy, 10 * MS);
+        step(&mut s, Event::DeferredIdle, 20 * MS);
+        assert_eq!(step(&mut s, Event::Tick, 500 * MS), vec![]);
+        step(&mut s, Event::EngineIdle, 600 * MS);
+        assert_eq!(step(&mut s, Event::Tick, 650 * MS), vec![]);
+        assert_eq!(
+            step(&mut s, Event::Tick, 700 * MS),
+            vec![Action::StartMining]
+        );
+    }
+
+    #[test]
+    fn device_time_splits_into_serving_deferred_mining_and_idle() {
+        let mut s = ready(PolicyConfig::default());
+        step(&mut s, Event::Tick, 100 * MS); // idle 100 ms, then mining starts
+        step(&mut s, Event::DeferredBusy, 300 * MS); // mining 200 ms
+        step(&mut s, Event::MinerStopped, 310 * MS); // pre-empting 10 ms
+        step(&mut s, Event::EngineBusy, 500 * MS); // deferred 190 ms
+        step(&mut s, Event::EngineIdle, 800 * MS); // serving 300 ms (deferred waits)
+        step(&mut s, Event::DeferredIdle, 1000 * MS); // deferred 200 ms
+        step(&mut s, Event::Tick, 1050 * MS); // idle 50 ms
+        assert_eq!(
+            s.time,
+            TimeSplit {
+                serving_us: 300 * MS,
+                deferred_us: 390 * MS,
+                mining_us: 200 * MS,
+                idle_us: 150 * MS,
+                preempting_us: 10 * MS,
+            }
+        );
+    }
+
+    #[test]
+    fn the_pool_losing_work_while_deferred_runs_changes_nothing_for_the_engine() {
+        let mut s = ready(PolicyConfig::default());
+        step(&mut s, Event::DeferredBusy, 0);
+        assert_eq!(
+            step(&mut s, Event::PoolNoWork, 10 * MS),
+            vec![],
+            "not mining"
+        );
+        step(&mut s, Event::DeferredIdle, 20 * MS);
+        assert_eq!(
+            step(&mut s, Event::Tick, 500 * MS),
+            vec![],
+            "no work from the pool"
+        );
+        assert_eq!(
+            step(&mut s, Event::PoolHasWork, 600 * MS),
+            vec![Action::StartMining]
         );
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::gate::DeviceGate;
 use super::policy::{step, Action, Event, Phase, PolicyConfig, PolicyState};
-use crate::engine::EngineStats;
+use crate::engine::{EngineStats, ServiceTier};
 use crate::mining::{monotonic_ns, Miner};
 use crate::stratum::client::ClientStats;
 
@@ -63,6 +63,8 @@ pub struct ArbiterStatus {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DeviceTime {
     pub serving: f64,
+    /// Deferred work (flex requests, batch lines) while no interactive work waited.
+    pub deferred: f64,
     pub mining: f64,
     pub idle: f64,
     pub preempting: f64,
@@ -90,7 +92,7 @@ pub fn spawn_arbiter(
         let mut latencies: Vec<f64> = Vec::new();
         // (p50, p99, max), recomputed only when new samples arrive, not at every publish.
         let mut latency_summary = (0.0, 0.0, 0.0);
-        let (mut busy, mut pool_up, mut admitted) = (false, false, parts.gate.admitted());
+        let (mut pool_up, mut admitted) = (false, parts.gate.admitted());
         let mut tick = tokio::time::interval(Duration::from_millis(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let (mut rate_hashes, mut rate_t, mut hashrate) = (parts.miner.hashes(), now(), 0.0);
@@ -106,21 +108,35 @@ pub fn spawn_arbiter(
             let mut events = Vec::new();
             state.cfg.mining_enabled = *parts.enabled.borrow() && *parts.profitable.borrow();
             let seen = parts.gate.admitted();
-            if seen != admitted {
+            let arrived = seen != admitted;
+            if arrived {
                 admitted = seen;
                 events.push(Event::RequestAdmitted);
             }
-            let engine_busy = parts
-                .engines
-                .iter()
-                .any(|e| e.borrow().as_ref().is_some_and(|e| e.is_busy()));
-            let now_busy = parts.gate.in_flight() > 0 || engine_busy;
-            if now_busy != busy {
-                busy = now_busy;
-                events.push(if busy {
+            let busy_with = |tier: ServiceTier| {
+                parts.gate.in_flight_of(tier) > 0
+                    || parts
+                        .engines
+                        .iter()
+                        .any(|e| e.borrow().as_ref().is_some_and(|e| e.is_busy_with(tier)))
+            };
+            // What the policy will believe after this tick's arrival, corrected by what the
+            // engine and the gate show: an arrival that turned out to be deferred work (a
+            // batch line) is not interactive work for long.
+            let interactive = busy_with(ServiceTier::Interactive);
+            if interactive != (state.engine_busy() || arrived) {
+                events.push(if interactive {
                     Event::EngineBusy
                 } else {
                     Event::EngineIdle
+                });
+            }
+            let deferred = busy_with(ServiceTier::Deferred);
+            if deferred != state.deferred_busy() {
+                events.push(if deferred {
+                    Event::DeferredBusy
+                } else {
+                    Event::DeferredIdle
                 });
             }
             let up = parts.pool.connected.load(Ordering::Relaxed);
@@ -182,6 +198,7 @@ pub fn spawn_arbiter(
                     phase: phase_name(state.phase),
                     device_time_s: DeviceTime {
                         serving: secs(state.time.serving_us),
+                        deferred: secs(state.time.deferred_us),
                         mining: secs(state.time.mining_us),
                         idle: secs(state.time.idle_us),
                         preempting: secs(state.time.preempting_us),

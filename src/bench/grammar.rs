@@ -135,6 +135,7 @@ async fn engine_decode(
                 ..SamplingParams::default()
             },
             ignore_eos: constraint.is_none(),
+            tier: Default::default(),
             request_id: format!("bench-grammar-{r}"),
             priority: 0,
             constraint,

@@ -1,9 +1,11 @@
 //! The command line: every flag also read from an `IDLERIG_*` environment variable, parsed
 //! once in `main` and turned into the typed settings each subsystem is built from.
 
+mod batch;
 mod file;
 mod operator;
 
+pub use batch::BatchArgs;
 pub use file::{apply_config_file, effective_config_toml, ConfigError};
 pub use operator::{AccessArgs, EarningsArgs, MineWhen};
 
@@ -141,6 +143,10 @@ pub struct ModelArgs {
     /// Requests that may wait for the engine; beyond this the server answers 429.
     #[arg(long, env = "IDLERIG_QUEUE_CAPACITY", default_value_t = 256)]
     pub queue_capacity: usize,
+    /// Deferred requests (`service_tier: flex`, batch lines) that may wait for the engine;
+    /// beyond this flex requests are answered 429 `resource_unavailable`.
+    #[arg(long, env = "IDLERIG_DEFERRED_QUEUE", default_value_t = 256)]
+    pub deferred_queue: usize,
     /// Sequences decoded together in one batch.
     #[arg(long, env = "IDLERIG_MAX_RUNNING", default_value_t = 32)]
     pub max_running: usize,
@@ -188,6 +194,7 @@ impl ModelArgs {
         let defaults = crate::model::LoadOptions::default();
         EngineConfig {
             queue_capacity: self.queue_capacity,
+            deferred_queue_capacity: self.deferred_queue,
             max_running: self.max_running.max(1),
             step_token_budget: self.step_token_budget.max(1),
             model: crate::model::LoadOptions {
@@ -299,6 +306,8 @@ pub struct ServeArgs {
     pub access: AccessArgs,
     #[command(flatten)]
     pub earnings: EarningsArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
     /// Milliseconds between the dashboard's history samples (the last hour is kept).
     #[arg(
         long,

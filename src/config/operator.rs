@@ -99,6 +99,11 @@ pub struct EarningsArgs {
     /// pool (a demo that pays nothing either way), `profitable` on a real --pool.
     #[arg(long, env = "IDLERIG_MINE_WHEN", value_enum)]
     pub mine_when: Option<MineWhen>,
+    /// What deferred work (flex requests, batch lines) is worth to you, in USD per million
+    /// tokens (prompt and output together): the earnings table sets it beside mining. The
+    /// default is a small model's batch price.
+    #[arg(long, env = "IDLERIG_DEFERRED_PRICE", default_value_t = 0.05)]
+    pub deferred_price: f64,
 }
 
 impl EarningsArgs {

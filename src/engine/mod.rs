@@ -10,6 +10,7 @@ mod sampling;
 mod sequence;
 mod spm;
 mod stop;
+mod tiers;
 mod tokenizer;
 mod worker;
 
@@ -38,6 +39,8 @@ pub enum EngineError {
     NoChatTemplate,
     #[error("the engine's queue is full ({0} requests waiting)")]
     QueueFull(usize),
+    #[error("the deferred (flex and batch) queue is full ({0} requests waiting); retry later")]
+    DeferredQueueFull(usize),
     #[error("the engine has stopped")]
     Stopped,
     #[error(transparent)]
@@ -64,6 +67,30 @@ pub struct ValidRequest {
     /// The grammar every choice's output must follow (compiled by the API's validation;
     /// each choice takes its own copy).
     pub constraint: Option<Constraint>,
+    /// Interactive, or deferred (flex and batch work, run only in the interactive gaps).
+    pub tier: ServiceTier,
+}
+
+/// The two classes of work the engine schedules. Interactive requests always go first: deferred
+/// work is admitted only while no interactive request waits, runs only in steps without
+/// interactive work, and yields to an arriving interactive request between two layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceTier {
+    #[default]
+    Interactive = 0,
+    Deferred = 1,
+}
+
+impl ServiceTier {
+    pub const ALL: [ServiceTier; 2] = [ServiceTier::Interactive, ServiceTier::Deferred];
+
+    /// The name OpenAI's `service_tier` field uses for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Interactive => "default",
+            ServiceTier::Deferred => "flex",
+        }
+    }
 }
 
 /// Why a choice ended.
@@ -136,9 +163,16 @@ pub struct EngineStats {
     pub preemptions: AtomicU64,
     /// Whether the engine has work (the arbiter's signal that the device is needed).
     pub busy: AtomicBool,
-    /// Submitted but not yet taken from the channel by the engine: busy too, so there is no
-    /// instant between `submit` and the engine waking when the device looks idle.
-    pub in_channel: AtomicUsize,
+    /// Submitted but not yet taken from the channel by the engine, by tier: busy too, so
+    /// there is no instant between `submit` and the engine waking when the device looks idle.
+    pub in_channel: [AtomicUsize; 2],
+    /// Requests waiting for admission and sequences running, by tier.
+    pub waiting_by_tier: [AtomicUsize; 2],
+    pub running_by_tier: [AtomicUsize; 2],
+    /// Deferred steps abandoned between two layers because interactive work arrived.
+    pub deferred_interruptions: AtomicU64,
+    /// Tokens of finished deferred work (flex and batch): prompt and output, once each.
+    pub deferred_tokens: AtomicU64,
 }
 
 impl EngineStats {
@@ -151,7 +185,20 @@ impl EngineStats {
     }
 
     pub fn is_busy(&self) -> bool {
-        self.in_channel.load(Ordering::Acquire) > 0 || self.busy.load(Ordering::Acquire)
+        ServiceTier::ALL.iter().any(|&t| self.is_busy_with(t))
+    }
+
+    /// Whether the engine has work of `tier`: submitted, waiting or running.
+    pub fn is_busy_with(&self, tier: ServiceTier) -> bool {
+        let t = tier as usize;
+        self.in_channel[t].load(Ordering::Acquire) > 0
+            || self.waiting_by_tier[t].load(Ordering::Acquire) > 0
+            || self.running_by_tier[t].load(Ordering::Acquire) > 0
+    }
+
+    /// An interactive request is on its way in: a deferred step stops at the next layer.
+    pub fn interactive_arriving(&self) -> bool {
+        self.in_channel[ServiceTier::Interactive as usize].load(Ordering::Acquire) > 0
     }
 }
 
@@ -165,7 +212,8 @@ pub(crate) struct Submission {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Submission>,
-    queue_capacity: usize,
+    /// How many requests of each tier may wait.
+    queue_capacity: [usize; 2],
     stats: Arc<EngineStats>,
 }
 
@@ -183,11 +231,17 @@ impl EngineHandle {
         // The engine drains the channel into its own waiting list at every step, so the
         // channel alone does not bound the queue: both together are held to the capacity.
         // The place is taken first and checked after, so that two submissions racing for the
-        // last place cannot both get it.
-        let before = self.stats.in_channel.fetch_add(1, Ordering::SeqCst);
-        if before + self.stats.waiting.load(Ordering::SeqCst) >= self.queue_capacity {
-            self.stats.in_channel.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull(self.queue_capacity));
+        // last place cannot both get it. Each tier has its own queue and capacity.
+        let (kind, tier) = (request.tier, request.tier as usize);
+        let (in_channel, capacity) = (&self.stats.in_channel[tier], self.queue_capacity[tier]);
+        let full = move || match kind {
+            ServiceTier::Interactive => EngineError::QueueFull(capacity),
+            ServiceTier::Deferred => EngineError::DeferredQueueFull(capacity),
+        };
+        let before = in_channel.fetch_add(1, Ordering::SeqCst);
+        if before + self.stats.waiting_by_tier[tier].load(Ordering::SeqCst) >= capacity {
+            in_channel.fetch_sub(1, Ordering::SeqCst);
+            return Err(full());
         }
         let (events, rx) = mpsc::unbounded_channel();
         self.tx
@@ -197,11 +251,9 @@ impl EngineHandle {
                 events,
             })
             .map_err(|e| {
-                self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
+                in_channel.fetch_sub(1, Ordering::AcqRel);
                 match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        EngineError::QueueFull(self.queue_capacity)
-                    }
+                    mpsc::error::TrySendError::Full(_) => full(),
                     mpsc::error::TrySendError::Closed(_) => EngineError::Stopped,
                 }
             })?;

@@ -33,6 +33,7 @@ pub(super) struct Sequence {
     pub request_id: Arc<str>,
     /// Scheduling rank: lower runs first; ties by admission order.
     pub priority: i64,
+    pub tier: super::ServiceTier,
     pub order: u64,
 }
 
@@ -42,8 +43,9 @@ impl Sequence {
         self.tokens.len() - self.cache.len()
     }
 
-    pub fn rank(&self) -> (i64, u64) {
-        (self.priority, self.order)
+    /// Interactive before deferred, then by priority, then oldest first.
+    pub fn rank(&self) -> (super::ServiceTier, i64, u64) {
+        (self.tier, self.priority, self.order)
     }
 
     /// Sends the events for one sampled token; returns whether the sequence is finished (or

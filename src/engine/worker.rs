@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use super::sampling::Sampler;
 use super::sequence::Sequence;
 use super::stop::StopMatcher;
+use super::tiers::{may_admit, step_tier, TierLoad};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
+use super::ServiceTier;
 use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission};
 use crate::model::{BatchItem, Decoder};
 
@@ -21,6 +23,9 @@ use crate::model::{BatchItem, Decoder};
 pub struct EngineConfig {
     /// Requests that may wait for admission; more are refused (HTTP 429).
     pub queue_capacity: usize,
+    /// Deferred requests (flex, batch lines) that may wait; more are refused (HTTP 429
+    /// `resource_unavailable`).
+    pub deferred_queue_capacity: usize,
     /// Sequences run together in one step; more wait in the queue.
     pub max_running: usize,
     /// Tokens per step across all sequences: decodes take one each, prompts are chunked
@@ -36,6 +41,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 256,
+            deferred_queue_capacity: 256,
             max_running: 32,
             step_token_budget: 512,
             model: Default::default(),
@@ -50,8 +56,8 @@ pub fn spawn_engine(
     tokenizer: Arc<TextTokenizer>,
     cfg: EngineConfig,
 ) -> EngineHandle {
-    let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-    let queue_capacity = cfg.queue_capacity;
+    let queue_capacity = [cfg.queue_capacity, cfg.deferred_queue_capacity];
+    let (tx, rx) = mpsc::channel(queue_capacity.iter().sum::<usize>().max(1));
     let stats = Arc::new(EngineStats::default());
     let engine_stats = stats.clone();
     std::thread::Builder::new()
@@ -90,6 +96,22 @@ struct Engine {
 }
 
 impl Engine {
+    /// Running sequences and waiting requests of each tier, as the scheduler sees them.
+    fn tier_load(&self) -> TierLoad {
+        let interactive = |t: ServiceTier| t == ServiceTier::Interactive;
+        let running = self.running.iter().filter(|s| interactive(s.tier)).count();
+        TierLoad {
+            interactive_running: running,
+            interactive_waiting: self
+                .waiting
+                .iter()
+                .filter(|s| interactive(s.request.tier))
+                .count()
+                + self.stats.in_channel[ServiceTier::Interactive as usize].load(Ordering::Acquire),
+            deferred_running: self.running.len() - running,
+        }
+    }
+
     fn publish_stats(&self) {
         self.stats
             .running
@@ -97,6 +119,13 @@ impl Engine {
         self.stats
             .waiting
             .store(self.waiting.len(), Ordering::Relaxed);
+        for tier in ServiceTier::ALL {
+            let t = tier as usize;
+            let running = self.running.iter().filter(|s| s.tier == tier).count();
+            let waiting = self.waiting.iter().filter(|s| s.request.tier == tier);
+            self.stats.running_by_tier[t].store(running, Ordering::Release);
+            self.stats.waiting_by_tier[t].store(waiting.count(), Ordering::Release);
+        }
         self.stats.busy.store(
             !self.running.is_empty() || !self.waiting.is_empty(),
             Ordering::Release,
@@ -146,23 +175,31 @@ impl Engine {
     /// Takes a submission off the channel; busy is published before the channel count drops,
     /// so the engine never looks idle while a request is on its way in.
     fn receive(&mut self, s: Submission) {
+        let tier = s.request.tier as usize;
         self.waiting.push_back(s);
         self.stats.busy.store(true, Ordering::Release);
-        self.stats.in_channel.fetch_sub(1, Ordering::AcqRel);
+        self.stats.waiting_by_tier[tier].fetch_add(1, Ordering::AcqRel);
+        self.stats.in_channel[tier].fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Moves waiting requests into the running set, all choices of a request together, best
-    /// priority first (lower value), then in order of arrival.
+    /// Moves waiting requests into the running set, all choices of a request together:
+    /// interactive before deferred, best priority first (lower value), then in order of
+    /// arrival. Deferred requests wait while any interactive request does.
     fn admit(&mut self) {
         loop {
             self.waiting.retain(|s| !s.events.is_closed());
-            let Some(best) =
-                (0..self.waiting.len()).min_by_key(|&i| (self.waiting[i].request.priority, i))
-            else {
+            let Some(best) = (0..self.waiting.len()).min_by_key(|&i| {
+                let r = &self.waiting[i].request;
+                (r.tier, r.priority, i)
+            }) else {
                 return;
             };
-            let n = self.waiting[best].request.n;
-            if !self.running.is_empty() && self.running.len() + n > self.cfg.max_running {
+            let (n, tier) = (
+                self.waiting[best].request.n,
+                self.waiting[best].request.tier,
+            );
+            let load = self.tier_load();
+            if !may_admit(tier, n, load, self.running.len(), self.cfg.max_running) {
                 return;
             }
             let sub = self.waiting.remove(best).expect("index in range");
@@ -194,6 +231,7 @@ impl Engine {
                     events: sub.events.clone(),
                     request_id: request_id.clone(),
                     priority: r.priority,
+                    tier: r.tier,
                     order: self.next_order,
                 };
                 self.next_order += 1;
@@ -214,9 +252,12 @@ impl Engine {
                 s.cached_tokens.get_or_insert(hit);
             }
         }
-        let plan = self.schedule();
+        let Some(tier) = step_tier(self.tier_load()) else {
+            return;
+        };
+        let plan = self.schedule(tier);
         if plan.is_empty() {
-            self.unblock();
+            self.unblock(tier);
             return;
         }
         let mut items = Vec::with_capacity(plan.len());
@@ -231,12 +272,22 @@ impl Engine {
                 cache: &mut s.cache,
             });
         }
+        // A deferred step gives way, between two layers, to an interactive request that
+        // arrives while it runs; nothing of it is committed, and it runs again later.
+        let stats = self.stats.clone();
+        let interrupt = move || tier == ServiceTier::Deferred && stats.interactive_arriving();
         let logits = match self
             .model
-            .forward(&mut items)
+            .forward_interruptible(&mut items, &interrupt)
             .and_then(|l| Ok(l.to_vec2::<f32>()?))
         {
             Ok(l) => l,
+            Err(crate::model::ModelError::Interrupted) => {
+                self.stats
+                    .deferred_interruptions
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             Err(e) => {
                 let ids: Vec<&str> = plan
                     .iter()
@@ -283,16 +334,24 @@ impl Engine {
         self.remove_marked(&done);
     }
 
-    /// This step's work as (index into running, tokens): one token for each sequence that
-    /// decodes, then prompt chunks under the token budget, in rank order. Every planned
-    /// sequence has its KV blocks; when the pool runs out, the lowest-ranked sequences not
-    /// yet planned are pre-empted (their blocks freed, to be recomputed later).
-    fn schedule(&mut self) -> Vec<(usize, usize)> {
-        let decoding = self.running.iter().filter(|s| s.pending() == 1).count();
+    /// This step's work as (index into running, tokens), sequences of `tier` only: one token
+    /// for each sequence that decodes, then prompt chunks under the token budget, in rank
+    /// order. Every planned sequence has its KV blocks; when the pool runs out, the
+    /// lowest-ranked sequences not yet planned (deferred ones first) are pre-empted: their
+    /// blocks are freed, and they resume later from what the prefix cache still holds.
+    fn schedule(&mut self, tier: ServiceTier) -> Vec<(usize, usize)> {
+        let decoding = self
+            .running
+            .iter()
+            .filter(|s| s.tier == tier && s.pending() == 1)
+            .count();
         let mut budget = self.cfg.step_token_budget.max(decoding);
         let mut plan: Vec<(usize, usize)> = Vec::new();
         for decode_pass in [true, false] {
             for i in 0..self.running.len() {
+                if self.running[i].tier != tier {
+                    continue;
+                }
                 let pending = self.running[i].pending();
                 let want = match (decode_pass, pending) {
                     (true, 1) => 1,
@@ -334,13 +393,13 @@ impl Engine {
     /// Nothing could be scheduled: the first-ranked sequence needs more KV cache than the
     /// whole pool holds even with every other sequence pre-empted. It ends: with what it
     /// has generated when it was decoding, else with an error.
-    fn unblock(&mut self) {
-        if self.running.is_empty() {
+    fn unblock(&mut self, tier: ServiceTier) {
+        let Some(first) = self.running.iter().position(|s| s.tier == tier) else {
             return;
-        }
+        };
         let mut ended = vec![false; self.running.len()];
-        ended[0] = true;
-        let seq = &mut self.running[0];
+        ended[first] = true;
+        let seq = &mut self.running[first];
         tracing::warn!(request_id = %seq.request_id, tokens = seq.tokens.len(), "sequence longer than the whole KV cache (--kv-cache-mb); ending it");
         if seq.generated > 0 {
             seq.finish(&self.tokenizer, FinishReason::Length);
@@ -357,11 +416,17 @@ impl Engine {
     /// blocks.
     fn remove_marked(&mut self, marked: &[bool]) {
         let mut idx = 0;
-        let model = &mut self.model;
+        let (model, stats) = (&mut self.model, &self.stats);
         self.running.retain_mut(|s| {
             idx += 1;
             if marked[idx - 1] {
                 model.kv_release(&mut s.cache);
+                if s.tier == ServiceTier::Deferred {
+                    // Its prompt and output, once, however often it was recomputed.
+                    stats
+                        .deferred_tokens
+                        .fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
+                }
             }
             !marked[idx - 1]
         });

@@ -392,13 +392,29 @@ impl Decoder {
     /// With the paged cache, blocks the engine has not reserved are taken here; an
     /// exhausted pool is [`ModelError::KvCacheFull`].
     pub fn forward(&mut self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+        self.forward_interruptible(batch, &|| false)
+    }
+
+    /// As [`forward`](Self::forward), asking `interrupt` before each layer: when it says
+    /// yes the step is abandoned with [`ModelError::Interrupted`] and no cache grows (the
+    /// keys and values already written lie past each cache's length, and are overwritten
+    /// when the step runs again).
+    pub fn forward_interruptible(
+        &mut self,
+        batch: &mut [BatchItem<'_>],
+        interrupt: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Tensor, ModelError> {
         match self.pool.clone() {
-            Some(pool) => pool.install(|| self.forward_here(batch)),
-            None => self.forward_here(batch),
+            Some(pool) => pool.install(|| self.forward_here(batch, interrupt)),
+            None => self.forward_here(batch, interrupt),
         }
     }
 
-    fn forward_here(&mut self, batch: &mut [BatchItem<'_>]) -> Result<Tensor, ModelError> {
+    fn forward_here(
+        &mut self,
+        batch: &mut [BatchItem<'_>],
+        interrupt: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Tensor, ModelError> {
         for item in batch.iter() {
             if item.tokens.is_empty() {
                 return Err(ModelError::Metadata("a batch item has no tokens".into()));
@@ -439,6 +455,9 @@ impl Decoder {
             }
         }
         for (i, layer) in self.layers.iter().enumerate() {
+            if interrupt() {
+                return Err(ModelError::Interrupted);
+            }
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let layer_masks = if layer.attn.params.window.is_some() {
                 &windowed_masks

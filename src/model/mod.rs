@@ -25,6 +25,9 @@ use thiserror::Error;
 /// Why a model could not be loaded or run.
 #[derive(Debug, Error)]
 pub enum ModelError {
+    /// The step was abandoned between two layers (interactive work arrived).
+    #[error("the step was interrupted")]
+    Interrupted,
     #[error("cannot read model file {path}: {source}")]
     Io {
         path: String,

@@ -92,6 +92,55 @@ impl EarningsInputs {
     }
 }
 
+/// What deferred work (flex requests, batch lines) is worth at the operator's price
+/// (`--deferred-price`, USD per million tokens, prompt and generated together), set beside
+/// mining: both fill the gaps, and this says which fills them better.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct DeferredValue {
+    pub price_usd_per_mtok: f64,
+    /// Tokens of deferred work (prompt and generated) since start.
+    pub tokens: u64,
+    /// Device seconds spent on deferred work (known when the arbiter runs, that is with
+    /// mining on).
+    pub device_s: Option<f64>,
+    /// Tokens per second of deferred device time.
+    pub tokens_per_s: Option<f64>,
+    /// What the deferred work so far is worth.
+    pub value_usd_total: f64,
+    /// What a whole day of gaps filled with deferred work is worth at that rate: compare with
+    /// the mining revenue per day of mining.
+    pub value_usd_day: Option<f64>,
+    /// The same device's power per day (the mining watts: a busy device), when known.
+    pub power_cost_usd_day: Option<f64>,
+    pub net_usd_day: Option<f64>,
+}
+
+impl DeferredValue {
+    /// `device_s`: the arbiter's deferred seconds; `power`: watts and USD per kWh.
+    pub fn estimate(
+        price_usd_per_mtok: f64,
+        tokens: u64,
+        device_s: Option<f64>,
+        power: Option<(f64, f64)>,
+    ) -> Self {
+        let value = |t: f64| t / 1e6 * price_usd_per_mtok;
+        // Under a second of deferred work says too little about the rate.
+        let tokens_per_s = device_s.filter(|&s| s >= 1.0).map(|s| tokens as f64 / s);
+        let value_usd_day = tokens_per_s.map(|r| value(r * SECONDS_PER_DAY));
+        let power_cost_usd_day = power.map(|(watts, usd_kwh)| watts * 24.0 / 1000.0 * usd_kwh);
+        Self {
+            price_usd_per_mtok,
+            tokens,
+            device_s,
+            tokens_per_s,
+            value_usd_total: value(tokens as f64),
+            value_usd_day,
+            power_cost_usd_day,
+            net_usd_day: value_usd_day.zip(power_cost_usd_day).map(|(v, p)| v - p),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +192,31 @@ mod tests {
         assert_eq!(e.payout_usd_day, 0.0);
         assert_eq!(e.net_usd_day, 0.0);
         assert!(e.break_even_usd_kwh.is_infinite());
+    }
+
+    #[test]
+    fn deferred_tokens_are_valued_per_day_of_device_time() {
+        // 50 tok/s for 100 s at $0.50 per million tokens, on a 700 W device at $0.15/kWh.
+        let d = DeferredValue::estimate(0.5, 5_000, Some(100.0), Some((700.0, 0.15)));
+        assert_eq!(d.tokens_per_s, Some(50.0));
+        assert!((d.value_usd_total - 0.0025).abs() < 1e-12);
+        let day = d.value_usd_day.unwrap();
+        assert!((day - 50.0 * 86_400.0 / 1e6 * 0.5).abs() < 1e-9, "{day}");
+        assert!((d.power_cost_usd_day.unwrap() - 2.52).abs() < 1e-9);
+        assert!((d.net_usd_day.unwrap() - (day - 2.52)).abs() < 1e-9);
+        // The same device mining earns under a cent a day: deferred work fills gaps better.
+        assert!(day > mainnet_nov_2025().estimate(7e9).revenue_usd_day * 100.0);
+    }
+
+    #[test]
+    fn without_enough_deferred_time_there_is_no_rate() {
+        let d = DeferredValue::estimate(0.5, 10, Some(0.2), None);
+        assert_eq!(
+            (d.tokens_per_s, d.value_usd_day, d.net_usd_day),
+            (None, None, None)
+        );
+        let d = DeferredValue::estimate(0.5, 10, None, Some((10.0, 0.1)));
+        assert_eq!(d.value_usd_day, None);
+        assert!(d.power_cost_usd_day.is_some());
     }
 }

@@ -13,6 +13,7 @@ pub struct Cumulative {
     /// Seconds since the Unix epoch.
     pub t: f64,
     pub serving_s: f64,
+    pub deferred_s: f64,
     pub mining_s: f64,
     pub idle_s: f64,
     pub preempting_s: f64,
@@ -27,9 +28,10 @@ pub struct Cumulative {
 pub struct HistoryPoint {
     /// End of the interval, seconds since the Unix epoch.
     pub t: f64,
-    /// Fractions of the interval the device spent serving, mining, idle (pre-empting counts
-    /// as serving: a request is waiting for the device).
+    /// Fractions of the interval the device spent serving, on deferred work (flex, batch),
+    /// mining, idle (pre-empting counts as serving: a request is waiting for the device).
     pub serving: f64,
+    pub deferred: f64,
     pub mining: f64,
     pub idle: f64,
     pub hashrate_hs: f64,
@@ -106,21 +108,21 @@ impl History {
             return;
         }
         let serving = (now.serving_s - last.serving_s) + (now.preempting_s - last.preempting_s);
+        let deferred = now.deferred_s - last.deferred_s;
         let mining = now.mining_s - last.mining_s;
         let idle = now.idle_s - last.idle_s;
         // Fractions of the time the arbiter accounted for (it may lag the wall clock by a tick).
-        let accounted = (serving + mining + idle).max(1e-9);
-        let (serving, mining, idle) = if serving + mining + idle > 0.0 {
-            (serving / accounted, mining / accounted, idle / accounted)
-        } else {
-            (0.0, 0.0, 0.0)
-        };
+        let total = serving + deferred + mining + idle;
+        let share = |x: f64| if total > 0.0 { x / total } else { 0.0 };
+        let (serving, deferred, mining, idle) =
+            (share(serving), share(deferred), share(mining), share(idle));
         if self.points.len() == self.capacity {
             self.points.pop_front();
         }
         self.points.push_back(HistoryPoint {
             t: now.t,
             serving,
+            deferred,
             mining,
             idle,
             hashrate_hs: now.hashes.saturating_sub(last.hashes) as f64 / dt,

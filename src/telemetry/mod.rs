@@ -8,7 +8,7 @@ pub mod earnings;
 pub mod history;
 pub mod prometheus;
 
-pub use earnings::{Earnings, EarningsInputs, MineWhen};
+pub use earnings::{DeferredValue, Earnings, EarningsInputs, MineWhen};
 pub use history::{HistoryPoint, WindowFigures};
 pub use prometheus::{LiveSources, Metrics, RequestMetrics};
 
@@ -107,6 +107,8 @@ pub struct TelemetrySnapshot {
     pub mine_when: Option<&'static str>,
     /// False once the profit switch has stopped mining because it does not pay.
     pub profit_switch_on: bool,
+    /// What the deferred work (flex, batch) is worth, beside the mining figures.
+    pub deferred: DeferredValue,
 }
 
 impl Default for TelemetrySnapshot {
@@ -120,6 +122,7 @@ impl Default for TelemetrySnapshot {
             earnings_inputs: None,
             mine_when: None,
             profit_switch_on: true,
+            deferred: DeferredValue::default(),
         }
     }
 }
@@ -143,6 +146,8 @@ pub struct TelemetryParts {
     /// arbiter mine (`true`) or not.
     pub mining: Option<(EarningsInputs, MineWhen, watch::Sender<bool>)>,
     pub history_interval: Duration,
+    /// USD per million tokens of deferred work (`--deferred-price`).
+    pub deferred_price_usd_per_mtok: f64,
 }
 
 fn unix_now() -> f64 {
@@ -190,6 +195,7 @@ pub fn spawn_telemetry(
                 history.sample(Cumulative {
                     t: unix_now(),
                     serving_s: st.device_time_s.serving,
+                    deferred_s: st.device_time_s.deferred,
                     mining_s: st.device_time_s.mining,
                     idle_s: st.device_time_s.idle,
                     preempting_s: st.device_time_s.preempting,
@@ -218,8 +224,20 @@ pub fn spawn_telemetry(
                     }
                 }
             }
+            let deferred = DeferredValue::estimate(
+                parts.deferred_price_usd_per_mtok,
+                engine.as_ref().map_or(0, |e| {
+                    e.deferred_tokens.load(std::sync::atomic::Ordering::Relaxed)
+                }),
+                status.as_ref().map(|s| s.device_time_s.deferred),
+                parts
+                    .mining
+                    .as_ref()
+                    .map(|(i, _, _)| (i.mining_watts, i.power_price_usd_kwh)),
+            );
             let now = unix_now();
             snapshot.send_replace(TelemetrySnapshot {
+                deferred,
                 window: history.window(now),
                 requests_total,
                 history_interval_s: interval.as_secs_f64(),

@@ -254,6 +254,22 @@ fn counter_family(
     Ok(())
 }
 
+/// `(label value, value)` pairs of one gauge family with one label.
+fn gauge_family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    items: &[(&str, f64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, v) in items {
+        let labels: Vec<(&str, &str)> = vec![(label, value)];
+        ConstGauge::new(*v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 struct EngineCollector {
     engine: watch::Receiver<Option<Arc<EngineStats>>>,
     kv_capacity_tokens: usize,
@@ -270,7 +286,45 @@ impl Collector for EngineCollector {
         let Some(s) = self.engine.borrow().clone() else {
             return Ok(()); // still loading: nothing to report yet
         };
-        let waiting = s.waiting.load(Ordering::Relaxed) + s.in_channel.load(Ordering::Relaxed);
+        let by_tier = |f: &dyn Fn(usize) -> f64| -> Vec<(&str, f64)> {
+            crate::engine::ServiceTier::ALL
+                .iter()
+                .map(|&t| (t.as_str(), f(t as usize)))
+                .collect()
+        };
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as f64;
+        let waiting: usize = s
+            .in_channel
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum::<usize>()
+            + s.waiting.load(Ordering::Relaxed);
+        gauge_family(
+            &mut enc,
+            "idlerig_requests_running",
+            "Sequences in the running set by service tier (default: interactive; flex: deferred work, flex requests and batch lines)",
+            "tier",
+            &by_tier(&|t| load(&s.running_by_tier[t])),
+        )?;
+        gauge_family(
+            &mut enc,
+            "idlerig_requests_waiting",
+            "Requests waiting for the engine by service tier",
+            "tier",
+            &by_tier(&|t| load(&s.waiting_by_tier[t]) + load(&s.in_channel[t])),
+        )?;
+        counter(
+            &mut enc,
+            "idlerig_deferred_tokens",
+            "Prompt and generated tokens of finished deferred work (flex requests, batch lines)",
+            s.deferred_tokens.load(Ordering::Relaxed) as f64,
+        )?;
+        counter(
+            &mut enc,
+            "idlerig_deferred_interruptions",
+            "Deferred engine steps abandoned between two layers for an arriving interactive request",
+            s.deferred_interruptions.load(Ordering::Relaxed) as f64,
+        )?;
         gauge(
             &mut enc,
             "vllm:num_requests_running",
@@ -391,6 +445,7 @@ impl Collector for MiningCollector {
             "state",
             &[
                 ("serving", t.serving),
+                ("deferred", t.deferred),
                 ("mining", t.mining),
                 ("idle", t.idle),
                 ("preempting", t.preempting),

@@ -177,40 +177,21 @@ impl Usage {
 }
 
 fn open_db(path: &Path) -> Result<rusqlite::Connection, UsageError> {
-    let err = |why: String| UsageError::Open {
+    crate::sqlite::open(
+        path,
+        "CREATE TABLE IF NOT EXISTS usage (
+            day TEXT NOT NULL,
+            key TEXT NOT NULL,
+            requests INTEGER NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            PRIMARY KEY (day, key)
+        )",
+    )
+    .map_err(|why| UsageError::Open {
         path: path.display().to_string(),
         why,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create its folder: {e}")))?;
-    }
-    let conn = rusqlite::Connection::open(path).map_err(|e| err(e.to_string()))?;
-    let setup = || -> rusqlite::Result<String> {
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS usage (
-                day TEXT NOT NULL,
-                key TEXT NOT NULL,
-                requests INTEGER NOT NULL,
-                prompt_tokens INTEGER NOT NULL,
-                completion_tokens INTEGER NOT NULL,
-                PRIMARY KEY (day, key)
-            )",
-        )?;
-        Ok(format!("{mode}/{check}"))
-    };
-    match setup() {
-        Ok(state) if state == "wal/ok" => Ok(conn),
-        Ok(state) => Err(err(format!(
-            "not usable ({state}); move it aside to start a new one"
-        ))),
-        Err(e) => Err(err(format!(
-            "{e} (a corrupt file or not a database? move it aside to start a new one; an \
-             unwritable one needs write access)"
-        ))),
-    }
+    })
 }
 
 fn query(conn: &rusqlite::Connection, from: &str, to: &str) -> Result<Vec<DayUsage>, UsageError> {

@@ -1,0 +1,37 @@
+//! The Files and Batches API's settings: where batches are kept and how large they may be.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+/// Batches: OpenAI's Files and Batches API, run as deferred work in the interactive gaps.
+#[derive(Debug, Clone, Args)]
+pub struct BatchArgs {
+    /// Directory for uploaded files, batch results and (without a usage database) the
+    /// batch database; created at the first upload. `none`: no Files or Batches API.
+    #[arg(long, env = "IDLERIG_DATA_DIR", default_value = "idlerig-data")]
+    pub data_dir: String,
+    /// Largest file `POST /v1/files` accepts, in MiB.
+    #[arg(long, env = "IDLERIG_BATCH_MAX_FILE_MB", default_value_t = 200)]
+    pub batch_max_file_mb: u64,
+    /// Most requests in one batch file.
+    #[arg(long, env = "IDLERIG_BATCH_MAX_REQUESTS", default_value_t = 50_000)]
+    pub batch_max_requests: usize,
+    /// Batch lines in flight at once (default: --max-running, so one engine step can take
+    /// them all).
+    #[arg(long, env = "IDLERIG_BATCH_CONCURRENCY")]
+    pub batch_concurrency: Option<usize>,
+}
+
+impl BatchArgs {
+    /// The data directory, or `None` with `none`.
+    pub fn dir(&self) -> Option<PathBuf> {
+        (self.data_dir != "none").then(|| PathBuf::from(&self.data_dir))
+    }
+
+    /// The batch database: the usage database when there is one (one file to back up),
+    /// else `batches.db` in the data directory.
+    pub fn db_path(&self, dir: &Path, usage_db: Option<&Path>) -> PathBuf {
+        usage_db.map_or_else(|| dir.join("batches.db"), Path::to_path_buf)
+    }
+}
