@@ -133,6 +133,53 @@ fn paged_attention_matches_the_dense_path_in_batches_at_different_positions() {
     assert_eq!(paged.kv_usage().unwrap().0, 0, "every block came back");
 }
 
+/// A deferred step abandoned between layers (an interactive request arrived) leaves every
+/// cache as it was: run again, it gives exactly the logits of a step never interrupted, on
+/// both layouts.
+#[test]
+fn an_interrupted_step_changes_no_cache_and_runs_again_to_the_same_logits() {
+    let tokens: Vec<u32> = (100..140).collect();
+    for kv_cache_mb in [0, 64] {
+        let (mut m, mut clean) = (load(kv_cache_mb), load(kv_cache_mb));
+        let (mut c, mut reference) = (m.new_cache(), clean.new_cache());
+        for (model, cache) in [(&mut m, &mut c), (&mut clean, &mut reference)] {
+            model
+                .forward(&mut [BatchItem {
+                    tokens: &tokens[..24],
+                    cache,
+                }])
+                .unwrap();
+        }
+        // Asked before every layer: yes at the third, so two layers have written keys.
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let interrupt = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2;
+        let err = m
+            .forward_interruptible(
+                &mut [BatchItem {
+                    tokens: &tokens[24..],
+                    cache: &mut c,
+                }],
+                &interrupt,
+            )
+            .unwrap_err();
+        assert!(matches!(err, idlerig::model::ModelError::Interrupted), "{err}");
+        assert_eq!(c.len(), 24, "the cache did not grow");
+        let step = |model: &mut Decoder, cache| {
+            model
+                .forward(&mut [BatchItem {
+                    tokens: &tokens[24..],
+                    cache,
+                }])
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        let (again, never) = (step(&mut m, &mut c), step(&mut clean, &mut reference));
+        assert_eq!(again, never, "kv_cache_mb {kv_cache_mb}");
+        assert_eq!(c.len(), 40);
+    }
+}
+
 #[test]
 fn a_pool_too_small_for_the_sequence_is_an_error_not_a_panic() {
     let mut m = load(1); // one block of 16 tokens
