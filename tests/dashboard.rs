@@ -138,6 +138,7 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     assert!(points("split-chart") >= 6, "device-time chart:\n{dom}");
     assert!(points("rate-chart") >= 6, "rate chart:\n{dom}");
     assert!(dom.contains("<polygon class=\"mining\""), "{dom}");
+    assert!(dom.contains("<polygon class=\"deferred\""), "{dom}");
     assert!(dom.contains("<polyline class=\"hashrate\""), "{dom}");
     assert!(dom.contains("embedded pool: no payouts"), "{dom}");
     let text_of = |id: &str| -> String {
@@ -151,6 +152,11 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
         text_of("hashrate").ends_with("H/s"),
         "{}",
         text_of("hashrate")
+    );
+    assert!(
+        text_of("d-total").contains("tokens = $"),
+        "deferred work's value: {}",
+        text_of("d-total")
     );
     assert!(
         text_of("e-pow").starts_with('$'),

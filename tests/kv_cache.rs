@@ -162,7 +162,10 @@ fn an_interrupted_step_changes_no_cache_and_runs_again_to_the_same_logits() {
                 &interrupt,
             )
             .unwrap_err();
-        assert!(matches!(err, idlerig::model::ModelError::Interrupted), "{err}");
+        assert!(
+            matches!(err, idlerig::model::ModelError::Interrupted),
+            "{err}"
+        );
         assert_eq!(c.len(), 24, "the cache did not grow");
         let step = |model: &mut Decoder, cache| {
             model

@@ -169,6 +169,8 @@ async fn answer<R: Send + 'static>(
             g.set_tier(tier)
         }
     };
+    // Until it is known to be deferred work, it may be interactive: deferred steps yield.
+    let mut arriving = (!batch).then(|| state.arrivals.enter());
     if batch {
         set_tier(ServiceTier::Deferred);
     }
@@ -187,6 +189,10 @@ async fn answer<R: Send + 'static>(
         (valid.tier, plan.tier) = (ServiceTier::Deferred, ServiceTier::Deferred);
     }
     set_tier(valid.tier);
+    if valid.tier == ServiceTier::Deferred {
+        arriving = None;
+    }
+    let _arriving = arriving;
     let request = (valid, plan);
     let started = Started {
         id,
@@ -310,6 +316,7 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
             kv_blocks_total: m.stats.kv_blocks_total.load(Relaxed),
             kv_preemptions: m.stats.preemptions.load(Relaxed),
             busy: m.stats.is_busy(),
+            deferred_interruptions: m.stats.deferred_interruptions.load(Relaxed),
             running_by_tier: ServiceTier::ALL
                 .iter()
                 .map(|&t| {

@@ -83,6 +83,8 @@ pub struct AppState {
     usage: Option<crate::usage::Usage>,
     /// Files and batches, unless `--data-dir none`.
     batches: Option<crate::batch::Batches>,
+    /// Interactive requests being read: the engines' deferred work gives way to them.
+    arrivals: crate::engine::InteractiveArrivals,
 }
 
 impl AppState {
@@ -107,7 +109,14 @@ impl AppState {
             embedder: None,
             usage: None,
             batches: None,
+            arrivals: Default::default(),
         }
+    }
+
+    /// Shares the count of interactive requests on their way in with the engines.
+    pub fn with_arrivals(mut self, arrivals: crate::engine::InteractiveArrivals) -> Self {
+        self.arrivals = arrivals;
+        self
     }
 
     /// Serves the Files and Batches API over `batches`.

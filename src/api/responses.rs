@@ -359,6 +359,8 @@ pub struct EngineStatus {
     pub kv_blocks_total: usize,
     pub kv_preemptions: u64,
     pub busy: bool,
+    /// Deferred steps abandoned between two layers for an arriving interactive request.
+    pub deferred_interruptions: u64,
     /// Sequences running and requests waiting, by tier (`default`: interactive; `flex`:
     /// deferred work, flex requests and batch lines).
     #[schema(value_type = Object)]

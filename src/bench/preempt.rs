@@ -14,12 +14,40 @@ use super::infer::{synthetic_prompt, timed_stream, StreamTiming};
 use crate::config::{BenchPreemptArgs, Cli, Command};
 use crate::stats::quantile;
 
-struct Planned {
-    at: Duration,
-    prompt: Vec<u32>,
+pub(super) struct Planned {
+    pub at: Duration,
+    pub prompt: Vec<u32>,
 }
 
-async fn status(client: &reqwest::Client, base: &str) -> Result<Value, String> {
+/// Open-loop schedules: `rounds` of about `requests / rounds` Poisson arrivals at `rate` per
+/// second, each prompt of a length drawn from `lengths`.
+pub(super) fn schedules(
+    seed: u64,
+    rounds: usize,
+    requests: usize,
+    rate: f64,
+    lengths: &[usize],
+) -> Vec<Vec<Planned>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let per_round = requests.div_ceil(rounds.max(1)).max(1);
+    (0..rounds.max(1))
+        .map(|r| {
+            let mut at = Duration::ZERO;
+            (0..per_round)
+                .map(|i| {
+                    at += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / rate);
+                    let len = lengths[rng.random_range(0..lengths.len())];
+                    Planned {
+                        at,
+                        prompt: synthetic_prompt(len, (r * per_round + i) as u64),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub(super) async fn status(client: &reqwest::Client, base: &str) -> Result<Value, String> {
     let res = client
         .get(format!("{base}/v1/status"))
         .send()
@@ -28,7 +56,7 @@ async fn status(client: &reqwest::Client, base: &str) -> Result<Value, String> {
     res.json().await.map_err(|e| e.to_string())
 }
 
-async fn run_schedule(
+pub(super) async fn run_schedule(
     client: &reqwest::Client,
     base: &str,
     plan: &[Planned],
@@ -136,24 +164,13 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
     let mining_share = dt("mining") / (dt("mining") + dt("idle") + dt("preempting")).max(1e-9);
 
     // One schedule, replayed with mining on and off, round by round.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let lengths: Vec<usize> = args.prompt_tokens.clone();
-    let per_round = args.requests.div_ceil(args.rounds.max(1)).max(1);
-    let mut rounds: Vec<Vec<Planned>> = Vec::new();
-    for r in 0..args.rounds.max(1) {
-        let mut at = Duration::ZERO;
-        let plan = (0..per_round)
-            .map(|i| {
-                at += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / args.rate);
-                let len = lengths[rng.random_range(0..lengths.len())];
-                Planned {
-                    at,
-                    prompt: synthetic_prompt(len, (r * per_round + i) as u64),
-                }
-            })
-            .collect();
-        rounds.push(plan);
-    }
+    let rounds = schedules(
+        args.seed,
+        args.rounds,
+        args.requests,
+        args.rate,
+        &args.prompt_tokens,
+    );
     let (mut with_mining, mut baseline) = (Vec::new(), Vec::new());
     for (r, plan) in rounds.iter().enumerate() {
         for mining_on in if r % 2 == 0 {

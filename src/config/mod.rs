@@ -66,6 +66,9 @@ pub enum BenchCommand {
     Mine(BenchMineArgs),
     /// What mining costs API users: the same request schedule with mining on and off, interleaved.
     Preempt(BenchPreemptArgs),
+    /// What a running batch costs interactive users: the same request schedule with a batch
+    /// running and without, interleaved; the miner must wait for the batch.
+    Flex(BenchFlexArgs),
     /// The GPU half in one run (scripts/gpu-check): kernel correctness, GH/s, pre-emption
     /// latency with lost and duplicate nonces counted, power. Without a GPU it runs the
     /// kernel checks on the CPU stand-in and reports `"gpu": null`.
@@ -205,6 +208,7 @@ impl ModelArgs {
                 dtype: None,
             },
             telemetry: None,
+            arrivals: Default::default(),
         }
     }
 
@@ -474,6 +478,36 @@ pub struct BenchPreemptArgs {
     /// Print one JSON line (always the case; accepted for scripts).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchFlexArgs {
+    /// Model to serve (default: the SmolLM2 GGUF from models/).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Mean interactive request arrivals per second (Poisson, open loop).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Interactive requests per mode (with a batch running / without).
+    #[arg(long, default_value_t = 24)]
+    pub requests: usize,
+    /// Rounds the schedule is split into; each runs with and without a batch, order alternating.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// Interactive prompt lengths to draw from, in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,128")]
+    pub prompt_tokens: Vec<usize>,
+    /// Tokens generated per interactive request.
+    #[arg(long, default_value_t = 16)]
+    pub gen_tokens: usize,
+    /// Lines of each round's batch (48-token prompts).
+    #[arg(long, default_value_t = 32)]
+    pub batch_lines: usize,
+    /// Tokens generated per batch line.
+    #[arg(long, default_value_t = 64)]
+    pub batch_tokens: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -93,6 +93,33 @@ impl ServiceTier {
     }
 }
 
+/// Interactive requests the HTTP layer has admitted and not yet handed to an engine (they
+/// are being read, parsed, tokenized). Deferred work gives way to them at once, before they
+/// reach the engine: on a CPU their parsing needs the cores a deferred step would hold.
+#[derive(Debug, Clone, Default)]
+pub struct InteractiveArrivals(Arc<AtomicUsize>);
+
+/// Counts one arrival until dropped.
+#[derive(Debug)]
+pub struct ArrivalGuard(Arc<AtomicUsize>);
+
+impl Drop for ArrivalGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl InteractiveArrivals {
+    pub fn enter(&self) -> ArrivalGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        ArrivalGuard(self.0.clone())
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
 /// Why a choice ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

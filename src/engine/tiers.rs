@@ -17,15 +17,17 @@ pub struct TierLoad {
     /// Interactive requests not yet admitted (no room for them yet), or still in the channel.
     pub interactive_waiting: usize,
     pub deferred_running: usize,
+    /// Interactive requests admitted by the HTTP layer and not yet submitted.
+    pub interactive_arriving: bool,
 }
 
 /// The tier the next step runs, or `None` when nothing runs.
 pub fn step_tier(load: TierLoad) -> Option<ServiceTier> {
     if load.interactive_running > 0 {
         Some(ServiceTier::Interactive)
-    } else if load.interactive_waiting > 0 {
-        // Waiting without running: it could not be admitted yet (its KV or its place is being
-        // freed); deferred work does not take the step it is about to need.
+    } else if load.interactive_waiting > 0 || load.interactive_arriving {
+        // Waiting without running (not admitted yet), or still being parsed: deferred work
+        // does not take the step (or the cores) it is about to need.
         None
     } else if load.deferred_running > 0 {
         Some(ServiceTier::Deferred)
@@ -65,6 +67,7 @@ mod tests {
             interactive_running: ir,
             interactive_waiting: iw,
             deferred_running: dr,
+            interactive_arriving: false,
         }
     }
 
@@ -84,6 +87,22 @@ mod tests {
             "an interactive request about to be admitted: deferred waits"
         );
         assert_eq!(step_tier(load(0, 0, 0)), None);
+        let arriving = TierLoad {
+            interactive_arriving: true,
+            ..load(0, 0, 3)
+        };
+        assert_eq!(
+            step_tier(arriving),
+            None,
+            "a request being parsed: deferred waits"
+        );
+        assert_eq!(
+            step_tier(TierLoad {
+                interactive_running: 1,
+                ..arriving
+            }),
+            Some(Interactive)
+        );
     }
 
     #[test]

@@ -18,6 +18,9 @@ use super::ServiceTier;
 use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission};
 use crate::model::{BatchItem, Decoder};
 
+/// Prompt tokens of deferred work per step (see `schedule`).
+const DEFERRED_CHUNK: usize = 64;
+
 /// Scheduling limits of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -35,6 +38,8 @@ pub struct EngineConfig {
     pub model: crate::model::LoadOptions,
     /// Where the time each request waited is reported.
     pub telemetry: Option<crate::telemetry::Telemetry>,
+    /// Interactive requests on their way in (shared with the HTTP layer).
+    pub arrivals: super::InteractiveArrivals,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +51,7 @@ impl Default for EngineConfig {
             step_token_budget: 512,
             model: Default::default(),
             telemetry: None,
+            arrivals: Default::default(),
         }
     }
 }
@@ -109,6 +115,7 @@ impl Engine {
                 .count()
                 + self.stats.in_channel[ServiceTier::Interactive as usize].load(Ordering::Acquire),
             deferred_running: self.running.len() - running,
+            interactive_arriving: self.cfg.arrivals.any(),
         }
     }
 
@@ -253,6 +260,9 @@ impl Engine {
             }
         }
         let Some(tier) = step_tier(self.tier_load()) else {
+            // Deferred work waits for interactive work on its way in; it comes within
+            // milliseconds (or goes away), so a short nap is enough, and frees the cores.
+            std::thread::sleep(std::time::Duration::from_micros(200));
             return;
         };
         let plan = self.schedule(tier);
@@ -274,13 +284,24 @@ impl Engine {
         }
         // A deferred step gives way, between two layers, to an interactive request that
         // arrives while it runs; nothing of it is committed, and it runs again later.
-        let stats = self.stats.clone();
-        let interrupt = move || tier == ServiceTier::Deferred && stats.interactive_arriving();
-        let logits = match self
+        let (stats, arrivals) = (self.stats.clone(), self.cfg.arrivals.clone());
+        let interrupt = move || {
+            tier == ServiceTier::Deferred && (arrivals.any() || stats.interactive_arriving())
+        };
+        let t0 = std::time::Instant::now();
+        let result = self
             .model
             .forward_interruptible(&mut items, &interrupt)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        {
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        tracing::trace!(
+            ?tier,
+            rows = plan.len(),
+            tokens = plan.iter().map(|p| p.1).sum::<usize>(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            ok = result.is_ok(),
+            "step"
+        );
+        let logits = match result {
             Ok(l) => l,
             Err(crate::model::ModelError::Interrupted) => {
                 self.stats
@@ -345,7 +366,14 @@ impl Engine {
             .iter()
             .filter(|s| s.tier == tier && s.pending() == 1)
             .count();
-        let mut budget = self.cfg.step_token_budget.max(decoding);
+        // Deferred prompts go in small chunks: a step can only give way between layers, and
+        // a layer of a small chunk is short (on a CPU, a 512-token chunk's layer takes tens
+        // of milliseconds; an arriving interactive request would wait that long).
+        let budget = match tier {
+            ServiceTier::Interactive => self.cfg.step_token_budget,
+            ServiceTier::Deferred => self.cfg.step_token_budget.min(DEFERRED_CHUNK),
+        };
+        let mut budget = budget.max(decoding);
         let mut plan: Vec<(usize, usize)> = Vec::new();
         for decode_pass in [true, false] {
             for i in 0..self.running.len() {

@@ -395,7 +395,8 @@ impl Decoder {
         self.forward_interruptible(batch, &|| false)
     }
 
-    /// As [`forward`](Self::forward), asking `interrupt` before each layer: when it says
+    /// As [`forward`](Self::forward), asking `interrupt` before each layer's attention and
+    /// its MLP: when it says
     /// yes the step is abandoned with [`ModelError::Interrupted`] and no cache grows (the
     /// keys and values already written lie past each cache's length, and are overwritten
     /// when the step runs again).
@@ -473,6 +474,9 @@ impl Decoder {
                 a = candle_nn::ops::rms_norm(&a, post_attn, eps)?;
             }
             x = (x + a)?;
+            if interrupt() {
+                return Err(ModelError::Interrupted);
+            }
             let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let mut m = layer.mlp.forward(&h)?;
             if let Some((_, post_mlp)) = &layer.post_norms {
