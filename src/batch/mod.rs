@@ -11,6 +11,7 @@
 
 pub mod jsonl;
 pub mod objects;
+pub mod results;
 mod runner;
 pub mod store;
 

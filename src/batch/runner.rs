@@ -17,7 +17,8 @@ use tokio::task::JoinSet;
 
 use super::jsonl::InputLine;
 use super::objects::BatchObject;
-use super::store::{one_error, LineResult};
+use super::results::one_error;
+use super::store::LineResult;
 use super::{now_unix, BatchStatus, Batches};
 
 /// One batch line, to be run as the batch's owner would run it.

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::jsonl::{output_line, read_lines, unrun_line, FileSummary, InputLine};
+use super::jsonl::{read_lines, FileSummary, InputLine};
 use super::objects::{
-    BatchErrors, BatchObject, BatchStatus, BatchUsage, FileObject, LineError, RequestCounts,
+    BatchErrors, BatchObject, BatchStatus, BatchUsage, FileObject, RequestCounts,
 };
 use super::{now_unix, random_id, BatchError, Viewer};
 
@@ -53,11 +53,11 @@ pub struct Store {
     conn: Option<Connection>,
 }
 
-fn db_err(e: rusqlite::Error) -> BatchError {
+pub(super) fn db_err(e: rusqlite::Error) -> BatchError {
     BatchError::Db(e.to_string())
 }
 
-fn io_err(what: &str, e: std::io::Error) -> BatchError {
+pub(super) fn io_err(what: &str, e: std::io::Error) -> BatchError {
     BatchError::Io(format!("{what}: {e}"))
 }
 
@@ -76,7 +76,7 @@ impl Store {
         Ok(store)
     }
 
-    fn conn(&mut self) -> Result<&mut Connection, BatchError> {
+    pub(super) fn conn(&mut self) -> Result<&mut Connection, BatchError> {
         if self.conn.is_none() {
             for sub in ["files", "tmp"] {
                 std::fs::create_dir_all(self.dir.join(sub))
@@ -492,97 +492,6 @@ impl Store {
             .map_err(db_err)?;
         Ok(())
     }
-
-    /// Writes the output file (successes) and the error file (failures, and the lines that
-    /// never ran, with `unrun_code`), records them, and moves the batch to `status`.
-    pub fn finalize(
-        &mut self,
-        batch: &BatchObject,
-        status: BatchStatus,
-        unrun_code: &str,
-    ) -> Result<(), BatchError> {
-        self.set_status(&batch.id, BatchStatus::Finalizing, None)?;
-        let (mut ok, mut failed) = (String::new(), String::new());
-        let mut done = HashSet::new();
-        {
-            let conn = self.conn()?;
-            let mut stmt = conn
-                .prepare(
-                    "SELECT line, custom_id, status_code, request_id, body FROM batch_results
-                     WHERE batch_id = ?1 ORDER BY line",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([&batch.id], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, u16>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                    ))
-                })
-                .map_err(db_err)?;
-            for row in rows {
-                let (line, custom_id, code, request_id, body) = row.map_err(db_err)?;
-                let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                let id = format!("batch_req_{}_{line}", &batch.id["batch_".len()..]);
-                let out = if code == 200 { &mut ok } else { &mut failed };
-                out.push_str(&output_line(&id, &custom_id, code, &request_id, &body));
-                out.push('\n');
-                done.insert(line as usize);
-            }
-        }
-        if done.len() < batch.request_counts.total as usize {
-            let message = match status {
-                BatchStatus::Expired => "the batch expired before this request ran",
-                _ => "the batch was cancelled before this request ran",
-            };
-            for (line, l) in self.input_lines(batch)?.iter().enumerate() {
-                if !done.contains(&line) {
-                    let id = format!("batch_req_{}_{line}", &batch.id["batch_".len()..]);
-                    failed.push_str(&unrun_line(&id, &l.custom_id, unrun_code, message));
-                    failed.push('\n');
-                }
-            }
-        }
-        let owner = self.batch_owner(&batch.id)?;
-        let mut written = Vec::new();
-        for (text, name) in [(ok, "output"), (failed, "error")] {
-            written.push(match text.is_empty() {
-                true => None,
-                false => Some(self.write_result_file(
-                    owner.as_deref(),
-                    &format!("{}_{name}.jsonl", batch.id),
-                    &text,
-                )?),
-            });
-        }
-        self.conn()?
-            .execute(
-                "UPDATE batches SET output_file_id = ?2, error_file_id = ?3 WHERE id = ?1",
-                params![batch.id, written[0], written[1]],
-            )
-            .map_err(db_err)?;
-        self.set_status(&batch.id, status, None)
-    }
-
-    fn write_result_file(
-        &mut self,
-        owner: Option<&str>,
-        filename: &str,
-        text: &str,
-    ) -> Result<String, BatchError> {
-        let tmp = self.tmp_path()?;
-        write_synced(&tmp, text.as_bytes()).map_err(|e| io_err("writing a result file", e))?;
-        let summary = FileSummary {
-            requests: text.lines().count(),
-            urls: Default::default(),
-        };
-        Ok(self
-            .add_file(owner, filename, "batch_output", &tmp, &summary)?
-            .id)
-    }
 }
 
 struct FileRow {
@@ -634,14 +543,6 @@ fn batch_of_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Option<String>, Batc
     ))
 }
 
-/// Writes `bytes` and syncs them to disk before the caller renames the file into place.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
 fn clear_dir(dir: &Path, remove: impl Fn(&str) -> bool) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -650,17 +551,4 @@ fn clear_dir(dir: &Path, remove: impl Fn(&str) -> bool) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A failed batch's errors, from one message.
-pub fn one_error(code: &str, message: String) -> BatchErrors {
-    BatchErrors {
-        object: "list",
-        data: vec![LineError {
-            code: code.into(),
-            message,
-            param: None,
-            line: None,
-        }],
-    }
 }
