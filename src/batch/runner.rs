@@ -74,17 +74,28 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, usize, Outcome)>();
     let mut paused_until = tokio::time::Instant::now();
     let mut resumed_logged = false;
+    // The batches' records are read again only when something may have changed them (a batch
+    // created or cancelled, a batch with nothing left to run, once a second for expiry), not
+    // at every line: counting a large batch's results is not free.
+    let (mut active, mut refresh) = (Vec::new(), true);
     loop {
         if *stop.borrow() {
             break;
         }
-        let active = match batches.call(|s| s.active_batches()).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(error = %e, "batch runner: cannot read the batches; retrying");
-                Vec::new()
+        if std::mem::take(&mut refresh) {
+            active = match batches.call(|s| s.active_batches()).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, "batch runner: cannot read the batches; retrying");
+                    Vec::new()
+                }
+            };
+            for b in &active {
+                advance(&batches, b, &mut running).await;
             }
-        };
+            // A batch just moved from validating to in progress: read it again, soon, to start it.
+            refresh = active.iter().any(|b| b.status == BatchStatus::Validating);
+        }
         if !resumed_logged {
             resumed_logged = true;
             for b in active
@@ -94,9 +105,6 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                 let done = b.request_counts.completed + b.request_counts.failed;
                 tracing::info!(batch = %b.id, done, total = b.request_counts.total, "resuming a batch after a restart");
             }
-        }
-        for b in &active {
-            advance(&batches, b, &mut running).await;
         }
         let in_flight: usize = running.values().map(|r| r.in_flight).sum();
         let mut room = batches.cfg.concurrency.saturating_sub(in_flight);
@@ -137,13 +145,16 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                         r.pending.push_front(line);
                         paused_until = tokio::time::Instant::now() + RETRY_PAUSE;
                     }
+                    // Done, or stopping and drained: the batch is finished at the next look.
+                    refresh |= r.in_flight == 0 && r.pending.is_empty();
                 }
                 if let Outcome::Recorded(ok) = outcome {
                     batches.lines_done[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
                 }
             }
-            _ = batches.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = batches.wake.notified() => refresh = true,
+            _ = tokio::time::sleep(Duration::from_millis(10)), if refresh => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => refresh = true,
             _ = tokio::time::sleep_until(paused_until), if paused_until > tokio::time::Instant::now() => {}
             _ = stop.changed() => {}
             Some(_) = tasks.join_next() => {}
