@@ -536,7 +536,7 @@ async fn the_miner_gets_the_device_only_once_the_batch_is_done() {
     };
     wait_mining("the idle server mines").await;
     let lines: Vec<Value> = (0..8)
-        .map(|i| chat_line(&format!("m{i}"), "Tell a story.", 16))
+        .map(|i| chat_line(&format!("m{i}"), "Tell a story.", 40))
         .collect();
     let batch = c.batch(&lines, CHAT).await;
     let id = batch["id"].as_str().unwrap();
