@@ -22,7 +22,12 @@ impl Store {
         status: BatchStatus,
         unrun_code: &str,
     ) -> Result<(), BatchError> {
-        self.set_status(&batch.id, BatchStatus::Finalizing, None)?;
+        use BatchStatus::*;
+        // All lines done, cancelled or expired: whatever it was doing, it finishes now.
+        let running = [Validating, InProgress, Cancelling, Finalizing];
+        if !self.set_status(&batch.id, &running, Finalizing, None)? {
+            return Ok(()); // finished already
+        }
         let (mut ok, mut failed) = (String::new(), String::new());
         let mut done = HashSet::new();
         {
@@ -85,7 +90,8 @@ impl Store {
                 params![batch.id, written[0], written[1]],
             )
             .map_err(db_err)?;
-        self.set_status(&batch.id, status, None)
+        self.set_status(&batch.id, &[Finalizing], status, None)?;
+        Ok(())
     }
 
     fn write_result_file(
@@ -223,6 +229,35 @@ mod tests {
             .collect();
         assert_eq!(ids, [r#""c2""#, r#""c1""#, r#""c3""#]);
         assert!(errors.contains("batch_cancelled"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_batch_cancelled_while_the_runner_starts_it_stays_cancelled() {
+        let (mut s, dir) = store("race");
+        let file = upload(&mut s, 2);
+        let b = s
+            .create_batch(&Viewer::All, None, &file, "/v1/completions", None, 86_400)
+            .unwrap();
+        // The runner read `validating`; the cancel comes before it moves the batch on.
+        s.cancel(&b.id, &Viewer::All).unwrap();
+        let from = [BatchStatus::Validating];
+        assert!(!s
+            .set_status(&b.id, &from, BatchStatus::InProgress, None)
+            .unwrap());
+        assert_eq!(
+            s.batch(&b.id, &Viewer::All).unwrap().status,
+            BatchStatus::Cancelling
+        );
+        s.finalize(&b, BatchStatus::Cancelled, "batch_cancelled")
+            .unwrap();
+        s.finalize(&b, BatchStatus::Completed, "batch_cancelled")
+            .unwrap();
+        assert_eq!(
+            s.batch(&b.id, &Viewer::All).unwrap().status,
+            BatchStatus::Cancelled,
+            "a finished batch is not finished again"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -172,11 +172,13 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
     let in_flight = running.get(&b.id).map_or(0, |r| r.in_flight);
     let id = b.id.clone();
     let result = match b.status {
-        BatchStatus::Validating => {
-            batches
-                .call(move |s| s.set_status(&id, BatchStatus::InProgress, None))
-                .await
-        }
+        BatchStatus::Validating => batches
+            .call(move |s| {
+                let from = [BatchStatus::Validating];
+                s.set_status(&id, &from, BatchStatus::InProgress, None)
+            })
+            .await
+            .map(drop),
         BatchStatus::InProgress if now_unix() >= b.expires_at => {
             if in_flight == 0 {
                 running.remove(&b.id);
@@ -199,8 +201,12 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
                     tracing::error!(batch = %b.id, error = %why, "the batch's input cannot be read; it fails");
                     let errors = one_error("invalid_file", why);
                     batches
-                        .call(move |s| s.set_status(&id, BatchStatus::Failed, Some(&errors)))
+                        .call(move |s| {
+                            let from = [BatchStatus::Validating, BatchStatus::InProgress];
+                            s.set_status(&id, &from, BatchStatus::Failed, Some(&errors))
+                        })
                         .await
+                        .map(drop)
                 }
             },
             Some(r) if r.pending.is_empty() && r.in_flight == 0 => {

@@ -403,25 +403,35 @@ impl Store {
         ids.iter().map(|id| self.batch(id, &Viewer::All)).collect()
     }
 
-    /// Moves a batch to `status`, stamping its time; `errors` when it failed.
+    /// Moves a batch from one of the statuses `from` to `status`, stamping its time (`errors`
+    /// when it failed); whether it moved. The runner acts on what it read a moment ago, so
+    /// every move names where it starts: a batch cancelled meanwhile is never put back in
+    /// progress.
     pub fn set_status(
         &mut self,
         id: &str,
+        from: &[BatchStatus],
         status: BatchStatus,
         errors: Option<&BatchErrors>,
-    ) -> Result<(), BatchError> {
+    ) -> Result<bool, BatchError> {
         let column = status.time_column();
         let errors = errors.map(|e| serde_json::to_string(e).unwrap_or_default());
-        self.conn()?
+        let from = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let moved = self
+            .conn()?
             .execute(
                 &format!(
                     "UPDATE batches SET status = ?2, {column} = COALESCE({column}, ?3),
-                       errors = COALESCE(?4, errors) WHERE id = ?1"
+                       errors = COALESCE(?4, errors) WHERE id = ?1 AND status IN ({from})"
                 ),
                 params![id, status.as_str(), now_unix(), errors],
             )
             .map_err(db_err)?;
-        Ok(())
+        Ok(moved == 1)
     }
 
     /// The API key's name that created the batch.
@@ -438,7 +448,8 @@ impl Store {
         let batch = self.batch(id, viewer)?;
         match batch.status {
             BatchStatus::Validating | BatchStatus::InProgress => {
-                self.set_status(id, BatchStatus::Cancelling, None)?;
+                let from = [BatchStatus::Validating, BatchStatus::InProgress];
+                self.set_status(id, &from, BatchStatus::Cancelling, None)?;
                 self.batch(id, viewer)
             }
             BatchStatus::Cancelling | BatchStatus::Cancelled => Ok(batch),

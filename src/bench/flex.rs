@@ -7,12 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde_json::{json, Value};
 
 use super::infer::{synthetic_prompt, StreamTiming};
-use super::preempt::{run_schedule, schedules, status, Planned};
-use crate::config::{BenchFlexArgs, Cli, Command};
+use super::preempt::{json_of, run_schedule, schedules, start_server, status, Planned};
+use crate::config::BenchFlexArgs;
 use crate::stats::quantile;
 
 /// Uploads a batch of `lines` completions of `tokens` each and starts it; its id.
@@ -39,27 +38,12 @@ async fn start_batch(
             "file",
             reqwest::multipart::Part::bytes(text.into_bytes()).file_name("bench.jsonl"),
         );
-    let file: Value = client
-        .post(format!("{base}/v1/files"))
-        .multipart(form)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
-    let batch: Value = client
-        .post(format!("{base}/v1/batches"))
-        .json(
-            &json!({"input_file_id": file["id"], "endpoint": "/v1/completions",
-                      "completion_window": "24h"}),
-        )
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())?;
+    let file = json_of(client.post(format!("{base}/v1/files")).multipart(form)).await?;
+    let batch = json_of(client.post(format!("{base}/v1/batches")).json(
+        &json!({"input_file_id": file["id"], "endpoint": "/v1/completions",
+                "completion_window": "24h"}),
+    ))
+    .await?;
     batch["id"]
         .as_str()
         .map(str::to_string)
@@ -76,14 +60,7 @@ async fn follow_batch(
     let (mut samples, mut mining) = (0, 0);
     let t = Instant::now();
     loop {
-        let b: Value = client
-            .get(format!("{base}/v1/batches/{id}"))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let b = json_of(client.get(format!("{base}/v1/batches/{id}"))).await?;
         if ["completed", "failed", "cancelled", "expired"]
             .contains(&b["status"].as_str().unwrap_or(""))
         {
@@ -105,30 +82,14 @@ async fn follow_batch(
 
 pub async fn run(args: BenchFlexArgs) -> Result<Value, String> {
     let data = std::env::temp_dir().join(format!("idlerig-bench-flex-{}", std::process::id()));
-    let mut argv: Vec<String> = [
-        "idlerig",
-        "serve",
-        "--local-pool-port",
-        "0",
-        "--embedding-model",
-        "none",
-    ]
-    .map(String::from)
-    .into();
-    argv.extend(["--data-dir".into(), data.display().to_string()]);
+    let mut flags: Vec<String> = ["--embedding-model", "none", "--data-dir"]
+        .map(String::from)
+        .into();
+    flags.push(data.display().to_string());
     if let Some(m) = &args.model {
-        argv.extend(["--model".into(), m.display().to_string()]);
+        flags.extend(["--model".into(), m.display().to_string()]);
     }
-    let Command::Serve(serve_args) = Cli::parse_from(argv).command else {
-        unreachable!("parsed a serve command")
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let server = crate::server::start(serve_args, listener, std::future::pending())
-        .await
-        .map_err(|e| e.to_string())?;
-    let base = format!("http://{}", server.addr);
+    let (_server, base) = start_server(flags).await?;
     let client = reqwest::Client::new();
     let ready = Instant::now();
     while !status(&client, &base).await?["engine"].is_object() {

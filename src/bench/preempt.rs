@@ -47,13 +47,36 @@ pub(super) fn schedules(
         .collect()
 }
 
+/// Sends `req` and reads the answer as JSON.
+pub(super) async fn json_of(req: reqwest::RequestBuilder) -> Result<Value, String> {
+    let res = req.send().await.map_err(|e| e.to_string())?;
+    res.json().await.map_err(|e| e.to_string())
+}
+
 pub(super) async fn status(client: &reqwest::Client, base: &str) -> Result<Value, String> {
-    let res = client
-        .get(format!("{base}/v1/status"))
-        .send()
+    json_of(client.get(format!("{base}/v1/status"))).await
+}
+
+/// `idlerig serve --local-pool-port 0` with `flags`, in-process on a loopback port: the
+/// running server and its base URL.
+pub(super) async fn start_server(
+    flags: Vec<String>,
+) -> Result<(crate::server::RunningServer, String), String> {
+    let mut argv: Vec<String> = ["idlerig", "serve", "--local-pool-port", "0"]
+        .map(String::from)
+        .into();
+    argv.extend(flags);
+    let Command::Serve(serve_args) = Cli::parse_from(argv).command else {
+        unreachable!("parsed a serve command")
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
-    res.json().await.map_err(|e| e.to_string())
+    let server = crate::server::start(serve_args, listener, std::future::pending())
+        .await
+        .map_err(|e| e.to_string())?;
+    let base = format!("http://{}", server.addr);
+    Ok((server, base))
 }
 
 pub(super) async fn run_schedule(
@@ -104,12 +127,7 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
             .map_err(|e| e.to_string())?
     };
 
-    let mut argv = vec![
-        "idlerig".to_string(),
-        "serve".into(),
-        "--local-pool-port".into(),
-        "0".into(),
-    ];
+    let mut argv: Vec<String> = Vec::new();
     argv.extend([
         "--idle-grace-ms".into(),
         args.idle_grace_ms.to_string(),
@@ -122,16 +140,7 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
     if let Some(m) = &args.model {
         argv.extend(["--model".into(), m.display().to_string()]);
     }
-    let Command::Serve(serve_args) = Cli::parse_from(argv).command else {
-        unreachable!("parsed a serve command")
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let server = crate::server::start(serve_args, listener, std::future::pending())
-        .await
-        .map_err(|e| e.to_string())?;
-    let base = format!("http://{}", server.addr);
+    let (server, base) = start_server(argv).await?;
     let switch = server.mining_switch.clone().ok_or("mining did not start")?;
     let miner = server.miner.clone().ok_or("mining did not start")?;
     let client = reqwest::Client::new();

@@ -238,7 +238,26 @@ fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::
     ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
-/// `(label value, value)` pairs of one counter family with one label.
+/// `(label value, value)` pairs of one family with one label, counters or gauges.
+fn family(
+    enc: &mut DescriptorEncoder,
+    kind: MetricType,
+    (name, help): (&str, &str),
+    label: &'static str,
+    items: &[(&str, f64)],
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (value, v) in items {
+        let labels: Vec<(&str, &str)> = vec![(label, value)];
+        let e = m.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*v).encode(e)?,
+            _ => ConstGauge::new(*v).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
 fn counter_family(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -246,15 +265,9 @@ fn counter_family(
     label: &'static str,
     items: &[(&str, f64)],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, v) in items {
-        let labels: Vec<(&str, &str)> = vec![(label, value)];
-        ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(enc, MetricType::Counter, (name, help), label, items)
 }
 
-/// `(label value, value)` pairs of one gauge family with one label.
 fn gauge_family(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -262,12 +275,7 @@ fn gauge_family(
     label: &'static str,
     items: &[(&str, f64)],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (value, v) in items {
-        let labels: Vec<(&str, &str)> = vec![(label, value)];
-        ConstGauge::new(*v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(enc, MetricType::Gauge, (name, help), label, items)
 }
 
 struct EngineCollector {
