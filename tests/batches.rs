@@ -520,7 +520,18 @@ async fn flex_requests_wait_for_interactive_work_and_a_full_flex_queue_answers_4
 async fn the_miner_gets_the_device_only_once_the_batch_is_done() {
     let dir = temp_dir("batch-mining");
     // A long grace period: the short gaps between batch lines never let the miner in.
-    let (base, _stop) = start(&dir, &["--mine-threads", "1", "--idle-grace-ms", "1500"]).await;
+    let (base, _stop) = start(
+        &dir,
+        &[
+            "--mine-threads",
+            "1",
+            "--idle-grace-ms",
+            "1500",
+            "--batch-concurrency",
+            "2",
+        ],
+    )
+    .await;
     let c = Client::new(&base, None);
     let phase = || async { c.get("/v1/status").await.1 };
     let wait_mining = |what: &'static str| async move {
@@ -566,56 +577,64 @@ async fn the_miner_gets_the_device_only_once_the_batch_is_done() {
         s["telemetry"]["deferred"]["tokens"].as_u64().unwrap() > 0,
         "{s}"
     );
+    assert!(samples > 0, "the batch ran too briefly to be watched");
     eprintln!("{samples} samples while the batch ran, none mining");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The binary on `data`, logging JSON to `log`; its base URL once it is healthy.
-fn spawn_server(data: &std::path::Path, log: &std::path::Path) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_idlerig"))
+/// The binary on `data` and a port of its own choosing, logging JSON to `log`.
+fn spawn_server(data: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_idlerig"))
         .args([
             "serve",
             "--port",
-            &port.to_string(),
+            "0",
             "--local-pool-port",
             "0",
             "--no-mine",
         ])
-        .args([
-            "--embedding-model",
-            "none",
-            "--log-format",
-            "json",
-            "--batch-concurrency",
-            "1",
-        ])
-        .arg("--model")
+        .args(["--embedding-model", "none", "--log-format", "json"])
+        .args(["--batch-concurrency", "1", "--model"])
         .arg(common::default_model_path())
         .arg("--data-dir")
         .arg(data)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .unwrap();
-    (child, format!("http://127.0.0.1:{port}"))
+        .unwrap()
 }
 
-async fn wait_healthy(base: &str, child: &mut std::process::Child) {
+/// The server's base URL (from its "listening" log line) once it is healthy.
+async fn wait_healthy(log: &std::path::Path, child: &mut std::process::Child) -> String {
     let t = Instant::now();
-    while reqwest::get(format!("{base}/health"))
-        .await
-        .map_or(true, |r| r.status() != 200)
-    {
+    let mut base = None;
+    loop {
         assert!(child.try_wait().unwrap().is_none(), "the server exited");
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "the server did not start"
         );
+        if base.is_none() {
+            base = std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|l| {
+                    l["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("idlerig listening"))
+                })
+                .find_map(|l| l["fields"]["addr"].as_str().map(|a| format!("http://{a}")))
+                .filter(|b| !b.ends_with(":0"));
+        }
+        if let Some(b) = &base {
+            if reqwest::get(format!("{b}/health"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                return b.clone();
+            }
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -628,8 +647,8 @@ async fn a_batch_killed_between_lines_resumes_with_no_line_lost_or_run_twice() {
         dir.join("first.log"),
         dir.join("second.log"),
     );
-    let (mut first, base) = spawn_server(&data, &log1);
-    wait_healthy(&base, &mut first).await;
+    let mut first = spawn_server(&data, &log1);
+    let base = wait_healthy(&log1, &mut first).await;
     let c = Client::new(&base, None);
     let lines: Vec<Value> = (0..8)
         .map(|i| chat_line(&format!("k{i}"), &format!("Write line {i} of a poem."), 24))
@@ -643,8 +662,8 @@ async fn a_batch_killed_between_lines_resumes_with_no_line_lost_or_run_twice() {
     first.kill().unwrap(); // SIGKILL: no shutdown, a line may be half done
     first.wait().unwrap();
 
-    let (mut second, base) = spawn_server(&data, &log2);
-    wait_healthy(&base, &mut second).await;
+    let mut second = spawn_server(&data, &log2);
+    let base = wait_healthy(&log2, &mut second).await;
     let c = Client::new(&base, None);
     let done = c
         .wait(&id, "the batch completes after the restart", finished)

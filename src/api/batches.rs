@@ -188,8 +188,8 @@ pub async fn retrieve(
     Ok(Json(batch))
 }
 
-/// Cancels a batch: lines in flight finish, no new one starts; the output file holds what
-/// finished and the error file the rest.
+/// Cancels a batch: no line starts any more and those in flight are stopped; the output file
+/// holds what finished and the error file the rest.
 #[utoipa::path(post, path = "/v1/batches/{batch_id}/cancel", tag = "Batch",
     params(("batch_id" = String, Path)),
     responses(
@@ -216,6 +216,19 @@ pub fn batch_executor(state: AppState) -> Executor {
         let (router, keys) = (router.clone(), keys.clone());
         Box::pin(async move {
             let identity = call.owner.as_deref().and_then(|n| keys.named(n));
+            if identity.is_none() && !keys.is_empty() {
+                // The key that created the batch is gone (removed from the key file): its
+                // lines do not run as nobody, past every quota.
+                let e = ApiError::unauthorized(format!(
+                    "the API key `{}` that created this batch is no longer configured",
+                    call.owner.as_deref().unwrap_or("?")
+                ));
+                return LineReply {
+                    status: e.status.as_u16(),
+                    body: serde_json::to_value(e.body()).unwrap_or(Value::Null),
+                    request_id: String::new(),
+                };
+            }
             let mut req = Request::post(call.url.as_str())
                 .header(header::CONTENT_TYPE, "application/json")
                 .body(Body::from(call.body.to_string()))

@@ -192,13 +192,13 @@ async fn answer<R: Send + 'static>(
     if valid.tier == ServiceTier::Deferred {
         arriving = None;
     }
-    let _arriving = arriving;
     let request = (valid, plan);
     let started = Started {
         id,
         at,
         in_flight,
         who,
+        arriving,
     };
     generate(&state, &model, endpoint, request, started).await
 }
@@ -219,6 +219,8 @@ struct Started {
     in_flight: InFlight,
     /// The API key's owner, whose usage the request counts to.
     who: Option<Arc<KeyIdentity>>,
+    /// Counts it among the interactive requests on their way in, until it is submitted.
+    arriving: Option<crate::engine::ArrivalGuard>,
 }
 
 /// Submits a validated request and answers it, streamed or whole.
@@ -227,14 +229,16 @@ async fn generate(
     model: &ServedModel,
     endpoint: Endpoint,
     (mut valid, plan): (ValidRequest, ResponsePlan),
-    started: Started,
+    mut started: Started,
 ) -> Result<Response, ApiError> {
     valid.request_id = started.id.0.to_string();
     let n = valid.n;
     let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens)
         .with_usage(state.usage.clone().zip(started.who));
     let mut watchdog = state.watchdog(started.at, valid.tier);
-    let events = model.backend.submit(valid)?;
+    let events = model.backend.submit(valid);
+    started.arriving = None; // in the engine's hands (or refused): no longer on its way
+    let events = events?;
     if plan.stream {
         let guards = StreamGuards {
             timer,

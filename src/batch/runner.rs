@@ -60,7 +60,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 struct Running {
     lines: Arc<Vec<InputLine>>,
     pending: VecDeque<usize>,
-    in_flight: usize,
+    /// Lines in flight, and the handles that abort them (a cancel does).
+    flying: HashMap<usize, tokio::task::AbortHandle>,
 }
 
 enum Outcome {
@@ -78,6 +79,10 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
     // created or cancelled, a batch with nothing left to run, once a second for expiry), not
     // at every line: counting a large batch's results is not free.
     let (mut active, mut refresh) = (Vec::new(), true);
+    // One clock for expiry, kept across iterations: lines finishing more often than once a
+    // second must not keep putting the look off.
+    let mut each_second = tokio::time::interval(Duration::from_secs(1));
+    each_second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if *stop.borrow() {
             break;
@@ -106,7 +111,7 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                 tracing::info!(batch = %b.id, done, total = b.request_counts.total, "resuming a batch after a restart");
             }
         }
-        let in_flight: usize = running.values().map(|r| r.in_flight).sum();
+        let in_flight: usize = running.values().map(|r| r.flying.len()).sum();
         let mut room = batches.cfg.concurrency.saturating_sub(in_flight);
         if tokio::time::Instant::now() >= paused_until {
             for b in active
@@ -121,7 +126,6 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                         break;
                     };
                     room -= 1;
-                    r.in_flight += 1;
                     let call = LineCall {
                         url: b.endpoint.clone(),
                         body: r.lines[line].body.clone(),
@@ -130,23 +134,33 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                     let custom_id = r.lines[line].custom_id.clone();
                     let (batches, exec, done, id) =
                         (batches.clone(), exec.clone(), done_tx.clone(), b.id.clone());
-                    tasks.spawn(async move {
-                        let outcome = run_line(&batches, &exec, &id, line, custom_id, call).await;
+                    let handle = tasks.spawn(async move {
+                        let run = run_line(&batches, &exec, &id, line, custom_id, call);
+                        // A panic on the way (a bug) must not leave the line in flight for
+                        // good: it runs again after the pause, like any "not now".
+                        let outcome = std::panic::AssertUnwindSafe(run)
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                tracing::error!(batch = %id, line, "a batch line panicked; it runs again");
+                                Outcome::Retry
+                            });
                         let _ = done.send((id, line, outcome));
                     });
+                    r.flying.insert(line, handle);
                 }
             }
         }
         tokio::select! {
             Some((id, line, outcome)) = done_rx.recv() => {
                 if let Some(r) = running.get_mut(&id) {
-                    r.in_flight -= 1;
+                    r.flying.remove(&line);
                     if let Outcome::Retry = outcome {
                         r.pending.push_front(line);
                         paused_until = tokio::time::Instant::now() + RETRY_PAUSE;
                     }
                     // Done, or stopping and drained: the batch is finished at the next look.
-                    refresh |= r.in_flight == 0 && r.pending.is_empty();
+                    refresh |= r.flying.is_empty() && r.pending.is_empty();
                 }
                 if let Outcome::Recorded(ok) = outcome {
                     batches.lines_done[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
@@ -154,7 +168,7 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
             }
             _ = batches.wake.notified() => refresh = true,
             _ = tokio::time::sleep(Duration::from_millis(10)), if refresh => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => refresh = true,
+            _ = each_second.tick() => refresh = true,
             _ = tokio::time::sleep_until(paused_until), if paused_until > tokio::time::Instant::now() => {}
             _ = stop.changed() => {}
             Some(_) = tasks.join_next() => {}
@@ -169,7 +183,7 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
 /// Moves one batch along its lifecycle: starts it, loads its lines, and finishes it when
 /// nothing is left to run (completed, cancelled or expired).
 async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<String, Running>) {
-    let in_flight = running.get(&b.id).map_or(0, |r| r.in_flight);
+    let in_flight = running.get(&b.id).map_or(0, |r| r.flying.len());
     let id = b.id.clone();
     let result = match b.status {
         BatchStatus::Validating => batches
@@ -209,21 +223,19 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
                         .map(drop)
                 }
             },
-            Some(r) if r.pending.is_empty() && r.in_flight == 0 => {
+            Some(r) if r.pending.is_empty() && r.flying.is_empty() => {
                 running.remove(&b.id);
                 finish(batches, b, BatchStatus::Completed).await
             }
             Some(_) => Ok(()),
         },
-        BatchStatus::Cancelling if in_flight == 0 => {
-            running.remove(&b.id);
-            finish(batches, b, BatchStatus::Cancelled).await
-        }
+        // Lines in flight are stopped (their requests dropped; the store takes no result for
+        // a finished batch), and listed as cancelled with those that never started.
         BatchStatus::Cancelling => {
-            if let Some(r) = running.get_mut(&b.id) {
-                r.pending.clear();
+            if let Some(r) = running.remove(&b.id) {
+                r.flying.values().for_each(|h| h.abort());
             }
-            Ok(())
+            finish(batches, b, BatchStatus::Cancelled).await
         }
         // A crash during finalizing: every line is recorded or it was stopped early.
         BatchStatus::Finalizing => {
@@ -254,7 +266,7 @@ async fn load(batches: &Batches, b: &BatchObject) -> Result<Running, String> {
     Ok(Running {
         lines: Arc::new(lines),
         pending,
-        in_flight: 0,
+        flying: HashMap::new(),
     })
 }
 
@@ -284,10 +296,11 @@ async fn run_line(
     mut call: LineCall,
 ) -> Outcome {
     let id = batch_id.to_string();
-    call.owner = batches
-        .call(move |s| s.batch_owner(&id))
-        .await
-        .unwrap_or(None);
+    call.owner = match batches.call(move |s| s.batch_owner(&id)).await {
+        Ok(owner) => owner,
+        // Without its owner the line would run as nobody: not now.
+        Err(_) => return Outcome::Retry,
+    };
     let reply = exec(call).await;
     if reply.is_transient() {
         return Outcome::Retry;

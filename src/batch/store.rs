@@ -443,7 +443,7 @@ impl Store {
             .map_err(db_err)
     }
 
-    /// Asks a batch to stop: running lines finish, no new one starts.
+    /// Asks a batch to stop: no line starts any more, and those in flight are stopped.
     pub fn cancel(&mut self, id: &str, viewer: &Viewer) -> Result<BatchObject, BatchError> {
         let batch = self.batch(id, viewer)?;
         match batch.status {
@@ -481,13 +481,18 @@ impl Store {
             .collect()
     }
 
-    /// Keeps a line's result; a second result for the same line is ignored.
+    /// Keeps a line's result; a second result for the same line is ignored, and so is one
+    /// for a batch already finalizing or finished (a line stopped by a cancel that got its
+    /// answer at the last moment: the result files are written already).
     pub fn record(&mut self, batch_id: &str, r: &LineResult) -> Result<(), BatchError> {
         let usage = &r.body["usage"];
         let count = |v: &Value| v.as_u64().unwrap_or(0);
         self.conn()?
             .execute(
-                "INSERT OR IGNORE INTO batch_results VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT OR IGNORE INTO batch_results
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (
+                   SELECT 1 FROM batches WHERE id = ?1
+                   AND status IN ('validating', 'in_progress', 'cancelling'))",
                 params![
                     batch_id,
                     r.line as i64,

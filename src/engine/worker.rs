@@ -352,6 +352,15 @@ impl Engine {
             // A complete output (the grammar allows nothing more) ends the choice.
             done[i] = finished || (complete && seq.finish(&self.tokenizer, FinishReason::Stop));
         }
+        for (s, _) in self.running.iter().zip(&done).filter(|(_, &d)| d) {
+            if s.tier == ServiceTier::Deferred && s.generated > 0 {
+                // Finished deferred work: its prompt and output, once, however often it
+                // was recomputed.
+                self.stats
+                    .deferred_tokens
+                    .fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
+            }
+        }
         self.remove_marked(&done);
     }
 
@@ -444,17 +453,11 @@ impl Engine {
     /// blocks.
     fn remove_marked(&mut self, marked: &[bool]) {
         let mut idx = 0;
-        let (model, stats) = (&mut self.model, &self.stats);
+        let model = &mut self.model;
         self.running.retain_mut(|s| {
             idx += 1;
             if marked[idx - 1] {
                 model.kv_release(&mut s.cache);
-                if s.tier == ServiceTier::Deferred {
-                    // Its prompt and output, once, however often it was recomputed.
-                    stats
-                        .deferred_tokens
-                        .fetch_add(s.tokens.len() as u64, Ordering::Relaxed);
-                }
             }
             !marked[idx - 1]
         });
