@@ -555,12 +555,16 @@ async fn the_miner_gets_the_device_only_once_the_batch_is_done() {
         b["request_counts"]["completed"].as_u64() > Some(0) || finished(b)
     })
     .await;
-    let mut samples = 0;
+    let (mut samples, t) = (0, Instant::now());
     loop {
         let (s, (_, b)) = (phase().await, c.get(&format!("/v1/batches/{id}")).await);
         if finished(&b) {
             break;
         }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the batch never finished: {b}"
+        );
         assert_ne!(
             s["mining"]["phase"], "mining",
             "mining while the batch runs: {s} {b}"

@@ -96,16 +96,6 @@ impl BatchStatus {
             BatchStatus::Cancelled => "cancelled_at",
         }
     }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            BatchStatus::Failed
-                | BatchStatus::Completed
-                | BatchStatus::Expired
-                | BatchStatus::Cancelled
-        )
-    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
