@@ -10,6 +10,7 @@ which sends the same token ids with `ignore_eos`. The first line out is {"ready"
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -26,7 +27,11 @@ args = parser.parse_args()
 llm = Llama(model_path=args.model, n_ctx=args.ctx, n_threads=args.threads,
             n_threads_batch=args.threads, n_batch=512, verbose=False, seed=0)
 n_vocab = llm.n_vocab()
-print(json.dumps({"ready": True, "n_threads": args.threads}), flush=True)
+# What this llama.cpp was built for, as scripts/llama-cpp-setup recorded it beside the venv.
+build_file = os.path.join(sys.prefix, "idlerig-build.json")
+build = json.load(open(build_file)) if os.path.exists(build_file) else {
+    "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+print(json.dumps({"ready": True, "n_threads": args.threads, "build": build}), flush=True)
 
 
 def greedy():

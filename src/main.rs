@@ -111,6 +111,7 @@ async fn mine(args: MineArgs) -> anyhow::Result<()> {
             threads: args
                 .threads
                 .unwrap_or_else(idlerig::server::default_threads),
+            path: args.cpu_sha_path,
         },
         MineDevice::Cuda => MinerSpec::Cuda { ordinal: args.gpu },
         MineDevice::CpuGrid => MinerSpec::cpu_grid(),

@@ -193,6 +193,7 @@ async fn client_against_fake_pool() -> (
         CpuMinerConfig {
             threads: 1,
             record_ranges: false,
+            path: None,
         },
         PreemptFlag::default(),
         tx,

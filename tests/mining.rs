@@ -7,6 +7,7 @@ use idlerig::mining::cpu::scan;
 use idlerig::mining::job::{hex_array, Job};
 use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d};
 use idlerig::mining::{
+    ScanPath,
     target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, WorkSource, U256,
 };
 use proptest::prelude::*;
@@ -43,37 +44,36 @@ fn both_scanners_find_the_genesis_nonce() {
     let portable = scan_portable(&mid, &tail, start, end, 0, 1024, &|| false);
     assert_eq!(portable.candidates, vec![GENESIS_NONCE as u32]);
     assert_eq!(portable.next, end);
-    if idlerig::mining::sha_ni_available() {
-        let work = idlerig::mining::Work {
-            generation: 1,
-            job_id: "g".into(),
-            extranonce1: vec![],
-            extranonce2: vec![],
-            ntime: job.ntime,
-            version: 1,
-            version_bits: None,
-            midstate: mid,
-            header,
-            share_target: U256::DIFF1,
-            network_target: U256::from_compact(job.nbits),
-        };
-        let fast = scan(&work, start, end, true, &|| false);
-        assert_eq!(fast.candidates, vec![GENESIS_NONCE as u32]);
-        let share = work
-            .check(GENESIS_NONCE as u32)
-            .expect("the genesis nonce meets difficulty 1");
-        assert!(share.is_block);
-    } else {
-        eprintln!("this CPU has no SHA-NI: only the portable scanner was checked");
+    let work = idlerig::mining::Work {
+        generation: 1,
+        job_id: "g".into(),
+        extranonce1: vec![],
+        extranonce2: vec![],
+        ntime: job.ntime,
+        version: 1,
+        version_bits: None,
+        midstate: mid,
+        header,
+        share_target: U256::DIFF1,
+        network_target: U256::from_compact(job.nbits),
+    };
+    // Every SHA-256d path this CPU has (SHA-NI, AVX-512, AVX2, portable) finds it.
+    for path in ScanPath::on_this_cpu() {
+        let fast = scan(&work, start, end, path, &|| false);
+        assert_eq!(fast.candidates, vec![GENESIS_NONCE as u32], "{}", path.name());
     }
+    let share = work
+        .check(GENESIS_NONCE as u32)
+        .expect("the genesis nonce meets difficulty 1");
+    assert!(share.is_block);
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
-    /// On random headers at an easy target (1 in 256 nonces), the SHA-NI scanner reports the
+    /// On random headers at an easy target (1 in 256 nonces), every SHA-256d path reports the
     /// same candidates as the portable one, and each is a real hash below the target.
     #[test]
-    fn sha_ni_agrees_with_portable(header in proptest::collection::vec(any::<u8>(), 80), start in 0u64..(1u64 << 32) - 5000, len in 1u64..3000) {
+    fn every_sha_path_agrees_with_portable(header in proptest::collection::vec(any::<u8>(), 80), start in 0u64..(1u64 << 32) - 5000, len in 1u64..3000) {
         let header: [u8; 80] = header.try_into().unwrap();
         let (mid, tail) = (midstate(&header), header_tail(&header));
         let top = 0x00ff_ffff;
@@ -84,13 +84,13 @@ proptest! {
             let hash = sha256d(&h);
             prop_assert!(u32::from_le_bytes(hash[28..32].try_into().unwrap()) <= top);
         }
-        if idlerig::mining::sha_ni_available() {
-            let work = idlerig::mining::Work {
-                generation: 1, job_id: "p".into(), extranonce1: vec![], extranonce2: vec![], ntime: 0, version: 0, version_bits: None,
-                midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(),
-            };
-            let fast = scan(&work, start, start + len, true, &|| false);
-            prop_assert_eq!(fast.candidates, portable.candidates);
+        let work = idlerig::mining::Work {
+            generation: 1, job_id: "p".into(), extranonce1: vec![], extranonce2: vec![], ntime: 0, version: 0, version_bits: None,
+            midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(),
+        };
+        for path in ScanPath::on_this_cpu() {
+            let fast = scan(&work, start, start + len, path, &|| false);
+            prop_assert_eq!(&fast.candidates, &portable.candidates, "{}", path.name());
             prop_assert_eq!(fast.next, start + len);
         }
     }
@@ -114,6 +114,7 @@ fn recording_miner() -> (CpuMiner, PreemptFlag, idlerig::mining::ShareReceiver) 
         CpuMinerConfig {
             threads: 2,
             record_ranges: true,
+            path: None,
         },
         flag.clone(),
         tx,

@@ -24,6 +24,7 @@ async fn rig(pools: Vec<PoolUrl>, pool: PoolHandle) -> Rig {
         CpuMinerConfig {
             threads: 2,
             record_ranges: false,
+            path: None,
         },
         PreemptFlag::default(),
         tx,
@@ -251,6 +252,7 @@ async fn a_share_pending_at_shutdown_is_submitted_and_answered() {
         CpuMinerConfig {
             threads: 2,
             record_ranges: false,
+            path: None,
         },
         PreemptFlag::default(),
         found_tx,

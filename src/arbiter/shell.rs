@@ -40,6 +40,9 @@ pub struct ArbiterStatus {
     pub mining_enabled: bool,
     /// The miner's device: "cpu", "cuda", or "cpu-grid" (the CUDA kernel on CPU threads).
     pub backend: &'static str,
+    /// The code that hashes: on the CPU, the SHA-256d path a start-up measurement picked
+    /// (with each path's measured rate, million nonces a second on one thread).
+    pub kernel: crate::mining::KernelChoice,
     pub phase: &'static str,
     pub device_time_s: DeviceTime,
     pub preemptions: u64,
@@ -97,6 +100,7 @@ pub fn spawn_arbiter(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let (mut rate_hashes, mut rate_t, mut hashrate) = (parts.miner.hashes(), now(), 0.0);
         let mut last_publish = 0u64;
+        let kernel = parts.miner.kernel();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -195,6 +199,7 @@ pub fn spawn_arbiter(
                 let _ = status_tx.send(ArbiterStatus {
                     mining_enabled: state.cfg.mining_enabled,
                     backend: parts.miner.backend(),
+                    kernel: kernel.clone(),
                     phase: phase_name(state.phase),
                     device_time_s: DeviceTime {
                         serving: secs(state.time.serving_us),

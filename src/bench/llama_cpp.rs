@@ -1,6 +1,8 @@
 //! llama.cpp as a reference in the same run: `scripts/llama-cpp-setup` provides a Python
-//! with llama-cpp-python (built once into a cache), and `scripts/llama-cpp-ref.py` runs as a
-//! child process that loads the model once and times each request it is sent.
+//! with llama-cpp-python (built once per CPU into a cache, natively less AMX), and
+//! `scripts/llama-cpp-ref.py` runs as a child process that loads the model once, says what
+//! its llama.cpp was built for, and times each request it is sent. The scripts are found in
+//! the working tree (`--scripts-dir`), never through the path the binary was compiled in.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -16,22 +18,30 @@ pub struct LlamaCppRef {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    build: serde_json::Value,
 }
 
 impl LlamaCppRef {
-    /// Sets up llama-cpp-python if needed and starts the reference on `model`.
-    pub fn start(model: &Path, threads: usize) -> Result<Self, String> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let setup = Command::new(repo.join("scripts/llama-cpp-setup"))
+    /// Sets up llama-cpp-python if needed (the scripts in `scripts`) and starts the
+    /// reference on `model`.
+    pub fn start(scripts: &Path, model: &Path, threads: usize) -> Result<Self, String> {
+        let setup_path = scripts.join("llama-cpp-setup");
+        if !setup_path.is_file() {
+            return Err(format!(
+                "{} not found: run from the repository root, or give --scripts-dir",
+                setup_path.display()
+            ));
+        }
+        let setup = Command::new(&setup_path)
             .stderr(Stdio::inherit())
             .output()
-            .map_err(|e| format!("running scripts/llama-cpp-setup: {e}"))?;
+            .map_err(|e| format!("running {}: {e}", setup_path.display()))?;
         if !setup.status.success() {
-            return Err(format!("scripts/llama-cpp-setup failed ({})", setup.status));
+            return Err(format!("{} failed ({})", setup_path.display(), setup.status));
         }
         let python = String::from_utf8_lossy(&setup.stdout).trim().to_string();
         let mut child = Command::new(&python)
-            .arg(repo.join("scripts/llama-cpp-ref.py"))
+            .arg(scripts.join("llama-cpp-ref.py"))
             .arg("--model")
             .arg(model)
             .arg("--threads")
@@ -47,12 +57,20 @@ impl LlamaCppRef {
             child,
             stdin,
             stdout,
+            build: serde_json::Value::Null,
         };
         let ready = reference.read_line()?;
         if ready.get("ready") != Some(&json!(true)) {
             return Err(format!("llama.cpp reference did not start: {ready}"));
         }
+        reference.build = ready.get("build").cloned().unwrap_or(serde_json::Value::Null);
         Ok(reference)
+    }
+
+    /// What the reference was built for (compiler flags, ggml's instruction sets), as
+    /// scripts/llama-cpp-setup recorded it.
+    pub fn build(&self) -> &serde_json::Value {
+        &self.build
     }
 
     fn read_line(&mut self) -> Result<serde_json::Value, String> {

@@ -1,6 +1,9 @@
 //! `idlerig bench mine`: the miner's hashrate on a real mainnet job (ESP-Miner's "nonce diff
-//! checking 2" block template), beside a reference measured in the same run: the `sha2`
-//! crate's compression function with the same midstate trick, on one thread.
+//! checking 2" block template), beside references measured in the same run: the `sha2`
+//! crate's compression function with the same midstate trick, on one thread, and, with
+//! `--compare-cpuminer PATH`, an operator-provided cpuminer-opt in its benchmark mode on the
+//! same number of threads. Each SHA-256d path this CPU has is also measured alone on one
+//! thread, so the start-up pick can be checked against a longer measurement.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +13,8 @@ use crate::config::BenchMineArgs;
 use crate::mining::job::Job;
 use crate::mining::sha256::IV;
 use crate::mining::{
-    target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, WorkSource,
+    target_for_difficulty, CpuMiner, CpuMinerConfig, KernelChoice, Miner, PreemptFlag,
+    ScanPath, WorkSource,
 };
 
 fn mainnet_job() -> Job {
@@ -61,15 +65,21 @@ fn sha2_reference(seconds: f64, header: &[u8; 80]) -> f64 {
     nonce as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Mines `source` on `threads` CPU threads for `seconds` (after a short warm-up) and returns
-/// the hashes counted and the seconds measured.
-fn measure(threads: usize, seconds: f64, source: WorkSource) -> (u64, f64) {
+/// Mines `source` on `threads` CPU threads with `path` (`None`: the start-up pick) for
+/// `seconds` (after a short warm-up) and returns the hashes counted and the seconds measured.
+fn measure(
+    threads: usize,
+    seconds: f64,
+    source: WorkSource,
+    path: Option<ScanPath>,
+) -> (u64, f64, KernelChoice) {
     let (tx, _rx) = crate::mining::share_channel(crate::mining::SHARE_CHANNEL_CAPACITY);
     let flag = PreemptFlag::default();
     let miner = CpuMiner::start(
         CpuMinerConfig {
             threads,
             record_ranges: false,
+            path,
         },
         flag.clone(),
         tx,
@@ -81,7 +91,7 @@ fn measure(threads: usize, seconds: f64, source: WorkSource) -> (u64, f64) {
     std::thread::sleep(Duration::from_secs_f64(seconds));
     let (h1, secs) = (miner.hashes(), t0.elapsed().as_secs_f64());
     flag.raise();
-    (h1 - h0, secs)
+    (h1 - h0, secs, miner.kernel())
 }
 
 /// The CPU miner's hashrate alone on `threads` threads: the yardstick of `bench preempt`.
@@ -93,7 +103,7 @@ pub fn cpu_hashrate(threads: usize, seconds: f64) -> f64 {
         target_for_difficulty(1.0),
         0,
     );
-    let (hashes, secs) = measure(threads, seconds, source);
+    let (hashes, secs, _) = measure(threads, seconds, source, None);
     hashes as f64 / secs
 }
 
@@ -115,18 +125,163 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
     let header = source.clone().next_work(0).header;
 
     let reference = sha2_reference((args.seconds / 4.0).max(0.5), &header);
-    let (hashes, secs) = measure(threads, args.seconds, source);
+    // Every path alone on one thread, then the miner on all threads with the path it picks.
+    let per_path: serde_json::Map<String, serde_json::Value> = ScanPath::on_this_cpu()
+        .into_iter()
+        .map(|p| {
+            let (h, s, _) = measure(1, (args.seconds / 4.0).max(0.5), source.clone(), Some(p));
+            (p.name().to_string(), json!((h as f64 / s).round()))
+        })
+        .collect();
+    let (hashes, secs, kernel) = measure(threads, args.seconds, source, args.cpu_sha_path);
     let rate = hashes as f64 / secs;
-    Ok(json!({
+    let per_thread = rate / threads as f64;
+    let mhz = cpu_mhz();
+    let mut out = json!({
         "bench": "mine",
         "backend": "cpu",
-        "sha_ni": crate::mining::sha_ni_available(),
+        "cpu": cpu_model(),
+        "kernel": kernel,
         "threads": threads,
         "seconds": (secs * 1000.0).round() / 1000.0,
         "hashes": hashes,
         "hashrate_hs": rate.round(),
-        "hashrate_per_thread_hs": (rate / threads as f64).round(),
+        "hashrate_per_thread_hs": per_thread.round(),
+        "path_1thread_hs": per_path,
         "ref_sha2_crate_1thread_hs": reference.round(),
-        "per_thread_vs_ref": ((rate / threads as f64) / reference * 100.0).round() / 100.0,
-    }))
+        "per_thread_vs_ref": round2(per_thread / reference),
+        // The machine's limit in the terms of the issue: SHA-256 rounds per cycle, at the
+        // clock /proc/cpuinfo reports (a VM's nominal clock; turbo makes the true figure lower).
+        "cpu_mhz": mhz,
+        "rounds_per_cycle_per_thread": mhz.map(|m| round2(per_thread * 128.0 / (m * 1e6))),
+    });
+    if let Some(cpuminer) = &args.compare_cpuminer {
+        let theirs = cpuminer_rate(cpuminer, threads, args.seconds)?;
+        out["ref_cpuminer_hs"] = json!(theirs.round());
+        out["ref_cpuminer"] = json!(format!(
+            "{} -a sha256d --benchmark -t {threads}",
+            cpuminer.display()
+        ));
+        out["vs_cpuminer"] = json!(round2(rate / theirs));
+    }
+    Ok(out)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn cpuinfo_field(name: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+fn cpu_model() -> Option<String> {
+    cpuinfo_field("model name")
+}
+
+fn cpu_mhz() -> Option<f64> {
+    cpuinfo_field("cpu MHz")?.parse().ok()
+}
+
+/// cpuminer-opt's own figure for SHA-256d on `threads` threads, from its benchmark mode (no
+/// pool) run for twice `seconds` plus its 5-second warm-up report (see [`parse_cpuminer_rate`]).
+fn cpuminer_rate(binary: &std::path::Path, threads: usize, seconds: f64) -> Result<f64, String> {
+    let limit = (2.0 * seconds).ceil() as u64 + 6;
+    let output = std::process::Command::new(binary)
+        .args(["-a", "sha256d", "--benchmark", "-t"])
+        .arg(threads.to_string())
+        .arg(format!("--time-limit={limit}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", binary.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse_cpuminer_rate(&text).ok_or_else(|| {
+        let tail: String = text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        format!(
+            "{} printed no hashrate ({}); last lines: {tail}",
+            binary.display(),
+            output.status
+        )
+    })
+}
+
+/// The hashrate in a cpuminer-opt benchmark log: the median of its periodic "Total:" lines
+/// but the first (which covers its start-up), else its closing "Benchmark:" figure.
+pub fn parse_cpuminer_rate(log: &str) -> Option<f64> {
+    let clean = strip_ansi(log);
+    let figure = |line: &str, key: &str| {
+        let rest = &line[line.find(key)? + key.len()..];
+        let mut words = rest.split_whitespace();
+        let value: f64 = words.next()?.trim_end_matches(',').parse().ok()?;
+        let unit = words.next()?.trim_end_matches(',');
+        let scale = match unit.trim_end_matches("H/s").trim_end_matches("h/s") {
+            "" => 1.0,
+            "k" | "K" => 1e3,
+            "M" => 1e6,
+            "G" => 1e9,
+            "T" => 1e12,
+            _ => return None,
+        };
+        Some(value * scale)
+    };
+    let mut totals: Vec<f64> = clean
+        .lines()
+        .filter_map(|l| figure(l, "Total:"))
+        .skip(1)
+        .collect();
+    if !totals.is_empty() {
+        totals.sort_by(f64::total_cmp);
+        return Some(totals[totals.len() / 2]);
+    }
+    clean
+        .lines()
+        .rev()
+        .find_map(|l| figure(l, "Benchmark:").or_else(|| figure(l, "Total:")))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpuminer_rate;
+
+    /// Lines as cpuminer-opt 26.1 printed them here in benchmark mode (colours on): the first
+    /// "Total:" covers its start-up and is left out; the median of the rest is the figure.
+    #[test]
+    fn cpuminer_opt_benchmark_output_is_read() {
+        let log = "[2026-11-29 16:06:03] 1 of 2 miner threads started using 'sha256d' algorithm\n\
+                   [2026-11-29 16:06:09] \u{1b}[01;37mTotal: 22.40 MH/s, Temp: 0C, Freq: 0.000/0.000 GHz\u{1b}[0m\n\
+                   [2026-11-29 16:06:13] \u{1b}[01;37mTotal: 24.79 MH/s, Temp: 0C, Freq: 0.000/0.000 GHz\u{1b}[0m\n\
+                   [2026-11-29 16:06:18] \u{1b}[01;37mTotal: 24.77 MH/s, Temp: 0C, Freq: 0.000/0.000 GHz\u{1b}[0m\n\
+                   [2026-11-29 16:06:23] \u{1b}[01;37mTotal: 24.59 MH/s, Temp: 0C, Freq: 0.000/0.000 GHz\u{1b}[0m\n\
+                   [2026-11-29 16:06:23] \u{1b}[01;37mBenchmark: 24.49 MH/s\u{1b}[0m\n";
+        assert_eq!(parse_cpuminer_rate(log), Some(24.77e6));
+        let short = "[..] Total: 812.5 kH/s, Temp: 40C\n[..] Benchmark: 815.1 kH/s\n";
+        assert_eq!(parse_cpuminer_rate(short), Some(815.1e3));
+        assert_eq!(parse_cpuminer_rate("[..] Stratum connection failed\n"), None);
+    }
 }

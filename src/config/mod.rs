@@ -341,6 +341,11 @@ pub struct ServeArgs {
     /// stop within microseconds; they run at SCHED_IDLE and yield to inference either way).
     #[arg(long, env = "IDLERIG_MINE_THREADS")]
     pub mine_threads: Option<usize>,
+    /// The CPU miner's SHA-256d code. By default a start-up measurement (about 0.1 s) runs
+    /// each one this CPU has and takes the fastest; the choice and the rates are logged and
+    /// shown in /v1/status.
+    #[arg(long, env = "IDLERIG_CPU_SHA_PATH", value_enum)]
+    pub cpu_sha_path: Option<crate::mining::ScanPath>,
 }
 
 impl ServeArgs {
@@ -433,6 +438,9 @@ pub struct MineArgs {
     /// CPU mining threads (default: every core).
     #[arg(long, env = "IDLERIG_MINE_THREADS")]
     pub threads: Option<usize>,
+    /// The SHA-256d code (default: measured at start-up, the fastest this CPU has).
+    #[arg(long, value_enum)]
+    pub cpu_sha_path: Option<crate::mining::ScanPath>,
     /// Where to mine: `cpu`, `cuda` (the GPU given by --gpu; needs a CUDA build), or
     /// `cpu-grid` (the CUDA kernel's source on CPU threads, for tests).
     #[arg(long, env = "IDLERIG_MINE_DEVICE", value_enum, default_value = "cpu")]
@@ -521,6 +529,13 @@ pub struct BenchMineArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The miner's SHA-256d code (default: measured at start-up, as `serve` does).
+    #[arg(long, value_enum)]
+    pub cpu_sha_path: Option<crate::mining::ScanPath>,
+    /// Also run this cpuminer-opt binary (`-a sha256d --benchmark`, same threads) and print
+    /// its rate and the ratio (`vs_cpuminer`). idlerig ships none: build or bring your own.
+    #[arg(long, value_name = "PATH")]
+    pub compare_cpuminer: Option<std::path::PathBuf>,
     /// Print one JSON line (the output is always one JSON line; accepted for scripts).
     #[arg(long)]
     pub json: bool,
@@ -546,10 +561,15 @@ pub struct BenchInferArgs {
     /// by the reference on the same prompts.
     #[arg(long, default_value_t = 4)]
     pub rounds: usize,
-    /// Also run the same prompts through llama.cpp (llama-cpp-python, built once into
-    /// ~/.cache/idlerig/refvenv by scripts/llama-cpp-setup) and print both and their ratios.
+    /// Also run the same prompts through llama.cpp (llama-cpp-python, built once per CPU for
+    /// this machine, less AMX, into ~/.cache/idlerig/refvenv-* by scripts/llama-cpp-setup) and
+    /// print both and their ratios.
     #[arg(long)]
     pub compare_llama_cpp: bool,
+    /// Where scripts/llama-cpp-setup and llama-cpp-ref.py are (default: ./scripts, the
+    /// working tree's, when run from the repository root).
+    #[arg(long, env = "IDLERIG_SCRIPTS_DIR", default_value = "scripts")]
+    pub scripts_dir: std::path::PathBuf,
     /// Print one JSON line (the default output is also one JSON line; the flag is accepted for scripts).
     #[arg(long)]
     pub json: bool,

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use super::miner::Miner;
 use super::preempt::{monotonic_ns, PreemptFlag};
-use super::sha256::{header_tail, scan_portable, ScanOutcome};
+use super::miner::KernelChoice;
+use super::scan_path::{choose, PathChoice, ScanPath};
+use super::sha256::{header_tail, ScanOutcome};
 use super::share_channel::ShareSender;
 use super::work::{Work, WorkSource};
 
@@ -27,6 +29,8 @@ pub struct CpuMinerConfig {
     pub threads: usize,
     /// Keep a log of every hashed range (tests use it to prove coverage).
     pub record_ranges: bool,
+    /// The SHA-256d code to run; `None` measures each this CPU has and takes the fastest.
+    pub path: Option<ScanPath>,
 }
 
 /// Work handed out and handed back. Guarded by a std mutex (not an actor) because workers
@@ -113,6 +117,7 @@ struct Shared {
 pub struct CpuMiner {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    choice: PathChoice,
 }
 
 impl CpuMiner {
@@ -129,22 +134,28 @@ impl CpuMiner {
             shares,
             record_ranges: cfg.record_ranges,
         });
-        let use_shani = super::sha_ni_available();
+        let choice = choose(cfg.path);
+        let path = choice.path;
         let workers = (0..cfg.threads.max(1))
             .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("miner-cpu-{i}"))
-                    .spawn(move || worker(shared, use_shani))
+                    .spawn(move || worker(shared, path))
                     .expect("spawning a miner thread")
             })
             .collect();
         tracing::info!(
             threads = cfg.threads,
-            sha_ni = use_shani,
+            path = path.name(),
+            chosen_by = choice.chosen_by,
             "CPU miner started"
         );
-        Self { shared, workers }
+        Self {
+            shared,
+            workers,
+            choice,
+        }
     }
 
     /// The dispatcher's cursor and the ranges handed back, for coverage checks.
@@ -167,6 +178,19 @@ impl CpuMiner {
 impl Miner for CpuMiner {
     fn backend(&self) -> &'static str {
         "cpu"
+    }
+
+    fn kernel(&self) -> KernelChoice {
+        KernelChoice {
+            name: self.choice.path.name(),
+            chosen_by: self.choice.chosen_by,
+            rates_mhs: self
+                .choice
+                .rates_mhs
+                .iter()
+                .map(|(p, r)| (p.name(), *r))
+                .collect(),
+        }
     }
 
     /// Mines `source` from now on; work on the previous job is dropped at the next poll. The
@@ -274,7 +298,7 @@ fn yield_to_everything_else() {
     }
 }
 
-fn worker(shared: Arc<Shared>, use_shani: bool) {
+fn worker(shared: Arc<Shared>, path: ScanPath) {
     yield_to_everything_else();
     loop {
         // Wait, without spinning, until there is work and no pre-emption.
@@ -306,7 +330,7 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
             shared.preempt.is_raised()
                 || shared.generation.load(Ordering::Acquire) != work.generation
         };
-        let outcome = scan(&work, start, end, use_shani, &stop);
+        let outcome = scan(&work, start, end, path, &stop);
         let done = outcome.next;
         shared.hashes.fetch_add(done - start, Ordering::Relaxed);
         for nonce in outcome.candidates {
@@ -338,23 +362,15 @@ fn worker(shared: Arc<Shared>, use_shani: bool) {
     }
 }
 
-/// Scans `start..end` of `work` with the best available code.
+/// Scans `start..end` of `work` with the code of `path`.
 pub fn scan(
     work: &Work,
     start: u64,
     end: u64,
-    use_shani: bool,
+    path: ScanPath,
     stop: &dyn Fn() -> bool,
 ) -> ScanOutcome {
     let tail = header_tail(&work.header);
     let top = work.share_target.top_u32();
-    #[cfg(target_arch = "x86_64")]
-    if use_shani && super::sha_ni_available() {
-        // SAFETY: the CPU has SHA-NI (checked just above, whatever the caller asked for).
-        return unsafe {
-            super::shani::scan(&work.midstate, &tail, start, end, top, POLL_NONCES, stop)
-        };
-    }
-    let _ = use_shani;
-    scan_portable(&work.midstate, &tail, start, end, top, POLL_NONCES, stop)
+    path.scan(&work.midstate, &tail, start, end, top, POLL_NONCES, stop)
 }

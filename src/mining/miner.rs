@@ -9,6 +9,14 @@ use super::work::WorkSource;
 pub trait Miner: Send + Sync + 'static {
     /// "cpu", or the launcher's name ("cuda", "cpu-grid").
     fn backend(&self) -> &'static str;
+    /// The code that hashes, and how it was chosen (`/v1/status`).
+    fn kernel(&self) -> KernelChoice {
+        KernelChoice {
+            name: self.backend(),
+            chosen_by: "backend",
+            rates_mhs: Vec::new(),
+        }
+    }
     /// Mines `source` from now on; work on the previous job is dropped at the next poll.
     fn set_work(&self, source: WorkSource);
     /// Stops mining until work is set again (the pool has none, or the connection is down).
@@ -25,4 +33,13 @@ pub trait Miner: Send + Sync + 'static {
     fn preempt_flag(&self) -> &PreemptFlag;
     /// Nonces hashed since start.
     fn hashes(&self) -> u64;
+}
+
+/// Which code a miner hashes with: for the CPU miner, the SHA-256d path its start-up
+/// measurement picked, with each path's measured rate (million nonces a second, one thread).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct KernelChoice {
+    pub name: &'static str,
+    pub chosen_by: &'static str,
+    pub rates_mhs: Vec<(&'static str, f64)>,
 }

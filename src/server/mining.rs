@@ -17,8 +17,11 @@ use crate::stratum::PoolUrl;
 /// The device the miner runs on, chosen from `--mine-device` and `--device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MinerSpec {
-    /// CPU threads (SHA-NI where the CPU has it).
-    Cpu { threads: usize },
+    /// CPU threads, on `path` (`None`: the fastest, measured at start-up).
+    Cpu {
+        threads: usize,
+        path: Option<crate::mining::ScanPath>,
+    },
     /// The CUDA scan kernel on GPU `ordinal` (the GPU that serves).
     Cuda { ordinal: usize },
     /// The CUDA kernel's source on CPU threads: the GPU miner's code path without a GPU.
@@ -40,7 +43,7 @@ impl MinerSpec {
     /// thread; for a GPU its board power limit (NVML), else 350 W.
     pub fn default_watts(&self) -> f64 {
         match self {
-            MinerSpec::Cpu { threads } => 10.0 * *threads as f64,
+            MinerSpec::Cpu { threads, .. } => 10.0 * *threads as f64,
             MinerSpec::Cuda { ordinal } => {
                 let (watts, source) = crate::mining::gpu::power::mining_watts(*ordinal);
                 tracing::info!(watts, source, "GPU mining power for the earnings estimate");
@@ -67,10 +70,11 @@ impl MinerSpec {
             ))
         };
         Ok(match self {
-            MinerSpec::Cpu { threads } => Arc::new(CpuMiner::start(
+            MinerSpec::Cpu { threads, path } => Arc::new(CpuMiner::start(
                 CpuMinerConfig {
                     threads: *threads,
                     record_ranges: false,
+                    path: *path,
                 },
                 flag,
                 shares,
@@ -200,6 +204,7 @@ pub(super) fn cpu_miner_spec(args: &ServeArgs) -> MinerSpec {
             .mine_threads
             .unwrap_or_else(|| default_threads().saturating_sub(1))
             .max(1),
+        path: args.cpu_sha_path,
     }
 }
 

@@ -1,0 +1,182 @@
+//! Which CPU code hashes nonces: SHA-NI (two nonces interleaved), AVX-512 (16 lanes), AVX2
+//! (8 lanes) or portable. Which is fastest depends on the CPU (an EPYC's SHA-NI beats its
+//! AVX2; a Xeon's AVX-512 beats its SHA-NI), so a short measurement at start-up, once per
+//! process, runs each path this CPU has on the same job and picks the fastest. The choice is
+//! logged and shown in `/v1/status`; `--cpu-sha-path` overrides it.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::lanes::Prepared;
+use super::sha256::{scan_portable, ScanOutcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScanPath {
+    /// SHA-NI, two nonces interleaved.
+    ShaNi,
+    /// AVX-512, 16 nonces a vector.
+    Avx512,
+    /// AVX2, 8 nonces a vector.
+    Avx2,
+    /// Plain Rust, one nonce at a time.
+    Portable,
+}
+
+impl ScanPath {
+    pub const ALL: [ScanPath; 4] = [
+        ScanPath::ShaNi,
+        ScanPath::Avx512,
+        ScanPath::Avx2,
+        ScanPath::Portable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ScanPath::ShaNi => "sha-ni",
+            ScanPath::Avx512 => "avx512",
+            ScanPath::Avx2 => "avx2",
+            ScanPath::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU runs the path.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            ScanPath::ShaNi => super::shani::available(),
+            ScanPath::Avx512 => super::lanes_x86::avx512_available(),
+            ScanPath::Avx2 => super::lanes_x86::avx2_available(),
+            ScanPath::Portable => true,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        return self == ScanPath::Portable;
+    }
+
+    /// The paths this CPU runs, fastest-first by design (not by measurement).
+    pub fn on_this_cpu() -> Vec<ScanPath> {
+        Self::ALL.into_iter().filter(|p| p.available()).collect()
+    }
+
+    /// Hashes nonces `start..end` of the header with midstate `mid` and second-block words
+    /// `tail`, returning the nonces whose hash's top word is at or below `target_top`; stops
+    /// at a multiple of `poll_every` when `stop` says so. A path this CPU lacks falls back to
+    /// the portable code, so a wrong choice is slow, never unsound.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan(
+        self,
+        mid: &[u32; 8],
+        tail: &[u32; 3],
+        start: u64,
+        end: u64,
+        target_top: u32,
+        poll_every: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> ScanOutcome {
+        let args = (start, end, target_top, poll_every);
+        if !self.available() {
+            return scan_portable(mid, tail, args.0, args.1, args.2, args.3, stop);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: each path runs only where `available` found its instructions.
+        unsafe {
+            match self {
+                ScanPath::ShaNi => {
+                    return super::shani::scan(mid, tail, start, end, target_top, poll_every, stop)
+                }
+                ScanPath::Avx512 => {
+                    let p = Prepared::new(mid, tail);
+                    return super::lanes_x86::scan_avx512(
+                        &p, tail, start, end, target_top, poll_every, stop,
+                    );
+                }
+                ScanPath::Avx2 => {
+                    let p = Prepared::new(mid, tail);
+                    return super::lanes_x86::scan_avx2(
+                        &p, tail, start, end, target_top, poll_every, stop,
+                    );
+                }
+                ScanPath::Portable => {}
+            }
+        }
+        scan_portable(mid, tail, start, end, target_top, poll_every, stop)
+    }
+
+    /// Nonces per second of this path on one thread, measured for about `budget`.
+    pub fn measure(self, budget: Duration) -> f64 {
+        // A real header's midstate and tail (any fixed values would do: the work is the same
+        // for every header); a target nothing meets, so the count of candidates stays zero.
+        let mid = super::sha256::IV;
+        let tail = [0x2a3b_4c5d, 0x6470_25b5, 0x1705_ae3a];
+        let started = Instant::now();
+        let (mut n, mut step) = (0u64, 1u64 << 12);
+        while started.elapsed() < budget {
+            let out = self.scan(&mid, &tail, n, n + step, 0, u64::MAX, &|| false);
+            std::hint::black_box(out);
+            n += step;
+            step = (step * 2).min(1 << 18);
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+/// The start-up measurement: every path this CPU has, its rate, and the one picked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathChoice {
+    pub path: ScanPath,
+    /// Nonces per second on one thread, per path measured (million, rounded to 0.01).
+    pub rates_mhs: Vec<(ScanPath, f64)>,
+    /// "measured" or "--cpu-sha-path".
+    pub chosen_by: &'static str,
+}
+
+/// The fastest path on this CPU, measured once per process (about 25 ms a path).
+pub fn measured_choice() -> &'static PathChoice {
+    static CHOICE: OnceLock<PathChoice> = OnceLock::new();
+    CHOICE.get_or_init(|| {
+        let rates: Vec<(ScanPath, f64)> = ScanPath::on_this_cpu()
+            .into_iter()
+            .map(|p| (p, p.measure(Duration::from_millis(25))))
+            .collect();
+        let path = rates
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(ScanPath::Portable, |r| r.0);
+        let choice = PathChoice {
+            path,
+            rates_mhs: rates
+                .into_iter()
+                .map(|(p, r)| (p, (r / 1e4).round() / 100.0))
+                .collect(),
+            chosen_by: "measured",
+        };
+        tracing::info!(
+            path = path.name(),
+            rates_mhs = ?choice.rates_mhs.iter().map(|(p, r)| format!("{}={r}", p.name())).collect::<Vec<_>>(),
+            "CPU SHA-256d path picked by a start-up measurement"
+        );
+        choice
+    })
+}
+
+/// The path to mine with: `forced` where given (and available), else the measured fastest.
+pub fn choose(forced: Option<ScanPath>) -> PathChoice {
+    match forced {
+        Some(p) if p.available() => PathChoice {
+            path: p,
+            rates_mhs: Vec::new(),
+            chosen_by: "--cpu-sha-path",
+        },
+        Some(p) => {
+            tracing::warn!(
+                path = p.name(),
+                "this CPU lacks the instructions of --cpu-sha-path; measuring the others"
+            );
+            measured_choice().clone()
+        }
+        None => measured_choice().clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
