@@ -75,6 +75,18 @@ async fn mines_while_idle_stops_while_serving_and_resumes(miner_args: &[&str], b
         s["mining"]["shares_accepted"].as_u64() >= Some(2)
     })
     .await;
+    // The code that hashes is named: on the CPU, the SHA-256d path measured fastest at
+    // start-up, with the rate of every path this CPU has.
+    let kernel = &s["mining"]["kernel"];
+    if backend == "cpu" {
+        let names = ["sha-ni", "avx512", "avx2", "portable"];
+        assert!(names.contains(&kernel["name"].as_str().unwrap_or("")), "{kernel}");
+        assert_eq!(kernel["chosen_by"], "measured", "{kernel}");
+        let rates = kernel["rates_mhs"].as_array().expect("rates");
+        assert!(rates.iter().any(|r| r[0] == kernel["name"]), "{kernel}");
+    } else {
+        assert_eq!(kernel["name"], backend, "{kernel}");
+    }
     assert_eq!(
         s["mining"]["pool_pays"], false,
         "the embedded pool is labelled as paying nothing"

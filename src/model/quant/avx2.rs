@@ -1,7 +1,8 @@
 //! AVX2/FMA versions of the kernels in `kernels.rs`, after llama.cpp's technique: 32 weights
 //! and 32 activations meet in one `vpmaddubsw` (unsigned × signed bytes → 16-bit pairs), one
 //! `vpmaddwd` widens to eight 32-bit sums, and one FMA applies the block's two scales. A
-//! weight block is unpacked once and used for up to four tokens.
+//! weight block is unpacked once and used for up to four tokens. With AVX-VNNI the two
+//! integer steps are one `vpdpbusd` ([`ByteDot`]); the rest of the kernel is the same code.
 
 use std::arch::x86_64::*;
 
@@ -16,6 +17,35 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// Whether this CPU has AVX-VNNI (the VEX `vpdpbusd` on 256 bits) besides AVX2.
+pub fn vnni_available() -> bool {
+    available() && is_x86_feature_detected!("avxvnni")
+}
+
+/// Eight 32-bit sums, each of four products of unsigned weight bytes and signed activation
+/// bytes. Both forms are exact here: a `vpmaddubsw` pair is at most 2·128·127 < 2¹⁵.
+pub trait ByteDot {
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
+}
+
+/// AVX2: `vpmaddubsw` then `vpmaddwd` by ones.
+pub struct Maddubs;
+impl ByteDot for Maddubs {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+}
+
+/// AVX-VNNI: one `vpdpbusd`.
+pub struct VnniYmm;
+impl ByteDot for VnniYmm {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x)
+    }
+}
+
 /// One f16 as f32, by the F16C instruction.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_to_f32(h: f16) -> f32 {
@@ -23,7 +53,7 @@ unsafe fn f16_to_f32(h: f16) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -90,18 +120,47 @@ pub unsafe fn q4_dots(
     group: usize,
     sums: &mut [f32; 4],
 ) {
+    q4_dots_with::<Maddubs>(qs, scale, min, a, group, sums)
+}
+
+/// [`q4_dots`] with AVX-VNNI.
+///
+/// # Safety
+/// As [`q4_dots`], and the CPU must have AVX-VNNI ([`vnni_available`]).
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn q4_dots_vnni(
+    qs: &[u8],
+    scale: &[f16],
+    min: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
+    q4_dots_with::<VnniYmm>(qs, scale, min, a, group, sums)
+}
+
+/// The body of [`q4_dots`], inlined into a caller that has the features `D` needs.
+#[inline(always)]
+pub unsafe fn q4_dots_with<D: ByteDot>(
+    qs: &[u8],
+    scale: &[f16],
+    min: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
     match group {
-        1 => q4_dots_n::<1>(qs, scale, min, a, sums),
-        2 => q4_dots_n::<2>(qs, scale, min, a, sums),
-        3 => q4_dots_n::<3>(qs, scale, min, a, sums),
-        _ => q4_dots_n::<4>(qs, scale, min, a, sums),
+        1 => q4_dots_n::<1, D>(qs, scale, min, a, sums),
+        2 => q4_dots_n::<2, D>(qs, scale, min, a, sums),
+        3 => q4_dots_n::<3, D>(qs, scale, min, a, sums),
+        _ => q4_dots_n::<4, D>(qs, scale, min, a, sums),
     }
 }
 
 // Blocks are taken eight at a time so that their f16 scales are widened and multiplied by
 // the activations' scales in one vector operation each, not one conversion per block.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_dots_n<const G: usize>(
+#[inline(always)]
+unsafe fn q4_dots_n<const G: usize, D: ByteDot>(
     qs: &[u8],
     scale: &[f16],
     min: &[f16],
@@ -111,7 +170,6 @@ unsafe fn q4_dots_n<const G: usize>(
     let nb = scale.len();
     assert!(qs.len() >= nb * 16 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
     let low = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
     let mut min_acc = [_mm256_setzero_ps(); G];
     let mut tail = [0.0f32; G];
@@ -143,7 +201,7 @@ unsafe fn q4_dots_n<const G: usize>(
             let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
             for g in 0..G {
                 let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+                let dot = D::dot(w, x);
                 let s = _mm256_broadcast_ss(&combined[g][j]);
                 acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[g]);
             }
@@ -167,16 +225,43 @@ pub unsafe fn q8_dots(
     group: usize,
     sums: &mut [f32; 4],
 ) {
+    q8_dots_with::<Maddubs>(qs, scale, a, group, sums)
+}
+
+/// [`q8_dots`] with AVX-VNNI.
+///
+/// # Safety
+/// As [`q4_dots_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn q8_dots_vnni(
+    qs: &[i8],
+    scale: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
+    q8_dots_with::<VnniYmm>(qs, scale, a, group, sums)
+}
+
+/// The body of [`q8_dots`], inlined into a caller that has the features `D` needs.
+#[inline(always)]
+pub unsafe fn q8_dots_with<D: ByteDot>(
+    qs: &[i8],
+    scale: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
     match group {
-        1 => q8_dots_n::<1>(qs, scale, a, sums),
-        2 => q8_dots_n::<2>(qs, scale, a, sums),
-        3 => q8_dots_n::<3>(qs, scale, a, sums),
-        _ => q8_dots_n::<4>(qs, scale, a, sums),
+        1 => q8_dots_n::<1, D>(qs, scale, a, sums),
+        2 => q8_dots_n::<2, D>(qs, scale, a, sums),
+        3 => q8_dots_n::<3, D>(qs, scale, a, sums),
+        _ => q8_dots_n::<4, D>(qs, scale, a, sums),
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_dots_n<const G: usize>(
+#[inline(always)]
+unsafe fn q8_dots_n<const G: usize, D: ByteDot>(
     qs: &[i8],
     scale: &[f16],
     a: &[ActRow<'_>; 4],
@@ -184,7 +269,6 @@ unsafe fn q8_dots_n<const G: usize>(
 ) {
     let nb = scale.len() / 2;
     assert!(qs.len() >= nb * 32 && a.iter().take(G).all(|r| r.qs.len() >= nb * 32));
-    let ones = _mm256_set1_epi16(1);
     // Lanes 0..4 of a block's 32-bit sums cover its first group, lanes 4..8 its second.
     let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     let (pairs_lo, pairs_hi) = (
@@ -224,8 +308,7 @@ unsafe fn q8_dots_n<const G: usize>(
             let wabs = _mm256_sign_epi8(w, w);
             for g in 0..G {
                 let x = _mm256_loadu_si256(a[g].qs.as_ptr().add(b * 32) as *const __m256i);
-                let dot =
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w)), ones);
+                let dot = D::dot(wabs, _mm256_sign_epi8(x, w));
                 // Two f32 scales as one 8-byte lane: an f32 array is only 4-byte aligned, so
                 // the pair is read unaligned (never through a `&f64`).
                 let pair = _mm256_castpd_ps(_mm256_set1_pd(std::ptr::read_unaligned(

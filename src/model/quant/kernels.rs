@@ -73,6 +73,57 @@ pub(crate) fn simd_available() -> bool {
     false
 }
 
+/// The instruction set the dot products use: the best this CPU has, found once. Each is
+/// checked against the portable code by the tests, on whichever of them the CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 512-bit `vpdpbusd`: two blocks a register.
+    Avx512Vnni,
+    /// 256-bit VEX `vpdpbusd`.
+    AvxVnni,
+    /// `vpmaddubsw` + `vpmaddwd`.
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 4] = [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2, Isa::Portable];
+
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return match self {
+            Isa::Avx512Vnni => super::avx512::available(),
+            Isa::AvxVnni => super::avx2::vnni_available(),
+            Isa::Avx2 => super::avx2::available(),
+            Isa::Portable => true,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        return self == Isa::Portable;
+    }
+
+    /// The first available of [`Self::ALL`], detected once per process.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let isa = Self::ALL
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Portable);
+            tracing::info!(kernels = ?isa, "int8 matmul kernels");
+            isa
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::AvxVnni => "avx-vnni",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
 /// One token's quantized activations.
 #[derive(Clone, Copy)]
 pub struct ActRow<'a> {
@@ -135,6 +186,19 @@ pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f3
 /// `x` times several matrices of one width side by side (layouts may differ: a Q4_K_M file
 /// stores Q as Q4_K and V as Q6_K), the activations quantized once for all of them.
 pub fn matmul_parts(parts: &[Unpacked], x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
+    matmul_parts_on(Isa::best(), parts, x, rows, pool)
+}
+
+/// [`matmul_parts`] with the kernels of `isa` (tests run each; one the CPU lacks is
+/// replaced by the portable code).
+pub fn matmul_parts_on(
+    isa: Isa,
+    parts: &[Unpacked],
+    x: &[f32],
+    rows: usize,
+    pool: &ThreadPool,
+) -> Vec<f32> {
+    let isa = if isa.available() { isa } else { Isa::Portable };
     let k = parts[0].cols();
     let n: usize = parts.iter().map(Unpacked::rows).sum();
     let acts = Q8Acts::quantize(x, rows, k);
@@ -149,7 +213,6 @@ pub fn matmul_parts(parts: &[Unpacked], x: &[f32], rows: usize, pool: &ThreadPoo
     } else {
         (n / (threads * 4)).max(16).next_multiple_of(8).min(n)
     };
-    let simd = simd_available();
     let task = |chunk: usize| {
         let start = chunk * run;
         let end = (start + run).min(n);
@@ -159,7 +222,7 @@ pub fn matmul_parts(parts: &[Unpacked], x: &[f32], rows: usize, pool: &ThreadPoo
             let (lo, hi) = (start.max(first), end.min(first + w.rows()));
             if lo < hi {
                 // SAFETY: tasks write disjoint columns `lo..hi` of `out`, which outlives them.
-                unsafe { product_rows(w, &acts, lo - first..hi - first, first, out_ptr, n, simd) };
+                unsafe { product_rows(w, &acts, lo - first..hi - first, first, out_ptr, n, isa) };
             }
             first += w.rows();
         }
@@ -182,7 +245,7 @@ unsafe impl Sync for OutPtr {}
 ///
 /// # Safety
 /// `out` must point to `acts.rows × n` floats, and no other thread may write those columns;
-/// `simd` only where [`simd_available`] said so.
+/// `isa` only where [`Isa::available`] said so.
 unsafe fn product_rows(
     w: &Unpacked,
     acts: &Q8Acts,
@@ -190,7 +253,7 @@ unsafe fn product_rows(
     column: usize,
     out: OutPtr,
     n: usize,
-    simd: bool,
+    isa: Isa,
 ) {
     let mut t = 0;
     while t < acts.rows {
@@ -198,7 +261,7 @@ unsafe fn product_rows(
         let a: [ActRow<'_>; 4] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
         for r in rows_range.clone() {
             let mut sums = [0.0f32; 4];
-            dot_rows(w, r, &a, group, &mut sums, simd);
+            dot_rows(w, r, &a, group, &mut sums, isa);
             for (i, s) in sums.iter().take(group).enumerate() {
                 *out.0.add((t + i) * n + column + r) = *s;
             }
@@ -210,23 +273,26 @@ unsafe fn product_rows(
 /// Dots of weight row `r` with the first `group` activation rows of `a`.
 ///
 /// # Safety
-/// `simd` only where [`simd_available`] said so.
+/// `isa` only where [`Isa::available`] said so.
 unsafe fn dot_rows(
     w: &Unpacked,
     r: usize,
     a: &[ActRow<'_>; 4],
     group: usize,
     sums: &mut [f32; 4],
-    simd: bool,
+    isa: Isa,
 ) {
     match w {
         Unpacked::Q4(m) => {
             let (qs, scale, min) = q4_row(m, r);
+            // SAFETY (each arm): the CPU has the features (caller's contract); the slices
+            // are one row's.
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has the features (caller's contract); slices are one row's.
-                super::avx2::q4_dots(qs, scale, min, a, group, sums);
-                return;
+            match isa {
+                Isa::Avx512Vnni => return super::avx512::q4_dots(qs, scale, min, a, group, sums),
+                Isa::AvxVnni => return super::avx2::q4_dots_vnni(qs, scale, min, a, group, sums),
+                Isa::Avx2 => return super::avx2::q4_dots(qs, scale, min, a, group, sums),
+                Isa::Portable => {}
             }
             for i in 0..group {
                 sums[i] = q4_dot_portable(qs, scale, min, a[i]);
@@ -235,15 +301,26 @@ unsafe fn dot_rows(
         Unpacked::Q8(m) => {
             let (qs, scale) = q8_row(m, r);
             #[cfg(target_arch = "x86_64")]
-            let done = if simd {
-                // SAFETY: as above.
-                super::avx2::q8_dots(qs, scale, a, group, sums);
-                true
-            } else {
-                false
+            let done = match isa {
+                Isa::Avx512Vnni => {
+                    super::avx512::q8_dots(qs, scale, a, group, sums);
+                    true
+                }
+                Isa::AvxVnni => {
+                    super::avx2::q8_dots_vnni(qs, scale, a, group, sums);
+                    true
+                }
+                Isa::Avx2 => {
+                    super::avx2::q8_dots(qs, scale, a, group, sums);
+                    true
+                }
+                Isa::Portable => false,
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let done = false;
+            let done = {
+                let _ = isa;
+                false
+            };
             if !done {
                 for i in 0..group {
                     sums[i] = q8_dot_portable(qs, scale, a[i]);

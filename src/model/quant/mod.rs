@@ -1,6 +1,7 @@
 //! Our own CPU kernels for quantized weights: matrix × activations where the weights are
 //! 4- or 8-bit blocks and the activations are quantized to 8 bits on the fly, as llama.cpp
-//! does, with AVX2/FMA paths and a portable fallback.
+//! does, with AVX-512 VNNI, AVX-VNNI and AVX2/FMA paths (the best this CPU has, detected
+//! once at run time) and a portable fallback.
 //!
 //! GGML's formats are decoded once at load time ([`unpack`]) into two layouts that the
 //! kernels read without branching on the format:
@@ -14,6 +15,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod kernels;
 pub mod unpack;
 
@@ -27,7 +30,7 @@ use rayon::ThreadPool;
 use thiserror::Error;
 
 pub(crate) use kernels::simd_available;
-pub use kernels::{matmul, matmul_parts, Q8Acts};
+pub use kernels::{matmul, matmul_parts, matmul_parts_on, Isa, Q8Acts};
 pub use unpack::Unpacked;
 
 #[derive(Debug, Error)]

@@ -125,7 +125,7 @@ fn products_stay_within_the_activation_rounding_bound() {
 }
 
 #[test]
-fn simd_and_portable_agree() {
+fn activation_quantization_simd_matches_portable() {
     let k = 768;
     let x = random(4 * k, 9);
     let acts = Q8Acts::quantize(&x, 4, k);
@@ -140,31 +140,56 @@ fn simd_and_portable_agree() {
             "block {b}"
         );
     }
-    for dtype in FORMATS {
-        let (w, _) = quantized(dtype, 6, k, 4);
-        let simd = matmul(&w, &x, 4, &pool(1));
-        for t in 0..4 {
-            let row = super::kernels::ActRow {
-                qs: &acts.qs[t * k..(t + 1) * k],
-                d: &acts.d[t * k / 32..(t + 1) * k / 32],
-                dsum: &acts.dsum[t * k / 32..(t + 1) * k / 32],
-            };
-            for r in 0..6 {
-                let portable = match &w {
-                    Unpacked::Q4(m) => {
-                        let (qs, s, mn) = q4_row(m, r);
-                        q4_dot_portable(qs, s, mn, row)
+}
+
+/// Every kernel instruction set this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2) against the
+/// portable dot products, for every format, at widths that leave every kind of tail (fewer
+/// than eight blocks after the 512-bit runs, a lone block, a K super-block) and token counts
+/// that leave partial groups of four. A CPU without AVX-512 checks the others and says so.
+#[test]
+fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
+    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
+    if !Isa::Avx512Vnni.available() {
+        eprintln!("this CPU has no AVX-512 VNNI: its kernels were not checked here");
+    }
+    let n = 7;
+    for k in [256, 512, 768, 32, 224, 288, 544] {
+        for dtype in FORMATS {
+            if k % 256 != 0 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K)
+            {
+                continue; // the K formats come in 256-element super-blocks
+            }
+            let (w, _) = quantized(dtype, n, k, k as u64);
+            for tokens in 1..=5 {
+                let x = random(tokens * k, 11 + tokens as u64);
+                let acts = Q8Acts::quantize(&x, tokens, k);
+                for &isa in &isas {
+                    let got = matmul_parts_on(isa, std::slice::from_ref(&w), &x, tokens, &pool(1));
+                    for t in 0..tokens {
+                        let row = super::kernels::ActRow {
+                            qs: &acts.qs[t * k..(t + 1) * k],
+                            d: &acts.d[t * k / 32..(t + 1) * k / 32],
+                            dsum: &acts.dsum[t * k / 32..(t + 1) * k / 32],
+                        };
+                        for r in 0..n {
+                            let portable = match &w {
+                                Unpacked::Q4(m) => {
+                                    let (qs, s, mn) = q4_row(m, r);
+                                    q4_dot_portable(qs, s, mn, row)
+                                }
+                                Unpacked::Q8(m) => {
+                                    let (qs, s) = q8_row(m, r);
+                                    q8_dot_portable(qs, s, row) + min_term(q8_row_min(m, r), row)
+                                }
+                            };
+                            let v = got[t * n + r];
+                            assert!(
+                                (v - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+                                "{isa:?} {dtype:?} k {k} tokens {tokens} token {t} row {r}: {v} vs portable {portable}"
+                            );
+                        }
                     }
-                    Unpacked::Q8(m) => {
-                        let (qs, s) = q8_row(m, r);
-                        q8_dot_portable(qs, s, row) + min_term(q8_row_min(m, r), row)
-                    }
-                };
-                let got = simd[t * 6 + r];
-                assert!(
-                    (got - portable).abs() <= 1e-4 * portable.abs().max(1.0),
-                    "{dtype:?} token {t} row {r}: simd {got}, portable {portable}"
-                );
+                }
             }
         }
     }

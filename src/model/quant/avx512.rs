@@ -1,0 +1,233 @@
+//! AVX-512 VNNI versions of the dot products: two 32-element blocks fill one zmm register, and
+//! one `vpdpbusd` multiplies their 64 unsigned weight bytes by 64 signed activation bytes and
+//! sums each four into a 32-bit lane (no 16-bit saturation step, unlike `vpmaddubsw`). A
+//! permute broadcasts each block's combined scale to its eight lanes for one FMA. Runs of
+//! fewer than eight blocks (the end of a row) go to the AVX2 kernel.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::avx2;
+use super::kernels::ActRow;
+
+/// Whether this CPU runs these kernels (and the 256-bit ones they hand tails to).
+pub fn available() -> bool {
+    avx2::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Lanes 0..8 take element `2j` of a vector of block scales, lanes 8..16 element `2j + 1`.
+#[inline(always)]
+unsafe fn pair_index(j: i32) -> __m512i {
+    let (a, b) = (2 * j, 2 * j + 1);
+    _mm512_setr_epi32(a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b)
+}
+
+/// Lanes `4i..4i + 4` take element `4j + i` of a vector of 16-element group scales.
+#[inline(always)]
+unsafe fn quad_index(j: i32) -> __m512i {
+    let g = 4 * j;
+    _mm512_setr_epi32(
+        g,
+        g,
+        g,
+        g,
+        g + 1,
+        g + 1,
+        g + 1,
+        g + 1,
+        g + 2,
+        g + 2,
+        g + 2,
+        g + 2,
+        g + 3,
+        g + 3,
+        g + 3,
+        g + 3,
+    )
+}
+
+/// The activation rows from block `c` on.
+fn rows_from<'a>(a: &[ActRow<'a>; 4], c: usize) -> [ActRow<'a>; 4] {
+    std::array::from_fn(|g| ActRow {
+        qs: a[g].qs.get(c * 32..).unwrap_or(&[]),
+        d: a[g].d.get(c..).unwrap_or(&[]),
+        dsum: a[g].dsum.get(c..).unwrap_or(&[]),
+    })
+}
+
+/// Dots of one [`super::Q4Matrix`] row with `group` (1..=4) activation rows.
+///
+/// # Safety
+/// The CPU must have what [`available`] checks; the slices must come from one row and
+/// matching acts.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4_dots(
+    qs: &[u8],
+    scale: &[f16],
+    min: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
+    match group {
+        1 => q4_dots_n::<1>(qs, scale, min, a, sums),
+        2 => q4_dots_n::<2>(qs, scale, min, a, sums),
+        3 => q4_dots_n::<3>(qs, scale, min, a, sums),
+        _ => q4_dots_n::<4>(qs, scale, min, a, sums),
+    }
+}
+
+#[inline(always)]
+unsafe fn q4_dots_n<const G: usize>(
+    qs: &[u8],
+    scale: &[f16],
+    min: &[f16],
+    a: &[ActRow<'_>; 4],
+    sums: &mut [f32; 4],
+) {
+    let nb = scale.len();
+    assert!(
+        qs.len() >= nb * 16
+            && min.len() >= nb
+            && a.iter().take(G).all(|r| r.qs.len() >= nb * 32
+                && r.d.len() >= nb
+                && r.dsum.len() >= nb)
+    );
+    let low = _mm512_set1_epi8(0x0F);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut min_acc = [_mm256_setzero_ps(); G];
+    let mut c = 0;
+    while c + 8 <= nb {
+        let ws = _mm256_cvtph_ps(_mm_loadu_si128(scale.as_ptr().add(c) as *const __m128i));
+        let wm = _mm256_cvtph_ps(_mm_loadu_si128(min.as_ptr().add(c) as *const __m128i));
+        let mut comb = [_mm512_setzero_ps(); G];
+        for g in 0..G {
+            let d = _mm256_loadu_ps(a[g].d.as_ptr().add(c));
+            comb[g] = _mm512_castps256_ps512(_mm256_mul_ps(ws, d));
+            let dsum = _mm256_loadu_ps(a[g].dsum.as_ptr().add(c));
+            min_acc[g] = _mm256_fmadd_ps(wm, dsum, min_acc[g]);
+        }
+        for j in 0..4 {
+            let b = c + 2 * j;
+            // Blocks b and b+1 (16 packed bytes each) → 128-bit lanes: b's low nibbles
+            // (elements 0..16), b's high nibbles (16..32), then the same for b+1.
+            let raw = _mm512_zextsi256_si512(_mm256_loadu_si256(
+                qs.as_ptr().add(b * 16) as *const __m256i
+            ));
+            let spread = _mm512_shuffle_i64x2::<0x50>(raw, raw);
+            let w = _mm512_and_si512(
+                _mm512_mask_blend_epi64(0xCC, spread, _mm512_srli_epi16::<4>(spread)),
+                low,
+            );
+            let idx = pair_index(j as i32);
+            for g in 0..G {
+                let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(b * 32) as *const __m512i);
+                let dot = _mm512_dpbusd_epi32(zero, w, x);
+                let s = _mm512_permutexvar_ps(idx, comb[g]);
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[g]);
+            }
+        }
+        c += 8;
+    }
+    let mut tail = [0.0f32; 4];
+    if c < nb {
+        avx2::q4_dots_with::<avx2::Maddubs>(
+            &qs[c * 16..],
+            &scale[c..],
+            &min[c..],
+            &rows_from(a, c),
+            G,
+            &mut tail,
+        );
+    }
+    for g in 0..G {
+        sums[g] = _mm512_reduce_add_ps(acc[g]) + avx2::hsum(min_acc[g]) + tail[g];
+    }
+}
+
+/// Dots of one [`super::Q8Matrix`] row with `group` (1..=4) activation rows.
+///
+/// # Safety
+/// As [`q4_dots`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q8_dots(
+    qs: &[i8],
+    scale: &[f16],
+    a: &[ActRow<'_>; 4],
+    group: usize,
+    sums: &mut [f32; 4],
+) {
+    match group {
+        1 => q8_dots_n::<1>(qs, scale, a, sums),
+        2 => q8_dots_n::<2>(qs, scale, a, sums),
+        3 => q8_dots_n::<3>(qs, scale, a, sums),
+        _ => q8_dots_n::<4>(qs, scale, a, sums),
+    }
+}
+
+#[inline(always)]
+unsafe fn q8_dots_n<const G: usize>(
+    qs: &[i8],
+    scale: &[f16],
+    a: &[ActRow<'_>; 4],
+    sums: &mut [f32; 4],
+) {
+    let nb = scale.len() / 2;
+    assert!(
+        qs.len() >= nb * 32
+            && a
+                .iter()
+                .take(G)
+                .all(|r| r.qs.len() >= nb * 32 && r.d.len() >= nb)
+    );
+    let zero = _mm512_setzero_si512();
+    // Each block's activation scale twice, once for each of its two 16-element groups.
+    let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let mut acc = [_mm512_setzero_ps(); G];
+    let mut c = 0;
+    while c + 8 <= nb {
+        let ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+            scale.as_ptr().add(2 * c) as *const __m256i
+        ));
+        let mut comb = [_mm512_setzero_ps(); G];
+        for g in 0..G {
+            let d = _mm512_castps256_ps512(_mm256_loadu_ps(a[g].d.as_ptr().add(c)));
+            comb[g] = _mm512_mul_ps(ws, _mm512_permutexvar_ps(pairs, d));
+        }
+        for j in 0..4 {
+            let b = c + 2 * j;
+            let w = _mm512_loadu_si512(qs.as_ptr().add(b * 32) as *const __m512i);
+            // vpdpbusd wants unsigned weights: |w| against x negated where w is negative
+            // (|x| ≤ 127, so the negation never overflows).
+            let wabs = _mm512_abs_epi8(w);
+            let negative = _mm512_movepi8_mask(w);
+            let idx = quad_index(j as i32);
+            for g in 0..G {
+                let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(b * 32) as *const __m512i);
+                let xs = _mm512_mask_sub_epi8(x, negative, zero, x);
+                let dot = _mm512_dpbusd_epi32(zero, wabs, xs);
+                let s = _mm512_permutexvar_ps(idx, comb[g]);
+                acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[g]);
+            }
+        }
+        c += 8;
+    }
+    let mut tail = [0.0f32; 4];
+    if c < nb {
+        avx2::q8_dots_with::<avx2::Maddubs>(
+            &qs[c * 32..],
+            &scale[2 * c..],
+            &rows_from(a, c),
+            G,
+            &mut tail,
+        );
+    }
+    for g in 0..G {
+        sums[g] = _mm512_reduce_add_ps(acc[g]) + tail[g];
+    }
+}
