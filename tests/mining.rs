@@ -7,8 +7,7 @@ use idlerig::mining::cpu::scan;
 use idlerig::mining::job::{hex_array, Job};
 use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d};
 use idlerig::mining::{
-    ScanPath,
-    target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, WorkSource, U256,
+    target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, ScanPath, WorkSource, U256,
 };
 use proptest::prelude::*;
 
@@ -60,7 +59,12 @@ fn both_scanners_find_the_genesis_nonce() {
     // Every SHA-256d path this CPU has (SHA-NI, AVX-512, AVX2, portable) finds it.
     for path in ScanPath::on_this_cpu() {
         let fast = scan(&work, start, end, path, &|| false);
-        assert_eq!(fast.candidates, vec![GENESIS_NONCE as u32], "{}", path.name());
+        assert_eq!(
+            fast.candidates,
+            vec![GENESIS_NONCE as u32],
+            "{}",
+            path.name()
+        );
     }
     let share = work
         .check(GENESIS_NONCE as u32)

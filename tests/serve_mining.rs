@@ -80,7 +80,10 @@ async fn mines_while_idle_stops_while_serving_and_resumes(miner_args: &[&str], b
     let kernel = &s["mining"]["kernel"];
     if backend == "cpu" {
         let names = ["sha-ni", "avx512", "avx2", "portable"];
-        assert!(names.contains(&kernel["name"].as_str().unwrap_or("")), "{kernel}");
+        assert!(
+            names.contains(&kernel["name"].as_str().unwrap_or("")),
+            "{kernel}"
+        );
         assert_eq!(kernel["chosen_by"], "measured", "{kernel}");
         let rates = kernel["rates_mhs"].as_array().expect("rates");
         assert!(rates.iter().any(|r| r[0] == kernel["name"]), "{kernel}");

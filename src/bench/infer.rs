@@ -138,7 +138,8 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     let rss_before = proc_status_mb("VmRSS");
     let mut reference = if args.compare_llama_cpp {
         let (path, threads) = (args.model.model_path(), threads);
-        let mut r = tokio::task::block_in_place(|| LlamaCppRef::start(&args.scripts_dir, &path, threads))?;
+        let mut r =
+            tokio::task::block_in_place(|| LlamaCppRef::start(&args.scripts_dir, &path, threads))?;
         let warm = synthetic_prompt(args.prompt_tokens, u64::MAX);
         tokio::task::block_in_place(|| r.run(&warm, 4))?;
         Some(r)
@@ -197,7 +198,9 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         let theirs = Speeds::of(&ref_timings, args.prompt_tokens);
         out["reference"] =
             json!("llama.cpp (llama-cpp-python 0.3.36), batch 1, same prompts, interleaved");
-        out["reference_build"] = reference.as_ref().map_or(json!(null), |r| r.build().clone());
+        out["reference_build"] = reference
+            .as_ref()
+            .map_or(json!(null), |r| r.build().clone());
         out["ref_prefill_tok_s"] = json!(round2(theirs.prefill));
         out["ref_decode_tok_s"] = json!(round2(theirs.decode));
         out["prefill_ratio"] = json!(round2(ours.prefill / theirs.prefill));

@@ -37,7 +37,11 @@ impl LlamaCppRef {
             .output()
             .map_err(|e| format!("running {}: {e}", setup_path.display()))?;
         if !setup.status.success() {
-            return Err(format!("{} failed ({})", setup_path.display(), setup.status));
+            return Err(format!(
+                "{} failed ({})",
+                setup_path.display(),
+                setup.status
+            ));
         }
         let python = String::from_utf8_lossy(&setup.stdout).trim().to_string();
         let mut child = Command::new(&python)
@@ -63,7 +67,10 @@ impl LlamaCppRef {
         if ready.get("ready") != Some(&json!(true)) {
             return Err(format!("llama.cpp reference did not start: {ready}"));
         }
-        reference.build = ready.get("build").cloned().unwrap_or(serde_json::Value::Null);
+        reference.build = ready
+            .get("build")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
         Ok(reference)
     }
 

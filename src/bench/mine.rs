@@ -13,8 +13,8 @@ use crate::config::BenchMineArgs;
 use crate::mining::job::Job;
 use crate::mining::sha256::IV;
 use crate::mining::{
-    target_for_difficulty, CpuMiner, CpuMinerConfig, KernelChoice, Miner, PreemptFlag,
-    ScanPath, WorkSource,
+    target_for_difficulty, CpuMiner, CpuMinerConfig, KernelChoice, Miner, PreemptFlag, ScanPath,
+    WorkSource,
 };
 
 fn mainnet_job() -> Job {
@@ -282,6 +282,9 @@ mod tests {
         assert_eq!(parse_cpuminer_rate(log), Some(24.77e6));
         let short = "[..] Total: 812.5 kH/s, Temp: 40C\n[..] Benchmark: 815.1 kH/s\n";
         assert_eq!(parse_cpuminer_rate(short), Some(815.1e3));
-        assert_eq!(parse_cpuminer_rate("[..] Stratum connection failed\n"), None);
+        assert_eq!(
+            parse_cpuminer_rate("[..] Stratum connection failed\n"),
+            None
+        );
     }
 }

@@ -171,10 +171,15 @@ pub struct ModelArgs {
     /// device).
     #[arg(long, env = "IDLERIG_KV_LAYOUT", value_enum, default_value_t = KvLayout::Auto)]
     pub kv_layout: KvLayout,
-    /// CPU kernels for quantized weights: idlerig's own (AVX2 where the CPU has it), or
-    /// candle's (for comparison).
+    /// CPU kernels for quantized weights: idlerig's own (AVX-512 VNNI, AVX-VNNI or AVX2, as
+    /// the CPU has them), or candle's (for comparison).
     #[arg(long, env = "IDLERIG_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Idlerig)]
     pub cpu_kernels: CpuKernels,
+    /// Instruction set of idlerig's int8 kernels (default: the best this CPU has, detected at
+    /// start-up: avx512-vnni, then avx-vnni, then avx2, then portable). For comparisons; a
+    /// set the CPU lacks is refused in the log and the detected one is used.
+    #[arg(long, env = "IDLERIG_CPU_ISA", value_enum)]
+    pub cpu_isa: Option<crate::model::quant::Isa>,
 }
 
 /// How the KV cache is laid out.

@@ -8,9 +8,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::miner::KernelChoice;
 use super::miner::Miner;
 use super::preempt::{monotonic_ns, PreemptFlag};
-use super::miner::KernelChoice;
 use super::scan_path::{choose, PathChoice, ScanPath};
 use super::sha256::{header_tail, ScanOutcome};
 use super::share_channel::ShareSender;

@@ -83,6 +83,8 @@ pub async fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunningServer, ServerError> {
+    // The int8 kernels' instruction set is one per process: fixed here, before any load.
+    crate::model::quant::Isa::choose(args.model.cpu_isa);
     // Every chat model's file is found and its header read before anything starts.
     let mut chat = Vec::new();
     for (name, path) in args.model.models() {

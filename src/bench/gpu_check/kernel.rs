@@ -260,8 +260,14 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
             .flat_map_iter(|i| {
                 let a = i << 16;
                 let b = (a + (1 << 16)).min(sizes.preempt_unit);
-                crate::mining::cpu::scan(&work, a, b, crate::mining::ScanPath::on_this_cpu()[0], &|| false)
-                    .candidates
+                crate::mining::cpu::scan(
+                    &work,
+                    a,
+                    b,
+                    crate::mining::ScanPath::on_this_cpu()[0],
+                    &|| false,
+                )
+                .candidates
             })
             .filter(|&n| work.check(n).is_some())
             .collect();

@@ -50,6 +50,27 @@ unsafe fn quad_index(j: i32) -> __m512i {
     )
 }
 
+/// Blocks `b` and `b + 1` of a [`super::Q4Matrix`] row (16 packed bytes each, at `p`) as 64
+/// weight bytes: b's low nibbles (elements 0..16), b's high nibbles (16..32), then b+1's.
+#[inline(always)]
+unsafe fn q4_pair(p: *const u8) -> __m512i {
+    let raw = _mm512_zextsi256_si512(_mm256_loadu_si256(p as *const __m256i));
+    let spread = _mm512_shuffle_i64x2::<0x50>(raw, raw);
+    _mm512_and_si512(
+        _mm512_mask_blend_epi64(0xCC, spread, _mm512_srli_epi16::<4>(spread)),
+        _mm512_set1_epi8(0x0F),
+    )
+}
+
+/// Blocks `b` and `b + 1` of a [`super::Q8Matrix`] row (at `p`): the signed weights, their
+/// magnitudes, and where they are negative. `vpdpbusd` wants unsigned weights, so the kernels
+/// multiply |w| by x negated where w is negative (|x| ≤ 127: the negation never overflows).
+#[inline(always)]
+unsafe fn q8_pair(p: *const i8) -> (__m512i, __m512i, __mmask64) {
+    let w = _mm512_loadu_si512(p as *const __m512i);
+    (w, _mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+}
+
 /// The activation rows from block `c` on.
 fn rows_from<'a>(a: &[ActRow<'a>; 4], c: usize) -> [ActRow<'a>; 4] {
     std::array::from_fn(|g| ActRow {
@@ -93,11 +114,10 @@ unsafe fn q4_dots_n<const G: usize>(
     assert!(
         qs.len() >= nb * 16
             && min.len() >= nb
-            && a.iter().take(G).all(|r| r.qs.len() >= nb * 32
-                && r.d.len() >= nb
-                && r.dsum.len() >= nb)
+            && a.iter()
+                .take(G)
+                .all(|r| r.qs.len() >= nb * 32 && r.d.len() >= nb && r.dsum.len() >= nb)
     );
-    let low = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     let mut acc = [_mm512_setzero_ps(); G];
     let mut min_acc = [_mm256_setzero_ps(); G];
@@ -114,16 +134,7 @@ unsafe fn q4_dots_n<const G: usize>(
         }
         for j in 0..4 {
             let b = c + 2 * j;
-            // Blocks b and b+1 (16 packed bytes each) → 128-bit lanes: b's low nibbles
-            // (elements 0..16), b's high nibbles (16..32), then the same for b+1.
-            let raw = _mm512_zextsi256_si512(_mm256_loadu_si256(
-                qs.as_ptr().add(b * 16) as *const __m256i
-            ));
-            let spread = _mm512_shuffle_i64x2::<0x50>(raw, raw);
-            let w = _mm512_and_si512(
-                _mm512_mask_blend_epi64(0xCC, spread, _mm512_srli_epi16::<4>(spread)),
-                low,
-            );
+            let w = q4_pair(qs.as_ptr().add(b * 16));
             let idx = pair_index(j as i32);
             for g in 0..G {
                 let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(b * 32) as *const __m512i);
@@ -134,16 +145,39 @@ unsafe fn q4_dots_n<const G: usize>(
         }
         c += 8;
     }
+    // Pairs left (a row of 18 blocks, k = 576, has one after two runs of eight): scales
+    // one pair at a time.
     let mut tail = [0.0f32; 4];
+    while c + 2 <= nb {
+        let w = q4_pair(qs.as_ptr().add(c * 16));
+        let (s0, s1) = (scale[c].to_f32(), scale[c + 1].to_f32());
+        let (m0, m1) = (min[c].to_f32(), min[c + 1].to_f32());
+        for g in 0..G {
+            let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(c * 32) as *const __m512i);
+            let dot = _mm512_dpbusd_epi32(zero, w, x);
+            let s = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(s0 * a[g].d[c]),
+                _mm512_set1_ps(s1 * a[g].d[c + 1]),
+            );
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[g]);
+            tail[g] += m0 * a[g].dsum[c] + m1 * a[g].dsum[c + 1];
+        }
+        c += 2;
+    }
     if c < nb {
+        let mut last = [0.0f32; 4];
         avx2::q4_dots_with::<avx2::Maddubs>(
             &qs[c * 16..],
             &scale[c..],
             &min[c..],
             &rows_from(a, c),
             G,
-            &mut tail,
+            &mut last,
         );
+        for g in 0..G {
+            tail[g] += last[g];
+        }
     }
     for g in 0..G {
         sums[g] = _mm512_reduce_add_ps(acc[g]) + avx2::hsum(min_acc[g]) + tail[g];
@@ -180,8 +214,7 @@ unsafe fn q8_dots_n<const G: usize>(
     let nb = scale.len() / 2;
     assert!(
         qs.len() >= nb * 32
-            && a
-                .iter()
+            && a.iter()
                 .take(G)
                 .all(|r| r.qs.len() >= nb * 32 && r.d.len() >= nb)
     );
@@ -201,11 +234,7 @@ unsafe fn q8_dots_n<const G: usize>(
         }
         for j in 0..4 {
             let b = c + 2 * j;
-            let w = _mm512_loadu_si512(qs.as_ptr().add(b * 32) as *const __m512i);
-            // vpdpbusd wants unsigned weights: |w| against x negated where w is negative
-            // (|x| ≤ 127, so the negation never overflows).
-            let wabs = _mm512_abs_epi8(w);
-            let negative = _mm512_movepi8_mask(w);
+            let (_, wabs, negative) = q8_pair(qs.as_ptr().add(b * 32));
             let idx = quad_index(j as i32);
             for g in 0..G {
                 let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(b * 32) as *const __m512i);
@@ -216,6 +245,21 @@ unsafe fn q8_dots_n<const G: usize>(
             }
         }
         c += 8;
+    }
+    // Pairs left, one at a time: their four group scales spread to four lanes each.
+    while c + 2 <= nb {
+        let (_, wabs, negative) = q8_pair(qs.as_ptr().add(c * 32));
+        let ws = _mm_cvtph_ps(_mm_loadl_epi64(scale.as_ptr().add(2 * c) as *const __m128i));
+        for g in 0..G {
+            let (d0, d1) = (a[g].d[c], a[g].d[c + 1]);
+            let comb = _mm_mul_ps(ws, _mm_setr_ps(d0, d0, d1, d1));
+            let s = _mm512_permutexvar_ps(quad_index(0), _mm512_castps128_ps512(comb));
+            let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(c * 32) as *const __m512i);
+            let xs = _mm512_mask_sub_epi8(x, negative, zero, x);
+            let dot = _mm512_dpbusd_epi32(zero, wabs, xs);
+            acc[g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[g]);
+        }
+        c += 2;
     }
     let mut tail = [0.0f32; 4];
     if c < nb {

@@ -75,7 +75,7 @@ pub(crate) fn simd_available() -> bool {
 
 /// The instruction set the dot products use: the best this CPU has, found once. Each is
 /// checked against the portable code by the tests, on whichever of them the CPU runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Isa {
     /// 512-bit `vpdpbusd`: two blocks a register.
     Avx512Vnni,
@@ -101,17 +101,44 @@ impl Isa {
         return self == Isa::Portable;
     }
 
-    /// The first available of [`Self::ALL`], detected once per process.
+    /// The set the kernels run with: fixed by [`Self::choose`], or on first use the first
+    /// available of [`Self::ALL`].
     pub fn best() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            let isa = Self::ALL
+        Self::choose(None)
+    }
+
+    /// Fixes the process's set: `forced` where the CPU has it, else the best it has. Only the
+    /// first call decides; a later, different request is logged and ignored.
+    pub fn choose(forced: Option<Isa>) -> Isa {
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        let chosen = *CHOSEN.get_or_init(|| {
+            let best = Self::ALL
                 .into_iter()
                 .find(|i| i.available())
                 .unwrap_or(Isa::Portable);
-            tracing::info!(kernels = ?isa, "int8 matmul kernels");
+            let isa = match forced {
+                Some(f) if f.available() => f,
+                Some(f) => {
+                    tracing::warn!(
+                        asked = f.name(),
+                        using = best.name(),
+                        "this CPU lacks the instructions of --cpu-isa"
+                    );
+                    best
+                }
+                None => best,
+            };
+            tracing::info!(kernels = isa.name(), "int8 matmul kernels");
             isa
-        })
+        });
+        if forced.is_some_and(|f| f != chosen && f.available()) {
+            tracing::warn!(
+                asked = ?forced,
+                using = chosen.name(),
+                "the int8 kernels were already fixed for this process"
+            );
+        }
+        chosen
     }
 
     pub fn name(self) -> &'static str {

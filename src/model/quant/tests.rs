@@ -153,10 +153,9 @@ fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
         eprintln!("this CPU has no AVX-512 VNNI: its kernels were not checked here");
     }
     let n = 7;
-    for k in [256, 512, 768, 32, 224, 288, 544] {
+    for k in [256, 512, 768, 32, 224, 288, 544, 576] {
         for dtype in FORMATS {
-            if k % 256 != 0 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K)
-            {
+            if k % 256 != 0 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K) {
                 continue; // the K formats come in 256-element super-blocks
             }
             let (w, _) = quantized(dtype, n, k, k as u64);
