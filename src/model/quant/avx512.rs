@@ -275,3 +275,128 @@ unsafe fn q8_dots_n<const G: usize>(
         sums[g] = _mm512_reduce_add_ps(acc[g]) + tail[g];
     }
 }
+
+/// One token against four [`super::Q4Matrix`] rows (decode): the activation bytes are loaded
+/// once for the four, and four independent accumulators keep the FMA latency hidden, where
+/// one row at a time waits on its single accumulator chain.
+///
+/// # Safety
+/// As [`q4_dots`]; every row must have the same even number of blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q4_rows4(rows: [(&[u8], &[f16], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    let nb = rows[0].1.len();
+    assert!(
+        nb % 2 == 0
+            && a.qs.len() >= nb * 32
+            && a.d.len() >= nb
+            && a.dsum.len() >= nb
+            && rows
+                .iter()
+                .all(|(q, s, m)| q.len() >= nb * 16 && s.len() >= nb && m.len() >= nb)
+    );
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut min_acc = [_mm256_setzero_ps(); 4];
+    let runs = nb / 8 * 8;
+    for c in (0..runs).step_by(8) {
+        let d = _mm256_loadu_ps(a.d.as_ptr().add(c));
+        let dsum = _mm256_loadu_ps(a.dsum.as_ptr().add(c));
+        let mut comb = [_mm512_setzero_ps(); 4];
+        for (i, (_, scale, min)) in rows.iter().enumerate() {
+            let ws = _mm256_cvtph_ps(_mm_loadu_si128(scale.as_ptr().add(c) as *const __m128i));
+            let wm = _mm256_cvtph_ps(_mm_loadu_si128(min.as_ptr().add(c) as *const __m128i));
+            comb[i] = _mm512_castps256_ps512(_mm256_mul_ps(ws, d));
+            min_acc[i] = _mm256_fmadd_ps(wm, dsum, min_acc[i]);
+        }
+        for j in 0..4 {
+            let b = c + 2 * j;
+            let x = _mm512_loadu_si512(a.qs.as_ptr().add(b * 32) as *const __m512i);
+            let idx = pair_index(j as i32);
+            for (i, (qs, _, _)) in rows.iter().enumerate() {
+                let dot = _mm512_dpbusd_epi32(zero, q4_pair(qs.as_ptr().add(b * 16)), x);
+                let s = _mm512_permutexvar_ps(idx, comb[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+            }
+        }
+    }
+    let mut tail = [0.0f32; 4];
+    for c in (runs..nb).step_by(2) {
+        let x = _mm512_loadu_si512(a.qs.as_ptr().add(c * 32) as *const __m512i);
+        let (d0, d1) = (a.d[c], a.d[c + 1]);
+        for (i, (qs, scale, min)) in rows.iter().enumerate() {
+            let dot = _mm512_dpbusd_epi32(zero, q4_pair(qs.as_ptr().add(c * 16)), x);
+            let s = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(scale[c].to_f32() * d0),
+                _mm512_set1_ps(scale[c + 1].to_f32() * d1),
+            );
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+            tail[i] += min[c].to_f32() * a.dsum[c] + min[c + 1].to_f32() * a.dsum[c + 1];
+        }
+    }
+    for i in 0..4 {
+        out[i] = _mm512_reduce_add_ps(acc[i]) + avx2::hsum(min_acc[i]) + tail[i];
+    }
+}
+
+/// [`q4_rows4`] for [`super::Q8Matrix`] rows (without their optional `min`, which the caller
+/// adds).
+///
+/// # Safety
+/// As [`q4_rows4`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn q8_rows4(rows: [(&[i8], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    let nb = rows[0].1.len() / 2;
+    assert!(
+        nb % 2 == 0
+            && a.qs.len() >= nb * 32
+            && a.d.len() >= nb
+            && rows
+                .iter()
+                .all(|(q, s)| q.len() >= nb * 32 && s.len() >= 2 * nb)
+    );
+    let zero = _mm512_setzero_si512();
+    let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let runs = nb / 8 * 8;
+    for c in (0..runs).step_by(8) {
+        let d = _mm512_castps256_ps512(_mm256_loadu_ps(a.d.as_ptr().add(c)));
+        let dd = _mm512_permutexvar_ps(pairs, d);
+        let mut comb = [_mm512_setzero_ps(); 4];
+        for (i, (_, scale)) in rows.iter().enumerate() {
+            let ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+                scale.as_ptr().add(2 * c) as *const __m256i
+            ));
+            comb[i] = _mm512_mul_ps(ws, dd);
+        }
+        for j in 0..4 {
+            let b = c + 2 * j;
+            let x = _mm512_loadu_si512(a.qs.as_ptr().add(b * 32) as *const __m512i);
+            let idx = quad_index(j as i32);
+            for (i, (qs, _)) in rows.iter().enumerate() {
+                let (_, wabs, negative) = q8_pair(qs.as_ptr().add(b * 32));
+                let xs = _mm512_mask_sub_epi8(x, negative, zero, x);
+                let dot = _mm512_dpbusd_epi32(zero, wabs, xs);
+                let s = _mm512_permutexvar_ps(idx, comb[i]);
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+            }
+        }
+    }
+    for c in (runs..nb).step_by(2) {
+        let x = _mm512_loadu_si512(a.qs.as_ptr().add(c * 32) as *const __m512i);
+        let (d0, d1) = (a.d[c], a.d[c + 1]);
+        let dd = _mm_setr_ps(d0, d0, d1, d1);
+        for (i, (qs, scale)) in rows.iter().enumerate() {
+            let (_, wabs, negative) = q8_pair(qs.as_ptr().add(c * 32));
+            let ws = _mm_cvtph_ps(_mm_loadl_epi64(scale.as_ptr().add(2 * c) as *const __m128i));
+            let comb = _mm512_castps128_ps512(_mm_mul_ps(ws, dd));
+            let s = _mm512_permutexvar_ps(quad_index(0), comb);
+            let xs = _mm512_mask_sub_epi8(x, negative, zero, x);
+            let dot = _mm512_dpbusd_epi32(zero, wabs, xs);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+        }
+    }
+    for i in 0..4 {
+        out[i] = _mm512_reduce_add_ps(acc[i]);
+    }
+}

@@ -282,11 +282,19 @@ unsafe fn product_rows(
     n: usize,
     isa: Isa,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if acts.rows == 1 && isa == Isa::Avx512Vnni {
+        return decode_rows4(w, acts.row(0), rows_range, column, out, isa);
+    }
     let mut t = 0;
     while t < acts.rows {
         let group = (acts.rows - t).min(4);
         let a: [ActRow<'_>; 4] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
         for r in rows_range.clone() {
+            #[cfg(target_arch = "x86_64")]
+            if acts.rows == 1 && (r - rows_range.start) % 4 == 0 {
+                prefetch_rows(w, (r + 8).min(rows_range.end), (r + 12).min(rows_range.end));
+            }
             let mut sums = [0.0f32; 4];
             dot_rows(w, r, &a, group, &mut sums, isa);
             for (i, s) in sums.iter().take(group).enumerate() {
@@ -294,6 +302,86 @@ unsafe fn product_rows(
             }
         }
         t += group;
+    }
+}
+
+/// One token (decode) with the AVX-512 VNNI kernels: weight rows four at a time
+/// ([`super::avx512::q4_rows4`]); rows left over, and rows of an odd number of blocks, by
+/// [`dot_rows`].
+///
+/// # Safety
+/// As [`product_rows`], with `isa` = [`Isa::Avx512Vnni`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn decode_rows4(
+    w: &Unpacked,
+    a: ActRow<'_>,
+    rows_range: std::ops::Range<usize>,
+    column: usize,
+    out: OutPtr,
+    isa: Isa,
+) {
+    use super::avx512::{q4_rows4, q8_rows4};
+    let mut r = rows_range.start;
+    if (w.cols() / 32) % 2 == 0 {
+        while r + 4 <= rows_range.end {
+            // Decode streams every weight once from memory: ask for the rows two quads ahead
+            // while this one computes (the hardware prefetcher alone left the kernel waiting).
+            prefetch_rows(w, (r + 8).min(rows_range.end), (r + 12).min(rows_range.end));
+            let mut sums = [0.0f32; 4];
+            match w {
+                Unpacked::Q4(m) => {
+                    q4_rows4(std::array::from_fn(|i| q4_row(m, r + i)), a, &mut sums)
+                }
+                Unpacked::Q8(m) => {
+                    q8_rows4(std::array::from_fn(|i| q8_row(m, r + i)), a, &mut sums);
+                    if !m.min.is_empty() {
+                        for (i, sum) in sums.iter_mut().enumerate() {
+                            *sum += min_term(q8_row_min(m, r + i), a);
+                        }
+                    }
+                }
+            }
+            for (i, s) in sums.iter().enumerate() {
+                *out.0.add(column + r + i) = *s;
+            }
+            r += 4;
+        }
+    }
+    let single: [ActRow<'_>; 4] = [a; 4];
+    for r in r..rows_range.end {
+        let mut sums = [0.0f32; 4];
+        dot_rows(w, r, &single, 1, &mut sums, isa);
+        *out.0.add(column + r) = sums[0];
+    }
+}
+
+/// Prefetches weight rows `from..to` (their bytes, scales and mins) into the cache.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_rows(w: &Unpacked, from: usize, to: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    fn lines<T>(v: &[T], lo: usize, hi: usize) {
+        let bytes = std::mem::size_of::<T>();
+        let (start, end) = (lo.min(v.len()) * bytes, hi.min(v.len()) * bytes);
+        let base = v.as_ptr() as *const i8;
+        for off in (start..end).step_by(64) {
+            // SAFETY: a prefetch of an address inside `v`; it never faults or writes.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off)) };
+        }
+    }
+    if from >= to {
+        return;
+    }
+    match w {
+        Unpacked::Q4(m) => {
+            let nb = m.k / 32;
+            lines(&m.qs, from * nb * 16, to * nb * 16);
+            lines(&m.scale, from * nb, to * nb);
+            lines(&m.min, from * nb, to * nb);
+        }
+        Unpacked::Q8(m) => {
+            lines(&m.qs, from * m.k, to * m.k);
+            lines(&m.scale, from * m.k / 16, to * m.k / 16);
+        }
     }
 }
 
