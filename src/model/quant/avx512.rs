@@ -71,16 +71,29 @@ unsafe fn q8_pair(p: *const i8) -> (__m512i, __m512i, __mmask64) {
     (w, _mm512_abs_epi8(w), _mm512_movepi8_mask(w))
 }
 
-/// The activation rows from block `c` on.
-fn rows_from<'a>(a: &[ActRow<'a>; 4], c: usize) -> [ActRow<'a>; 4] {
+/// Elements `c` and `c + 1` of `v` as f32, by the F16C instruction (`half`'s conversion
+/// checks the CPU on every call).
+#[inline(always)]
+unsafe fn f16_pair(v: &[f16], c: usize) -> (f32, f32) {
+    let pair = [v[c].to_bits(), v[c + 1].to_bits(), 0, 0, 0, 0, 0, 0];
+    let f = _mm_cvtph_ps(_mm_loadu_si128(pair.as_ptr() as *const __m128i));
+    let mut out = [0.0f32; 4];
+    _mm_storeu_ps(out.as_mut_ptr(), f);
+    (out[0], out[1])
+}
+
+/// Activation rows `first..first + 4` from block `c` on, for the AVX2 kernel (which takes
+/// four at most).
+fn rows_from<'a>(a: &[ActRow<'a>; 8], first: usize, c: usize) -> [ActRow<'a>; 4] {
     std::array::from_fn(|g| ActRow {
-        qs: a[g].qs.get(c * 32..).unwrap_or(&[]),
-        d: a[g].d.get(c..).unwrap_or(&[]),
-        dsum: a[g].dsum.get(c..).unwrap_or(&[]),
+        qs: a[first + g].qs.get(c * 32..).unwrap_or(&[]),
+        d: a[first + g].d.get(c..).unwrap_or(&[]),
+        dsum: a[first + g].dsum.get(c..).unwrap_or(&[]),
     })
 }
 
-/// Dots of one [`super::Q4Matrix`] row with `group` (1..=4) activation rows.
+/// Dots of one [`super::Q4Matrix`] row with `group` (1..=8) activation rows: eight tokens
+/// share each unpacked weight pair and each block's scales (prompts, batched decode).
 ///
 /// # Safety
 /// The CPU must have what [`available`] checks; the slices must come from one row and
@@ -90,15 +103,19 @@ pub unsafe fn q4_dots(
     qs: &[u8],
     scale: &[f16],
     min: &[f16],
-    a: &[ActRow<'_>; 4],
+    a: &[ActRow<'_>; 8],
     group: usize,
-    sums: &mut [f32; 4],
+    sums: &mut [f32; 8],
 ) {
     match group {
         1 => q4_dots_n::<1>(qs, scale, min, a, sums),
         2 => q4_dots_n::<2>(qs, scale, min, a, sums),
         3 => q4_dots_n::<3>(qs, scale, min, a, sums),
-        _ => q4_dots_n::<4>(qs, scale, min, a, sums),
+        4 => q4_dots_n::<4>(qs, scale, min, a, sums),
+        5 => q4_dots_n::<5>(qs, scale, min, a, sums),
+        6 => q4_dots_n::<6>(qs, scale, min, a, sums),
+        7 => q4_dots_n::<7>(qs, scale, min, a, sums),
+        _ => q4_dots_n::<8>(qs, scale, min, a, sums),
     }
 }
 
@@ -107,8 +124,8 @@ unsafe fn q4_dots_n<const G: usize>(
     qs: &[u8],
     scale: &[f16],
     min: &[f16],
-    a: &[ActRow<'_>; 4],
-    sums: &mut [f32; 4],
+    a: &[ActRow<'_>; 8],
+    sums: &mut [f32; 8],
 ) {
     let nb = scale.len();
     assert!(
@@ -147,11 +164,11 @@ unsafe fn q4_dots_n<const G: usize>(
     }
     // Pairs left (a row of 18 blocks, k = 576, has one after two runs of eight): scales
     // one pair at a time.
-    let mut tail = [0.0f32; 4];
+    let mut tail = [0.0f32; 8];
     while c + 2 <= nb {
         let w = q4_pair(qs.as_ptr().add(c * 16));
-        let (s0, s1) = (scale[c].to_f32(), scale[c + 1].to_f32());
-        let (m0, m1) = (min[c].to_f32(), min[c + 1].to_f32());
+        let (s0, s1) = (f16_pair(scale, c), f16_pair(min, c));
+        let ((s0, s1), (m0, m1)) = ((s0.0, s0.1), (s1.0, s1.1));
         for g in 0..G {
             let x = _mm512_loadu_si512(a[g].qs.as_ptr().add(c * 32) as *const __m512i);
             let dot = _mm512_dpbusd_epi32(zero, w, x);
@@ -166,17 +183,21 @@ unsafe fn q4_dots_n<const G: usize>(
         c += 2;
     }
     if c < nb {
-        let mut last = [0.0f32; 4];
-        avx2::q4_dots_with::<avx2::Maddubs>(
-            &qs[c * 16..],
-            &scale[c..],
-            &min[c..],
-            &rows_from(a, c),
-            G,
-            &mut last,
-        );
-        for g in 0..G {
-            tail[g] += last[g];
+        // The last, odd block: four tokens at a time by the AVX2 kernel.
+        for first in (0..G).step_by(4) {
+            let mut last = [0.0f32; 4];
+            let n = (G - first).min(4);
+            avx2::q4_dots_with::<avx2::Maddubs>(
+                &qs[c * 16..],
+                &scale[c..],
+                &min[c..],
+                &rows_from(a, first, c),
+                n,
+                &mut last,
+            );
+            for g in 0..n {
+                tail[first + g] += last[g];
+            }
         }
     }
     for g in 0..G {
@@ -184,7 +205,7 @@ unsafe fn q4_dots_n<const G: usize>(
     }
 }
 
-/// Dots of one [`super::Q8Matrix`] row with `group` (1..=4) activation rows.
+/// Dots of one [`super::Q8Matrix`] row with `group` (1..=8) activation rows.
 ///
 /// # Safety
 /// As [`q4_dots`].
@@ -192,15 +213,19 @@ unsafe fn q4_dots_n<const G: usize>(
 pub unsafe fn q8_dots(
     qs: &[i8],
     scale: &[f16],
-    a: &[ActRow<'_>; 4],
+    a: &[ActRow<'_>; 8],
     group: usize,
-    sums: &mut [f32; 4],
+    sums: &mut [f32; 8],
 ) {
     match group {
         1 => q8_dots_n::<1>(qs, scale, a, sums),
         2 => q8_dots_n::<2>(qs, scale, a, sums),
         3 => q8_dots_n::<3>(qs, scale, a, sums),
-        _ => q8_dots_n::<4>(qs, scale, a, sums),
+        4 => q8_dots_n::<4>(qs, scale, a, sums),
+        5 => q8_dots_n::<5>(qs, scale, a, sums),
+        6 => q8_dots_n::<6>(qs, scale, a, sums),
+        7 => q8_dots_n::<7>(qs, scale, a, sums),
+        _ => q8_dots_n::<8>(qs, scale, a, sums),
     }
 }
 
@@ -208,8 +233,8 @@ pub unsafe fn q8_dots(
 unsafe fn q8_dots_n<const G: usize>(
     qs: &[i8],
     scale: &[f16],
-    a: &[ActRow<'_>; 4],
-    sums: &mut [f32; 4],
+    a: &[ActRow<'_>; 8],
+    sums: &mut [f32; 8],
 ) {
     let nb = scale.len() / 2;
     assert!(
@@ -261,15 +286,20 @@ unsafe fn q8_dots_n<const G: usize>(
         }
         c += 2;
     }
-    let mut tail = [0.0f32; 4];
+    let mut tail = [0.0f32; 8];
     if c < nb {
-        avx2::q8_dots_with::<avx2::Maddubs>(
-            &qs[c * 32..],
-            &scale[2 * c..],
-            &rows_from(a, c),
-            G,
-            &mut tail,
-        );
+        for first in (0..G).step_by(4) {
+            let mut last = [0.0f32; 4];
+            let n = (G - first).min(4);
+            avx2::q8_dots_with::<avx2::Maddubs>(
+                &qs[c * 32..],
+                &scale[2 * c..],
+                &rows_from(a, first, c),
+                n,
+                &mut last,
+            );
+            tail[first..first + n].copy_from_slice(&last[..n]);
+        }
     }
     for g in 0..G {
         sums[g] = _mm512_reduce_add_ps(acc[g]) + tail[g];
@@ -325,13 +355,10 @@ pub unsafe fn q4_rows4(rows: [(&[u8], &[f16], &[f16]); 4], a: ActRow<'_>, out: &
         let (d0, d1) = (a.d[c], a.d[c + 1]);
         for (i, (qs, scale, min)) in rows.iter().enumerate() {
             let dot = _mm512_dpbusd_epi32(zero, q4_pair(qs.as_ptr().add(c * 16)), x);
-            let s = _mm512_mask_blend_ps(
-                0xFF00,
-                _mm512_set1_ps(scale[c].to_f32() * d0),
-                _mm512_set1_ps(scale[c + 1].to_f32() * d1),
-            );
+            let ((s0, s1), (m0, m1)) = (f16_pair(scale, c), f16_pair(min, c));
+            let s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0 * d0), _mm512_set1_ps(s1 * d1));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
-            tail[i] += min[c].to_f32() * a.dsum[c] + min[c + 1].to_f32() * a.dsum[c + 1];
+            tail[i] += m0 * a.dsum[c] + m1 * a.dsum[c + 1];
         }
     }
     for i in 0..4 {

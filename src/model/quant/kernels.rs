@@ -1,7 +1,7 @@
 //! Activation quantization, the portable dot products, and the driver that splits a
 //! matrix product across the pool: each task takes a run of weight rows and, for tokens in
-//! groups of four, unpacks each weight block once for all four (prompts) or streams the rows
-//! once (decode, one token).
+//! groups of eight (AVX-512) or four, unpacks each weight block once for the group (prompts,
+//! batched decode) or streams the rows once, prefetched (decode, one token).
 
 use half::f16;
 use rayon::prelude::*;
@@ -286,16 +286,19 @@ unsafe fn product_rows(
     if acts.rows == 1 && isa == Isa::Avx512Vnni {
         return decode_rows4(w, acts.row(0), rows_range, column, out, isa);
     }
+    // Tokens taken together per weight row: eight with the AVX-512 kernel (32 registers
+    // hold their accumulators and scales), four with the 256-bit ones.
+    let most = if isa == Isa::Avx512Vnni { 8 } else { 4 };
     let mut t = 0;
     while t < acts.rows {
-        let group = (acts.rows - t).min(4);
-        let a: [ActRow<'_>; 4] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
+        let group = (acts.rows - t).min(most);
+        let a: [ActRow<'_>; 8] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
         for r in rows_range.clone() {
             #[cfg(target_arch = "x86_64")]
             if acts.rows == 1 && (r - rows_range.start) % 4 == 0 {
                 prefetch_rows(w, (r + 8).min(rows_range.end), (r + 12).min(rows_range.end));
             }
-            let mut sums = [0.0f32; 4];
+            let mut sums = [0.0f32; 8];
             dot_rows(w, r, &a, group, &mut sums, isa);
             for (i, s) in sums.iter().take(group).enumerate() {
                 *out.0.add((t + i) * n + column + r) = *s;
@@ -347,9 +350,9 @@ unsafe fn decode_rows4(
             r += 4;
         }
     }
-    let single: [ActRow<'_>; 4] = [a; 4];
+    let single: [ActRow<'_>; 8] = [a; 8];
     for r in r..rows_range.end {
-        let mut sums = [0.0f32; 4];
+        let mut sums = [0.0f32; 8];
         dot_rows(w, r, &single, 1, &mut sums, isa);
         *out.0.add(column + r) = sums[0];
     }
@@ -385,18 +388,21 @@ fn prefetch_rows(w: &Unpacked, from: usize, to: usize) {
     }
 }
 
-/// Dots of weight row `r` with the first `group` activation rows of `a`.
+/// Dots of weight row `r` with the first `group` activation rows of `a` (at most 8 with
+/// [`Isa::Avx512Vnni`], 4 otherwise).
 ///
 /// # Safety
 /// `isa` only where [`Isa::available`] said so.
 unsafe fn dot_rows(
     w: &Unpacked,
     r: usize,
-    a: &[ActRow<'_>; 4],
+    a: &[ActRow<'_>; 8],
     group: usize,
-    sums: &mut [f32; 4],
+    sums: &mut [f32; 8],
     isa: Isa,
 ) {
+    let a4: &[ActRow<'_>; 4] = a[..4].try_into().expect("four of eight");
+    let mut s4 = [0.0f32; 4];
     match w {
         Unpacked::Q4(m) => {
             let (qs, scale, min) = q4_row(m, r);
@@ -405,13 +411,19 @@ unsafe fn dot_rows(
             #[cfg(target_arch = "x86_64")]
             match isa {
                 Isa::Avx512Vnni => return super::avx512::q4_dots(qs, scale, min, a, group, sums),
-                Isa::AvxVnni => return super::avx2::q4_dots_vnni(qs, scale, min, a, group, sums),
-                Isa::Avx2 => return super::avx2::q4_dots(qs, scale, min, a, group, sums),
-                Isa::Portable => {}
+                Isa::AvxVnni => super::avx2::q4_dots_vnni(qs, scale, min, a4, group, &mut s4),
+                Isa::Avx2 => super::avx2::q4_dots(qs, scale, min, a4, group, &mut s4),
+                Isa::Portable => {
+                    for i in 0..group {
+                        s4[i] = q4_dot_portable(qs, scale, min, a[i]);
+                    }
+                }
             }
+            #[cfg(not(target_arch = "x86_64"))]
             for i in 0..group {
-                sums[i] = q4_dot_portable(qs, scale, min, a[i]);
+                s4[i] = q4_dot_portable(qs, scale, min, a[i]);
             }
+            sums[..4].copy_from_slice(&s4);
         }
         Unpacked::Q8(m) => {
             let (qs, scale) = q8_row(m, r);
@@ -422,18 +434,20 @@ unsafe fn dot_rows(
                     true
                 }
                 Isa::AvxVnni => {
-                    super::avx2::q8_dots_vnni(qs, scale, a, group, sums);
+                    super::avx2::q8_dots_vnni(qs, scale, a4, group, &mut s4);
+                    sums[..4].copy_from_slice(&s4);
                     true
                 }
                 Isa::Avx2 => {
-                    super::avx2::q8_dots(qs, scale, a, group, sums);
+                    super::avx2::q8_dots(qs, scale, a4, group, &mut s4);
+                    sums[..4].copy_from_slice(&s4);
                     true
                 }
                 Isa::Portable => false,
             };
             #[cfg(not(target_arch = "x86_64"))]
             let done = {
-                let _ = isa;
+                let _ = (isa, a4, &mut s4);
                 false
             };
             if !done {
