@@ -106,6 +106,8 @@ pub async fn timed_stream(
 }
 
 pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
+    // As `serve` does: the int8 kernels' instruction set is fixed before the model loads.
+    let isa = crate::model::quant::Isa::choose(args.model.cpu_isa);
     let device = device_from_name(&args.model.device).map_err(|e| e.to_string())?;
     let path = args.model.model_path();
     let mut engine_cfg = args.model.engine_config();
@@ -177,6 +179,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         "bench": "infer",
         "device": args.model.device,
         "kernels": format!("{:?}", args.model.cpu_kernels).to_lowercase(),
+        "int8_isa": isa.name(),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "concurrency": args.concurrency,

@@ -190,25 +190,58 @@ fn cpu_mhz() -> Option<f64> {
 /// cpuminer-opt's own figure for SHA-256d on `threads` threads, from its benchmark mode (no
 /// pool) run for twice `seconds` plus its 5-second warm-up report (see [`parse_cpuminer_rate`]).
 fn cpuminer_rate(binary: &std::path::Path, threads: usize, seconds: f64) -> Result<f64, String> {
+    use std::process::{Command, Stdio};
     let limit = (2.0 * seconds).ceil() as u64 + 6;
-    let output = std::process::Command::new(binary)
+    // cpuminer-opt logs to stderr; both streams go to one file so its lines stay in order.
+    let log_path = std::env::temp_dir().join(format!(
+        "idlerig-cpuminer-{}-{}.log",
+        std::process::id(),
+        crate::batch::random_id("log")
+    ));
+    let opened = std::fs::File::create(&log_path).and_then(|f| Ok((f.try_clone()?, f)));
+    let (out, err) = opened.map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut child = Command::new(binary)
         .args(["-a", "sha256d", "--benchmark", "-t"])
         .arg(threads.to_string())
         .arg(format!("--time-limit={limit}"))
-        .stdin(std::process::Stdio::null())
-        .output()
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
         .map_err(|e| format!("running {}: {e}", binary.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    parse_cpuminer_rate(&text).ok_or_else(|| {
-        let tail: String = text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-        format!(
-            "{} printed no hashrate ({}); last lines: {tail}",
+    // Its own time limit ends it; one that ignores the flag is stopped 30 s later.
+    let deadline = Instant::now() + Duration::from_secs(limit + 30);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(&log_path);
+                return Err(format!(
+                    "{} did not exit after --time-limit={limit}",
+                    binary.display()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for {}: {e}", binary.display())),
+        }
+    };
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let tail = || text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+    if !status.success() {
+        return Err(format!(
+            "{} failed ({status}); last lines: {}",
             binary.display(),
-            output.status
+            tail()
+        ));
+    }
+    parse_cpuminer_rate(&text).ok_or_else(|| {
+        format!(
+            "{} printed no hashrate; last lines: {}",
+            binary.display(),
+            tail()
         )
     })
 }

@@ -22,6 +22,12 @@ pub struct Q8Acts {
 impl Q8Acts {
     /// Quantizes `rows` rows of `k` (a multiple of 32) values.
     pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
+        Self::quantize_on(Isa::best(), x, rows, k)
+    }
+
+    /// [`Self::quantize`] with the AVX2 code unless `isa` is [`Isa::Portable`] (every other
+    /// set includes AVX2).
+    pub fn quantize_on(isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
         let blocks = rows * k / 32;
         let mut acts = Self {
             k,
@@ -30,7 +36,7 @@ impl Q8Acts {
             d: vec![0.0; blocks],
             dsum: vec![0.0; blocks],
         };
-        let simd = simd_available();
+        let simd = isa != Isa::Portable && simd_available();
         for b in 0..blocks {
             let src = &x[b * 32..b * 32 + 32];
             let dst = &mut acts.qs[b * 32..b * 32 + 32];
@@ -228,7 +234,7 @@ pub fn matmul_parts_on(
     let isa = if isa.available() { isa } else { Isa::Portable };
     let k = parts[0].cols();
     let n: usize = parts.iter().map(Unpacked::rows).sum();
-    let acts = Q8Acts::quantize(x, rows, k);
+    let acts = Q8Acts::quantize_on(isa, x, rows, k);
     let mut out = vec![0.0f32; rows * n];
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Runs of rows small enough to balance two threads against a busy core, large enough

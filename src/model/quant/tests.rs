@@ -152,7 +152,8 @@ fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
     if !Isa::Avx512Vnni.available() {
         eprintln!("this CPU has no AVX-512 VNNI: its kernels were not checked here");
     }
-    let n = 7;
+    // 23 rows: quads, leftovers, and prefetches that reach rows ahead.
+    let n = 23;
     for k in [256, 512, 768, 32, 224, 288, 544, 576] {
         for dtype in FORMATS {
             if k % 256 != 0 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K) {
@@ -265,4 +266,56 @@ fn malformed_input_is_refused() {
         unpack::unpack(GgmlDType::Q4_1, &[0; 19], 1, 32),
         Err(QuantError::Shape(_))
     ));
+}
+
+/// 8-bit weights at the ends of their range (−128 and 127, which a Q8_0 file may hold though
+/// candle's quantizer never writes −128) against activations at ±127: every kernel set gives
+/// the portable sums, so neither the sign transfer nor a 16-bit pair step overflows.
+#[test]
+fn extreme_eight_bit_weights_give_the_portable_sums_on_every_kernel_set() {
+    let (n, k) = (9, 576);
+    let mut m = Q8Matrix::zeros(n, k);
+    for (i, q) in m.qs.iter_mut().enumerate() {
+        *q = match i % 5 {
+            0 | 3 => -128,
+            1 => 127,
+            2 => -127,
+            _ => (i % 256) as u8 as i8,
+        };
+    }
+    m.scale
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, s)| *s = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.003));
+    let w = Unpacked::Q8(m);
+    for tokens in [1, 3, 8, 9] {
+        // Activations whose blocks quantize to ±127 at their extremes.
+        let x: Vec<f32> = (0..tokens * k)
+            .map(|i| {
+                if i % 3 == 0 {
+                    1.0
+                } else if i % 3 == 1 {
+                    -1.0
+                } else {
+                    0.25
+                }
+            })
+            .collect();
+        let want = matmul_parts_on(
+            Isa::Portable,
+            std::slice::from_ref(&w),
+            &x,
+            tokens,
+            &pool(1),
+        );
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            let got = matmul_parts_on(isa, std::slice::from_ref(&w), &x, tokens, &pool(1));
+            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - p).abs() <= 1e-4 * p.abs().max(1.0),
+                    "{isa:?} tokens {tokens} output {i}: {g} vs portable {p}"
+                );
+            }
+        }
+    }
 }
