@@ -244,8 +244,7 @@ pub(super) unsafe fn hash_h7<L: Lanes>(p: &Prepared, base: u32) -> L {
     second_hash_h7(p, first_hash::<L>(p, base))
 }
 
-/// Scans `start..end` like [`super::sha256::scan_portable`], `L::N` nonces at a time; a tail
-/// shorter than a vector is left to the portable scanner.
+/// Scans `start..end` like [`super::sha256::scan_portable`], `L::N` nonces at a time.
 #[inline(always)]
 pub(super) unsafe fn scan<L: Lanes>(
     p: &Prepared,
@@ -256,33 +255,19 @@ pub(super) unsafe fn scan<L: Lanes>(
     poll_every: u64,
     stop: &dyn Fn() -> bool,
 ) -> super::sha256::ScanOutcome {
-    let mut out = super::sha256::ScanOutcome {
-        candidates: Vec::new(),
-        next: start,
-    };
     let lanes = L::N as u64;
-    let poll = (poll_every / lanes).max(1) * lanes;
-    let mut n = start;
-    while n + lanes <= end {
-        if n > start && (n - start) % poll == 0 && stop() {
-            out.next = n;
-            return out;
-        }
-        let mut hits = L::le_mask_swapped(hash_h7::<L>(p, n as u32), target_top);
-        while hits != 0 {
-            out.candidates.push(n as u32 + hits.trailing_zeros());
-            hits &= hits - 1;
-        }
-        n += lanes;
-    }
-    if n < end {
-        let rest =
-            super::sha256::scan_portable(&p.mid, tail, n, end, target_top, u64::MAX, &|| false);
-        out.candidates.extend(rest.candidates);
-        n = rest.next;
-    }
-    out.next = n;
-    out
+    super::sha256::scan_in_batches(
+        &p.mid,
+        tail,
+        start,
+        end,
+        target_top,
+        poll_every,
+        stop,
+        lanes,
+        #[inline(always)]
+        |n| L::le_mask_swapped(hash_h7::<L>(p, n), target_top),
+    )
 }
 
 /// One lane of plain `u32`: the algorithm above, runnable and testable on any CPU.

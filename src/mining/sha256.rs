@@ -138,6 +138,51 @@ pub struct ScanOutcome {
     pub next: u64,
 }
 
+/// The driver every vector scanner shares: hashes `start..end` `lanes` nonces at a time with
+/// `batch` (given the first nonce, it returns a bit per lane whose hash's top word is at or
+/// below `target_top`), looks at `stop` every `poll_every` nonces (rounded to whole batches),
+/// and leaves a tail shorter than a batch to the portable code. `next` is exactly where it
+/// stopped: nothing is lost or hashed twice.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn scan_in_batches(
+    mid: &[u32; 8],
+    tail: &[u32; 3],
+    start: u64,
+    end: u64,
+    target_top: u32,
+    poll_every: u64,
+    stop: &dyn Fn() -> bool,
+    lanes: u64,
+    mut batch: impl FnMut(u32) -> u32,
+) -> ScanOutcome {
+    let mut out = ScanOutcome {
+        candidates: Vec::new(),
+        next: start,
+    };
+    let poll = (poll_every / lanes).max(1) * lanes;
+    let mut n = start;
+    while n + lanes <= end {
+        if n > start && (n - start) % poll == 0 && stop() {
+            out.next = n;
+            return out;
+        }
+        let mut hits = batch(n as u32);
+        while hits != 0 {
+            out.candidates.push(n as u32 + hits.trailing_zeros());
+            hits &= hits - 1;
+        }
+        n += lanes;
+    }
+    if n < end {
+        let rest = scan_portable(mid, tail, n, end, target_top, u64::MAX, &|| false);
+        out.candidates.extend(rest.candidates);
+        n = rest.next;
+    }
+    out.next = n;
+    out
+}
+
 /// Hashes nonces `start..end` (end exclusive, up to 2^32) with the portable code, stopping
 /// early (at a multiple of `poll_every`) when `stop` says so.
 pub fn scan_portable(

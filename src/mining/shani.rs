@@ -215,32 +215,23 @@ pub unsafe fn scan(
         cdgh: _mm_sha256rnds2_epu32(mid.cdgh, mid.abef, first),
     };
 
-    let mut out = ScanOutcome {
-        candidates: Vec::new(),
-        next: start,
-    };
-    let lanes = LANES as u64;
-    let poll = (poll_every / lanes).max(1) * lanes;
-    let mut n = start;
-    while n + lanes <= end {
-        if n > start && (n - start) % poll == 0 && stop() {
-            out.next = n;
-            return out;
-        }
-        let h = hash_lanes::<LANES>(mid, after2, tail, k01, n as u32);
-        for (l, h7) in h.iter().enumerate() {
-            if h7.swap_bytes() <= target_top {
-                out.candidates.push(n as u32 + l as u32);
+    super::sha256::scan_in_batches(
+        mid_words,
+        tail,
+        start,
+        end,
+        target_top,
+        poll_every,
+        stop,
+        LANES as u64,
+        #[inline(always)]
+        |n| {
+            let h = hash_lanes::<LANES>(mid, after2, tail, k01, n);
+            let mut hits = 0;
+            for (l, h7) in h.iter().enumerate() {
+                hits |= u32::from(h7.swap_bytes() <= target_top) << l;
             }
-        }
-        n += lanes;
-    }
-    if n < end {
-        let rest =
-            super::sha256::scan_portable(mid_words, tail, n, end, target_top, u64::MAX, &|| false);
-        out.candidates.extend(rest.candidates);
-        n = rest.next;
-    }
-    out.next = n;
-    out
+            hits
+        },
+    )
 }
