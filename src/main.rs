@@ -117,6 +117,8 @@ async fn mine(args: MineArgs) -> anyhow::Result<()> {
         MineDevice::CpuGrid => MinerSpec::cpu_grid(),
         MineDevice::Off => anyhow::bail!("`idlerig mine --device off` has nothing to do"),
     };
+    // Installed before anything starts, so that SIGTERM during start-up stops cleanly.
+    let shutdown = shutdown_signal();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stack = idlerig::server::start_mining(&args.pool, &spec, stop_rx).await?;
     stack.miner.resume();
@@ -124,7 +126,6 @@ async fn mine(args: MineArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
     tick.tick().await;
     let (mut last_hashes, mut last_t) = (miner.hashes(), std::time::Instant::now());
-    let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -155,19 +156,35 @@ async fn mine(args: MineArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled: a signal that arrives while the miner or the model is still
+/// starting is then a clean shutdown, not the default action (the process killed at once).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
+    let (int, term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).ok(),
+            signal(SignalKind::terminate()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutdown signal received; finishing open requests");
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! { _ = wait(int) => {}, _ = wait(term) => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown signal received; finishing open requests");
+    }
 }

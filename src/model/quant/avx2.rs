@@ -324,3 +324,136 @@ unsafe fn q8_dots_n<const G: usize, D: ByteDot>(
         sums[g] = hsum(acc[g]);
     }
 }
+
+/// One token against four [`super::Q4Matrix`] rows (decode): the activation bytes are loaded
+/// once for the four rows, and four independent accumulator chains hide the FMA latency that
+/// one row at a time waits on.
+///
+/// # Safety
+/// As [`q4_dots`]; the four rows must have the same number of blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q4_rows4(rows: [(&[u8], &[f16], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    q4_rows4_with::<Maddubs>(rows, a, out)
+}
+
+/// [`q4_rows4`] with AVX-VNNI.
+///
+/// # Safety
+/// As [`q4_dots_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn q4_rows4_vnni(rows: [(&[u8], &[f16], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    q4_rows4_with::<VnniYmm>(rows, a, out)
+}
+
+#[inline(always)]
+unsafe fn q4_rows4_with<D: ByteDot>(
+    rows: [(&[u8], &[f16], &[f16]); 4],
+    a: ActRow<'_>,
+    out: &mut [f32; 4],
+) {
+    let nb = rows[0].1.len();
+    assert!(
+        a.qs.len() >= nb * 32
+            && a.d.len() >= nb
+            && a.dsum.len() >= nb
+            && rows
+                .iter()
+                .all(|(q, s, m)| q.len() >= nb * 16 && s.len() >= nb && m.len() >= nb)
+    );
+    let low = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut min_acc = [_mm256_setzero_ps(); 4];
+    let mut tail = [0.0f32; 4];
+    let mut c = 0;
+    while c < nb {
+        let m = (nb - c).min(8);
+        let mut combined = [[0.0f32; 8]; 4];
+        if m == 8 {
+            let d = _mm256_loadu_ps(a.d.as_ptr().add(c));
+            let dsum = _mm256_loadu_ps(a.dsum.as_ptr().add(c));
+            for (i, (_, scale, min)) in rows.iter().enumerate() {
+                let ws = _mm256_cvtph_ps(_mm_loadu_si128(scale.as_ptr().add(c) as *const __m128i));
+                let wm = _mm256_cvtph_ps(_mm_loadu_si128(min.as_ptr().add(c) as *const __m128i));
+                _mm256_storeu_ps(combined[i].as_mut_ptr(), _mm256_mul_ps(ws, d));
+                min_acc[i] = _mm256_fmadd_ps(wm, dsum, min_acc[i]);
+            }
+        } else {
+            for (i, (_, scale, min)) in rows.iter().enumerate() {
+                for j in 0..m {
+                    combined[i][j] = f16_to_f32(scale[c + j]) * a.d[c + j];
+                    tail[i] += f16_to_f32(min[c + j]) * a.dsum[c + j];
+                }
+            }
+        }
+        for j in 0..m {
+            let b = c + j;
+            let x = _mm256_loadu_si256(a.qs.as_ptr().add(b * 32) as *const __m256i);
+            for (i, (qs, _, _)) in rows.iter().enumerate() {
+                let raw = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                let w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+                let s = _mm256_broadcast_ss(&combined[i][j]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D::dot(w, x)), s, acc[i]);
+            }
+        }
+        c += m;
+    }
+    for i in 0..4 {
+        out[i] = hsum(_mm256_add_ps(acc[i], min_acc[i])) + tail[i];
+    }
+}
+
+/// One token against four [`super::Q8Matrix`] rows, as [`q4_rows4`] (the optional `min` is
+/// the caller's).
+///
+/// # Safety
+/// As [`q4_rows4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q8_rows4(rows: [(&[i8], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    q8_rows4_with::<Maddubs>(rows, a, out)
+}
+
+/// [`q8_rows4`] with AVX-VNNI.
+///
+/// # Safety
+/// As [`q4_dots_vnni`].
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub unsafe fn q8_rows4_vnni(rows: [(&[i8], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    q8_rows4_with::<VnniYmm>(rows, a, out)
+}
+
+#[inline(always)]
+unsafe fn q8_rows4_with<D: ByteDot>(rows: [(&[i8], &[f16]); 4], a: ActRow<'_>, out: &mut [f32; 4]) {
+    let nb = rows[0].1.len() / 2;
+    assert!(
+        a.qs.len() >= nb * 32
+            && a.d.len() >= nb
+            && rows
+                .iter()
+                .all(|(q, s)| q.len() >= nb * 32 && s.len() >= 2 * nb)
+    );
+    // Lanes 0..4 of a block's 32-bit sums cover its first group, lanes 4..8 its second.
+    let halves = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..nb {
+        let x = _mm256_loadu_si256(a.qs.as_ptr().add(b * 32) as *const __m256i);
+        let d = a.d[b];
+        for (i, (qs, scale)) in rows.iter().enumerate() {
+            let w = _mm256_loadu_si256(qs.as_ptr().add(b * 32) as *const __m256i);
+            let dot = D::dot(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            let pair = [
+                f16_to_f32(scale[2 * b]) * d,
+                f16_to_f32(scale[2 * b + 1]) * d,
+            ];
+            let s = _mm256_permutevar8x32_ps(
+                _mm256_castpd_ps(_mm256_set1_pd(std::ptr::read_unaligned(
+                    pair.as_ptr() as *const f64
+                ))),
+                halves,
+            );
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[i]);
+        }
+    }
+    for i in 0..4 {
+        out[i] = hsum(acc[i]);
+    }
+}

@@ -289,7 +289,7 @@ unsafe fn product_rows(
     isa: Isa,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if acts.rows == 1 && isa == Isa::Avx512Vnni {
+    if acts.rows == 1 && isa != Isa::Portable {
         return decode_rows4(w, acts.row(0), rows_range, column, out, isa);
     }
     // Tokens taken together per weight row: eight with the AVX-512 kernel (32 registers
@@ -314,12 +314,12 @@ unsafe fn product_rows(
     }
 }
 
-/// One token (decode) with the AVX-512 VNNI kernels: weight rows four at a time
-/// ([`super::avx512::q4_rows4`]); rows left over, and rows of an odd number of blocks, by
-/// [`dot_rows`].
+/// One token (decode): weight rows four at a time (`q4_rows4` and `q8_rows4` of the
+/// instruction set), prefetched two quads ahead; rows left over, and with AVX-512 rows of an
+/// odd number of blocks, by [`dot_rows`].
 ///
 /// # Safety
-/// As [`product_rows`], with `isa` = [`Isa::Avx512Vnni`].
+/// As [`product_rows`], with `isa` other than [`Isa::Portable`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn decode_rows4(
     w: &Unpacked,
@@ -329,9 +329,17 @@ unsafe fn decode_rows4(
     out: OutPtr,
     isa: Isa,
 ) {
-    use super::avx512::{q4_rows4, q8_rows4};
+    use super::{avx2, avx512};
+    type Q4Rows = unsafe fn([(&[u8], &[f16], &[f16]); 4], ActRow<'_>, &mut [f32; 4]);
+    type Q8Rows = unsafe fn([(&[i8], &[f16]); 4], ActRow<'_>, &mut [f32; 4]);
+    let (q4_rows4, q8_rows4): (Q4Rows, Q8Rows) = match isa {
+        Isa::Avx512Vnni => (avx512::q4_rows4, avx512::q8_rows4),
+        Isa::AvxVnni => (avx2::q4_rows4_vnni, avx2::q8_rows4_vnni),
+        _ => (avx2::q4_rows4, avx2::q8_rows4),
+    };
     let mut r = rows_range.start;
-    if (w.cols() / 32) % 2 == 0 {
+    // The 512-bit kernels take blocks in pairs.
+    if isa != Isa::Avx512Vnni || (w.cols() / 32) % 2 == 0 {
         while r + 4 <= rows_range.end {
             // Decode streams every weight once from memory: ask for the rows two quads ahead
             // while this one computes (the hardware prefetcher alone left the kernel waiting).
