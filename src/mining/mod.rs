@@ -36,15 +36,3 @@ pub enum MiningError {
     #[error("malformed job: {0}")]
     BadJob(String),
 }
-
-/// Whether the SHA-NI scanner can run on this CPU.
-pub fn sha_ni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        shani::available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
