@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::config::{derived_head_dim, ModelConfig};
 use super::decoder::Decoder;
-use super::quant::{unpack, Linear, Unpacked};
+use super::quant::{self as quant, unpack, Linear, Unpacked};
 use super::ModelError;
 
 /// How the weights are run.
@@ -410,8 +410,12 @@ impl Weights<'_> {
                 Ok(unpack::unpack(t.dtype(), &t.data()?, n, k)?)
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
+        let isa = quant::Isa::best();
         Ok(Linear::Packed {
-            parts: Unpacked::stack_runs(parts)?,
+            parts: Unpacked::stack_runs(parts)?
+                .into_iter()
+                .map(|w| quant::Packed::for_isa(w, isa))
+                .collect(),
             pool,
         })
     }

@@ -7,7 +7,7 @@ use half::f16;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use super::{Q4Matrix, Q8Matrix, Unpacked};
+use super::{Packed, Q4Matrix, Q8Matrix, Unpacked};
 
 /// Activations quantized to 8 bits in blocks of 32: `x ≈ d·q`, with `dsum = d·Σq` kept for
 /// the `min` term of 4-bit weights.
@@ -17,6 +17,9 @@ pub struct Q8Acts {
     pub qs: Vec<i8>,
     pub d: Vec<f32>,
     pub dsum: Vec<f32>,
+    /// `Σq` of each 16 elements: the offset the tiled kernels take off, which read 8-bit
+    /// weights as `q + 128` (`vpdpbusd` multiplies unsigned bytes by signed ones).
+    pub gsum: Vec<i32>,
 }
 
 impl Q8Acts {
@@ -35,6 +38,7 @@ impl Q8Acts {
             qs: vec![0; rows * k],
             d: vec![0.0; blocks],
             dsum: vec![0.0; blocks],
+            gsum: vec![0; 2 * blocks],
         };
         let simd = isa != Isa::Portable && simd_available();
         for b in 0..blocks {
@@ -55,6 +59,9 @@ impl Q8Acts {
             // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and
             // so do we: this model is sensitive enough that the extra precision alone moves
             // logits by tenths and flips greedy near-ties against llama.cpp's reference.
+            let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
+            acts.gsum[2 * b] = low;
+            acts.gsum[2 * b + 1] = sum - low;
             acts.d[b] = f16_round(d);
             acts.dsum[b] = f16_round(d * sum as f32);
         }
@@ -212,39 +219,41 @@ pub fn q8_dot_portable(qs: &[i8], scale: &[f16], a: ActRow<'_>) -> f32 {
 }
 
 /// `x` (`rows × k`, row-major) times `wᵀ`: `rows × n`.
-pub fn matmul(w: &Unpacked, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
+pub fn matmul(w: &Packed, x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
     matmul_parts(std::slice::from_ref(w), x, rows, pool)
 }
 
 /// `x` times several matrices of one width side by side (layouts may differ: a Q4_K_M file
 /// stores Q as Q4_K and V as Q6_K), the activations quantized once for all of them.
-pub fn matmul_parts(parts: &[Unpacked], x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
+pub fn matmul_parts(parts: &[Packed], x: &[f32], rows: usize, pool: &ThreadPool) -> Vec<f32> {
     matmul_parts_on(Isa::best(), parts, x, rows, pool)
 }
 
 /// [`matmul_parts`] with the kernels of `isa` (tests run each; one the CPU lacks is
-/// replaced by the portable code).
+/// replaced by the portable code). Panels take the tiled kernels with AVX-512 VNNI and
+/// their portable code otherwise.
 pub fn matmul_parts_on(
     isa: Isa,
-    parts: &[Unpacked],
+    parts: &[Packed],
     x: &[f32],
     rows: usize,
     pool: &ThreadPool,
 ) -> Vec<f32> {
     let isa = if isa.available() { isa } else { Isa::Portable };
     let k = parts[0].cols();
-    let n: usize = parts.iter().map(Unpacked::rows).sum();
+    let n: usize = parts.iter().map(Packed::rows).sum();
     let acts = Q8Acts::quantize_on(isa, x, rows, k);
     let mut out = vec![0.0f32; rows * n];
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Runs of rows small enough to balance two threads against a busy core, large enough
-    // that waking a worker pays for itself; the whole product runs inline when tiny.
+    // that waking a worker pays for itself (and whole panels of 16); the whole product runs
+    // inline when tiny.
     let work = n * k * rows;
     let threads = pool.current_num_threads();
     let run = if work < 1 << 18 || threads == 1 {
         n
     } else {
-        (n / (threads * 4)).max(16).next_multiple_of(8).min(n)
+        (n / (threads * 4)).max(16).next_multiple_of(16).min(n)
     };
     let task = |chunk: usize| {
         let start = chunk * run;
@@ -254,8 +263,16 @@ pub fn matmul_parts_on(
         for w in parts {
             let (lo, hi) = (start.max(first), end.min(first + w.rows()));
             if lo < hi {
+                let rows = lo - first..hi - first;
                 // SAFETY: tasks write disjoint columns `lo..hi` of `out`, which outlives them.
-                unsafe { product_rows(w, &acts, lo - first..hi - first, first, out_ptr, n, isa) };
+                unsafe {
+                    match w {
+                        Packed::Rows(w) => product_rows(w, &acts, rows, first, out_ptr, n, isa),
+                        Packed::Panels(w) => {
+                            super::panel::product(w, &acts, rows, first, out_ptr, n, isa)
+                        }
+                    }
+                };
             }
             first += w.rows();
         }
@@ -269,7 +286,7 @@ pub fn matmul_parts_on(
 }
 
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: shared only with tasks that write disjoint elements, joined before `out` is read.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}

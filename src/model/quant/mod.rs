@@ -18,6 +18,9 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod kernels;
+pub mod panel;
+#[cfg(target_arch = "x86_64")]
+mod panel_avx512;
 pub mod unpack;
 
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use thiserror::Error;
 
 pub(crate) use kernels::simd_available;
 pub use kernels::{matmul, matmul_parts, matmul_parts_on, Isa, Q8Acts};
+pub use panel::Panels;
 pub use unpack::Unpacked;
 
 #[derive(Debug, Error)]
@@ -182,12 +186,45 @@ impl Unpacked {
     }
 }
 
+/// A matrix as the kernels read it: in rows (the row kernels: AVX-VNNI, AVX2, portable) or
+/// in panels of 16 rows (the tiled AVX-512 VNNI kernels; see [`panel`]).
+#[derive(Clone)]
+pub enum Packed {
+    Rows(Unpacked),
+    Panels(Panels),
+}
+
+impl Packed {
+    /// `w` in the layout that `isa`'s kernels read.
+    pub fn for_isa(w: Unpacked, isa: Isa) -> Packed {
+        if isa == Isa::Avx512Vnni && isa.available() {
+            Packed::Panels(Panels::from_rows(&w))
+        } else {
+            Packed::Rows(w)
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.rows(),
+            Packed::Panels(p) => p.n,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Packed::Rows(w) => w.cols(),
+            Packed::Panels(p) => p.k,
+        }
+    }
+}
+
 /// A weight matrix used as `y = x · Wᵀ`.
 pub enum Linear {
     /// Our kernels, on the CPU, with the pool that splits rows across threads: one matrix, or
     /// several side by side where their layouts differ.
     Packed {
-        parts: Vec<Unpacked>,
+        parts: Vec<Packed>,
         pool: Arc<ThreadPool>,
     },
     /// candle's matmul; several parts are run one after another and concatenated.
@@ -218,7 +255,7 @@ impl Linear {
 
 /// The candle op that runs our kernel on an f32 CPU tensor `[.., k]` → `[.., n]`.
 struct PackedMatmulOp<'a> {
-    parts: &'a [Unpacked],
+    parts: &'a [Packed],
     pool: &'a ThreadPool,
 }
 
@@ -233,7 +270,7 @@ impl CustomOp1 for PackedMatmulOp<'_> {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let k = self.parts[0].cols();
-        let n: usize = self.parts.iter().map(Unpacked::rows).sum();
+        let n: usize = self.parts.iter().map(Packed::rows).sum();
         let dims = layout.shape().dims();
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!(

@@ -93,6 +93,7 @@ fn products_stay_within_the_activation_rounding_bound() {
     let (n, k) = (40, 512);
     for dtype in FORMATS {
         let (w, wf) = quantized(dtype, n, k, 2);
+        let w = Packed::for_isa(w, Isa::best());
         for (rows, threads) in [(1, 1), (3, 2), (6, 2), (9, 1)] {
             let x = random(rows * k, 3 + rows as u64);
             let got = matmul(&w, &x, rows, &pool(threads));
@@ -142,29 +143,53 @@ fn activation_quantization_simd_matches_portable() {
     }
 }
 
+/// Every kernel set this CPU has, each on the layout it reads (AVX-512 VNNI: the tiled
+/// kernels on panels; AVX-VNNI, AVX2: the row kernels), and the panels' portable code,
+/// which every CPU runs.
+fn kernel_layouts(w: &Unpacked) -> Vec<(String, Isa, Packed)> {
+    let mut out: Vec<(String, Isa, Packed)> = Isa::ALL
+        .into_iter()
+        .filter(|i| i.available())
+        .map(|isa| (format!("{isa:?}"), isa, Packed::for_isa(w.clone(), isa)))
+        .collect();
+    out.push((
+        "portable panels".into(),
+        Isa::Portable,
+        Packed::Panels(Panels::from_rows(w)),
+    ));
+    out
+}
+
 /// Every kernel instruction set this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2) against the
 /// portable dot products, for every format, at widths that leave every kind of tail (fewer
 /// than eight blocks after the 512-bit runs, a lone block, a K super-block) and token counts
 /// that leave partial groups of eight and of four. A CPU without AVX-512 checks the others and says so.
 #[test]
 fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
-    let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.available()).collect();
     if !Isa::Avx512Vnni.available() {
         eprintln!("this CPU has no AVX-512 VNNI: its kernels were not checked here");
     }
-    // 23 rows: quads, leftovers, and prefetches that reach rows ahead.
-    let n = 23;
+    // 23 rows: quads, leftovers, prefetches that reach rows ahead, and a part-filled panel;
+    // 71 rows: panels in decode tiles of four and one left over.
+    for n in [23, 71] {
+        check_every_kernel_at_odd_sizes(n);
+    }
+}
+
+fn check_every_kernel_at_odd_sizes(n: usize) {
     for k in [256, 512, 768, 32, 224, 288, 544, 576] {
         for dtype in FORMATS {
             if k % 256 != 0 && matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K | GgmlDType::Q5K) {
                 continue; // the K formats come in 256-element super-blocks
             }
             let (w, _) = quantized(dtype, n, k, k as u64);
+            let layouts = kernel_layouts(&w);
             for tokens in [1, 2, 3, 4, 5, 7, 8, 9, 12, 17] {
                 let x = random(tokens * k, 11 + tokens as u64);
                 let acts = Q8Acts::quantize(&x, tokens, k);
-                for &isa in &isas {
-                    let got = matmul_parts_on(isa, std::slice::from_ref(&w), &x, tokens, &pool(1));
+                for (name, isa, packed) in &layouts {
+                    let got =
+                        matmul_parts_on(*isa, std::slice::from_ref(packed), &x, tokens, &pool(1));
                     for t in 0..tokens {
                         let row = super::kernels::ActRow {
                             qs: &acts.qs[t * k..(t + 1) * k],
@@ -185,7 +210,7 @@ fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
                             let v = got[t * n + r];
                             assert!(
                                 (v - portable).abs() <= 1e-4 * portable.abs().max(1.0),
-                                "{isa:?} {dtype:?} k {k} tokens {tokens} token {t} row {r}: {v} vs portable {portable}"
+                                "{name} {dtype:?} n {n} k {k} tokens {tokens} token {t} row {r}: {v} vs portable {portable}"
                             );
                         }
                     }
@@ -202,9 +227,13 @@ fn stacked_matrices_give_side_by_side_outputs() {
     let (b, _) = quantized(GgmlDType::Q4_1, 4, k, 6);
     let x = random(2 * k, 7);
     let p = pool(2);
-    let (ya, yb) = (matmul(&a, &x, 2, &p), matmul(&b, &x, 2, &p));
+    let packed = |w: &Unpacked| Packed::for_isa(w.clone(), Isa::best());
+    let (ya, yb) = (
+        matmul(&packed(&a), &x, 2, &p),
+        matmul(&packed(&b), &x, 2, &p),
+    );
     let stacked = Unpacked::stack(vec![a, b]).unwrap();
-    let y = matmul(&stacked, &x, 2, &p);
+    let y = matmul(&packed(&stacked), &x, 2, &p);
     for t in 0..2 {
         assert_eq!(&y[t * 12..t * 12 + 8], &ya[t * 8..t * 8 + 8]);
         assert_eq!(&y[t * 12 + 8..t * 12 + 12], &yb[t * 4..t * 4 + 4]);
@@ -234,8 +263,16 @@ fn side_by_side_parts_of_different_layouts_give_each_ones_output() {
         .enumerate()
         .map(|(i, &(f, n))| quantized(f, n, k, 20 + i as u64).0)
         .collect();
-    let alone: Vec<Vec<f32>> = parts.iter().map(|w| matmul(w, &x, 5, &p)).collect();
-    let runs = Unpacked::stack_runs(parts).unwrap();
+    let packed = |w: Unpacked| Packed::for_isa(w, Isa::best());
+    let alone: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|w| matmul(&packed(w.clone()), &x, 5, &p))
+        .collect();
+    let runs: Vec<Packed> = Unpacked::stack_runs(parts)
+        .unwrap()
+        .into_iter()
+        .map(packed)
+        .collect();
     // Q4_K+Q4_K stack; Q6_K, Q5_K and Q8_0 share the 8-bit layout (Q6_K has no min, Q5_K has).
     assert_eq!(runs.len(), 2);
     let n: usize = formats.iter().map(|f| f.1).sum();
@@ -303,17 +340,17 @@ fn extreme_eight_bit_weights_give_the_portable_sums_on_every_kernel_set() {
             .collect();
         let want = matmul_parts_on(
             Isa::Portable,
-            std::slice::from_ref(&w),
+            &[Packed::Rows(w.clone())],
             &x,
             tokens,
             &pool(1),
         );
-        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
-            let got = matmul_parts_on(isa, std::slice::from_ref(&w), &x, tokens, &pool(1));
+        for (name, isa, packed) in kernel_layouts(&w) {
+            let got = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, tokens, &pool(1));
             for (i, (g, p)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - p).abs() <= 1e-4 * p.abs().max(1.0),
-                    "{isa:?} tokens {tokens} output {i}: {g} vs portable {p}"
+                    "{name} tokens {tokens} output {i}: {g} vs portable {p}"
                 );
             }
         }

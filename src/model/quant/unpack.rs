@@ -45,6 +45,7 @@ pub fn supported(dtype: GgmlDType) -> bool {
 }
 
 /// A decoded weight matrix, in whichever layout suits its format.
+#[derive(Clone)]
 pub enum Unpacked {
     Q4(Q4Matrix),
     Q8(Q8Matrix),

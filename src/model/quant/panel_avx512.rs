@@ -1,0 +1,187 @@
+//! The tiled kernels on [`Panels`] with AVX-512 VNNI: `P` panels (16 rows each) × `T`
+//! tokens of accumulators live in registers for a whole row of blocks. Per 32-element block,
+//! each 64-byte chunk of weights is loaded (and for 4 bits split into two nibble vectors)
+//! once for all `T` tokens, and each token's four activation bytes are broadcast from memory
+//! straight into `vpdpbusd`. At the block's end its integer sums are converted and scaled
+//! once per 16 rows: `acc += cvt(dot) · (scale · d) + min · dsum`.
+//!
+//! Decode (one token) takes four panels a tile with two integer sums each, so eight
+//! independent `vpdpbusd` chains hide the instruction's latency; prompts take one panel and
+//! up to eight tokens.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOKENS};
+
+/// Runs every tile of `panels` × the first `group` tokens of `tokens`, handing each panel's
+/// 16 sums for each token to `store(panel, token, sums)`.
+///
+/// # Safety
+/// The CPU must have what [`super::avx512::available`] checks; `tokens` must point into
+/// activations of `w.k` per token.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub unsafe fn tiles(
+    w: &Panels,
+    panels: Range<usize>,
+    tokens: &[TokenActs; TILE_TOKENS],
+    group: usize,
+    mut store: impl FnMut(usize, usize, &[f32; ROWS]),
+) {
+    let mut p = panels.start;
+    if group == 1 {
+        while p + DECODE_PANELS <= panels.end {
+            tile::<DECODE_PANELS, 1, 2>(w, p, tokens, &mut store);
+            p += DECODE_PANELS;
+        }
+        for p in p..panels.end {
+            tile::<1, 1, 2>(w, p, tokens, &mut store);
+        }
+        return;
+    }
+    for p in panels {
+        match group {
+            2 => tile::<1, 2, 2>(w, p, tokens, &mut store),
+            3 => tile::<1, 3, 1>(w, p, tokens, &mut store),
+            4 => tile::<1, 4, 1>(w, p, tokens, &mut store),
+            5 => tile::<1, 5, 1>(w, p, tokens, &mut store),
+            6 => tile::<1, 6, 1>(w, p, tokens, &mut store),
+            7 => tile::<1, 7, 1>(w, p, tokens, &mut store),
+            _ => tile::<1, 8, 1>(w, p, tokens, &mut store),
+        }
+    }
+}
+
+/// Panels `p0..p0 + P` against tokens `0..T`, with `S` (1 or 2) integer sums per pair so
+/// that small tiles still have independent chains.
+#[inline(always)]
+unsafe fn tile<const P: usize, const T: usize, const S: usize>(
+    w: &Panels,
+    p0: usize,
+    a: &[TokenActs; TILE_TOKENS],
+    store: &mut impl FnMut(usize, usize, &[f32; ROWS]),
+) {
+    let acc = match w.format {
+        PanelFormat::Q4 => q4_tile::<P, T, S>(w, p0, a),
+        PanelFormat::Q8 => q8_tile::<P, T, S>(w, p0, a),
+    };
+    let mut sums = [0.0f32; ROWS];
+    for (p, row) in acc.iter().enumerate() {
+        for (t, v) in row.iter().enumerate() {
+            _mm512_storeu_ps(sums.as_mut_ptr(), *v);
+            store(p0 + p, t, &sums);
+        }
+    }
+}
+
+/// Four activation bytes of a token, as a 32-bit lane broadcast to all 16.
+#[inline(always)]
+unsafe fn quad(x: *const i8) -> __m512i {
+    _mm512_set1_epi32((x as *const i32).read_unaligned())
+}
+
+#[inline(always)]
+unsafe fn scales16(s: *const half::f16) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i))
+}
+
+#[inline(always)]
+unsafe fn q4_tile<const P: usize, const T: usize, const S: usize>(
+    w: &Panels,
+    p0: usize,
+    a: &[TokenActs; TILE_TOKENS],
+) -> [[__m512; T]; P] {
+    let nb = w.blocks();
+    let panels: [(&[u8], &[half::f16], &[half::f16]); P] = std::array::from_fn(|p| w.panel(p0 + p));
+    assert!(panels
+        .iter()
+        .all(|(q, s, m)| q.len() == nb * 256 && s.len() == nb * ROWS && m.len() == nb * ROWS));
+    let nibble = _mm512_set1_epi8(0x0F);
+    let mut acc = [[_mm512_setzero_ps(); T]; P];
+    for b in 0..nb {
+        let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
+        for c in 0..4 {
+            for p in 0..P {
+                let raw = _mm512_load_si512(panels[p].0.as_ptr().add(b * 256 + 64 * c) as *const _);
+                let lo = _mm512_and_si512(raw, nibble);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                for t in 0..T {
+                    let x = a[t].qs.add(32 * b + 8 * c);
+                    dot[p][t][0] = _mm512_dpbusd_epi32(dot[p][t][0], lo, quad(x));
+                    dot[p][t][S - 1] = _mm512_dpbusd_epi32(dot[p][t][S - 1], hi, quad(x.add(4)));
+                }
+            }
+        }
+        for p in 0..P {
+            let scale = scales16(panels[p].1.as_ptr().add(b * ROWS));
+            let min = scales16(panels[p].2.as_ptr().add(b * ROWS));
+            for t in 0..T {
+                let mut idot = dot[p][t][0];
+                if S == 2 {
+                    idot = _mm512_add_epi32(idot, dot[p][t][1]);
+                }
+                let sd = _mm512_mul_ps(scale, _mm512_set1_ps(*a[t].d.add(b)));
+                acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), sd, acc[p][t]);
+                acc[p][t] = _mm512_fmadd_ps(min, _mm512_set1_ps(*a[t].dsum.add(b)), acc[p][t]);
+            }
+        }
+    }
+    acc
+}
+
+#[inline(always)]
+unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
+    w: &Panels,
+    p0: usize,
+    a: &[TokenActs; TILE_TOKENS],
+) -> [[__m512; T]; P] {
+    let nb = w.blocks();
+    let has_min = w.has_min();
+    let panels: [(&[u8], &[half::f16], &[half::f16]); P] = std::array::from_fn(|p| w.panel(p0 + p));
+    assert!(panels.iter().all(|(q, s, m)| q.len() == nb * 512
+        && s.len() == nb * 2 * ROWS
+        && (!has_min || m.len() == nb * ROWS)));
+    let mut acc = [[_mm512_setzero_ps(); T]; P];
+    for b in 0..nb {
+        for g in 0..2 {
+            let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
+            for q in 4 * g..4 * g + 4 {
+                for p in 0..P {
+                    let wq =
+                        _mm512_load_si512(panels[p].0.as_ptr().add(b * 512 + 64 * q) as *const _);
+                    for t in 0..T {
+                        let s = q % S;
+                        dot[p][t][s] = _mm512_dpbusd_epi32(
+                            dot[p][t][s],
+                            wq,
+                            quad(a[t].qs.add(32 * b + 4 * q)),
+                        );
+                    }
+                }
+            }
+            for p in 0..P {
+                let scale = scales16(panels[p].1.as_ptr().add((2 * b + g) * ROWS));
+                for t in 0..T {
+                    let mut idot = dot[p][t][0];
+                    if S == 2 {
+                        idot = _mm512_add_epi32(idot, dot[p][t][1]);
+                    }
+                    // The weights were stored as q + 128: take 128·Σx off.
+                    let offset = _mm512_set1_epi32(*a[t].gsum.add(2 * b + g) << 7);
+                    let idot = _mm512_sub_epi32(idot, offset);
+                    let sd = _mm512_mul_ps(scale, _mm512_set1_ps(*a[t].d.add(b)));
+                    acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), sd, acc[p][t]);
+                }
+            }
+        }
+        if has_min {
+            for p in 0..P {
+                let min = scales16(panels[p].2.as_ptr().add(b * ROWS));
+                for t in 0..T {
+                    acc[p][t] = _mm512_fmadd_ps(min, _mm512_set1_ps(*a[t].dsum.add(b)), acc[p][t]);
+                }
+            }
+        }
+    }
+    acc
+}
