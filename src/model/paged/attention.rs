@@ -6,7 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::{KvPool, SeqBlocks, BLOCK_TOKENS};
+use super::attend::{self, AttnPath, Job};
+use super::{KvPool, SeqBlocks};
 pub use crate::model::rope::Rope;
 
 /// What differs between one layer's attention and another's besides the weights.
@@ -39,6 +40,20 @@ pub fn paged_attention(
     items: &[PagedItem<'_>],
     qkv: &mut [f32],
 ) -> Vec<f32> {
+    let path = AttnPath::for_isa(crate::model::quant::Isa::best());
+    paged_attention_on(path, pool, layer, rope, params, items, qkv)
+}
+
+/// [`paged_attention`] with the kernel compiled for `path` (tests run each).
+pub fn paged_attention_on(
+    path: AttnPath,
+    pool: &mut KvPool,
+    layer: usize,
+    rope: &Rope,
+    params: AttnParams,
+    items: &[PagedItem<'_>],
+    qkv: &mut [f32],
+) -> Vec<f32> {
     let g = pool.geometry();
     let d = g.head_dim;
     let width = (g.heads + 2 * g.kv_heads) * d;
@@ -62,12 +77,18 @@ pub fn paged_attention(
     let pool = &*pool;
     let qkv = &*qkv;
     let group = g.heads / g.kv_heads;
-    // The quantized kernels' check (AVX2, FMA, F16C): one answer for the whole forward pass.
-    let simd = crate::model::quant::simd_available();
+    // Prompts: each task takes every query head of one KV head (they share the keys and
+    // values read). Decode of a few sequences: one head a task, so both threads have work.
+    let per_task = if rows.len() * g.kv_heads >= 16 && group <= 8 {
+        group
+    } else {
+        1
+    };
     let one = |(c, o): (usize, &mut [f32])| {
-        let (row, h) = (c / g.heads, c % g.heads);
+        let heads_per_row = g.heads / per_task;
+        let (row, h) = (c / heads_per_row, c % heads_per_row * per_task);
         let (s, pos) = rows[row];
-        let q = &qkv[row * width + h * d..row * width + (h + 1) * d];
+        let q = &qkv[row * width + h * d..row * width + (h + per_task) * d];
         let n = pos + 1;
         let job = Job {
             pool,
@@ -80,135 +101,20 @@ pub fn paged_attention(
             scale: params.scale,
             softcap: params.softcap,
         };
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { attend_avx2(&job, o) };
-        }
-        attend::<false>(&job, o);
+        attend::run(path, &job, per_task, o);
     };
     // Work in position-heads; below this a thread hand-off costs more than it saves.
     let seen = |p: usize| params.window.map_or(p + 1, |w| (p + 1).min(w));
     let work: usize = rows.iter().map(|&(_, p)| seen(p)).sum::<usize>() * g.heads;
     if work >= 4 * 1024 {
-        out.par_chunks_mut(d)
+        out.par_chunks_mut(d * per_task)
             .enumerate()
             .with_min_len(2)
             .for_each(one);
     } else {
-        out.chunks_mut(d).enumerate().for_each(one);
+        out.chunks_mut(d * per_task).enumerate().for_each(one);
     }
     out
-}
-
-/// One query head's attention: over positions `start..n` of `seq` on `kv_head`.
-struct Job<'a> {
-    pool: &'a KvPool,
-    layer: usize,
-    seq: &'a SeqBlocks,
-    start: usize,
-    n: usize,
-    kv_head: usize,
-    q: &'a [f32],
-    scale: f32,
-    softcap: Option<f32>,
-}
-
-/// [`attend`] compiled for AVX2 and FMA, where the compiler turns its eight-lane loops into
-/// 256-bit fused multiply-adds.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(job: &Job<'_>, out: &mut [f32]) {
-    attend::<true>(job, out)
-}
-
-/// Softmax-weighted sum of the values of `job`'s positions, into `out`. `FMA`: use fused
-/// multiply-adds (only where the CPU has them: elsewhere they are library calls).
-#[inline(always)]
-fn attend<const FMA: bool>(job: &Job<'_>, out: &mut [f32]) {
-    let Job {
-        pool,
-        layer,
-        seq,
-        start: first,
-        n,
-        kv_head,
-        q,
-        scale,
-        softcap,
-    } = *job;
-    let d = out.len();
-    let (keys, values) = pool.layer(layer);
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
-    out.fill(0.0);
-    let mut scores = [0.0f32; BLOCK_TOKENS];
-    for (bi, &block) in seq.blocks.iter().enumerate().skip(first / BLOCK_TOKENS) {
-        let start = bi * BLOCK_TOKENS;
-        if start >= n {
-            break;
-        }
-        let count = (n - start).min(BLOCK_TOKENS);
-        // Positions before the window's start (in its first block) weigh nothing.
-        let skip = first.saturating_sub(start);
-        let base = pool.at(block, kv_head, 0);
-        let mut block_max = f32::NEG_INFINITY;
-        for (j, s) in scores[..count].iter_mut().enumerate() {
-            if j < skip {
-                *s = f32::NEG_INFINITY;
-                continue;
-            }
-            *s = dot::<FMA>(q, &keys[base + j * d..base + (j + 1) * d]) * scale;
-            if let Some(c) = softcap {
-                *s = c * (*s / c).tanh();
-            }
-            block_max = block_max.max(*s);
-        }
-        let new_max = max.max(block_max);
-        if new_max > max {
-            // exp(-inf) is 0: the first block rescales an empty sum.
-            let correction = (max - new_max).exp();
-            sum *= correction;
-            out.iter_mut().for_each(|o| *o *= correction);
-            max = new_max;
-        }
-        for (j, s) in scores[..count].iter().enumerate().skip(skip) {
-            let p = (s - max).exp();
-            sum += p;
-            axpy::<FMA>(p, &values[base + j * d..base + (j + 1) * d], out);
-        }
-    }
-    let inv = 1.0 / sum;
-    out.iter_mut().for_each(|o| *o *= inv);
-}
-
-/// Dot product in eight independent lanes, a shape the compiler vectorizes.
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] = if FMA {
-                x[l].mul_add(y[l], acc[l])
-            } else {
-                acc[l] + x[l] * y[l]
-            };
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn axpy<const FMA: bool>(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = if FMA { a.mul_add(*x, *y) } else { *y + a * x };
-    }
 }
 
 #[cfg(test)]
@@ -349,8 +255,35 @@ mod tests {
         }
     }
 
+    const PATHS: [AttnPath; 3] = [AttnPath::Avx512, AttnPath::Avx2, AttnPath::Portable];
+
     fn check_against_reference(params: AttnParams) {
-        let g = GEO;
+        check_geometry_against_reference(GEO, params);
+    }
+
+    /// A head size that leaves a tail after the kernels' 16-float chunks, and one query head
+    /// per KV head.
+    #[test]
+    fn odd_head_sizes_equal_plain_attention() {
+        for head_dim in [40, 18] {
+            let geo = KvGeometry {
+                layers: 2,
+                heads: 4,
+                kv_heads: 4,
+                head_dim,
+            };
+            check_geometry_against_reference(
+                geo,
+                AttnParams {
+                    scale: 0.2,
+                    softcap: None,
+                    window: None,
+                },
+            );
+        }
+    }
+
+    fn check_geometry_against_reference(g: KvGeometry, params: AttnParams) {
         let (d, width) = (g.head_dim, (g.heads + 2 * g.kv_heads) * g.head_dim);
         let rope = Rope::new(&rope_cfg(false), d, 256);
         let mut pool = KvPool::new(g, 32);
@@ -368,9 +301,8 @@ mod tests {
             }
             for layer in 0..g.layers {
                 let rows = t0 + t1;
-                let mut qkv = noise(rows * width, seed);
+                let pristine = noise(rows * width, seed);
                 seed += 1;
-                let pristine = qkv.clone();
                 let items: Vec<PagedItem<'_>> = (0..2)
                     .filter(|&s| counts[s] > 0)
                     .map(|s| PagedItem {
@@ -379,7 +311,18 @@ mod tests {
                         tokens: counts[s],
                     })
                     .collect();
-                let out = paged_attention(&mut pool, layer, &rope, params, &items, &mut qkv);
+                // Each kernel path on the same step (each stores the same keys and values).
+                let outs: Vec<(AttnPath, Vec<f32>)> = PATHS
+                    .into_iter()
+                    .filter(|p| p.available())
+                    .map(|path| {
+                        let mut qkv = pristine.clone();
+                        let out = paged_attention_on(
+                            path, &mut pool, layer, &rope, params, &items, &mut qkv,
+                        );
+                        (path, out)
+                    })
+                    .collect();
                 let mut row = 0;
                 for s in 0..2 {
                     for i in 0..counts[s] {
@@ -403,13 +346,15 @@ mod tests {
                                 pos + 1,
                                 params,
                             );
-                            let got = &out[(row * g.heads + h) * d..(row * g.heads + h + 1) * d];
-                            let err = got
-                                .iter()
-                                .zip(&want)
-                                .map(|(a, b)| (f64::from(*a) - b).abs())
-                                .fold(0.0, f64::max);
-                            assert!(err < 1e-5, "seq {s} token {i} head {h}: {err}");
+                            for (path, out) in &outs {
+                                let at = (row * g.heads + h) * d;
+                                let err = out[at..at + d]
+                                    .iter()
+                                    .zip(&want)
+                                    .map(|(a, b)| (f64::from(*a) - b).abs())
+                                    .fold(0.0, f64::max);
+                                assert!(err < 1e-5, "{path:?} seq {s} token {i} head {h}: {err}");
+                            }
                         }
                         row += 1;
                         let _ = i;

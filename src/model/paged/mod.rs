@@ -4,10 +4,14 @@
 //! copies, sequences with a common prompt prefix share its blocks, and the pool is the only
 //! memory that grows with load. [`attention`] is the fused CPU attention that reads them.
 
+mod attend;
+#[cfg(target_arch = "x86_64")]
+mod attend_x86;
 pub mod attention;
 pub mod blocks;
 
-pub use attention::{paged_attention, AttnParams, Rope};
+pub use attend::AttnPath;
+pub use attention::{paged_attention, paged_attention_on, AttnParams, Rope};
 pub use blocks::{BlockAllocator, BLOCK_TOKENS};
 
 /// The shape of the cached keys and values.
@@ -39,8 +43,8 @@ pub struct SeqBlocks {
     pub hashes: Vec<u64>,
 }
 
-/// Keys and values for every block, as `[layer][block][kv_head][slot][dim]`, and the book-
-/// keeping of who holds which block.
+/// Keys and values for every block, as `[layer][block][kv_head]` areas (K: `[dim][slot]`, V:
+/// `[slot][dim]`), and the bookkeeping of who holds which block.
 pub struct KvPool {
     geo: KvGeometry,
     /// One allocation each for K and V: a large zeroed allocation is mapped fresh from the
@@ -81,18 +85,24 @@ impl KvPool {
         (&self.k[r.clone()], &self.v[r])
     }
 
-    /// Index of `(block, kv_head, slot)`'s first float in a layer's K or V.
+    /// Index of `(block, kv_head, slot)`'s first float in a layer's V (and of the
+    /// `(block, kv_head)` area in K when `slot` is 0).
     fn at(&self, block: u32, head: usize, slot: usize) -> usize {
         ((block as usize * self.geo.kv_heads + head) * BLOCK_TOKENS + slot) * self.geo.head_dim
     }
 
-    /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`.
+    /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`. A
+    /// block's keys are transposed, `[dim][slot]`, so that attention scores its 16 slots
+    /// side by side; its values stay `[slot][dim]`.
     fn write(&mut self, layer: usize, seq: &SeqBlocks, pos: usize, k: &[f32], v: &[f32]) {
         let d = self.geo.head_dim;
-        let block = seq.blocks[pos / BLOCK_TOKENS];
+        let (block, slot) = (seq.blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
         for h in 0..self.geo.kv_heads {
-            let at = layer * self.layer_floats + self.at(block, h, pos % BLOCK_TOKENS);
-            self.k[at..at + d].copy_from_slice(&k[h * d..(h + 1) * d]);
+            let area = layer * self.layer_floats + self.at(block, h, 0);
+            for (dim, &x) in k[h * d..(h + 1) * d].iter().enumerate() {
+                self.k[area + dim * BLOCK_TOKENS + slot] = x;
+            }
+            let at = area + slot * d;
             self.v[at..at + d].copy_from_slice(&v[h * d..(h + 1) * d]);
         }
     }

@@ -79,7 +79,7 @@ impl Q8Acts {
 }
 
 /// Whether the AVX2/FMA/F16C kernels run here; asked once per product, not per row.
-pub(crate) fn simd_available() -> bool {
+fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::avx2::available();
     #[cfg(not(target_arch = "x86_64"))]

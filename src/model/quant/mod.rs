@@ -32,7 +32,6 @@ use half::f16;
 use rayon::ThreadPool;
 use thiserror::Error;
 
-pub(crate) use kernels::simd_available;
 pub use kernels::{matmul, matmul_parts, matmul_parts_on, Isa, Q8Acts};
 pub use panel::Panels;
 pub use unpack::Unpacked;

@@ -258,13 +258,15 @@ pub(super) unsafe fn product(
 ) {
     let panels = rows.start / ROWS..rows.end.div_ceil(ROWS);
     let store = |p: usize, t: usize, sums: &[f32; ROWS]| {
-        for (i, s) in sums.iter().enumerate() {
-            let r = p * ROWS + i;
-            if rows.contains(&r) {
-                // SAFETY: row `r` of this part is in the caller's columns; `t < acts.rows`.
-                unsafe { *out.0.add(t * n + column + r) = *s };
-            }
-        }
+        let (lo, hi) = ((p * ROWS).max(rows.start), (p * ROWS + ROWS).min(rows.end));
+        // SAFETY: rows `lo..hi` of this part are in the caller's columns; `t < acts.rows`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                sums.as_ptr().add(lo - p * ROWS),
+                out.0.add(t * n + column + lo),
+                hi - lo,
+            )
+        };
     };
     let mut t0 = 0;
     while t0 < acts.rows {
