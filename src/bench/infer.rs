@@ -155,12 +155,19 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     let rounds = args.rounds.clamp(1, total);
     let mut timings = Vec::new();
     let mut ref_timings = Vec::new();
+    let mut batch1_timings = Vec::new();
     let mut wall = 0.0;
     for round in 0..rounds {
         let (first, end) = (round * total / rounds, (round + 1) * total / rounds);
         let started = Instant::now();
-        timings.extend(idlerig_phase(&client, &base, &args, first..end).await?);
+        let concurrency = args.concurrency;
+        timings.extend(idlerig_phase(&client, &base, &args, concurrency, first..end).await?);
         wall += started.elapsed().as_secs_f64();
+        if args.compare_batch1 {
+            // Prompts of their own (no prefix to share with the round's), one at a time.
+            let alone = BATCH1_SEED + first..BATCH1_SEED + (first + 2).min(end);
+            batch1_timings.extend(idlerig_phase(&client, &base, &args, 1, alone).await?);
+        }
         if let Some(r) = reference.as_mut() {
             for i in first..end {
                 let prompt = synthetic_prompt(args.prompt_tokens, i as u64);
@@ -197,6 +204,12 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         "rss_mb_end": proc_status_mb("VmRSS").map(round2),
         "rss_mb_peak": proc_status_mb("VmHWM").map(round2),
     });
+    if args.compare_batch1 {
+        let batch1 = Speeds::of(&batch1_timings, args.prompt_tokens);
+        out["batch1_requests"] = json!(batch1_timings.len());
+        out["batch1_decode_tok_s"] = json!(round2(batch1.decode));
+        out["throughput_vs_batch1"] = json!(round2(generated as f64 / wall / batch1.decode));
+    }
     if reference.is_some() {
         let theirs = Speeds::of(&ref_timings, args.prompt_tokens);
         out["reference"] =
@@ -212,15 +225,19 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     Ok(out)
 }
 
-/// Requests `indices` against idlerig, `concurrency` in flight at once.
+/// Where the batch-1 comparison's prompt seeds start: clear of the schedule's.
+const BATCH1_SEED: usize = 1 << 40;
+
+/// Requests `indices` (prompt seeds) against idlerig, `concurrency` in flight at once.
 async fn idlerig_phase(
     client: &reqwest::Client,
     base: &str,
     args: &BenchInferArgs,
+    concurrency: usize,
     indices: std::ops::Range<usize>,
 ) -> Result<Vec<StreamTiming>, String> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(indices.start));
-    let workers: Vec<_> = (0..args.concurrency.max(1))
+    let workers: Vec<_> = (0..concurrency.max(1))
         .map(|_| {
             let (client, base, next) = (client.clone(), base.to_string(), next.clone());
             let (p, g, end) = (args.prompt_tokens, args.gen_tokens, indices.end);

@@ -571,6 +571,12 @@ pub struct BenchInferArgs {
     /// print both and their ratios.
     #[arg(long)]
     pub compare_llama_cpp: bool,
+    /// With --concurrency above 1: after each round, also run two of its requests alone
+    /// (batch 1, other prompts of the same length) and print `batch1_decode_tok_s` and
+    /// `throughput_vs_batch1`, the aggregate throughput over batch-1 decode, both from
+    /// this run.
+    #[arg(long)]
+    pub compare_batch1: bool,
     /// Where scripts/llama-cpp-setup and llama-cpp-ref.py are (default: ./scripts, the
     /// working tree's, when run from the repository root).
     #[arg(long, env = "IDLERIG_SCRIPTS_DIR", default_value = "scripts")]

@@ -268,26 +268,17 @@ pub(super) unsafe fn product(
             )
         };
     };
-    let mut t0 = 0;
-    while t0 < acts.rows {
-        let group = (acts.rows - t0).min(TILE_TOKENS);
-        let tokens: [TokenActs; TILE_TOKENS] =
-            std::array::from_fn(|i| TokenActs::of(acts, t0 + i.min(group - 1)));
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx512Vnni {
-            super::panel_avx512::tiles(w, panels.clone(), &tokens, group, |p, t, sums| {
-                store(p, t0 + t, sums)
-            });
-            t0 += group;
-            continue;
+    let tokens: Vec<TokenActs> = (0..acts.rows).map(|t| TokenActs::of(acts, t)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        super::panel_avx512::tiles(w, panels, &tokens, store);
+        return;
+    }
+    let _ = isa;
+    for p in panels {
+        for (t, token) in tokens.iter().enumerate() {
+            store(p, t, &panel_dot_portable(w, p, *token));
         }
-        let _ = isa;
-        for p in panels.clone() {
-            for (t, token) in tokens.iter().take(group).enumerate() {
-                store(p, t0 + t, &panel_dot_portable(w, p, *token));
-            }
-        }
-        t0 += group;
     }
 }
 

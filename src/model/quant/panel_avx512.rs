@@ -14,8 +14,10 @@ use std::ops::Range;
 
 use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOKENS};
 
-/// Runs every tile of `panels` × the first `group` tokens of `tokens`, handing each panel's
-/// 16 sums for each token to `store(panel, token, sums)`.
+/// Runs every tile of `panels` × `tokens`, handing each panel's 16 sums for each token to
+/// `store(panel, token, sums)`. Panels are the outer loop: a panel's weights (a few KB) are
+/// read from memory once and stay in L1 for every token group, while the activations (a
+/// few hundred KB at most) stay in L2.
 ///
 /// # Safety
 /// The CPU must have what [`super::avx512::available`] checks; `tokens` must point into
@@ -24,30 +26,38 @@ use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOK
 pub unsafe fn tiles(
     w: &Panels,
     panels: Range<usize>,
-    tokens: &[TokenActs; TILE_TOKENS],
-    group: usize,
+    tokens: &[TokenActs],
     mut store: impl FnMut(usize, usize, &[f32; ROWS]),
 ) {
     let mut p = panels.start;
-    if group == 1 {
+    if tokens.len() == 1 {
+        let a: [TokenActs; TILE_TOKENS] = [tokens[0]; TILE_TOKENS];
+        let mut store = |p, _, sums: &[f32; ROWS]| store(p, 0, sums);
         while p + DECODE_PANELS <= panels.end {
-            tile::<DECODE_PANELS, 1, 2>(w, p, tokens, &mut store);
+            tile::<DECODE_PANELS, 1, 2>(w, p, &a, &mut store);
             p += DECODE_PANELS;
         }
         for p in p..panels.end {
-            tile::<1, 1, 2>(w, p, tokens, &mut store);
+            tile::<1, 1, 2>(w, p, &a, &mut store);
         }
         return;
     }
     for p in panels {
-        match group {
-            2 => tile::<1, 2, 2>(w, p, tokens, &mut store),
-            3 => tile::<1, 3, 1>(w, p, tokens, &mut store),
-            4 => tile::<1, 4, 1>(w, p, tokens, &mut store),
-            5 => tile::<1, 5, 1>(w, p, tokens, &mut store),
-            6 => tile::<1, 6, 1>(w, p, tokens, &mut store),
-            7 => tile::<1, 7, 1>(w, p, tokens, &mut store),
-            _ => tile::<1, 8, 1>(w, p, tokens, &mut store),
+        for (g, group) in tokens.chunks(TILE_TOKENS).enumerate() {
+            let a: [TokenActs; TILE_TOKENS] =
+                std::array::from_fn(|i| group[i.min(group.len() - 1)]);
+            let t0 = g * TILE_TOKENS;
+            let mut store = |p, t, sums: &[f32; ROWS]| store(p, t0 + t, sums);
+            match group.len() {
+                1 => tile::<1, 1, 2>(w, p, &a, &mut store),
+                2 => tile::<1, 2, 2>(w, p, &a, &mut store),
+                3 => tile::<1, 3, 1>(w, p, &a, &mut store),
+                4 => tile::<1, 4, 1>(w, p, &a, &mut store),
+                5 => tile::<1, 5, 1>(w, p, &a, &mut store),
+                6 => tile::<1, 6, 1>(w, p, &a, &mut store),
+                7 => tile::<1, 7, 1>(w, p, &a, &mut store),
+                _ => tile::<1, 8, 1>(w, p, &a, &mut store),
+            }
         }
     }
 }
@@ -72,6 +82,14 @@ unsafe fn tile<const P: usize, const T: usize, const S: usize>(
             store(p0 + p, t, &sums);
         }
     }
+}
+
+/// Asks for the weights 1 KB ahead of `at` (the rest of this panel, then the next one,
+/// which follows it in memory): the hardware prefetcher alone left the loads waiting.
+#[inline(always)]
+unsafe fn prefetch_ahead(at: *const u8) {
+    // A prefetch never faults, so it may point past the matrix's end.
+    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(1024) as *const i8);
 }
 
 /// Four activation bytes of a token, as a 32-bit lane broadcast to all 16.
@@ -102,7 +120,9 @@ unsafe fn q4_tile<const P: usize, const T: usize, const S: usize>(
         let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
         for c in 0..4 {
             for p in 0..P {
-                let raw = _mm512_load_si512(panels[p].0.as_ptr().add(b * 256 + 64 * c) as *const _);
+                let at = panels[p].0.as_ptr().add(b * 256 + 64 * c);
+                prefetch_ahead(at);
+                let raw = _mm512_load_si512(at as *const _);
                 let lo = _mm512_and_si512(raw, nibble);
                 let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
                 for t in 0..T {
@@ -147,8 +167,9 @@ unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
             let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
             for q in 4 * g..4 * g + 4 {
                 for p in 0..P {
-                    let wq =
-                        _mm512_load_si512(panels[p].0.as_ptr().add(b * 512 + 64 * q) as *const _);
+                    let at = panels[p].0.as_ptr().add(b * 512 + 64 * q);
+                    prefetch_ahead(at);
+                    let wq = _mm512_load_si512(at as *const _);
                     for t in 0..T {
                         let s = q % S;
                         dot[p][t][s] = _mm512_dpbusd_epi32(
