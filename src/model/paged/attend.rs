@@ -2,7 +2,8 @@
 //! sequence's blocks, with an online softmax (one pass, rescaled when a block raises the
 //! maximum).
 //!
-//! Keys are stored transposed in each block (`[dim][slot]`), so a block's 16 scores are
+//! Keys and values are f16 in the pool, widened to f32 as they are loaded. Keys are stored
+//! transposed in each block (`[dim][slot]`), so a block's 16 scores are
 //! computed side by side: for each dimension, one broadcast of the query's value times the
 //! 16 slots' values, with no horizontal sum per key. The 16 weights then go through one
 //! vectorized `exp` (our own polynomial: the library's `expf` is a call per score), and the
@@ -38,12 +39,12 @@ impl AttnPath {
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return match self {
-            AttnPath::Avx512 => {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx2")
+            AttnPath::Avx512 => is_x86_feature_detected!("avx512f") && AttnPath::Avx2.available(),
+            AttnPath::Avx2 => {
+                is_x86_feature_detected!("avx2")
                     && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
-            AttnPath::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             AttnPath::Portable => true,
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -81,13 +82,13 @@ pub(super) fn run(path: AttnPath, job: &Job<'_>, queries: usize, out: &mut [f32]
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn run_avx512(job: &Job<'_>, queries: usize, out: &mut [f32]) {
     dispatch::<super::attend_x86::Avx512>(job, queries, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2(job: &Job<'_>, queries: usize, out: &mut [f32]) {
     dispatch::<super::attend_x86::Avx2>(job, queries, out)
 }
@@ -114,6 +115,8 @@ pub(super) trait Lanes16: Copy {
     fn zero() -> Self;
     fn splat(x: f32) -> Self;
     fn load(x: &[f32; BLOCK_TOKENS]) -> Self;
+    /// 16 f16 values (as their bits), widened.
+    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self;
     fn store(self, to: &mut [f32; BLOCK_TOKENS]);
     fn add(self, b: Self) -> Self;
     fn mul(self, b: Self) -> Self;
@@ -141,6 +144,9 @@ impl Lanes16 for Portable {
     }
     fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
         Portable(*x)
+    }
+    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+        Portable(x.map(|h| half::f16::from_bits(h).to_f32()))
     }
     fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
         *to = self.0;
@@ -205,7 +211,7 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
         let mut s1 = [L::zero(); Q];
         let mut pairs = rows.chunks_exact(2);
         for (dim, pair) in (&mut pairs).enumerate() {
-            let (k0, k1) = (L::load(&pair[0]), L::load(&pair[1]));
+            let (k0, k1) = (L::load_f16(&pair[0]), L::load_f16(&pair[1]));
             for qi in 0..Q {
                 s0[qi] = L::splat(qs[qi][2 * dim]).mul_add(k0, s0[qi]);
                 s1[qi] = L::splat(qs[qi][2 * dim + 1]).mul_add(k1, s1[qi]);
@@ -213,7 +219,7 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
         }
         if let [k0] = pairs.remainder() {
             for qi in 0..Q {
-                s0[qi] = L::splat(qs[qi][d - 1]).mul_add(L::load(k0), s0[qi]);
+                s0[qi] = L::splat(qs[qi][d - 1]).mul_add(L::load_f16(k0), s0[qi]);
             }
         }
         let partial = skip > 0 || count < B;
@@ -264,7 +270,7 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
                     let w = L::splat(p[j]);
                     let row = as_rows(&v[j * d + c4 * 4 * B..][..4 * B]);
                     for i in 0..4 {
-                        acc[i] = w.mul_add(L::load(&row[i]), acc[i]);
+                        acc[i] = w.mul_add(L::load_f16(&row[i]), acc[i]);
                     }
                 }
                 for i in 0..4 {
@@ -276,15 +282,16 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
                 let mut acc = L::load(chunk);
                 for j in skip..count {
                     let row = as_rows(&v[j * d + (first + c) * B..][..B]);
-                    acc = L::splat(p[j]).mul_add(L::load(&row[0]), acc);
+                    acc = L::splat(p[j]).mul_add(L::load_f16(&row[0]), acc);
                 }
                 acc.store(chunk);
             }
             let done = d - tail.len();
             for j in skip..count {
                 for (o, x) in tail.iter_mut().zip(&v[j * d + done..(j + 1) * d]) {
+                    let x = half::f16::from_bits(*x).to_f32();
                     *o = if L::FMA {
-                        p[j].mul_add(*x, *o)
+                        p[j].mul_add(x, *o)
                     } else {
                         *o + p[j] * x
                     };
@@ -300,7 +307,7 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
 
 /// A block's transposed keys as rows of 16 (one per dimension).
 #[inline(always)]
-fn as_rows(kt: &[f32]) -> &[[f32; BLOCK_TOKENS]] {
+fn as_rows(kt: &[u16]) -> &[[u16; BLOCK_TOKENS]] {
     let (rows, rest) = kt.as_chunks::<BLOCK_TOKENS>();
     debug_assert!(rest.is_empty());
     rows

@@ -26,6 +26,14 @@ impl Lanes16 for Avx512 {
         unsafe { Avx512(_mm512_loadu_ps(x.as_ptr())) }
     }
     #[inline(always)]
+    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+        unsafe {
+            Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(
+                x.as_ptr() as *const __m256i
+            )))
+        }
+    }
+    #[inline(always)]
     fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
         unsafe { _mm512_storeu_ps(to.as_mut_ptr(), self.0) }
     }
@@ -85,7 +93,7 @@ impl Lanes16 for Avx2 {
     #[inline(always)]
     fn zero() -> Self {
         // SAFETY (every method): only compiled into `run_avx2` (or `run_avx512`), whose
-        // caller checked AVX2 and FMA.
+        // caller checked AVX2, FMA and F16C.
         unsafe { Avx2(_mm256_setzero_ps(), _mm256_setzero_ps()) }
     }
     #[inline(always)]
@@ -98,6 +106,16 @@ impl Lanes16 for Avx2 {
             Avx2(
                 _mm256_loadu_ps(x.as_ptr()),
                 _mm256_loadu_ps(x.as_ptr().add(8)),
+            )
+        }
+    }
+    #[inline(always)]
+    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+        unsafe {
+            let p = x.as_ptr() as *const __m128i;
+            Avx2(
+                _mm256_cvtph_ps(_mm_loadu_si128(p)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))),
             )
         }
     }
@@ -176,13 +194,13 @@ unsafe fn exp8(x: __m256) -> __m256 {
 #[cfg(test)]
 pub(super) fn exps(x: &[f32; BLOCK_TOKENS]) -> Vec<[f32; BLOCK_TOKENS]> {
     use super::attend::AttnPath;
-    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     unsafe fn on_avx512(x: &[f32; BLOCK_TOKENS]) -> [f32; BLOCK_TOKENS] {
         let mut out = [0.0; BLOCK_TOKENS];
         Avx512::load(x).exp().store(&mut out);
         out
     }
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn on_avx2(x: &[f32; BLOCK_TOKENS]) -> [f32; BLOCK_TOKENS] {
         let mut out = [0.0; BLOCK_TOKENS];
         Avx2::load(x).exp().store(&mut out);

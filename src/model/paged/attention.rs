@@ -329,11 +329,13 @@ mod tests {
                         let pos = keys[s][layer][0].len();
                         let r = &pristine[row * width..(row + 1) * width];
                         for h in 0..g.kv_heads {
+                            // The pool keeps f16: the reference gets the same rounding.
+                            let f16 = |x: &f32| half::f16::from_f32(*x).to_f32();
                             let mut k = r[(g.heads + h) * d..(g.heads + h + 1) * d].to_vec();
                             rope.apply(&mut k, pos);
-                            keys[s][layer][h].push(k);
+                            keys[s][layer][h].push(k.iter().map(f16).collect());
                             let v = (g.heads + g.kv_heads + h) * d;
-                            values[s][layer][h].push(r[v..v + d].to_vec());
+                            values[s][layer][h].push(r[v..v + d].iter().map(f16).collect());
                         }
                         for h in 0..g.heads {
                             let mut q = r[h * d..(h + 1) * d].to_vec();

@@ -29,9 +29,10 @@ impl KvGeometry {
         self.kv_heads * BLOCK_TOKENS * self.head_dim
     }
 
-    /// Bytes one block takes across all layers, K and V.
+    /// Bytes one block takes across all layers, K and V (f16 each, as llama.cpp keeps
+    /// them).
     pub fn block_bytes(&self) -> usize {
-        2 * self.layers * self.block_floats() * std::mem::size_of::<f32>()
+        2 * self.layers * self.block_floats() * std::mem::size_of::<u16>()
     }
 }
 
@@ -43,15 +44,19 @@ pub struct SeqBlocks {
     pub hashes: Vec<u64>,
 }
 
-/// Keys and values for every block, as `[layer][block][kv_head]` areas (K: `[dim][slot]`, V:
-/// `[slot][dim]`), and the bookkeeping of who holds which block.
+/// Keys and values for every block, in f16, as `[layer][block][kv_head]` areas (K:
+/// `[dim][slot]`, V: `[slot][dim]`), and the bookkeeping of who holds which block. Half
+/// precision halves what attention reads per position (and what the pool holds), as
+/// llama.cpp's default f16 cache does; the products are taken in f32.
 pub struct KvPool {
     geo: KvGeometry,
     /// One allocation each for K and V: a large zeroed allocation is mapped fresh from the
     /// OS, so its pages become resident only when written (per-layer vectors of a few MB
-    /// could come from the heap and be cleared, all of them resident at once).
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// could come from the heap and be cleared, all of them resident at once). The f16
+    /// values are kept as their bits: `vec![0u16; n]` is such a zeroed allocation, where
+    /// `vec![f16::ZERO; n]` would write every page.
+    k: Vec<u16>,
+    v: Vec<u16>,
     layer_floats: usize,
     pub alloc: BlockAllocator,
 }
@@ -63,8 +68,8 @@ impl KvPool {
         let layer_floats = blocks * geo.block_floats();
         Self {
             geo,
-            k: vec![0.0; geo.layers * layer_floats],
-            v: vec![0.0; geo.layers * layer_floats],
+            k: vec![0; geo.layers * layer_floats],
+            v: vec![0; geo.layers * layer_floats],
             layer_floats,
             alloc: BlockAllocator::new(blocks),
         }
@@ -80,7 +85,7 @@ impl KvPool {
     }
 
     /// One layer's keys and values.
-    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+    fn layer(&self, layer: usize) -> (&[u16], &[u16]) {
         let r = layer * self.layer_floats..(layer + 1) * self.layer_floats;
         (&self.k[r.clone()], &self.v[r])
     }
@@ -100,10 +105,12 @@ impl KvPool {
         for h in 0..self.geo.kv_heads {
             let area = layer * self.layer_floats + self.at(block, h, 0);
             for (dim, &x) in k[h * d..(h + 1) * d].iter().enumerate() {
-                self.k[area + dim * BLOCK_TOKENS + slot] = x;
+                self.k[area + dim * BLOCK_TOKENS + slot] = half::f16::from_f32(x).to_bits();
             }
             let at = area + slot * d;
-            self.v[at..at + d].copy_from_slice(&v[h * d..(h + 1) * d]);
+            for (to, &x) in self.v[at..at + d].iter_mut().zip(&v[h * d..(h + 1) * d]) {
+                *to = half::f16::from_f32(x).to_bits();
+            }
         }
     }
 
