@@ -12,10 +12,12 @@ use candle_core::{DType, Device, Tensor};
 use super::cache::{DenseBudget, SeqCache};
 use super::config::{Activation, ModelConfig};
 use super::dense::{attention_mask, dense_attention, Heads, RopeTensors};
+use super::paged::attend::AttnPath;
 use super::paged::attention::PagedItem;
 use super::paged::{paged_attention, AttnParams, KvGeometry, KvPool};
 use super::quant::Linear;
 use super::rope::Rope;
+use super::swiglu::SwiGlu;
 use super::weights::Weights;
 use super::ModelError;
 
@@ -229,6 +231,17 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = self.gate_up.forward(x)?;
+        if self.activation == Activation::Silu
+            && gate_up.device().is_cpu()
+            && gate_up.dtype() == DType::F32
+        {
+            let path = AttnPath::for_isa(crate::model::quant::Isa::best());
+            let act = gate_up.contiguous()?.apply_op1_no_bwd(&SwiGlu {
+                inter: self.intermediate,
+                path,
+            })?;
+            return self.down.forward(&act);
+        }
         let gate = gate_up.narrow(1, 0, self.intermediate)?;
         let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
         let gate = match self.activation {

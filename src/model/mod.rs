@@ -13,6 +13,7 @@ mod dense;
 pub mod paged;
 pub mod quant;
 mod rope;
+mod swiglu;
 mod weights;
 
 pub use cache::SeqCache;

@@ -120,6 +120,7 @@ pub(super) trait Lanes16: Copy {
     fn store(self, to: &mut [f32; BLOCK_TOKENS]);
     fn add(self, b: Self) -> Self;
     fn mul(self, b: Self) -> Self;
+    fn div(self, b: Self) -> Self;
     /// `self·b + c`.
     fn mul_add(self, b: Self, c: Self) -> Self;
     /// `eˣ` lane by lane (see [`exp_lanes`]).
@@ -157,6 +158,9 @@ impl Lanes16 for Portable {
     fn mul(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] * b.0[j]))
     }
+    fn div(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|j| self.0[j] / b.0[j]))
+    }
     fn mul_add(self, b: Self, c: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] * b.0[j] + c.0[j]))
     }
@@ -171,6 +175,49 @@ impl Lanes16 for Portable {
     }
     fn hsum(self) -> f32 {
         self.0.iter().sum()
+    }
+}
+
+/// `out = silu(gate) · up` element by element (SwiGLU, `silu(g) = g / (1 + e^−g)`), with
+/// the vector `exp` of the attention kernel: candle's `silu` calls the library's `expf` per
+/// element, and its narrow and multiply copy the halves around.
+pub fn silu_mul(path: AttnPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match path {
+        // SAFETY (both): `available` checked the CPU's features when the path was chosen.
+        AttnPath::Avx512 => return unsafe { silu_mul_avx512(gate, up, out) },
+        AttnPath::Avx2 => return unsafe { silu_mul_avx2(gate, up, out) },
+        AttnPath::Portable => {}
+    }
+    let _ = path;
+    silu_mul_on::<Portable>(gate, up, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn silu_mul_avx512(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_on::<super::attend_x86::Avx512>(gate, up, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    silu_mul_on::<super::attend_x86::Avx2>(gate, up, out)
+}
+
+#[inline(always)]
+fn silu_mul_on<L: Lanes16>(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    const B: usize = BLOCK_TOKENS;
+    let (g16, g_tail) = gate.as_chunks::<B>();
+    let (u16, u_tail) = up.as_chunks::<B>();
+    let (o16, o_tail) = out.as_chunks_mut::<B>();
+    for ((g, u), o) in g16.iter().zip(u16).zip(o16.iter_mut()) {
+        let g = L::load(g);
+        let denominator = g.mul(L::splat(-1.0)).exp().add(L::splat(1.0));
+        g.div(denominator).mul(L::load(u)).store(o);
+    }
+    for ((g, u), o) in g_tail.iter().zip(u_tail).zip(o_tail.iter_mut()) {
+        *o = g / (1.0 + (-g).exp()) * u;
     }
 }
 

@@ -46,6 +46,10 @@ impl Lanes16 for Avx512 {
         unsafe { Avx512(_mm512_mul_ps(self.0, b.0)) }
     }
     #[inline(always)]
+    fn div(self, b: Self) -> Self {
+        unsafe { Avx512(_mm512_div_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
         unsafe { Avx512(_mm512_fmadd_ps(self.0, b.0, c.0)) }
     }
@@ -133,6 +137,10 @@ impl Lanes16 for Avx2 {
     #[inline(always)]
     fn mul(self, b: Self) -> Self {
         unsafe { Avx2(_mm256_mul_ps(self.0, b.0), _mm256_mul_ps(self.1, b.1)) }
+    }
+    #[inline(always)]
+    fn div(self, b: Self) -> Self {
+        unsafe { Avx2(_mm256_div_ps(self.0, b.0), _mm256_div_ps(self.1, b.1)) }
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {

@@ -4,7 +4,7 @@
 //! copies, sequences with a common prompt prefix share its blocks, and the pool is the only
 //! memory that grows with load. [`attention`] is the fused CPU attention that reads them.
 
-mod attend;
+pub(crate) mod attend;
 #[cfg(target_arch = "x86_64")]
 mod attend_x86;
 pub mod attention;
