@@ -185,10 +185,11 @@ fn an_interrupted_step_changes_no_cache_and_runs_again_to_the_same_logits() {
 
 #[test]
 fn a_pool_too_small_for_the_sequence_is_an_error_not_a_panic() {
-    let mut m = load(1); // one block of 16 tokens
-    assert_eq!(m.kv_usage().unwrap().1, 1);
+    let mut m = load(1); // two blocks of 16 tokens (f16 keys and values)
+    let blocks = m.kv_usage().unwrap().1;
+    assert_eq!(blocks, 2);
     let mut c = m.new_cache();
-    let tokens: Vec<u32> = (1..20).collect();
+    let tokens: Vec<u32> = (1..(blocks * 16 + 4) as u32).collect();
     let err = m
         .forward(&mut [BatchItem {
             tokens: &tokens,
@@ -273,9 +274,9 @@ async fn batched_sequences_give_the_tokens_they_give_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_pre_empts_and_recomputes_without_changing_the_output() {
-    // 6 MiB hold 8 blocks of 16 tokens: enough for any one of these sequences (~10 prompt
-    // tokens + 40 generated = 4 blocks), not for four at once.
-    exhausted_cache_pre_empts_and_recomputes(server(6, 8).await, 40).await;
+    // 3 MiB hold 8 blocks of 16 tokens (360 KiB each, f16): enough for any one of these
+    // sequences (~10 prompt tokens + 40 generated = 4 blocks), not for four at once.
+    exhausted_cache_pre_empts_and_recomputes(server(3, 8).await, 40).await;
 }
 
 /// The same with CUDA's layout (dense per-sequence caches under a 6 MiB budget, 128 tokens).
@@ -394,26 +395,47 @@ async fn a_cancelled_stream_gives_its_blocks_back() {
     }
 }
 
+/// Polls the engine until `ready` holds of its status (10 s at most).
+async fn engine_until(srv: &common::TestServer, what: &str, ready: impl Fn(&Value) -> bool) {
+    let t = Instant::now();
+    loop {
+        let e = engine(srv).await;
+        if ready(&e) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}: {e}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One sequence runs (a stream held open); a low- and then a high-priority request queue
+/// behind it, each seen waiting before the next is sent; when the stream is dropped the
+/// high-priority one is admitted first. Ordered by the engine's state, not by timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_higher_priority_request_is_admitted_first() {
-    let srv = server(1024, 1).await;
-    let send = |prompt: &'static str, priority: i64, delay: u64| {
-        let srv = &srv;
-        async move {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            let mut body = completion(prompt, 24);
-            body["priority"] = json!(priority);
-            let (s, b) = srv.post("/v1/completions", body).await;
-            assert_eq!(s, 200, "{b}");
-            Instant::now()
-        }
+    let srv = &server(1024, 1).await;
+    let mut body = completion(PROMPTS[3], 4000);
+    body["stream"] = json!(true);
+    let mut running = srv.send("/v1/completions", &body).await.bytes_stream();
+    running.next().await.unwrap().unwrap();
+    let waiting = |n: u64| move |e: &Value| e["waiting_by_tier"]["default"] == n;
+    let send = move |prompt: &'static str, priority: i64| async move {
+        let mut body = completion(prompt, 8);
+        body["priority"] = json!(priority);
+        let (s, b) = srv.post("/v1/completions", body).await;
+        assert_eq!(s, 200, "{b}");
+        Instant::now()
     };
-    // One runs; while it does, a low- and then a high-priority request queue up.
-    let (_, low, high) = tokio::join!(
-        send(PROMPTS[0], 0, 0),
-        send(PROMPTS[1], 10, 100),
-        send(PROMPTS[2], -10, 200),
-    );
+    let low = send(PROMPTS[1], 10);
+    let high = async move {
+        engine_until(srv, "the low-priority request waits", waiting(1)).await;
+        send(PROMPTS[2], -10).await
+    };
+    let release = async move {
+        engine_until(srv, "both requests wait behind the stream", waiting(2)).await;
+        drop(running);
+    };
+    let (low, high, ()) = tokio::join!(low, high, release);
     assert!(
         high < low,
         "the priority -10 request finished after the priority 10 one"
