@@ -20,6 +20,8 @@ mod avx512;
 mod kernels;
 pub mod panel;
 #[cfg(target_arch = "x86_64")]
+mod panel_avx2;
+#[cfg(target_arch = "x86_64")]
 mod panel_avx512;
 pub mod unpack;
 
@@ -196,7 +198,7 @@ pub enum Packed {
 impl Packed {
     /// `w` in the layout that `isa`'s kernels read.
     pub fn for_isa(w: Unpacked, isa: Isa) -> Packed {
-        if isa == Isa::Avx512Vnni && isa.available() {
+        if isa != Isa::Portable && isa.available() {
             Packed::Panels(Panels::from_rows(&w))
         } else {
             Packed::Rows(w)

@@ -270,9 +270,11 @@ pub(super) unsafe fn product(
     };
     let tokens: Vec<TokenActs> = (0..acts.rows).map(|t| TokenActs::of(acts, t)).collect();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
-        super::panel_avx512::tiles(w, panels, &tokens, store);
-        return;
+    match isa {
+        Isa::Avx512Vnni => return super::panel_avx512::tiles(w, panels, &tokens, store),
+        Isa::AvxVnni => return super::panel_avx2::tiles_vnni(w, panels, &tokens, store),
+        Isa::Avx2 => return super::panel_avx2::tiles_avx2(w, panels, &tokens, store),
+        Isa::Portable => {}
     }
     let _ = isa;
     for p in panels {
