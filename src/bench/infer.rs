@@ -208,7 +208,12 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
         let batch1 = Speeds::of(&batch1_timings, args.prompt_tokens);
         out["batch1_requests"] = json!(batch1_timings.len());
         out["batch1_decode_tok_s"] = json!(round2(batch1.decode));
-        out["throughput_vs_batch1"] = json!(round2(generated as f64 / wall / batch1.decode));
+        // Null where batch-1 decode had nothing to time (one generated token).
+        out["throughput_vs_batch1"] = if batch1.decode > 0.0 {
+            json!(round2(generated as f64 / wall / batch1.decode))
+        } else {
+            json!(null)
+        };
     }
     if reference.is_some() {
         let theirs = Speeds::of(&ref_timings, args.prompt_tokens);
@@ -226,7 +231,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
 }
 
 /// Where the batch-1 comparison's prompt seeds start: clear of the schedule's.
-const BATCH1_SEED: usize = 1 << 40;
+const BATCH1_SEED: usize = usize::MAX / 2;
 
 /// Requests `indices` (prompt seeds) against idlerig, `concurrency` in flight at once.
 async fn idlerig_phase(

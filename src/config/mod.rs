@@ -175,9 +175,11 @@ pub struct ModelArgs {
     /// the CPU has them), or candle's (for comparison).
     #[arg(long, env = "IDLERIG_CPU_KERNELS", value_enum, default_value_t = CpuKernels::Idlerig)]
     pub cpu_kernels: CpuKernels,
-    /// Instruction set of idlerig's int8 kernels (default: the best this CPU has, detected at
-    /// start-up: avx512-vnni, then avx-vnni, then avx2, then portable). For comparisons; a
-    /// set the CPU lacks is refused in the log and the detected one is used.
+    /// Instruction set of idlerig's CPU kernels (default: the best this CPU has, detected at
+    /// start-up: avx512-vnni, then avx-vnni, then avx2, then portable): the int8 matrix
+    /// products, and the attention and SwiGLU (512-bit with avx512-vnni, 256-bit with avx-vnni
+    /// or avx2), which run with --cpu-kernels candle too. For comparisons; a set the CPU lacks
+    /// is refused in the log and the detected one is used.
     #[arg(long, env = "IDLERIG_CPU_ISA", value_enum)]
     pub cpu_isa: Option<crate::model::quant::Isa>,
 }

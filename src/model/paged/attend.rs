@@ -78,7 +78,8 @@ pub(super) fn run(path: AttnPath, job: &Job<'_>, queries: usize, out: &mut [f32]
         AttnPath::Portable => {}
     }
     let _ = path;
-    dispatch::<Portable>(job, queries, out)
+    // SAFETY: the portable lanes are plain arrays.
+    unsafe { dispatch::<Portable>(job, queries, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -93,8 +94,11 @@ unsafe fn run_avx2(job: &Job<'_>, queries: usize, out: &mut [f32]) {
     dispatch::<super::attend_x86::Avx2>(job, queries, out)
 }
 
+/// # Safety
+/// The CPU must have the features `L` needs (its caller's `#[target_feature]`).
 #[inline(always)]
-fn dispatch<L: Lanes16>(job: &Job<'_>, queries: usize, out: &mut [f32]) {
+unsafe fn dispatch<L: Lanes16>(job: &Job<'_>, queries: usize, out: &mut [f32]) {
+    assert!((1..=8).contains(&queries), "{queries} query heads a task");
     match queries {
         1 => attend::<L, 1>(job, out),
         2 => attend::<L, 2>(job, out),
@@ -109,26 +113,28 @@ fn dispatch<L: Lanes16>(job: &Job<'_>, queries: usize, out: &mut [f32]) {
 
 /// Sixteen f32 lanes (one block's slots): one zmm register, two ymm, or an array. Every
 /// method is `#[inline(always)]`, so that it compiles into its caller's target features.
+/// The methods are `unsafe`: the register types need the CPU features that their callers'
+/// `#[target_feature]` functions were checked for.
 pub(super) trait Lanes16: Copy {
     /// Whether `f32::mul_add` is an instruction here (elsewhere it is a library call).
     const FMA: bool;
-    fn zero() -> Self;
-    fn splat(x: f32) -> Self;
-    fn load(x: &[f32; BLOCK_TOKENS]) -> Self;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(x: f32) -> Self;
+    unsafe fn load(x: &[f32; BLOCK_TOKENS]) -> Self;
     /// 16 f16 values (as their bits), widened.
-    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self;
-    fn store(self, to: &mut [f32; BLOCK_TOKENS]);
-    fn add(self, b: Self) -> Self;
-    fn mul(self, b: Self) -> Self;
-    fn div(self, b: Self) -> Self;
+    unsafe fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self;
+    unsafe fn store(self, to: &mut [f32; BLOCK_TOKENS]);
+    unsafe fn add(self, b: Self) -> Self;
+    unsafe fn mul(self, b: Self) -> Self;
+    unsafe fn div(self, b: Self) -> Self;
     /// `self·b + c`.
-    fn mul_add(self, b: Self, c: Self) -> Self;
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self;
     /// `eˣ` lane by lane (see [`exp_lanes`]).
-    fn exp(self) -> Self;
+    unsafe fn exp(self) -> Self;
     /// The largest lane.
-    fn hmax(self) -> f32;
+    unsafe fn hmax(self) -> f32;
     /// The sum of the lanes.
-    fn hsum(self) -> f32;
+    unsafe fn hsum(self) -> f32;
 }
 
 /// The plain-code lanes.
@@ -137,43 +143,43 @@ pub(super) struct Portable([f32; BLOCK_TOKENS]);
 
 impl Lanes16 for Portable {
     const FMA: bool = false;
-    fn zero() -> Self {
+    unsafe fn zero() -> Self {
         Portable([0.0; BLOCK_TOKENS])
     }
-    fn splat(x: f32) -> Self {
+    unsafe fn splat(x: f32) -> Self {
         Portable([x; BLOCK_TOKENS])
     }
-    fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
+    unsafe fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
         Portable(*x)
     }
-    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+    unsafe fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
         Portable(x.map(|h| half::f16::from_bits(h).to_f32()))
     }
-    fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
+    unsafe fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
         *to = self.0;
     }
-    fn add(self, b: Self) -> Self {
+    unsafe fn add(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] + b.0[j]))
     }
-    fn mul(self, b: Self) -> Self {
+    unsafe fn mul(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] * b.0[j]))
     }
-    fn div(self, b: Self) -> Self {
+    unsafe fn div(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] / b.0[j]))
     }
-    fn mul_add(self, b: Self, c: Self) -> Self {
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] * b.0[j] + c.0[j]))
     }
-    fn exp(mut self) -> Self {
+    unsafe fn exp(mut self) -> Self {
         exp_lanes::<false>(&mut self.0);
         self
     }
-    fn hmax(self) -> f32 {
+    unsafe fn hmax(self) -> f32 {
         self.0
             .iter()
             .fold(f32::NEG_INFINITY, |m, x| if *x > m { *x } else { m })
     }
-    fn hsum(self) -> f32 {
+    unsafe fn hsum(self) -> f32 {
         self.0.iter().sum()
     }
 }
@@ -190,7 +196,8 @@ pub fn silu_mul(path: AttnPath, gate: &[f32], up: &[f32], out: &mut [f32]) {
         AttnPath::Portable => {}
     }
     let _ = path;
-    silu_mul_on::<Portable>(gate, up, out)
+    // SAFETY: the portable lanes are plain arrays.
+    unsafe { silu_mul_on::<Portable>(gate, up, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -205,8 +212,10 @@ unsafe fn silu_mul_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
     silu_mul_on::<super::attend_x86::Avx2>(gate, up, out)
 }
 
+/// # Safety
+/// As [`dispatch`].
 #[inline(always)]
-fn silu_mul_on<L: Lanes16>(gate: &[f32], up: &[f32], out: &mut [f32]) {
+unsafe fn silu_mul_on<L: Lanes16>(gate: &[f32], up: &[f32], out: &mut [f32]) {
     const B: usize = BLOCK_TOKENS;
     let (g16, g_tail) = gate.as_chunks::<B>();
     let (u16, u_tail) = up.as_chunks::<B>();
@@ -222,8 +231,11 @@ fn silu_mul_on<L: Lanes16>(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 /// `Q` query heads against the blocks of `job`: softmax-weighted sums of the values.
+///
+/// # Safety
+/// As [`dispatch`].
 #[inline(always)]
-fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
+unsafe fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
     const B: usize = BLOCK_TOKENS;
     let Job {
         pool,
@@ -347,7 +359,9 @@ fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
         }
     }
     for qi in 0..Q {
-        let inv = 1.0 / sum[qi];
+        // Every query sees at least itself, so the sum is positive; a zero guard keeps a
+        // malformed window from turning into NaN.
+        let inv = if sum[qi] > 0.0 { 1.0 / sum[qi] } else { 0.0 };
         out[qi * d..(qi + 1) * d].iter_mut().for_each(|o| *o *= inv);
     }
 }
@@ -375,8 +389,8 @@ pub(super) const EXP_POLY: [f32; 7] = [
     1.0,
 ];
 
-/// `eˣ` of 16 values (x ≤ 0 here; −∞ and anything below −87 give about 1e−38, which the
-/// caller zeroes where it masks): `2ⁿ·e^r` with `n = round(x·log₂e)`, `|r| ≤ ln2/2`, and
+/// `eˣ` of 16 values, for x clamped to [−87, 88] (−∞ and anything below −87 give about
+/// 1e−38, which attention zeroes where it masks; SwiGLU's `e^−g` may be large): `2ⁿ·e^r` with `n = round(x·log₂e)`, `|r| ≤ ln2/2`, and
 /// [`EXP_POLY`] for `e^r`. The vector lanes compute the same steps.
 #[inline(always)]
 pub(super) fn exp_lanes<const FMA: bool>(x: &mut [f32; BLOCK_TOKENS]) {
@@ -404,6 +418,7 @@ mod tests {
         let xs: Vec<f32> = (0..16 * 200)
             .map(|i| -(i as f32) * 0.0271 - 1e-3 * (i % 7) as f32)
             .chain([0.0, -0.5, -1e-9, -86.9, -87.5, -200.0, f32::NEG_INFINITY])
+            .chain([1e-9, 0.5, 1.0, 10.0, 50.0, 87.9])
             .collect();
         for chunk in xs.chunks(16) {
             let mut a = [0.0f32; 16];

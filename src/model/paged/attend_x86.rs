@@ -12,21 +12,21 @@ pub(super) struct Avx512(__m512);
 impl Lanes16 for Avx512 {
     const FMA: bool = true;
     #[inline(always)]
-    fn zero() -> Self {
+    unsafe fn zero() -> Self {
         // SAFETY (every method): only compiled into `run_avx512`, whose caller checked
         // AVX-512F and FMA; loads and stores go through 16-element arrays.
         unsafe { Avx512(_mm512_setzero_ps()) }
     }
     #[inline(always)]
-    fn splat(x: f32) -> Self {
+    unsafe fn splat(x: f32) -> Self {
         unsafe { Avx512(_mm512_set1_ps(x)) }
     }
     #[inline(always)]
-    fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
+    unsafe fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
         unsafe { Avx512(_mm512_loadu_ps(x.as_ptr())) }
     }
     #[inline(always)]
-    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+    unsafe fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
         unsafe {
             Avx512(_mm512_cvtph_ps(_mm256_loadu_si256(
                 x.as_ptr() as *const __m256i
@@ -34,31 +34,32 @@ impl Lanes16 for Avx512 {
         }
     }
     #[inline(always)]
-    fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
+    unsafe fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
         unsafe { _mm512_storeu_ps(to.as_mut_ptr(), self.0) }
     }
     #[inline(always)]
-    fn add(self, b: Self) -> Self {
+    unsafe fn add(self, b: Self) -> Self {
         unsafe { Avx512(_mm512_add_ps(self.0, b.0)) }
     }
     #[inline(always)]
-    fn mul(self, b: Self) -> Self {
+    unsafe fn mul(self, b: Self) -> Self {
         unsafe { Avx512(_mm512_mul_ps(self.0, b.0)) }
     }
     #[inline(always)]
-    fn div(self, b: Self) -> Self {
+    unsafe fn div(self, b: Self) -> Self {
         unsafe { Avx512(_mm512_div_ps(self.0, b.0)) }
     }
     #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         unsafe { Avx512(_mm512_fmadd_ps(self.0, b.0, c.0)) }
     }
     #[inline(always)]
-    fn exp(self) -> Self {
+    unsafe fn exp(self) -> Self {
         unsafe {
+            // NaN stays NaN (maxps returns its second operand where either is NaN).
             let c = _mm512_min_ps(
-                _mm512_max_ps(self.0, _mm512_set1_ps(-87.0)),
                 _mm512_set1_ps(88.0),
+                _mm512_max_ps(_mm512_set1_ps(-87.0), self.0),
             );
             let round = _mm512_set1_ps(EXP_ROUND);
             let shifted = _mm512_fmadd_ps(c, _mm512_set1_ps(std::f32::consts::LOG2_E), round);
@@ -80,11 +81,11 @@ impl Lanes16 for Avx512 {
         }
     }
     #[inline(always)]
-    fn hmax(self) -> f32 {
+    unsafe fn hmax(self) -> f32 {
         unsafe { _mm512_reduce_max_ps(self.0) }
     }
     #[inline(always)]
-    fn hsum(self) -> f32 {
+    unsafe fn hsum(self) -> f32 {
         unsafe { _mm512_reduce_add_ps(self.0) }
     }
 }
@@ -95,17 +96,15 @@ pub(super) struct Avx2(__m256, __m256);
 impl Lanes16 for Avx2 {
     const FMA: bool = true;
     #[inline(always)]
-    fn zero() -> Self {
-        // SAFETY (every method): only compiled into `run_avx2` (or `run_avx512`), whose
-        // caller checked AVX2, FMA and F16C.
+    unsafe fn zero() -> Self {
         unsafe { Avx2(_mm256_setzero_ps(), _mm256_setzero_ps()) }
     }
     #[inline(always)]
-    fn splat(x: f32) -> Self {
+    unsafe fn splat(x: f32) -> Self {
         unsafe { Avx2(_mm256_set1_ps(x), _mm256_set1_ps(x)) }
     }
     #[inline(always)]
-    fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
+    unsafe fn load(x: &[f32; BLOCK_TOKENS]) -> Self {
         unsafe {
             Avx2(
                 _mm256_loadu_ps(x.as_ptr()),
@@ -114,7 +113,7 @@ impl Lanes16 for Avx2 {
         }
     }
     #[inline(always)]
-    fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
+    unsafe fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self {
         unsafe {
             let p = x.as_ptr() as *const __m128i;
             Avx2(
@@ -124,26 +123,26 @@ impl Lanes16 for Avx2 {
         }
     }
     #[inline(always)]
-    fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
+    unsafe fn store(self, to: &mut [f32; BLOCK_TOKENS]) {
         unsafe {
             _mm256_storeu_ps(to.as_mut_ptr(), self.0);
             _mm256_storeu_ps(to.as_mut_ptr().add(8), self.1);
         }
     }
     #[inline(always)]
-    fn add(self, b: Self) -> Self {
+    unsafe fn add(self, b: Self) -> Self {
         unsafe { Avx2(_mm256_add_ps(self.0, b.0), _mm256_add_ps(self.1, b.1)) }
     }
     #[inline(always)]
-    fn mul(self, b: Self) -> Self {
+    unsafe fn mul(self, b: Self) -> Self {
         unsafe { Avx2(_mm256_mul_ps(self.0, b.0), _mm256_mul_ps(self.1, b.1)) }
     }
     #[inline(always)]
-    fn div(self, b: Self) -> Self {
+    unsafe fn div(self, b: Self) -> Self {
         unsafe { Avx2(_mm256_div_ps(self.0, b.0), _mm256_div_ps(self.1, b.1)) }
     }
     #[inline(always)]
-    fn mul_add(self, b: Self, c: Self) -> Self {
+    unsafe fn mul_add(self, b: Self, c: Self) -> Self {
         unsafe {
             Avx2(
                 _mm256_fmadd_ps(self.0, b.0, c.0),
@@ -152,12 +151,12 @@ impl Lanes16 for Avx2 {
         }
     }
     #[inline(always)]
-    fn exp(self) -> Self {
+    unsafe fn exp(self) -> Self {
         // SAFETY: as above.
         unsafe { Avx2(exp8(self.0), exp8(self.1)) }
     }
     #[inline(always)]
-    fn hmax(self) -> f32 {
+    unsafe fn hmax(self) -> f32 {
         unsafe {
             let m = _mm256_max_ps(self.0, self.1);
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
@@ -166,7 +165,7 @@ impl Lanes16 for Avx2 {
         }
     }
     #[inline(always)]
-    fn hsum(self) -> f32 {
+    unsafe fn hsum(self) -> f32 {
         unsafe {
             let m = _mm256_add_ps(self.0, self.1);
             let m = _mm_add_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
@@ -178,9 +177,10 @@ impl Lanes16 for Avx2 {
 
 #[inline(always)]
 unsafe fn exp8(x: __m256) -> __m256 {
+    // NaN stays NaN (maxps returns its second operand where either is NaN).
     let c = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
         _mm256_set1_ps(88.0),
+        _mm256_max_ps(_mm256_set1_ps(-87.0), x),
     );
     let round = _mm256_set1_ps(EXP_ROUND);
     let shifted = _mm256_fmadd_ps(c, _mm256_set1_ps(std::f32::consts::LOG2_E), round);

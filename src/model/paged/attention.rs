@@ -94,7 +94,8 @@ pub fn paged_attention_on(
             pool,
             layer,
             seq: items[s].blocks,
-            start: params.window.map_or(0, |w| n.saturating_sub(w)),
+            // A window shows at least the query's own position.
+            start: params.window.map_or(0, |w| n.saturating_sub(w.max(1))),
             n,
             kv_head: h / group,
             q,
@@ -265,21 +266,25 @@ mod tests {
     /// per KV head.
     #[test]
     fn odd_head_sizes_equal_plain_attention() {
-        for head_dim in [40, 18] {
+        // 80 and 96: groups of four 16-float chunks with one or two left over; 40 and 18: a
+        // tail after the chunks.
+        for head_dim in [80, 96, 40, 18] {
             let geo = KvGeometry {
                 layers: 2,
                 heads: 4,
                 kv_heads: 4,
                 head_dim,
             };
-            check_geometry_against_reference(
-                geo,
-                AttnParams {
-                    scale: 0.2,
-                    softcap: None,
-                    window: None,
-                },
-            );
+            for window in [None, Some(7)] {
+                check_geometry_against_reference(
+                    geo,
+                    AttnParams {
+                        scale: 0.2,
+                        softcap: None,
+                        window,
+                    },
+                );
+            }
         }
     }
 

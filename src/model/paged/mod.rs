@@ -36,6 +36,12 @@ impl KvGeometry {
     }
 }
 
+/// `x` as f16 bits, clamped to f16's finite range (an activation past ±65504 would
+/// otherwise be stored as infinity and turn the attention into NaN).
+fn to_f16_bits(x: f32) -> u16 {
+    half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits()
+}
+
 /// One sequence's blocks, in position order, and the hashes of those already registered in
 /// the prefix cache (full blocks whose keys and values are computed).
 #[derive(Debug, Default)]
@@ -105,11 +111,11 @@ impl KvPool {
         for h in 0..self.geo.kv_heads {
             let area = layer * self.layer_floats + self.at(block, h, 0);
             for (dim, &x) in k[h * d..(h + 1) * d].iter().enumerate() {
-                self.k[area + dim * BLOCK_TOKENS + slot] = half::f16::from_f32(x).to_bits();
+                self.k[area + dim * BLOCK_TOKENS + slot] = to_f16_bits(x);
             }
             let at = area + slot * d;
             for (to, &x) in self.v[at..at + d].iter_mut().zip(&v[h * d..(h + 1) * d]) {
-                *to = half::f16::from_f32(x).to_bits();
+                *to = to_f16_bits(x);
             }
         }
     }

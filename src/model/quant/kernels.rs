@@ -1,7 +1,7 @@
-//! Activation quantization, the portable dot products, and the driver that splits a
-//! matrix product across the pool: each task takes a run of weight rows and, for tokens in
-//! groups of eight (AVX-512) or four, unpacks each weight block once for the group (prompts,
-//! batched decode) or streams the rows once, prefetched (decode, one token).
+//! Activation quantization, the choice of instruction set, the portable dot products of the
+//! row layout, and the driver that splits a matrix product across the pool: each task takes
+//! a run of weight rows (whole panels of 16 where it can) and computes them for every token,
+//! with the tiled panel kernels (`panel`) or, on the row layout, the portable code.
 
 use half::f16;
 use rayon::prelude::*;
@@ -90,7 +90,7 @@ fn simd_available() -> bool {
 /// checked against the portable code by the tests, on whichever of them the CPU runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Isa {
-    /// 512-bit `vpdpbusd`: two blocks a register.
+    /// 512-bit `vpdpbusd`: a register holds four weights of each of 16 rows.
     Avx512Vnni,
     /// 256-bit VEX `vpdpbusd`.
     AvxVnni,
@@ -105,7 +105,7 @@ impl Isa {
     pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         return match self {
-            Isa::Avx512Vnni => super::avx512::available(),
+            Isa::Avx512Vnni => super::avx2::avx512_vnni_available(),
             Isa::AvxVnni => super::avx2::vnni_available(),
             Isa::Avx2 => super::avx2::available(),
             Isa::Portable => true,
@@ -230,8 +230,8 @@ pub fn matmul_parts(parts: &[Packed], x: &[f32], rows: usize, pool: &ThreadPool)
 }
 
 /// [`matmul_parts`] with the kernels of `isa` (tests run each; one the CPU lacks is
-/// replaced by the portable code). Panels take the tiled kernels with AVX-512 VNNI and
-/// their portable code otherwise.
+/// replaced by the portable code). Panels take the tiled kernels of `isa` (their portable
+/// code with [`Isa::Portable`]); rows take the portable code.
 pub fn matmul_parts_on(
     isa: Isa,
     parts: &[Packed],
@@ -241,6 +241,12 @@ pub fn matmul_parts_on(
 ) -> Vec<f32> {
     let isa = if isa.available() { isa } else { Isa::Portable };
     let k = parts[0].cols();
+    // The kernels read `k` activations a token through raw pointers: every part must be
+    // that wide, and `x` hold `rows` of them.
+    assert!(
+        parts.iter().all(|p| p.cols() == k) && x.len() == rows * k,
+        "matrix product of mismatched widths"
+    );
     let n: usize = parts.iter().map(Packed::rows).sum();
     let acts = Q8Acts::quantize_on(isa, x, rows, k);
     let mut out = vec![0.0f32; rows * n];
@@ -267,7 +273,7 @@ pub fn matmul_parts_on(
                 // SAFETY: tasks write disjoint columns `lo..hi` of `out`, which outlives them.
                 unsafe {
                     match w {
-                        Packed::Rows(w) => product_rows(w, &acts, rows, first, out_ptr, n, isa),
+                        Packed::Rows(w) => product_rows(w, &acts, rows, first, out_ptr, n),
                         Packed::Panels(w) => {
                             super::panel::product(w, &acts, rows, first, out_ptr, n, isa)
                         }
@@ -291,11 +297,11 @@ pub(super) struct OutPtr(pub(super) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Fills `out[t·n + column + r]` for every token `t` and weight row `r` in `rows_range`.
+/// Fills `out[t·n + column + r]` for every token `t` and weight row `r` in `rows_range`, with
+/// the portable dot products: the row layout's only kernels (every SIMD set reads panels).
 ///
 /// # Safety
-/// `out` must point to `acts.rows × n` floats, and no other thread may write those columns;
-/// `isa` only where [`Isa::available`] said so.
+/// `out` must point to `acts.rows × n` floats, and no other thread may write those columns.
 unsafe fn product_rows(
     w: &Unpacked,
     acts: &Q8Acts,
@@ -303,195 +309,21 @@ unsafe fn product_rows(
     column: usize,
     out: OutPtr,
     n: usize,
-    isa: Isa,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if acts.rows == 1 && isa != Isa::Portable {
-        return decode_rows4(w, acts.row(0), rows_range, column, out, isa);
-    }
-    // Tokens taken together per weight row: eight with the AVX-512 kernel (32 registers
-    // hold their accumulators and scales), four with the 256-bit ones.
-    let most = if isa == Isa::Avx512Vnni { 8 } else { 4 };
-    let mut t = 0;
-    while t < acts.rows {
-        let group = (acts.rows - t).min(most);
-        let a: [ActRow<'_>; 8] = std::array::from_fn(|i| acts.row(t + i.min(group - 1)));
+    for t in 0..acts.rows {
+        let a = acts.row(t);
         for r in rows_range.clone() {
-            #[cfg(target_arch = "x86_64")]
-            if acts.rows == 1 && (r - rows_range.start) % 4 == 0 {
-                prefetch_rows(w, (r + 8).min(rows_range.end), (r + 12).min(rows_range.end));
-            }
-            let mut sums = [0.0f32; 8];
-            dot_rows(w, r, &a, group, &mut sums, isa);
-            for (i, s) in sums.iter().take(group).enumerate() {
-                *out.0.add((t + i) * n + column + r) = *s;
-            }
-        }
-        t += group;
-    }
-}
-
-/// One token (decode): weight rows four at a time (`q4_rows4` and `q8_rows4` of the
-/// instruction set), prefetched two quads ahead; rows left over, and with AVX-512 rows of an
-/// odd number of blocks, by [`dot_rows`].
-///
-/// # Safety
-/// As [`product_rows`], with `isa` other than [`Isa::Portable`].
-#[cfg(target_arch = "x86_64")]
-unsafe fn decode_rows4(
-    w: &Unpacked,
-    a: ActRow<'_>,
-    rows_range: std::ops::Range<usize>,
-    column: usize,
-    out: OutPtr,
-    isa: Isa,
-) {
-    use super::{avx2, avx512};
-    type Q4Rows = unsafe fn([(&[u8], &[f16], &[f16]); 4], ActRow<'_>, &mut [f32; 4]);
-    type Q8Rows = unsafe fn([(&[i8], &[f16]); 4], ActRow<'_>, &mut [f32; 4]);
-    let (q4_rows4, q8_rows4): (Q4Rows, Q8Rows) = match isa {
-        Isa::Avx512Vnni => (avx512::q4_rows4, avx512::q8_rows4),
-        Isa::AvxVnni => (avx2::q4_rows4_vnni, avx2::q8_rows4_vnni),
-        _ => (avx2::q4_rows4, avx2::q8_rows4),
-    };
-    let mut r = rows_range.start;
-    // The 512-bit kernels take blocks in pairs.
-    if isa != Isa::Avx512Vnni || (w.cols() / 32) % 2 == 0 {
-        while r + 4 <= rows_range.end {
-            // Decode streams every weight once from memory: ask for the rows two quads ahead
-            // while this one computes (the hardware prefetcher alone left the kernel waiting).
-            prefetch_rows(w, (r + 8).min(rows_range.end), (r + 12).min(rows_range.end));
-            let mut sums = [0.0f32; 4];
-            match w {
+            let sum = match w {
                 Unpacked::Q4(m) => {
-                    q4_rows4(std::array::from_fn(|i| q4_row(m, r + i)), a, &mut sums)
+                    let (qs, scale, min) = q4_row(m, r);
+                    q4_dot_portable(qs, scale, min, a)
                 }
                 Unpacked::Q8(m) => {
-                    q8_rows4(std::array::from_fn(|i| q8_row(m, r + i)), a, &mut sums);
-                    if !m.min.is_empty() {
-                        for (i, sum) in sums.iter_mut().enumerate() {
-                            *sum += min_term(q8_row_min(m, r + i), a);
-                        }
-                    }
+                    let (qs, scale) = q8_row(m, r);
+                    q8_dot_portable(qs, scale, a) + min_term(q8_row_min(m, r), a)
                 }
-            }
-            for (i, s) in sums.iter().enumerate() {
-                *out.0.add(column + r + i) = *s;
-            }
-            r += 4;
-        }
-    }
-    let single: [ActRow<'_>; 8] = [a; 8];
-    for r in r..rows_range.end {
-        let mut sums = [0.0f32; 8];
-        dot_rows(w, r, &single, 1, &mut sums, isa);
-        *out.0.add(column + r) = sums[0];
-    }
-}
-
-/// Prefetches weight rows `from..to` (their bytes, scales and mins) into the cache.
-#[cfg(target_arch = "x86_64")]
-fn prefetch_rows(w: &Unpacked, from: usize, to: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    fn lines<T>(v: &[T], lo: usize, hi: usize) {
-        let bytes = std::mem::size_of::<T>();
-        let (start, end) = (lo.min(v.len()) * bytes, hi.min(v.len()) * bytes);
-        let base = v.as_ptr() as *const i8;
-        for off in (start..end).step_by(64) {
-            // SAFETY: a prefetch of an address inside `v`; it never faults or writes.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off)) };
-        }
-    }
-    if from >= to {
-        return;
-    }
-    match w {
-        Unpacked::Q4(m) => {
-            let nb = m.k / 32;
-            lines(&m.qs, from * nb * 16, to * nb * 16);
-            lines(&m.scale, from * nb, to * nb);
-            lines(&m.min, from * nb, to * nb);
-        }
-        Unpacked::Q8(m) => {
-            lines(&m.qs, from * m.k, to * m.k);
-            lines(&m.scale, from * m.k / 16, to * m.k / 16);
-        }
-    }
-}
-
-/// Dots of weight row `r` with the first `group` activation rows of `a` (at most 8 with
-/// [`Isa::Avx512Vnni`], 4 otherwise).
-///
-/// # Safety
-/// `isa` only where [`Isa::available`] said so.
-unsafe fn dot_rows(
-    w: &Unpacked,
-    r: usize,
-    a: &[ActRow<'_>; 8],
-    group: usize,
-    sums: &mut [f32; 8],
-    isa: Isa,
-) {
-    let a4: &[ActRow<'_>; 4] = a[..4].try_into().expect("four of eight");
-    let mut s4 = [0.0f32; 4];
-    match w {
-        Unpacked::Q4(m) => {
-            let (qs, scale, min) = q4_row(m, r);
-            // SAFETY (each arm): the CPU has the features (caller's contract); the slices
-            // are one row's.
-            #[cfg(target_arch = "x86_64")]
-            match isa {
-                Isa::Avx512Vnni => return super::avx512::q4_dots(qs, scale, min, a, group, sums),
-                Isa::AvxVnni => super::avx2::q4_dots_vnni(qs, scale, min, a4, group, &mut s4),
-                Isa::Avx2 => super::avx2::q4_dots(qs, scale, min, a4, group, &mut s4),
-                Isa::Portable => {
-                    for i in 0..group {
-                        s4[i] = q4_dot_portable(qs, scale, min, a[i]);
-                    }
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            for i in 0..group {
-                s4[i] = q4_dot_portable(qs, scale, min, a[i]);
-            }
-            sums[..4].copy_from_slice(&s4);
-        }
-        Unpacked::Q8(m) => {
-            let (qs, scale) = q8_row(m, r);
-            #[cfg(target_arch = "x86_64")]
-            let done = match isa {
-                Isa::Avx512Vnni => {
-                    super::avx512::q8_dots(qs, scale, a, group, sums);
-                    true
-                }
-                Isa::AvxVnni => {
-                    super::avx2::q8_dots_vnni(qs, scale, a4, group, &mut s4);
-                    sums[..4].copy_from_slice(&s4);
-                    true
-                }
-                Isa::Avx2 => {
-                    super::avx2::q8_dots(qs, scale, a4, group, &mut s4);
-                    sums[..4].copy_from_slice(&s4);
-                    true
-                }
-                Isa::Portable => false,
             };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = {
-                let _ = (isa, a4, &mut s4);
-                false
-            };
-            if !done {
-                for i in 0..group {
-                    sums[i] = q8_dot_portable(qs, scale, a[i]);
-                }
-            }
-            if !m.min.is_empty() {
-                let min = q8_row_min(m, r);
-                for i in 0..group {
-                    sums[i] += min_term(min, a[i]);
-                }
-            }
+            *out.0.add(t * n + column + r) = sum;
         }
     }
 }

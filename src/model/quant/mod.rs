@@ -1,7 +1,8 @@
 //! Our own CPU kernels for quantized weights: matrix × activations where the weights are
 //! 4- or 8-bit blocks and the activations are quantized to 8 bits on the fly, as llama.cpp
 //! does, with AVX-512 VNNI, AVX-VNNI and AVX2/FMA paths (the best this CPU has, detected
-//! once at run time) and a portable fallback.
+//! once at run time) and a portable fallback. The SIMD paths read weights repacked into
+//! panels of 16 rows ([`panel`]), tiles of rows × tokens held in registers.
 //!
 //! GGML's formats are decoded once at load time ([`unpack`]) into two layouts that the
 //! kernels read without branching on the format:
@@ -15,8 +16,6 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
-#[cfg(target_arch = "x86_64")]
-mod avx512;
 mod kernels;
 pub mod panel;
 #[cfg(target_arch = "x86_64")]
@@ -187,8 +186,8 @@ impl Unpacked {
     }
 }
 
-/// A matrix as the kernels read it: in rows (the row kernels: AVX-VNNI, AVX2, portable) or
-/// in panels of 16 rows (the tiled AVX-512 VNNI kernels; see [`panel`]).
+/// A matrix as the kernels read it: in panels of 16 rows (the tiled kernels of every SIMD
+/// set; see [`panel`]), or in rows (the portable code, where the CPU has no AVX2).
 #[derive(Clone)]
 pub enum Packed {
     Rows(Unpacked),

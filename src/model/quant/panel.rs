@@ -1,12 +1,14 @@
-//! Weights in panels of 16 rows for the tiled kernels (AVX-512 VNNI). A row layout puts 64
+//! Weights in panels of 16 rows for the tiled kernels (every SIMD set). A row layout puts 64
 //! of one row's weights in a register, so every block of every row needs its own scale step
 //! (a permute, a conversion and an FMA per token). A panel puts four weights of each of 16
 //! rows in a register instead: one `vpdpbusd` against four broadcast activation bytes adds
 //! to 16 rows' sums at once, each block's integer sums are scaled once for the 16 rows
 //! (one conversion and one FMA), and the unpacked weights stay in registers for every
-//! token of the tile. Prompts take 8 tokens a tile; decode takes 4 panels (64 rows) a tile.
+//! token of the tile. With AVX-512 VNNI prompts take 8 tokens a tile and decode 4 panels
+//! (64 rows); the 256-bit sets (AVX-VNNI, AVX2: `panel_avx2`) take half-panels of 8 rows.
 //!
-//! The layout, per panel of 16 rows and per 32-element block (rows past `n` are zero):
+//! The layout, per panel of 16 rows and per 32-element block (rows past `n` have zero scales
+//! and mins, so whatever their bytes they sum to zero, and are never stored):
 //! - 4-bit: 256 bytes, four 64-byte chunks; chunk `c` holds for row `r`, at bytes
 //!   `4r..4r + 4`, elements `8c..8c + 4` in the low nibbles and `8c + 4..8c + 8` in the high
 //!   ones. Then 16 f16 scales and 16 f16 mins, one per row.
@@ -256,6 +258,7 @@ pub(super) unsafe fn product(
     n: usize,
     isa: Isa,
 ) {
+    assert_eq!(w.k, acts.k, "panel product of mismatched widths");
     let panels = rows.start / ROWS..rows.end.div_ceil(ROWS);
     let store = |p: usize, t: usize, sums: &[f32; ROWS]| {
         let (lo, hi) = ((p * ROWS).max(rows.start), (p * ROWS + ROWS).min(rows.end));

@@ -20,7 +20,7 @@ use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOK
 /// few hundred KB at most) stay in L2.
 ///
 /// # Safety
-/// The CPU must have what [`super::avx512::available`] checks; `tokens` must point into
+/// The CPU must have what [`super::avx2::avx512_vnni_available`] checks; `tokens` must point into
 /// activations of `w.k` per token.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub unsafe fn tiles(

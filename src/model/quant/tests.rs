@@ -140,6 +140,12 @@ fn activation_quantization_simd_matches_portable() {
             (f16(d), f16(d * sum as f32)),
             "block {b}"
         );
+        let group_sum = |g: &[i8]| g.iter().map(|&q| q as i32).sum::<i32>();
+        assert_eq!(
+            (acts.gsum[2 * b], acts.gsum[2 * b + 1]),
+            (group_sum(&portable_qs[..16]), group_sum(&portable_qs[16..])),
+            "block {b}"
+        );
     }
 }
 
@@ -169,9 +175,9 @@ fn every_kernel_isa_agrees_with_portable_at_odd_sizes() {
     if !Isa::Avx512Vnni.available() {
         eprintln!("this CPU has no AVX-512 VNNI: its kernels were not checked here");
     }
-    // 23 rows: quads, leftovers, prefetches that reach rows ahead, and a part-filled panel;
-    // 71 rows: panels in decode tiles of four and one left over.
-    for n in [23, 71] {
+    // 23 rows: two panels, the second part-filled; 60: a part-filled panel inside a decode
+    // tile of four; 71: decode tiles, then a part-filled panel alone.
+    for n in [23, 60, 71] {
         check_every_kernel_at_odd_sizes(n);
     }
 }
@@ -353,6 +359,41 @@ fn extreme_eight_bit_weights_give_the_portable_sums_on_every_kernel_set() {
                     "{name} tokens {tokens} output {i}: {g} vs portable {p}"
                 );
             }
+        }
+    }
+}
+
+/// Two threads whose runs of rows cut panels: parts of 24 and 40 rows side by side (the
+/// second part's panels start at row 24 of the product), wide enough that the pool splits
+/// the product. Each panel cut by a run is computed by both tasks, each storing only its
+/// own rows: the result must equal the parts computed alone.
+#[test]
+fn runs_that_cut_panels_store_each_row_once() {
+    let k = 4096;
+    let (a, _) = quantized(GgmlDType::Q4_1, 24, k, 31);
+    let (b, _) = quantized(GgmlDType::Q8_0, 40, k, 32);
+    let x = random(3 * k, 33);
+    let p = pool(2);
+    for (name, isa, _) in kernel_layouts(&a) {
+        let pack = |w: &Unpacked| match isa {
+            Isa::Portable if name == "portable panels" => Packed::Panels(Panels::from_rows(w)),
+            _ => Packed::for_isa(w.clone(), isa),
+        };
+        let (pa, pb) = (pack(&a), pack(&b));
+        let want_a = matmul_parts_on(isa, std::slice::from_ref(&pa), &x, 3, &pool(1));
+        let want_b = matmul_parts_on(isa, std::slice::from_ref(&pb), &x, 3, &pool(1));
+        let y = matmul_parts_on(isa, &[pa, pb], &x, 3, &p);
+        for t in 0..3 {
+            assert_eq!(
+                &y[t * 64..t * 64 + 24],
+                &want_a[t * 24..(t + 1) * 24],
+                "{name}"
+            );
+            assert_eq!(
+                &y[t * 64 + 24..(t + 1) * 64],
+                &want_b[t * 40..(t + 1) * 40],
+                "{name}"
+            );
         }
     }
 }
