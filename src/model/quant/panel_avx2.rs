@@ -199,8 +199,11 @@ unsafe fn scales8(s: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i))
 }
 
+/// Asks for the weights 1 KB ahead of `at` (the rest of this panel, then the next one,
+/// which follows it in memory): the hardware prefetcher alone left the loads waiting.
+/// Shared with `panel_avx512`.
 #[inline(always)]
-unsafe fn prefetch_ahead(at: *const u8) {
+pub(super) unsafe fn prefetch_ahead(at: *const u8) {
     // A prefetch never faults, so it may point past the matrix's end.
     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(1024) as *const i8);
 }

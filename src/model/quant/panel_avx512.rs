@@ -13,6 +13,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOKENS};
+use super::panel_avx2::prefetch_ahead;
 
 /// Runs every tile of `panels` × `tokens`, handing each panel's 16 sums for each token to
 /// `store(panel, token, sums)`. Panels are the outer loop: a panel's weights (a few KB) are
@@ -82,14 +83,6 @@ unsafe fn tile<const P: usize, const T: usize, const S: usize>(
             store(p0 + p, t, &sums);
         }
     }
-}
-
-/// Asks for the weights 1 KB ahead of `at` (the rest of this panel, then the next one,
-/// which follows it in memory): the hardware prefetcher alone left the loads waiting.
-#[inline(always)]
-unsafe fn prefetch_ahead(at: *const u8) {
-    // A prefetch never faults, so it may point past the matrix's end.
-    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(1024) as *const i8);
 }
 
 /// Four activation bytes of a token, as a 32-bit lane broadcast to all 16.
