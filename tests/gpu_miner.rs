@@ -16,7 +16,7 @@ use idlerig::mining::gpu::{
     LaunchResult, ScanLauncher,
 };
 use idlerig::mining::job::Job;
-use idlerig::mining::sha256::{header_tail, scan_portable};
+use idlerig::mining::sha256::{header_tail, scan_portable, ScanJob};
 use idlerig::mining::HostWord;
 use idlerig::mining::{
     target_for_difficulty, Miner, PreemptFlag, Share, ShareReceiver, WorkSource, U256,
@@ -164,14 +164,10 @@ fn candidates_equal_the_portable_scanners() {
         .collect();
     let mut reference = source;
     let work = reference.next_work(1);
+    let tail = header_tail(&work.header);
     let portable = scan_portable(
         &work.midstate,
-        &header_tail(&work.header),
-        0,
-        SPACE,
-        work.share_target.top_u32(),
-        1 << 20,
-        &|| false,
+        &ScanJob::whole(&tail, 0, SPACE, work.share_target.top_u32()),
     );
     let want: BTreeSet<u32> = portable
         .candidates

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use idlerig::mining::cpu::scan;
 use idlerig::mining::job::{hex_array, Job};
-use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d};
+use idlerig::mining::sha256::{header_tail, midstate, scan_portable, sha256d, ScanJob};
 use idlerig::mining::{
     target_for_difficulty, CpuMiner, CpuMinerConfig, Miner, PreemptFlag, ScanPath, WorkSource, U256,
 };
@@ -40,7 +40,7 @@ fn both_scanners_find_the_genesis_nonce() {
     let header = job.header(&merkle, job.ntime, 1, 0);
     let (mid, tail) = (midstate(&header), header_tail(&header));
     let (start, end) = (GENESIS_NONCE - 3000, GENESIS_NONCE + 3001);
-    let portable = scan_portable(&mid, &tail, start, end, 0, 1024, &|| false);
+    let portable = scan_portable(&mid, &ScanJob::whole(&tail, start, end, 0));
     assert_eq!(portable.candidates, vec![GENESIS_NONCE as u32]);
     assert_eq!(portable.next, end);
     let work = idlerig::mining::Work {
@@ -81,7 +81,7 @@ proptest! {
         let header: [u8; 80] = header.try_into().unwrap();
         let (mid, tail) = (midstate(&header), header_tail(&header));
         let top = 0x00ff_ffff;
-        let portable = scan_portable(&mid, &tail, start, start + len, top, 1024, &|| false);
+        let portable = scan_portable(&mid, &ScanJob::whole(&tail, start, start + len, top));
         for &n in &portable.candidates {
             let mut h = header;
             h[76..80].copy_from_slice(&n.to_le_bytes());

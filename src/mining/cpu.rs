@@ -12,7 +12,7 @@ use super::miner::KernelChoice;
 use super::miner::Miner;
 use super::preempt::{monotonic_ns, PreemptFlag};
 use super::scan_path::{choose, PathChoice, ScanPath};
-use super::sha256::{header_tail, ScanOutcome};
+use super::sha256::{header_tail, ScanJob, ScanOutcome};
 use super::share_channel::ShareSender;
 use super::work::{Work, WorkSource};
 
@@ -371,6 +371,13 @@ pub fn scan(
     stop: &dyn Fn() -> bool,
 ) -> ScanOutcome {
     let tail = header_tail(&work.header);
-    let top = work.share_target.top_u32();
-    path.scan(&work.midstate, &tail, start, end, top, POLL_NONCES, stop)
+    let job = ScanJob {
+        tail: &tail,
+        start,
+        end,
+        target_top: work.share_target.top_u32(),
+        poll_every: POLL_NONCES,
+        stop,
+    };
+    path.scan(&work.midstate, &job)
 }

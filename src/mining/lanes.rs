@@ -244,29 +244,18 @@ pub(super) unsafe fn hash_h7<L: Lanes>(p: &Prepared, base: u32) -> L {
     second_hash_h7(p, first_hash::<L>(p, base))
 }
 
-/// Scans `start..end` like [`super::sha256::scan_portable`], `L::N` nonces at a time.
+/// Runs `job` like [`super::sha256::scan_portable`], `L::N` nonces at a time.
 #[inline(always)]
 pub(super) unsafe fn scan<L: Lanes>(
     p: &Prepared,
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
+    job: &super::sha256::ScanJob<'_>,
 ) -> super::sha256::ScanOutcome {
-    let lanes = L::N as u64;
     super::sha256::scan_in_batches(
         &p.mid,
-        tail,
-        start,
-        end,
-        target_top,
-        poll_every,
-        stop,
-        lanes,
+        job,
+        L::N as u64,
         #[inline(always)]
-        |n| L::le_mask_swapped(hash_h7::<L>(p, n), target_top),
+        |n| L::le_mask_swapped(hash_h7::<L>(p, n), job.target_top),
     )
 }
 

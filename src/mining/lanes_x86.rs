@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::lanes::{self, Lanes, Prepared};
-use super::sha256::ScanOutcome;
+use super::sha256::{ScanJob, ScanOutcome};
 
 /// Byte order reversal within each 32-bit lane, for `vpshufb` (the same in every 128 bits).
 const BSWAP: [i8; 16] = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
@@ -108,16 +108,8 @@ impl Lanes for Avx512 {
 /// # Safety
 /// The CPU must have AVX-512 F and BW ([`avx512_available`]).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn scan_avx512(
-    p: &Prepared,
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
-) -> ScanOutcome {
-    lanes::scan::<Avx512>(p, tail, start, end, target_top, poll_every, stop)
+pub unsafe fn scan_avx512(p: &Prepared, job: &ScanJob<'_>) -> ScanOutcome {
+    lanes::scan::<Avx512>(p, job)
 }
 
 #[derive(Clone, Copy)]
@@ -231,16 +223,8 @@ impl Lanes for Avx2 {
 /// # Safety
 /// The CPU must have AVX2 ([`avx2_available`]).
 #[target_feature(enable = "avx2")]
-pub unsafe fn scan_avx2(
-    p: &Prepared,
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
-) -> ScanOutcome {
-    lanes::scan::<Avx2>(p, tail, start, end, target_top, poll_every, stop)
+pub unsafe fn scan_avx2(p: &Prepared, job: &ScanJob<'_>) -> ScanOutcome {
+    lanes::scan::<Avx2>(p, job)
 }
 
 /// `H7` of nonces `base..base + N` on each path, for tests.

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::lanes::Prepared;
-use super::sha256::{scan_portable, ScanOutcome};
+use super::sha256::{scan_portable, ScanJob, ScanOutcome};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -58,48 +58,27 @@ impl ScanPath {
         Self::ALL.into_iter().filter(|p| p.available()).collect()
     }
 
-    /// Hashes nonces `start..end` of the header with midstate `mid` and second-block words
-    /// `tail`, returning the nonces whose hash's top word is at or below `target_top`; stops
-    /// at a multiple of `poll_every` when `stop` says so. A path this CPU lacks falls back to
-    /// the portable code, so a wrong choice is slow, never unsound.
-    #[allow(clippy::too_many_arguments)]
-    pub fn scan(
-        self,
-        mid: &[u32; 8],
-        tail: &[u32; 3],
-        start: u64,
-        end: u64,
-        target_top: u32,
-        poll_every: u64,
-        stop: &dyn Fn() -> bool,
-    ) -> ScanOutcome {
-        let args = (start, end, target_top, poll_every);
+    /// Runs `job` on the header with midstate `mid`. A path this CPU lacks falls back to the
+    /// portable code, so a wrong choice is slow, never unsound.
+    pub fn scan(self, mid: &[u32; 8], job: &ScanJob<'_>) -> ScanOutcome {
         if !self.available() {
-            return scan_portable(mid, tail, args.0, args.1, args.2, args.3, stop);
+            return scan_portable(mid, job);
         }
         #[cfg(target_arch = "x86_64")]
         // SAFETY: each path runs only where `available` found its instructions.
         unsafe {
             match self {
-                ScanPath::ShaNi => {
-                    return super::shani::scan(mid, tail, start, end, target_top, poll_every, stop)
-                }
+                ScanPath::ShaNi => return super::shani::scan(mid, job),
                 ScanPath::Avx512 => {
-                    let p = Prepared::new(mid, tail);
-                    return super::lanes_x86::scan_avx512(
-                        &p, tail, start, end, target_top, poll_every, stop,
-                    );
+                    return super::lanes_x86::scan_avx512(&Prepared::new(mid, job.tail), job)
                 }
                 ScanPath::Avx2 => {
-                    let p = Prepared::new(mid, tail);
-                    return super::lanes_x86::scan_avx2(
-                        &p, tail, start, end, target_top, poll_every, stop,
-                    );
+                    return super::lanes_x86::scan_avx2(&Prepared::new(mid, job.tail), job)
                 }
                 ScanPath::Portable => {}
             }
         }
-        scan_portable(mid, tail, start, end, target_top, poll_every, stop)
+        scan_portable(mid, job)
     }
 
     /// Nonces per second of this path on one thread, measured for about `budget`.
@@ -111,7 +90,7 @@ impl ScanPath {
         let started = Instant::now();
         let (mut n, mut step) = (0u64, 1u64 << 12);
         while started.elapsed() < budget {
-            let out = self.scan(&mid, &tail, n, n + step, 0, u64::MAX, &|| false);
+            let out = self.scan(&mid, &ScanJob::whole(&tail, n, n + step, 0));
             std::hint::black_box(out);
             n += step;
             step = (step * 2).min(1 << 18);

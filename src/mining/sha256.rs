@@ -138,32 +138,58 @@ pub struct ScanOutcome {
     pub next: u64,
 }
 
-/// The driver every vector scanner shares: hashes `start..end` `lanes` nonces at a time with
+/// What one scan is asked to do, the same for every scanner: hash nonces `start..end` (end
+/// exclusive, up to 2^32) of the header whose second block begins with `tail`; report as
+/// candidates the nonces whose hash's top word is at or below `target_top`; ask `stop` every
+/// `poll_every` nonces (rounded to whole batches) and end there when it says so.
+#[derive(Clone, Copy)]
+pub struct ScanJob<'a> {
+    pub tail: &'a [u32; 3],
+    pub start: u64,
+    pub end: u64,
+    pub target_top: u32,
+    pub poll_every: u64,
+    pub stop: &'a dyn Fn() -> bool,
+}
+
+impl<'a> ScanJob<'a> {
+    /// All of `start..end`, never stopped.
+    pub fn whole(tail: &'a [u32; 3], start: u64, end: u64, target_top: u32) -> Self {
+        Self {
+            tail,
+            start,
+            end,
+            target_top,
+            poll_every: u64::MAX,
+            stop: &never,
+        }
+    }
+}
+
+fn never() -> bool {
+    false
+}
+
+/// The driver every vector scanner shares: hashes `job`'s range `lanes` nonces at a time with
 /// `batch` (given the first nonce, it returns a bit per lane whose hash's top word is at or
-/// below `target_top`), looks at `stop` every `poll_every` nonces (rounded to whole batches),
-/// and leaves a tail shorter than a batch to the portable code. `next` is exactly where it
-/// stopped: nothing is lost or hashed twice.
-#[allow(clippy::too_many_arguments)]
+/// below the target's), polls `stop` as `job` asks, and leaves a tail shorter than a batch to
+/// the portable code. `next` is exactly where it stopped: nothing is lost or hashed twice.
 #[inline(always)]
 pub(crate) fn scan_in_batches(
     mid: &[u32; 8],
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
+    job: &ScanJob<'_>,
     lanes: u64,
     mut batch: impl FnMut(u32) -> u32,
 ) -> ScanOutcome {
+    let (start, end) = (job.start, job.end);
     let mut out = ScanOutcome {
         candidates: Vec::new(),
         next: start,
     };
-    let poll = (poll_every / lanes).max(1) * lanes;
+    let poll = (job.poll_every / lanes).max(1) * lanes;
     let mut n = start;
     while n + lanes <= end {
-        if n > start && (n - start) % poll == 0 && stop() {
+        if n > start && (n - start) % poll == 0 && (job.stop)() {
             out.next = n;
             return out;
         }
@@ -175,7 +201,7 @@ pub(crate) fn scan_in_batches(
         n += lanes;
     }
     if n < end {
-        let rest = scan_portable(mid, tail, n, end, target_top, u64::MAX, &|| false);
+        let rest = scan_portable(mid, &ScanJob::whole(job.tail, n, end, job.target_top));
         out.candidates.extend(rest.candidates);
         n = rest.next;
     }
@@ -183,28 +209,20 @@ pub(crate) fn scan_in_batches(
     out
 }
 
-/// Hashes nonces `start..end` (end exclusive, up to 2^32) with the portable code, stopping
-/// early (at a multiple of `poll_every`) when `stop` says so.
-pub fn scan_portable(
-    mid: &[u32; 8],
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
-) -> ScanOutcome {
+/// Runs `job` with the portable code.
+pub fn scan_portable(mid: &[u32; 8], job: &ScanJob<'_>) -> ScanOutcome {
+    let start = job.start;
     let mut out = ScanOutcome {
         candidates: Vec::new(),
         next: start,
     };
     let mut n = start;
-    while n < end {
-        if (n - start) % poll_every == 0 && n > start && stop() {
+    while n < job.end {
+        if (n - start) % job.poll_every == 0 && n > start && (job.stop)() {
             break;
         }
-        let h = hash_header_words(mid, tail, n as u32);
-        if h[7].swap_bytes() <= target_top {
+        let h = hash_header_words(mid, job.tail, n as u32);
+        if h[7].swap_bytes() <= job.target_top {
             out.candidates.push(n as u32);
         }
         n += 1;

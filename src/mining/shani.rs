@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::sha256::{ScanOutcome, IV, K};
+use super::sha256::{ScanJob, ScanOutcome, IV, K};
 
 /// Whether this CPU can run [`scan`].
 pub fn available() -> bool {
@@ -190,21 +190,13 @@ unsafe fn hash_lanes<const N: usize>(
 /// Nonces hashed together.
 const LANES: usize = 2;
 
-/// Hashes nonces `start..end` (end exclusive, at most 2^32) and returns the candidates whose
-/// hash's top 32 bits are at or below `target_top`; checks `stop` every `poll_every` nonces.
+/// Runs `job` two nonces at a time.
 ///
 /// # Safety
 /// The CPU must support SHA-NI, SSSE3 and SSE4.1 ([`available`]).
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-pub unsafe fn scan(
-    mid_words: &[u32; 8],
-    tail: &[u32; 3],
-    start: u64,
-    end: u64,
-    target_top: u32,
-    poll_every: u64,
-    stop: &dyn Fn() -> bool,
-) -> ScanOutcome {
+pub unsafe fn scan(mid_words: &[u32; 8], job: &ScanJob<'_>) -> ScanOutcome {
+    let (tail, target_top) = (job.tail, job.target_top);
     let mid = pack(mid_words);
     // Rounds 0–1 of the second block use only the merkle tail and ntime.
     let (t0, t1, t2) = (tail[0] as i32, tail[1] as i32, tail[2] as i32);
@@ -217,12 +209,7 @@ pub unsafe fn scan(
 
     super::sha256::scan_in_batches(
         mid_words,
-        tail,
-        start,
-        end,
-        target_top,
-        poll_every,
-        stop,
+        job,
         LANES as u64,
         #[inline(always)]
         |n| {

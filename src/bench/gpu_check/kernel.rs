@@ -136,8 +136,8 @@ pub fn random_agreement(launcher: &mut dyn ScanLauncher, count: u64) -> Value {
         .flat_map_iter(|i| {
             let a = start + i * chunk;
             let b = (a + chunk).min(start + count);
-            crate::mining::sha256::scan_portable(&mid, &tail, a, b, target_hi, 1 << 20, &|| false)
-                .candidates
+            let job = crate::mining::sha256::ScanJob::whole(&tail, a, b, target_hi);
+            crate::mining::sha256::scan_portable(&mid, &job).candidates
         })
         .collect();
     cpu.sort_unstable();

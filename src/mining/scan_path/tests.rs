@@ -5,7 +5,7 @@
 //! checked there through its one-lane portable form.
 
 use super::super::lanes::{hash_h7, Lanes, Portable, Prepared};
-use super::super::sha256::{hash_header_words, header_tail, midstate, scan_portable};
+use super::super::sha256::{hash_header_words, header_tail, midstate, scan_portable, ScanJob};
 use super::*;
 
 /// A mainnet header (block 125552) with its nonce field zeroed: the nonce is what we vary.
@@ -71,7 +71,7 @@ fn the_block_nonce_hashes_below_its_target_on_every_path() {
     let nonce = u32::from_le_bytes([0x42, 0xa1, 0x46, 0x95]) as u64;
     for path in ScanPath::on_this_cpu() {
         // Difficulty 1's top word is 0: only hashes with 32 leading zero bits are candidates.
-        let out = path.scan(&mid, &tail, nonce - 37, nonce + 41, 0, 1024, &|| false);
+        let out = path.scan(&mid, &ScanJob::whole(&tail, nonce - 37, nonce + 41, 0));
         assert_eq!(out.candidates, vec![nonce as u32], "{}", path.name());
         assert_eq!(out.next, nonce + 41);
     }
@@ -97,8 +97,8 @@ fn every_path_finds_the_portable_candidates_over_odd_ranges() {
     ];
     for path in ScanPath::on_this_cpu() {
         for &(start, stop_at) in &ranges {
-            let want = scan_portable(&mid, &tail, start, stop_at, top, 1024, &|| false);
-            let got = path.scan(&mid, &tail, start, stop_at, top, 1024, &|| false);
+            let job = ScanJob::whole(&tail, start, stop_at, top);
+            let (want, got) = (scan_portable(&mid, &job), path.scan(&mid, &job));
             assert_eq!(got, want, "{} over {start}..{stop_at}", path.name());
         }
     }
@@ -115,14 +115,19 @@ fn a_stopped_scan_reports_exactly_what_it_hashed() {
             polls.set(polls.get() + 1);
             polls.get() >= 3
         };
-        let out = path.scan(&mid, &tail, 11, 100_011, top, 1000, &stop);
+        let job = ScanJob {
+            poll_every: 1000,
+            stop: &stop,
+            ..ScanJob::whole(&tail, 11, 100_011, top)
+        };
+        let out = path.scan(&mid, &job);
         assert!(
             out.next > 11 && out.next < 100_011,
             "{} stopped at {}",
             path.name(),
             out.next
         );
-        let want = scan_portable(&mid, &tail, 11, out.next, top, u64::MAX, &|| false);
+        let want = scan_portable(&mid, &ScanJob::whole(&tail, 11, out.next, top));
         assert_eq!(out.candidates, want.candidates, "{}", path.name());
     }
 }
