@@ -226,13 +226,21 @@ pub const GREEDY_BELOW: f32 = 1e-5;
 
 /// Index of the largest logit, the lowest index on ties (so greedy decoding is stable).
 pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // Two passes the compiler vectorizes (16 running maxima, then a search for the first
+    // position that holds the largest), where one pass that tracks an index does not:
+    // greedy decoding scans the whole vocabulary for every token. NaNs never win.
+    let (chunks, tail) = logits.as_chunks::<16>();
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    logits.iter().position(|&l| l == max).unwrap_or(0)
 }
 
 fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -351,6 +359,45 @@ mod tests {
         let z = (1.0f32 + 2.0f32.exp() * 2.0 + 1.0f32.exp()).ln();
         assert!((out.logprob.unwrap() - (2.0 - z)).abs() < 1e-5);
         assert_eq!(out.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    /// The vectorized argmax against a one-pass scan: first of equal maxima, NaNs never
+    /// chosen, maxima in the tail past the last 16 and in the first and last chunks.
+    #[test]
+    fn argmax_is_the_first_largest_and_skips_nans() {
+        let plain = |x: &[f32]| {
+            let mut best: Option<usize> = None;
+            for (i, &l) in x.iter().enumerate() {
+                if !l.is_nan() && best.is_none_or(|b| l > x[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0)
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for len in [1usize, 15, 16, 17, 33, 100, 49152] {
+            for case in 0..20 {
+                let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-5.0f32..5.0)).collect();
+                match case % 5 {
+                    0 => x[len - 1] = 9.0,
+                    1 => x[0] = 9.0,
+                    2 => {
+                        let i = rng.random_range(0..len);
+                        x[i] = f32::NAN;
+                    }
+                    3 => {
+                        // A tie: the first of the two wins.
+                        let (i, j) = (rng.random_range(0..len), rng.random_range(0..len));
+                        x[i] = 9.0;
+                        x[j] = 9.0;
+                    }
+                    _ => {}
+                }
+                assert_eq!(argmax(&x), plain(&x), "len {len} case {case}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 5]), 0);
     }
 
     #[test]

@@ -125,6 +125,9 @@ pub(super) trait Lanes16: Copy {
     unsafe fn load_f16(x: &[u16; BLOCK_TOKENS]) -> Self;
     unsafe fn store(self, to: &mut [f32; BLOCK_TOKENS]);
     unsafe fn add(self, b: Self) -> Self;
+    unsafe fn sub(self, b: Self) -> Self;
+    /// The larger of each pair of lanes (a NaN lane gives `b`'s).
+    unsafe fn max(self, b: Self) -> Self;
     unsafe fn mul(self, b: Self) -> Self;
     unsafe fn div(self, b: Self) -> Self;
     /// `self·b + c`.
@@ -160,6 +163,18 @@ impl Lanes16 for Portable {
     }
     unsafe fn add(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] + b.0[j]))
+    }
+    unsafe fn sub(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|j| self.0[j] - b.0[j]))
+    }
+    unsafe fn max(self, b: Self) -> Self {
+        Portable(std::array::from_fn(|j| {
+            if self.0[j] > b.0[j] {
+                self.0[j]
+            } else {
+                b.0[j]
+            }
+        }))
     }
     unsafe fn mul(self, b: Self) -> Self {
         Portable(std::array::from_fn(|j| self.0[j] * b.0[j]))
@@ -232,40 +247,82 @@ unsafe fn silu_mul_on<L: Lanes16>(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// `Q` query heads against the blocks of `job`: softmax-weighted sums of the values.
 ///
+/// Three passes over a job-sized buffer of scores rather than an online softmax: the scores
+/// of every block, one maximum, `exp` and sum per query, then the values with every query's
+/// accumulators in registers for the whole span, so that each value row is loaded and
+/// widened once for all `Q` queries, and the outputs are stored once (an online softmax
+/// rescales and reloads them every block).
+///
 /// # Safety
 /// As [`dispatch`].
 #[inline(always)]
 unsafe fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
-    const B: usize = BLOCK_TOKENS;
-    let Job {
-        pool,
-        layer,
-        seq,
-        start: first,
-        n,
-        kv_head,
-        q,
-        scale,
-        softcap,
-    } = *job;
+    // Taken out of the thread's slot rather than borrowed in a closure: a closure would not
+    // inherit the caller's target features, and the intrinsics would become calls.
+    let mut buf = SCORES.take();
     let d = out.len() / Q;
-    let (keys, values) = pool.layer(layer);
-    let qs: [&[f32]; Q] = std::array::from_fn(|qi| &q[qi * d..(qi + 1) * d]);
-    let mut max = [f32::NEG_INFINITY; Q];
-    let mut sum = [0.0f32; Q];
-    out.fill(0.0);
-    for (bi, &block) in seq.blocks.iter().enumerate().skip(first / B) {
-        let start = bi * B;
-        if start >= n {
-            break;
+    // Positions from the first block that the window reaches, padded to whole blocks.
+    let span0 = job.start / BLOCK_TOKENS * BLOCK_TOKENS;
+    let padded = (job.n - span0).next_multiple_of(BLOCK_TOKENS);
+    buf.clear();
+    buf.resize(Q * padded, 0.0);
+    let (rows, _) = buf.as_chunks_mut::<BLOCK_TOKENS>();
+    let per_query = padded / BLOCK_TOKENS;
+    scores::<L, Q>(job, d, rows);
+    let mut inv = [0.0f32; Q];
+    for (qi, inv) in inv.iter_mut().enumerate() {
+        let weights = &mut rows[qi * per_query..(qi + 1) * per_query];
+        let sum = softmax_weights::<L>(weights, job.start - span0, job.n - span0);
+        // Every query sees at least itself, so the sum is positive; a zero guard keeps a
+        // malformed window from turning into NaN.
+        *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    }
+    let weights: [&[[f32; BLOCK_TOKENS]]; Q] =
+        std::array::from_fn(|qi| &rows[qi * per_query..(qi + 1) * per_query]);
+    if Q <= 4 {
+        values::<L, Q, 4>(job, d, &weights, &inv, out);
+    } else {
+        values::<L, Q, 2>(job, d, &weights, &inv, out);
+    }
+    SCORES.set(buf);
+}
+
+thread_local! {
+    /// The scores (then weights) of the job a thread runs: `Q` rows of its padded span.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The scaled (and soft-capped) scores of every block of `job`, each query's blocks one row
+/// of `out` after the other; positions outside `start..n` are −∞.
+///
+/// # Safety
+/// As [`dispatch`].
+#[inline(always)]
+unsafe fn scores<L: Lanes16, const Q: usize>(
+    job: &Job<'_>,
+    d: usize,
+    out: &mut [[f32; BLOCK_TOKENS]],
+) {
+    const B: usize = BLOCK_TOKENS;
+    let (keys, values) = job.pool.layer(job.layer);
+    let qs: [&[f32]; Q] = std::array::from_fn(|qi| &job.q[qi * d..(qi + 1) * d]);
+    let per_query = out.len() / Q;
+    let first = job.start / B;
+    let blocks = &job.seq.blocks[first..first + per_query];
+    for (i, &block) in blocks.iter().enumerate() {
+        // Blocks lie anywhere in the pool, each its own few KB: the next one's keys and
+        // this one's values are fetched while this one's scores are computed.
+        if let Some(&next) = blocks.get(i + 1) {
+            prefetch(&keys[job.pool.at(next, job.kv_head, 0)..][..d * B]);
         }
-        let count = (n - start).min(B);
+        prefetch(&values[job.pool.at(block, job.kv_head, 0)..][..d * B]);
+        let start = (first + i) * B;
+        let count = (job.n - start).min(B);
         // Positions before the window's start (in its first block) weigh nothing.
-        let skip = first.saturating_sub(start);
-        let base = pool.at(block, kv_head, 0);
+        let skip = job.start.saturating_sub(start);
+        let base = job.pool.at(block, job.kv_head, 0);
         let rows = as_rows(&keys[base..base + d * B]);
-        let v = &values[base..base + B * d];
-        // Scores: two partial sums (even and odd dimensions) per query, for two chains.
+        // Two partial sums (even and odd dimensions) per query, for two chains.
         let mut s0 = [L::zero(); Q];
         let mut s1 = [L::zero(); Q];
         let mut pairs = rows.chunks_exact(2);
@@ -281,88 +338,138 @@ unsafe fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
                 s0[qi] = L::splat(qs[qi][d - 1]).mul_add(L::load_f16(k0), s0[qi]);
             }
         }
-        let partial = skip > 0 || count < B;
         for qi in 0..Q {
-            let mut p = [0.0f32; B];
-            let mut scores = s0[qi].add(s1[qi]).mul(L::splat(scale));
-            if softcap.is_some() || partial {
-                scores.store(&mut p);
-                if let Some(c) = softcap {
-                    p.iter_mut().for_each(|x| *x = c * (*x / c).tanh());
-                }
-                for (j, x) in p.iter_mut().enumerate() {
+            let row = &mut out[qi * per_query + i];
+            s0[qi].add(s1[qi]).mul(L::splat(job.scale)).store(row);
+            if let Some(c) = job.softcap {
+                row.iter_mut().for_each(|x| *x = c * (*x / c).tanh());
+            }
+            if skip > 0 || count < B {
+                for (j, x) in row.iter_mut().enumerate() {
                     if j < skip || j >= count {
                         *x = f32::NEG_INFINITY;
                     }
                 }
-                scores = L::load(&p);
-            }
-            let block_max = scores.hmax();
-            let o = &mut out[qi * d..(qi + 1) * d];
-            if block_max > max[qi] {
-                // exp(-inf) is 0: the first block rescales an empty sum.
-                let correction = (max[qi] - block_max).exp();
-                sum[qi] *= correction;
-                o.iter_mut().for_each(|x| *x *= correction);
-                max[qi] = block_max;
-            }
-            let weights = scores.add(L::splat(-max[qi])).exp();
-            weights.store(&mut p);
-            if partial {
-                for (j, x) in p.iter_mut().enumerate() {
-                    if j < skip || j >= count {
-                        *x = 0.0;
-                    }
-                }
-                sum[qi] += L::load(&p).hsum();
-            } else {
-                sum[qi] += weights.hsum();
-            }
-            // The values, 16 dimensions a register: each output chunk is loaded and stored
-            // once per block, not once per position.
-            // Four chunks (64 dimensions) at a time make four independent chains.
-            let (chunks, tail) = o.as_chunks_mut::<B>();
-            let (quads, single) = chunks.as_chunks_mut::<4>();
-            for (c4, quad) in quads.iter_mut().enumerate() {
-                let mut acc: [L; 4] = std::array::from_fn(|i| L::load(&quad[i]));
-                for j in skip..count {
-                    let w = L::splat(p[j]);
-                    let row = as_rows(&v[j * d + c4 * 4 * B..][..4 * B]);
-                    for i in 0..4 {
-                        acc[i] = w.mul_add(L::load_f16(&row[i]), acc[i]);
-                    }
-                }
-                for i in 0..4 {
-                    acc[i].store(&mut quad[i]);
-                }
-            }
-            let first = quads.len() * 4;
-            for (c, chunk) in single.iter_mut().enumerate() {
-                let mut acc = L::load(chunk);
-                for j in skip..count {
-                    let row = as_rows(&v[j * d + (first + c) * B..][..B]);
-                    acc = L::splat(p[j]).mul_add(L::load_f16(&row[0]), acc);
-                }
-                acc.store(chunk);
-            }
-            let done = d - tail.len();
-            for j in skip..count {
-                for (o, x) in tail.iter_mut().zip(&v[j * d + done..(j + 1) * d]) {
-                    let x = half::f16::from_bits(*x).to_f32();
-                    *o = if L::FMA {
-                        p[j].mul_add(x, *o)
-                    } else {
-                        *o + p[j] * x
-                    };
-                }
             }
         }
     }
-    for qi in 0..Q {
-        // Every query sees at least itself, so the sum is positive; a zero guard keeps a
-        // malformed window from turning into NaN.
-        let inv = if sum[qi] > 0.0 { 1.0 / sum[qi] } else { 0.0 };
-        out[qi * d..(qi + 1) * d].iter_mut().for_each(|o| *o *= inv);
+}
+
+/// Asks for every cache line of `x` ahead of its use (a hint: it changes no result).
+#[inline(always)]
+fn prefetch(x: &[u16]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in x.chunks(32) {
+        // SAFETY: a prefetch reads nothing architecturally and never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
+/// Turns one query's scores into softmax weights (not yet divided by their sum, which it
+/// returns): `e^(s − max)`, and exactly 0 outside `first..end` (the vector `exp` of −∞ is
+/// ~1e−38, not 0).
+///
+/// # Safety
+/// As [`dispatch`].
+#[inline(always)]
+unsafe fn softmax_weights<L: Lanes16>(
+    rows: &mut [[f32; BLOCK_TOKENS]],
+    first: usize,
+    end: usize,
+) -> f32 {
+    let mut max = L::splat(f32::NEG_INFINITY);
+    for row in rows.iter() {
+        max = max.max(L::load(row));
+    }
+    let max = L::splat(max.hmax());
+    let mut sum = L::zero();
+    for row in rows.iter_mut() {
+        let w = L::load(row).sub(max).exp();
+        w.store(row);
+        sum = sum.add(w);
+    }
+    let (head, rest) = rows.as_flattened_mut().split_at_mut(first);
+    let mut total = sum.hsum();
+    for x in head.iter_mut().chain(&mut rest[end - first..]) {
+        total -= *x;
+        *x = 0.0;
+    }
+    total
+}
+
+/// `out = inv · Σ_j weight_j · value_j` for every query: `C` chunks of 16 dimensions for
+/// all `Q` queries (`Q·C ≤ 16` accumulators) stay in registers across the whole span.
+///
+/// # Safety
+/// As [`dispatch`].
+#[inline(always)]
+unsafe fn values<L: Lanes16, const Q: usize, const C: usize>(
+    job: &Job<'_>,
+    d: usize,
+    weights: &[&[[f32; BLOCK_TOKENS]]; Q],
+    inv: &[f32; Q],
+    out: &mut [f32],
+) {
+    const B: usize = BLOCK_TOKENS;
+    let (_, values) = job.pool.layer(job.layer);
+    let first = job.start / B;
+    let blocks = &job.seq.blocks[first..first + weights[0].len()];
+    let span = |i: usize| {
+        let start = (first + i) * B;
+        (job.start.saturating_sub(start), (job.n - start).min(B))
+    };
+    let chunks = d / B;
+    let mut c0 = 0;
+    while c0 < chunks {
+        let group = (chunks - c0).min(C);
+        let mut acc = [[L::zero(); C]; Q];
+        for (i, &block) in blocks.iter().enumerate() {
+            let v = &values[job.pool.at(block, job.kv_head, 0)..][..B * d];
+            let (skip, count) = span(i);
+            for j in skip..count {
+                let row = as_rows(&v[j * d + c0 * B..][..group * B]);
+                let w: [L; Q] = std::array::from_fn(|qi| L::splat(weights[qi][i][j]));
+                for c in 0..C.min(group) {
+                    let x = L::load_f16(&row[c]);
+                    for qi in 0..Q {
+                        acc[qi][c] = w[qi].mul_add(x, acc[qi][c]);
+                    }
+                }
+            }
+        }
+        for qi in 0..Q {
+            let (o, _) = out[qi * d + c0 * B..(qi + 1) * d].as_chunks_mut::<B>();
+            for c in 0..C.min(group) {
+                acc[qi][c].mul(L::splat(inv[qi])).store(&mut o[c]);
+            }
+        }
+        c0 += group;
+    }
+    // Dimensions past the last whole chunk, one at a time.
+    let done = chunks * B;
+    if done < d {
+        for qi in 0..Q {
+            let o = &mut out[qi * d + done..(qi + 1) * d];
+            o.fill(0.0);
+            for (i, &block) in blocks.iter().enumerate() {
+                let v = &values[job.pool.at(block, job.kv_head, 0)..][..B * d];
+                let (skip, count) = span(i);
+                for j in skip..count {
+                    let w = weights[qi][i][j];
+                    for (o, x) in o.iter_mut().zip(&v[j * d + done..(j + 1) * d]) {
+                        let x = half::f16::from_bits(*x).to_f32();
+                        *o = if L::FMA { w.mul_add(x, *o) } else { *o + w * x };
+                    }
+                }
+            }
+            o.iter_mut().for_each(|x| *x *= inv[qi]);
+        }
     }
 }
 

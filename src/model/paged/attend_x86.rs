@@ -42,6 +42,14 @@ impl Lanes16 for Avx512 {
         unsafe { Avx512(_mm512_add_ps(self.0, b.0)) }
     }
     #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { Avx512(_mm512_sub_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        unsafe { Avx512(_mm512_max_ps(self.0, b.0)) }
+    }
+    #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {
         unsafe { Avx512(_mm512_mul_ps(self.0, b.0)) }
     }
@@ -132,6 +140,14 @@ impl Lanes16 for Avx2 {
     #[inline(always)]
     unsafe fn add(self, b: Self) -> Self {
         unsafe { Avx2(_mm256_add_ps(self.0, b.0), _mm256_add_ps(self.1, b.1)) }
+    }
+    #[inline(always)]
+    unsafe fn sub(self, b: Self) -> Self {
+        unsafe { Avx2(_mm256_sub_ps(self.0, b.0), _mm256_sub_ps(self.1, b.1)) }
+    }
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        unsafe { Avx2(_mm256_max_ps(self.0, b.0), _mm256_max_ps(self.1, b.1)) }
     }
     #[inline(always)]
     unsafe fn mul(self, b: Self) -> Self {

@@ -89,6 +89,10 @@ pub struct Panels {
     pub scale: AlignedBytes,
     /// Empty for 8-bit weights without mins.
     pub min: AlignedBytes,
+    /// 8-bit weights whose two 16-element groups share one scale in every block (Q8_0,
+    /// Q5_0, Q5_1, Q5_K; not Q6_K): a block's 32 products can be summed as integers and
+    /// scaled once, which halves the float work per block.
+    pub one_scale_per_block: bool,
 }
 
 impl Panels {
@@ -153,6 +157,7 @@ impl Panels {
             qs: AlignedBytes::zeroed(panels * nb * bb),
             scale: AlignedBytes::zeroed(panels * nb * bs * 2),
             min: AlignedBytes::zeroed(if has_min { panels * nb * ROWS * 2 } else { 0 }),
+            one_scale_per_block: false,
         }
     }
 
@@ -202,6 +207,7 @@ impl Panels {
             }
         }
         spread_per_block(&m.scale, m.n, nb, 2, out.scale.f16s_mut());
+        out.one_scale_per_block = m.scale.chunks_exact(2).all(|g| g[0] == g[1]);
         if !m.min.is_empty() {
             spread_per_block(&m.min, m.n, nb, 1, out.min.f16s_mut());
         }

@@ -129,10 +129,7 @@ unsafe fn q4_tile<const P: usize, const T: usize, const S: usize>(
             let scale = scales16(panels[p].1.as_ptr().add(b * ROWS));
             let min = scales16(panels[p].2.as_ptr().add(b * ROWS));
             for t in 0..T {
-                let mut idot = dot[p][t][0];
-                if S == 2 {
-                    idot = _mm512_add_epi32(idot, dot[p][t][1]);
-                }
+                let idot = sum_chains(&dot[p][t]);
                 let sd = _mm512_mul_ps(scale, _mm512_set1_ps(*a[t].d.add(b)));
                 acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), sd, acc[p][t]);
                 acc[p][t] = _mm512_fmadd_ps(min, _mm512_set1_ps(*a[t].dsum.add(b)), acc[p][t]);
@@ -154,11 +151,17 @@ unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
     assert!(panels.iter().all(|(q, s, m)| q.len() == nb * 512
         && s.len() == nb * 2 * ROWS
         && (!has_min || m.len() == nb * ROWS)));
+    // With one scale a block, its eight quads make one group; otherwise two of four.
+    let (groups, quads) = if w.one_scale_per_block {
+        (1, 8)
+    } else {
+        (2, 4)
+    };
     let mut acc = [[_mm512_setzero_ps(); T]; P];
     for b in 0..nb {
-        for g in 0..2 {
+        for g in 0..groups {
             let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
-            for q in 4 * g..4 * g + 4 {
+            for q in quads * g..quads * (g + 1) {
                 for p in 0..P {
                     let at = panels[p].0.as_ptr().add(b * 512 + 64 * q);
                     prefetch_ahead(at);
@@ -176,13 +179,15 @@ unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
             for p in 0..P {
                 let scale = scales16(panels[p].1.as_ptr().add((2 * b + g) * ROWS));
                 for t in 0..T {
-                    let mut idot = dot[p][t][0];
-                    if S == 2 {
-                        idot = _mm512_add_epi32(idot, dot[p][t][1]);
-                    }
+                    let idot = sum_chains(&dot[p][t]);
                     // The weights were stored as q + 128: take 128·Σx off.
-                    let offset = _mm512_set1_epi32(*a[t].gsum.add(2 * b + g) << 7);
-                    let idot = _mm512_sub_epi32(idot, offset);
+                    let gsum = a[t].gsum.add(2 * b + g);
+                    let sum = if groups == 1 {
+                        *gsum + *gsum.add(1)
+                    } else {
+                        *gsum
+                    };
+                    let idot = _mm512_sub_epi32(idot, _mm512_set1_epi32(sum << 7));
                     let sd = _mm512_mul_ps(scale, _mm512_set1_ps(*a[t].d.add(b)));
                     acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(idot), sd, acc[p][t]);
                 }
@@ -198,4 +203,14 @@ unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
         }
     }
     acc
+}
+
+/// The `S` integer chains of one tile entry, added.
+#[inline(always)]
+unsafe fn sum_chains<const S: usize>(dot: &[__m512i; S]) -> __m512i {
+    let mut sum = dot[0];
+    for d in &dot[1..] {
+        sum = _mm512_add_epi32(sum, *d);
+    }
+    sum
 }
