@@ -57,20 +57,30 @@ pub fn paged_attention_on(
     let g = pool.geometry();
     let d = g.head_dim;
     let width = (g.heads + 2 * g.kv_heads) * d;
-    // Rotate Q and K and store K, V: each row once, in order.
-    let mut rows = Vec::new();
-    let mut r = 0;
-    for (s, item) in items.iter().enumerate() {
-        for i in 0..item.tokens {
-            let pos = item.pos + i;
-            let row = &mut qkv[r * width..(r + 1) * width];
+    let rows: Vec<(usize, usize)> = items
+        .iter()
+        .enumerate()
+        .flat_map(|(s, item)| (item.pos..item.pos + item.tokens).map(move |pos| (s, pos)))
+        .collect();
+    // Rotate Q and K and store K, V, a row a task: each row writes its own slot, and a
+    // row's keys are spread over its block's cache lines (keys are stored transposed), so
+    // the writes wait on memory more than they compute, and two threads overlap the waits.
+    {
+        let writer = pool.writer();
+        let store = |(row, &(s, pos)): (&mut [f32], &(usize, usize))| {
             for h in 0..g.heads + g.kv_heads {
                 rope.apply(&mut row[h * d..(h + 1) * d], pos);
             }
             let (k, v) = row[g.heads * d..].split_at(g.kv_heads * d);
-            pool.write(layer, item.blocks, pos, k, v);
-            rows.push((s, pos));
-            r += 1;
+            writer.write(layer, items[s].blocks, pos, k, v);
+        };
+        let qkv = &mut qkv[..rows.len() * width];
+        if rows.len() >= 4 {
+            qkv.par_chunks_mut(width)
+                .zip(rows.par_iter())
+                .for_each(store);
+        } else {
+            qkv.chunks_mut(width).zip(&rows).for_each(store);
         }
     }
     let mut out = vec![0.0f32; rows.len() * g.heads * d];
@@ -84,13 +94,12 @@ pub fn paged_attention_on(
     } else {
         1
     };
-    let one = |(c, o): (usize, &mut [f32])| {
-        let heads_per_row = g.heads / per_task;
+    let heads_per_row = g.heads / per_task;
+    let job_at = |c: usize| {
         let (row, h) = (c / heads_per_row, c % heads_per_row * per_task);
         let (s, pos) = rows[row];
-        let q = &qkv[row * width + h * d..row * width + (h + per_task) * d];
         let n = pos + 1;
-        let job = Job {
+        Job {
             pool,
             layer,
             seq: items[s].blocks,
@@ -98,12 +107,12 @@ pub fn paged_attention_on(
             start: params.window.map_or(0, |w| n.saturating_sub(w.max(1))),
             n,
             kv_head: h / group,
-            q,
+            q: &qkv[row * width + h * d..row * width + (h + per_task) * d],
             scale: params.scale,
             softcap: params.softcap,
-        };
-        attend::run(path, &job, per_task, o);
+        }
     };
+    let one = |(c, o): (usize, &mut [f32])| attend::run(path, &job_at(c), per_task, o);
     // Work in position-heads; below this a thread hand-off costs more than it saves.
     let seen = |p: usize| params.window.map_or(p + 1, |w| (p + 1).min(w));
     let work: usize = rows.iter().map(|&(_, p)| seen(p)).sum::<usize>() * g.heads;

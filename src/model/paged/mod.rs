@@ -36,10 +36,80 @@ impl KvGeometry {
     }
 }
 
-/// `x` as f16 bits, clamped to f16's finite range (an activation past ±65504 would
-/// otherwise be stored as infinity and turn the attention into NaN).
-fn to_f16_bits(x: f32) -> u16 {
-    half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits()
+/// Writes keys and values into a [`KvPool`] from several threads: each token of a step has
+/// its own position, so its own slot of its own block, and no two writes touch the same
+/// element (blocks shared through the prefix cache are full and never written again).
+pub(super) struct KvWriter<'a> {
+    k: *mut u16,
+    v: *mut u16,
+    len: usize,
+    geo: KvGeometry,
+    layer_floats: usize,
+    _pool: std::marker::PhantomData<&'a mut KvPool>,
+}
+
+// SAFETY: the writer only writes, each call to elements no other call writes (see the
+// type's comment), and it borrows the pool mutably for as long as it lives.
+unsafe impl Send for KvWriter<'_> {}
+unsafe impl Sync for KvWriter<'_> {}
+
+impl KvWriter<'_> {
+    /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`. A
+    /// block's keys are transposed, `[dim][slot]`, so that attention scores its 16 slots
+    /// side by side; its values stay `[slot][dim]`.
+    ///
+    /// Two calls at once must be for different positions of the same sequence, or for
+    /// different sequences (which never share a block that is still being written).
+    pub(super) fn write(&self, layer: usize, seq: &SeqBlocks, pos: usize, k: &[f32], v: &[f32]) {
+        let d = self.geo.head_dim;
+        let (block, slot) = (seq.blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
+        assert!(
+            layer < self.geo.layers
+                && (block as usize + 1) * self.geo.block_floats() <= self.layer_floats
+        );
+        assert!(k.len() == self.geo.kv_heads * d && v.len() == k.len());
+        for h in 0..self.geo.kv_heads {
+            let area = layer * self.layer_floats
+                + ((block as usize * self.geo.kv_heads + h) * BLOCK_TOKENS) * d;
+            let at = area + slot * d;
+            debug_assert!(area + BLOCK_TOKENS * d <= self.len);
+            let (keys, values) = (&k[h * d..(h + 1) * d], &v[h * d..(h + 1) * d]);
+            for c in (0..d).step_by(F16_CHUNK) {
+                let end = (c + F16_CHUNK).min(d);
+                let mut bits = [0u16; F16_CHUNK];
+                to_f16_slice(&keys[c..end], &mut bits[..end - c]);
+                // SAFETY: the asserts above keep `area..area + 16·d` (this block's keys and
+                // values for head `h`) inside the pool; this position's elements in it are
+                // written by this call alone (see the comment on the type).
+                unsafe {
+                    for (dim, &b) in (c..end).zip(&bits) {
+                        *self.k.add(area + dim * BLOCK_TOKENS + slot) = b;
+                    }
+                    to_f16_slice(
+                        &values[c..end],
+                        std::slice::from_raw_parts_mut(self.v.add(at + c), end - c),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Values converted to f16 at a time by [`to_f16_slice`].
+const F16_CHUNK: usize = 64;
+
+/// Up to [`F16_CHUNK`] values as f16 bits, clamped to f16's finite range (an activation past
+/// ±65504 would otherwise be stored as infinity and turn the attention into NaN), with
+/// `half`'s slice conversion (F16C, eight a time, where the CPU has it).
+fn to_f16_slice(x: &[f32], out: &mut [u16]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let mut clamped = [0.0f32; F16_CHUNK];
+    let clamped = &mut clamped[..x.len()];
+    for (c, &v) in clamped.iter_mut().zip(x) {
+        *c = v.clamp(-65504.0, 65504.0);
+    }
+    out.reinterpret_cast_mut::<half::f16>()
+        .convert_from_f32_slice(clamped);
 }
 
 /// One sequence's blocks, in position order, and the hashes of those already registered in
@@ -102,21 +172,23 @@ impl KvPool {
         ((block as usize * self.geo.kv_heads + head) * BLOCK_TOKENS + slot) * self.geo.head_dim
     }
 
-    /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`. A
-    /// block's keys are transposed, `[dim][slot]`, so that attention scores its 16 slots
-    /// side by side; its values stay `[slot][dim]`.
+    /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`.
+    #[cfg(test)]
     fn write(&mut self, layer: usize, seq: &SeqBlocks, pos: usize, k: &[f32], v: &[f32]) {
-        let d = self.geo.head_dim;
-        let (block, slot) = (seq.blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
-        for h in 0..self.geo.kv_heads {
-            let area = layer * self.layer_floats + self.at(block, h, 0);
-            for (dim, &x) in k[h * d..(h + 1) * d].iter().enumerate() {
-                self.k[area + dim * BLOCK_TOKENS + slot] = to_f16_bits(x);
-            }
-            let at = area + slot * d;
-            for (to, &x) in self.v[at..at + d].iter_mut().zip(&v[h * d..(h + 1) * d]) {
-                *to = to_f16_bits(x);
-            }
+        self.writer().write(layer, seq, pos, k, v);
+    }
+
+    /// A handle through which the rows of one step store their keys and values from several
+    /// threads at once. Holding it borrows the pool mutably, so nothing reads the pool
+    /// meanwhile.
+    fn writer(&mut self) -> KvWriter<'_> {
+        KvWriter {
+            k: self.k.as_mut_ptr(),
+            v: self.v.as_mut_ptr(),
+            len: self.k.len(),
+            geo: self.geo,
+            layer_floats: self.layer_floats,
+            _pool: std::marker::PhantomData,
         }
     }
 
@@ -191,6 +263,44 @@ mod tests {
         kv_heads: 1,
         head_dim: 8,
     };
+
+    /// Keys (transposed) and values land where attention reads them, rounded to f16 and
+    /// clamped to its finite range, for a head size that is not a whole number of chunks.
+    #[test]
+    fn writes_store_clamped_f16_in_both_layouts() {
+        let geo = KvGeometry {
+            layers: 2,
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 70,
+        };
+        let mut pool = KvPool::new(geo, 2);
+        let mut seq = SeqBlocks::default();
+        assert!(pool.reserve(&mut seq, 20));
+        let k: Vec<f32> = (0..140).map(|i| (i as f32 - 70.0) * 0.37).collect();
+        let mut v: Vec<f32> = k.iter().map(|x| x * -3.1).collect();
+        (v[3], v[80], v[139]) = (1e9, -7e4, f32::INFINITY);
+        pool.write(1, &seq, 17, &k, &v);
+        let f16 = |x: f32| half::f16::from_f32(x.clamp(-65504.0, 65504.0)).to_bits();
+        let (keys, values) = pool.layer(1);
+        for h in 0..2 {
+            let area = pool.at(seq.blocks[1], h, 0);
+            for dim in 0..70 {
+                assert_eq!(keys[area + dim * BLOCK_TOKENS + 1], f16(k[h * 70 + dim]));
+                assert_eq!(values[area + 70 + dim], f16(v[h * 70 + dim]));
+            }
+        }
+        assert_eq!(
+            values[pool.at(seq.blocks[1], 0, 1) + 3],
+            half::f16::MAX.to_bits()
+        );
+        assert_eq!(
+            values[pool.at(seq.blocks[1], 1, 1) + 69],
+            half::f16::MAX.to_bits()
+        );
+        // Layer 0 and the other slots are untouched.
+        assert!(pool.layer(0).0.iter().all(|&b| b == 0));
+    }
 
     #[test]
     fn a_failed_reservation_takes_nothing_and_prefixes_map_from_position_zero() {

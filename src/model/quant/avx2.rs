@@ -24,12 +24,40 @@ pub fn avx512_vnni_available() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Quantizes 32 floats to bytes (`d = max|x| / 127`, round half to even); returns `d`, `Σq`.
+/// Quantizes every block of `x` into `acts` (sized for it): one call, so that the block
+/// code is inlined, with the f16 rounding of the scales done by F16C in place.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_rows(x: &[f32], acts: &mut super::kernels::Q8Acts) {
+    let blocks = x.len() / 32;
+    assert!(
+        acts.qs.len() >= blocks * 32 && acts.d.len() >= blocks && acts.gsum.len() >= 2 * blocks
+    );
+    let f16_round = |v: f32| {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+            _mm_set_ss(v),
+        )))
+    };
+    for b in 0..blocks {
+        let (d, low, high) = quantize_block(&x[b * 32..], &mut acts.qs[b * 32..]);
+        acts.gsum[2 * b] = low;
+        acts.gsum[2 * b + 1] = high;
+        // As `Q8Acts::set_block`: the scale and the scaled sum rounded to f16, as ggml's.
+        acts.d[b] = f16_round(d);
+        acts.dsum[b] = f16_round(d * (low + high) as f32);
+    }
+}
+
+/// Quantizes 32 floats to bytes (`d = max|x| / 127`, round half to even); returns `d` and
+/// `Σq` of the first and of the last 16.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `src` and `dst` must hold 32 elements.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
+pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32, i32) {
     // Checked in release too: an out-of-bounds load here would read or write past the slices.
     assert!(src.len() >= 32 && dst.len() >= 32);
     let p = src.as_ptr();
@@ -57,16 +85,15 @@ pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
         ))
     };
     let (i0, i1, i2, i3) = (round(v[0]), round(v[1]), round(v[2]), round(v[3]));
-    let sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-    let s4 = _mm_add_epi32(
-        _mm256_castsi256_si128(sum),
-        _mm256_extracti128_si256(sum, 1),
-    );
-    let s4 = _mm_hadd_epi32(s4, s4);
-    let s4 = _mm_hadd_epi32(s4, s4);
+    // Lanes 0..4 sum the first 16, lanes 4..8 the last 16.
+    let (lo, hi) = (_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    let s = _mm256_hadd_epi32(lo, hi);
+    let s = _mm256_hadd_epi32(s, s);
+    // [l01, l23, h01, h23 | l45, l67, h45, h67] → l and h in lanes 0 and 1 after the add.
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     // Packing works within 128-bit lanes; the permute puts the 32 bytes back in order.
     let packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
     let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, packed);
-    (d, _mm_cvtsi128_si32(s4))
+    (d, _mm_cvtsi128_si32(s4), _mm_extract_epi32::<1>(s4))
 }

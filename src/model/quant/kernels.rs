@@ -41,31 +41,33 @@ impl Q8Acts {
             gsum: vec![0; 2 * blocks],
         };
         let simd = isa != Isa::Portable && simd_available();
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2, FMA and F16C were detected at run time.
+            unsafe { super::avx2::quantize_rows(&x[..blocks * 32], &mut acts) };
+            return acts;
+        }
+        let _ = simd;
         for b in 0..blocks {
             let src = &x[b * 32..b * 32 + 32];
             let dst = &mut acts.qs[b * 32..b * 32 + 32];
-            #[cfg(target_arch = "x86_64")]
-            let (d, sum) = if simd {
-                // SAFETY: AVX2 and FMA were detected at run time; both slices hold 32 values.
-                unsafe { super::avx2::quantize_block(src, dst) }
-            } else {
-                quantize_block_portable(src, dst)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum) = {
-                let _ = simd;
-                quantize_block_portable(src, dst)
-            };
-            // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and
-            // so do we: this model is sensitive enough that the extra precision alone moves
-            // logits by tenths and flips greedy near-ties against llama.cpp's reference.
+            let (d, sum) = quantize_block_portable(src, dst);
             let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
-            acts.gsum[2 * b] = low;
-            acts.gsum[2 * b + 1] = sum - low;
-            acts.d[b] = f16_round(d);
-            acts.dsum[b] = f16_round(d * sum as f32);
+            acts.set_block(b, d, low, sum - low);
         }
         acts
+    }
+
+    /// Records block `b`'s scale and sums (`low` and `high`: of its two halves).
+    #[inline(always)]
+    pub(super) fn set_block(&mut self, b: usize, d: f32, low: i32, high: i32) {
+        // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and so
+        // do we: this model is sensitive enough that the extra precision alone moves logits
+        // by tenths and flips greedy near-ties against llama.cpp's reference.
+        self.gsum[2 * b] = low;
+        self.gsum[2 * b + 1] = high;
+        self.d[b] = f16_round(d);
+        self.dsum[b] = f16_round(d * (low + high) as f32);
     }
 
     fn row(&self, r: usize) -> ActRow<'_> {
@@ -249,7 +251,9 @@ pub fn matmul_parts_on(
     );
     let n: usize = parts.iter().map(Packed::rows).sum();
     let acts = Q8Acts::quantize_on(isa, x, rows, k);
-    let mut out = vec![0.0f32; rows * n];
+    // Not zeroed first: the tasks below write every element (each part's rows, for every
+    // token), and clearing a few hundred KB per product showed up in profiles.
+    let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     let out_ptr = OutPtr(out.as_mut_ptr());
     // Runs of rows small enough to balance two threads against a busy core, large enough
     // that waking a worker pays for itself (and whole panels of 16); the whole product runs
@@ -288,6 +292,9 @@ pub fn matmul_parts_on(
     } else {
         pool.install(|| (0..n.div_ceil(run)).into_par_iter().for_each(task));
     }
+    // SAFETY: the tasks covered columns `0..n` (runs of `run`), each writing its columns
+    // of every token's row; they have all returned.
+    unsafe { out.set_len(rows * n) };
     out
 }
 

@@ -270,11 +270,14 @@ pub(super) unsafe fn product(
         let (lo, hi) = ((p * ROWS).max(rows.start), (p * ROWS + ROWS).min(rows.end));
         // SAFETY: rows `lo..hi` of this part are in the caller's columns; `t < acts.rows`.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                sums.as_ptr().add(lo - p * ROWS),
-                out.0.add(t * n + column + lo),
-                hi - lo,
-            )
+            let to = out.0.add(t * n + column + lo);
+            if hi - lo == ROWS {
+                // A whole panel, the common case: a fixed-size copy (two vector moves),
+                // where a variable length is a call to `memmove` per panel and token.
+                (to as *mut [f32; ROWS]).write_unaligned(*sums);
+            } else {
+                std::ptr::copy_nonoverlapping(sums.as_ptr().add(lo - p * ROWS), to, hi - lo)
+            }
         };
     };
     let tokens: Vec<TokenActs> = (0..acts.rows).map(|t| TokenActs::of(acts, t)).collect();
