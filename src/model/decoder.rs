@@ -16,6 +16,7 @@ use super::paged::attend::AttnPath;
 use super::paged::attention::PagedItem;
 use super::paged::{paged_attention, AttnParams, KvGeometry, KvPool};
 use super::quant::Linear;
+use super::residual_norm::{add_rms_norm, rms_norm};
 use super::rope::Rope;
 use super::swiglu::SwiGlu;
 use super::weights::Weights;
@@ -468,11 +469,16 @@ impl Decoder {
                 }
             }
         }
+        // Each residual add runs in one pass with the norm that follows it (the next
+        // layer's, or the MLP's).
+        let mut h = match self.layers.first() {
+            Some(first) => rms_norm(&x, &first.attn_norm, eps)?,
+            None => x.clone(),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             if interrupt() {
                 return Err(ModelError::Interrupted);
             }
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             let layer_masks = if layer.attn.params.window.is_some() {
                 &windowed_masks
             } else {
@@ -484,18 +490,21 @@ impl Decoder {
                     .attn
                     .forward(i, &h, batch, rope, self.kv.as_mut(), layer_masks, eps)?;
             if let Some((post_attn, _)) = &layer.post_norms {
-                a = candle_nn::ops::rms_norm(&a, post_attn, eps)?;
+                a = rms_norm(&a, post_attn, eps)?;
             }
-            x = (x + a)?;
             if interrupt() {
                 return Err(ModelError::Interrupted);
             }
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            let mut m = layer.mlp.forward(&h)?;
+            let (sum, normed) = add_rms_norm(&x, &a, &layer.mlp_norm, eps)?;
+            x = sum;
+            let mut m = layer.mlp.forward(&normed)?;
             if let Some((_, post_mlp)) = &layer.post_norms {
-                m = candle_nn::ops::rms_norm(&m, post_mlp, eps)?;
+                m = rms_norm(&m, post_mlp, eps)?;
             }
-            x = (x + m)?;
+            match self.layers.get(i + 1) {
+                Some(next) => (x, h) = add_rms_norm(&x, &m, &next.attn_norm, eps)?,
+                None => x = (x + m)?,
+            }
         }
         let mut last_rows = Vec::with_capacity(batch.len());
         let mut row = 0u32;
@@ -506,7 +515,7 @@ impl Decoder {
         }
         let last = Tensor::new(last_rows.as_slice(), &self.device)?;
         let x = x.index_select(&last, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(match self.cfg.final_softcap {
             Some(c) => ((logits / f64::from(c))?.tanh()? * f64::from(c))?,

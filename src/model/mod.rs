@@ -12,6 +12,7 @@ mod decoder;
 mod dense;
 pub mod paged;
 pub mod quant;
+mod residual_norm;
 mod rope;
 mod swiglu;
 mod weights;

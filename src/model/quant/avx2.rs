@@ -35,11 +35,6 @@ pub unsafe fn quantize_rows(x: &[f32], acts: &mut super::kernels::Q8Acts) {
     assert!(
         acts.qs.len() >= blocks * 32 && acts.d.len() >= blocks && acts.gsum.len() >= 2 * blocks
     );
-    let f16_round = |v: f32| {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
-            _mm_set_ss(v),
-        )))
-    };
     for b in 0..blocks {
         let (d, low, high) = quantize_block(&x[b * 32..], &mut acts.qs[b * 32..]);
         acts.gsum[2 * b] = low;
@@ -48,6 +43,17 @@ pub unsafe fn quantize_rows(x: &[f32], acts: &mut super::kernels::Q8Acts) {
         acts.d[b] = f16_round(d);
         acts.dsum[b] = f16_round(d * (low + high) as f32);
     }
+}
+
+/// `v` rounded to the nearest f16 (ties to even), as `half::f16::from_f32(v).to_f32()`.
+/// A function of its own, not a closure: a closure would not inherit the target features,
+/// and the intrinsics would become calls.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_round(v: f32) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+        _mm_set_ss(v),
+    )))
 }
 
 /// Quantizes 32 floats to bytes (`d = max|x| / 127`, round half to even); returns `d` and
