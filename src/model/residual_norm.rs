@@ -126,7 +126,7 @@ mod tests {
     }
 
     /// Against candle's ops (and so against the plain formula), for a width with a tail
-    /// past the eight lanes and one without.
+    /// that is not a multiple of 16, and 16 rows (split across threads).
     #[test]
     fn the_fused_add_and_norm_equal_candles_ops() {
         for (rows, width) in [(5usize, 576usize), (5, 69), (16, 576)] {

@@ -1,13 +1,12 @@
 //! The inner loop of paged attention: the query heads that share one KV head, over one
-//! sequence's blocks, with an online softmax (one pass, rescaled when a block raises the
-//! maximum).
+//! sequence's blocks, in three passes (every score, one softmax, then the values).
 //!
 //! Keys and values are f16 in the pool, widened to f32 as they are loaded. Keys are stored
 //! transposed in each block (`[dim][slot]`), so a block's 16 scores are
 //! computed side by side: for each dimension, one broadcast of the query's value times the
-//! 16 slots' values, with no horizontal sum per key. The 16 weights then go through one
-//! vectorized `exp` (our own polynomial: the library's `expf` is a call per score), and the
-//! values (`[slot][dim]`) are added in rows. The code is plain fixed-width loops, compiled
+//! 16 slots' values, with no horizontal sum per key. The weights go through a vectorized
+//! `exp` (our own polynomial: the library's `expf` is a call per score), and the values
+//! (`[slot][dim]`) are added in rows, each row loaded once for all the query heads. The code is plain fixed-width loops, compiled
 //! three times: for AVX-512 (16 lanes, one register a block), for AVX2/FMA (two), and
 //! portable.
 
@@ -118,6 +117,8 @@ unsafe fn dispatch<L: Lanes16>(job: &Job<'_>, queries: usize, out: &mut [f32]) {
 pub(super) trait Lanes16: Copy {
     /// Whether `f32::mul_add` is an instruction here (elsewhere it is a library call).
     const FMA: bool;
+    /// Vector registers one value takes (the kernels size their tiles by it).
+    const REGISTERS: usize;
     unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(x: &[f32; BLOCK_TOKENS]) -> Self;
@@ -146,6 +147,7 @@ pub(super) struct Portable([f32; BLOCK_TOKENS]);
 
 impl Lanes16 for Portable {
     const FMA: bool = false;
+    const REGISTERS: usize = 1;
     unsafe fn zero() -> Self {
         Portable([0.0; BLOCK_TOKENS])
     }
@@ -264,7 +266,7 @@ unsafe fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
     // Positions from the first block that the window reaches, padded to whole blocks.
     let span0 = job.start / BLOCK_TOKENS * BLOCK_TOKENS;
     let padded = (job.n - span0).next_multiple_of(BLOCK_TOKENS);
-    buf.clear();
+    // Every element is written by `scores` before it is read: no need to clear.
     buf.resize(Q * padded, 0.0);
     let (rows, _) = buf.as_chunks_mut::<BLOCK_TOKENS>();
     let per_query = padded / BLOCK_TOKENS;
@@ -279,7 +281,11 @@ unsafe fn attend<L: Lanes16, const Q: usize>(job: &Job<'_>, out: &mut [f32]) {
     }
     let weights: [&[[f32; BLOCK_TOKENS]]; Q] =
         std::array::from_fn(|qi| &rows[qi * per_query..(qi + 1) * per_query]);
-    if Q <= 4 {
+    // Q heads × C chunks of accumulators, besides Q weights and C values, within the
+    // registers: 32 zmm, or 16 ymm where a lane vector takes two.
+    if L::REGISTERS > 1 {
+        values::<L, Q, 1>(job, d, &weights, &inv, out);
+    } else if Q <= 4 {
         values::<L, Q, 4>(job, d, &weights, &inv, out);
     } else {
         values::<L, Q, 2>(job, d, &weights, &inv, out);
@@ -426,30 +432,13 @@ unsafe fn values<L: Lanes16, const Q: usize, const C: usize>(
     };
     let chunks = d / B;
     let mut c0 = 0;
+    while c0 + C <= chunks {
+        value_chunks::<L, Q, C>(job, d, blocks, &span, weights, inv, out, c0);
+        c0 += C;
+    }
     while c0 < chunks {
-        let group = (chunks - c0).min(C);
-        let mut acc = [[L::zero(); C]; Q];
-        for (i, &block) in blocks.iter().enumerate() {
-            let v = &values[job.pool.at(block, job.kv_head, 0)..][..B * d];
-            let (skip, count) = span(i);
-            for j in skip..count {
-                let row = as_rows(&v[j * d + c0 * B..][..group * B]);
-                let w: [L; Q] = std::array::from_fn(|qi| L::splat(weights[qi][i][j]));
-                for c in 0..C.min(group) {
-                    let x = L::load_f16(&row[c]);
-                    for qi in 0..Q {
-                        acc[qi][c] = w[qi].mul_add(x, acc[qi][c]);
-                    }
-                }
-            }
-        }
-        for qi in 0..Q {
-            let (o, _) = out[qi * d + c0 * B..(qi + 1) * d].as_chunks_mut::<B>();
-            for c in 0..C.min(group) {
-                acc[qi][c].mul(L::splat(inv[qi])).store(&mut o[c]);
-            }
-        }
-        c0 += group;
+        value_chunks::<L, Q, 1>(job, d, blocks, &span, weights, inv, out, c0);
+        c0 += 1;
     }
     // Dimensions past the last whole chunk, one at a time.
     let done = chunks * B;
@@ -469,6 +458,54 @@ unsafe fn values<L: Lanes16, const Q: usize, const C: usize>(
                 }
             }
             o.iter_mut().for_each(|x| *x *= inv[qi]);
+        }
+    }
+}
+
+/// Chunks `c0..c0 + G` (16 dimensions each) of every query's output: `Q·G` accumulators,
+/// with constant bounds so that they stay in registers.
+///
+/// # Safety
+/// As [`dispatch`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn value_chunks<L: Lanes16, const Q: usize, const G: usize>(
+    job: &Job<'_>,
+    d: usize,
+    blocks: &[u32],
+    span: &impl Fn(usize) -> (usize, usize),
+    weights: &[&[[f32; BLOCK_TOKENS]]; Q],
+    inv: &[f32; Q],
+    out: &mut [f32],
+    c0: usize,
+) {
+    const B: usize = BLOCK_TOKENS;
+    let (_, values) = job.pool.layer(job.layer);
+    let mut acc = [[L::zero(); G]; Q];
+    for (i, &block) in blocks.iter().enumerate() {
+        let v = &values[job.pool.at(block, job.kv_head, 0)..][..B * d];
+        if let Some(&next) = blocks.get(i + 1) {
+            prefetch(&values[job.pool.at(next, job.kv_head, 0) + c0 * B..][..G * B]);
+        }
+        let (skip, count) = span(i);
+        for j in skip..count {
+            let row = as_rows(&v[j * d + c0 * B..][..G * B]);
+            let mut w = [L::zero(); Q];
+            for qi in 0..Q {
+                w[qi] = L::splat(weights[qi][i][j]);
+            }
+            for c in 0..G {
+                let x = L::load_f16(&row[c]);
+                for qi in 0..Q {
+                    acc[qi][c] = w[qi].mul_add(x, acc[qi][c]);
+                }
+            }
+        }
+    }
+    for qi in 0..Q {
+        let (o, _) = out[qi * d + c0 * B..(qi + 1) * d].as_chunks_mut::<B>();
+        for c in 0..G {
+            acc[qi][c].mul(L::splat(inv[qi])).store(&mut o[c]);
         }
     }
 }

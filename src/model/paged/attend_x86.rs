@@ -11,6 +11,7 @@ pub(super) struct Avx512(__m512);
 
 impl Lanes16 for Avx512 {
     const FMA: bool = true;
+    const REGISTERS: usize = 1;
     #[inline(always)]
     unsafe fn zero() -> Self {
         // SAFETY (every method): only compiled into `run_avx512`, whose caller checked
@@ -103,6 +104,7 @@ pub(super) struct Avx2(__m256, __m256);
 
 impl Lanes16 for Avx2 {
     const FMA: bool = true;
+    const REGISTERS: usize = 2;
     #[inline(always)]
     unsafe fn zero() -> Self {
         unsafe { Avx2(_mm256_setzero_ps(), _mm256_setzero_ps()) }

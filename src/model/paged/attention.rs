@@ -1,7 +1,6 @@
 //! Fused causal attention over the paged cache, on the CPU: rotary embeddings, storing the new
-//! keys and values in their blocks, and each query head's softmax-weighted sum over its
-//! sequence's blocks with an online softmax (one pass, rescaled once per block), all in one
-//! call per layer. It replaces ~20 small candle operations per sequence and layer, which cost
+//! keys and values in their blocks (a row a task), and each query head's softmax-weighted sum
+//! over its sequence's blocks (`attend`), all in one call per layer. It replaces ~20 small candle operations per sequence and layer, which cost
 //! more than their arithmetic at decode time.
 
 use rayon::prelude::*;
@@ -72,7 +71,9 @@ pub fn paged_attention_on(
                 rope.apply(&mut row[h * d..(h + 1) * d], pos);
             }
             let (k, v) = row[g.heads * d..].split_at(g.kv_heads * d);
-            writer.write(layer, items[s].blocks, pos, k, v);
+            // SAFETY: each row is one position of its sequence, and each batch item has its
+            // own block table (prefix sharing gives only full blocks, never written again).
+            unsafe { writer.write(layer, items[s].blocks, pos, k, v) };
         };
         let qkv = &mut qkv[..rows.len() * width];
         if rows.len() >= 4 {
@@ -290,6 +291,31 @@ mod tests {
                     AttnParams {
                         scale: 0.2,
                         softcap: None,
+                        window,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Eight query heads to a KV head (the kernel's largest group, accumulators for two
+    /// chunks at a time), with head sizes that leave a chunk and a tail over, a window and
+    /// soft-capping.
+    #[test]
+    fn eight_query_heads_a_kv_head_equal_plain_attention() {
+        for head_dim in [80, 18] {
+            let geo = KvGeometry {
+                layers: 1,
+                heads: 8,
+                kv_heads: 1,
+                head_dim,
+            };
+            for (window, softcap) in [(None, None), (Some(21), Some(3.0))] {
+                check_geometry_against_reference(
+                    geo,
+                    AttnParams {
+                        scale: 0.25,
+                        softcap,
                         window,
                     },
                 );

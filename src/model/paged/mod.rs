@@ -58,9 +58,18 @@ impl KvWriter<'_> {
     /// block's keys are transposed, `[dim][slot]`, so that attention scores its 16 slots
     /// side by side; its values stay `[slot][dim]`.
     ///
+    /// # Safety
     /// Two calls at once must be for different positions of the same sequence, or for
-    /// different sequences (which never share a block that is still being written).
-    pub(super) fn write(&self, layer: usize, seq: &SeqBlocks, pos: usize, k: &[f32], v: &[f32]) {
+    /// different sequences (which never share a block that is still being written): two
+    /// calls for one position would write the same elements.
+    pub(super) unsafe fn write(
+        &self,
+        layer: usize,
+        seq: &SeqBlocks,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
         let d = self.geo.head_dim;
         let (block, slot) = (seq.blocks[pos / BLOCK_TOKENS], pos % BLOCK_TOKENS);
         assert!(
@@ -175,7 +184,8 @@ impl KvPool {
     /// Stores one token's keys and values (`[kv_heads * dim]` each) at position `pos`.
     #[cfg(test)]
     fn write(&mut self, layer: usize, seq: &SeqBlocks, pos: usize, k: &[f32], v: &[f32]) {
-        self.writer().write(layer, seq, pos, k, v);
+        // SAFETY: one call at a time (the pool is borrowed mutably).
+        unsafe { self.writer().write(layer, seq, pos, k, v) };
     }
 
     /// A handle through which the rows of one step store their keys and values from several
@@ -298,7 +308,7 @@ mod tests {
             values[pool.at(seq.blocks[1], 1, 1) + 69],
             half::f16::MAX.to_bits()
         );
-        // Layer 0 and the other slots are untouched.
+        // Layer 0 is untouched.
         assert!(pool.layer(0).0.iter().all(|&b| b == 0));
     }
 

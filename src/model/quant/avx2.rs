@@ -37,11 +37,8 @@ pub unsafe fn quantize_rows(x: &[f32], acts: &mut super::kernels::Q8Acts) {
     );
     for b in 0..blocks {
         let (d, low, high) = quantize_block(&x[b * 32..], &mut acts.qs[b * 32..]);
-        acts.gsum[2 * b] = low;
-        acts.gsum[2 * b + 1] = high;
-        // As `Q8Acts::set_block`: the scale and the scaled sum rounded to f16, as ggml's.
-        acts.d[b] = f16_round(d);
-        acts.dsum[b] = f16_round(d * (low + high) as f32);
+        let scaled = [f16_round(d), f16_round(d * (low + high) as f32)];
+        acts.set_block(b, low, high, scaled);
     }
 }
 
@@ -95,7 +92,9 @@ pub unsafe fn quantize_block(src: &[f32], dst: &mut [i8]) -> (f32, i32, i32) {
     let (lo, hi) = (_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
     let s = _mm256_hadd_epi32(lo, hi);
     let s = _mm256_hadd_epi32(s, s);
-    // [l01, l23, h01, h23 | l45, l67, h45, h67] → l and h in lanes 0 and 1 after the add.
+    // After the two hadds each 128-bit half holds [Σl, Σh, Σl, Σh] of its own lanes (the
+    // low half of elements 0–3 and 8–11 of each 16, the high half the rest): their sum has
+    // Σ of the first 16 in lane 0 and of the last 16 in lane 1.
     let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     // Packing works within 128-bit lanes; the permute puts the 32 bytes back in order.
     let packed = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));

@@ -53,21 +53,22 @@ impl Q8Acts {
             let dst = &mut acts.qs[b * 32..b * 32 + 32];
             let (d, sum) = quantize_block_portable(src, dst);
             let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
-            acts.set_block(b, d, low, sum - low);
+            let scaled = [f16_round(d), f16_round(d * sum as f32)];
+            acts.set_block(b, low, sum - low, scaled);
         }
         acts
     }
 
-    /// Records block `b`'s scale and sums (`low` and `high`: of its two halves).
+    /// Records block `b`'s sums (`low` and `high`: of its two halves) and `scaled`: its
+    /// scale `d` and `d·Σq`, rounded to f16 by the caller. ggml keeps an activation block's
+    /// scale and scaled sum in f16 (Q8_0/Q8_1), and so do we: this model is sensitive enough
+    /// that the extra precision alone moves logits by tenths and flips greedy near-ties
+    /// against llama.cpp's reference.
     #[inline(always)]
-    pub(super) fn set_block(&mut self, b: usize, d: f32, low: i32, high: i32) {
-        // ggml keeps an activation block's scale and scaled sum in f16 (Q8_0/Q8_1), and so
-        // do we: this model is sensitive enough that the extra precision alone moves logits
-        // by tenths and flips greedy near-ties against llama.cpp's reference.
+    pub(super) fn set_block(&mut self, b: usize, low: i32, high: i32, scaled: [f32; 2]) {
         self.gsum[2 * b] = low;
         self.gsum[2 * b + 1] = high;
-        self.d[b] = f16_round(d);
-        self.dsum[b] = f16_round(d * (low + high) as f32);
+        [self.d[b], self.dsum[b]] = scaled;
     }
 
     fn row(&self, r: usize) -> ActRow<'_> {
