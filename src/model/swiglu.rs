@@ -41,10 +41,13 @@ impl CustomOp1 for SwiGlu {
             let (gate, up) = x.split_at(inter);
             silu_mul(self.path, gate, up, o);
         };
-        // Prompts: rows across the pool the caller runs in; a few rows are cheaper inline.
-        if out.len() >= 1 << 16 {
+        // Prompts and many streams: rows across the pool the caller runs in (a 16-stream
+        // step's rows inline were a serial section, the other thread idle); a few rows are
+        // cheaper inline.
+        if out.len() / inter >= 8 {
             out.par_chunks_mut(inter)
                 .zip(x.par_chunks(2 * inter))
+                .with_min_len(2)
                 .for_each(row);
         } else {
             out.chunks_mut(inter).zip(x.chunks(2 * inter)).for_each(row);

@@ -31,6 +31,19 @@ impl Q8Acts {
     /// [`Self::quantize`] with the AVX2 code unless `isa` is [`Isa::Portable`] (every other
     /// set includes AVX2).
     pub fn quantize_on(isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
+        Self::quantize_in(isa, x, rows, k, None)
+    }
+
+    /// [`Self::quantize_on`], the rows split across `pool` when there are enough of them:
+    /// the quantization of a 16-stream step's activations is otherwise a serial section
+    /// before every product, with the other thread idle.
+    pub fn quantize_in(
+        isa: Isa,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        pool: Option<&ThreadPool>,
+    ) -> Self {
         let blocks = rows * k / 32;
         let mut acts = Self {
             k,
@@ -41,24 +54,57 @@ impl Q8Acts {
             gsum: vec![0; 2 * blocks],
         };
         let simd = isa != Isa::Portable && simd_available();
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX2, FMA and F16C were detected at run time.
-            unsafe { super::avx2::quantize_rows(&x[..blocks * 32], &mut acts) };
-            return acts;
-        }
-        let _ = simd;
-        for b in 0..blocks {
-            let src = &x[b * 32..b * 32 + 32];
-            let dst = &mut acts.qs[b * 32..b * 32 + 32];
-            let (d, sum) = quantize_block_portable(src, dst);
-            let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
-            let scaled = [f16_round(d), f16_round(d * sum as f32)];
-            acts.set_block(b, low, sum - low, scaled);
+        let x = &x[..blocks * 32];
+        let nb = k / 32;
+        match pool {
+            Some(pool) if rows >= 8 && nb > 0 && pool.current_num_threads() > 1 => {
+                // Four runs of rows a thread, so that a thread slowed by the machine's other
+                // work is helped by its neighbour.
+                let run = rows.div_ceil(4 * pool.current_num_threads()) * nb;
+                pool.install(|| {
+                    x.par_chunks(run * 32)
+                        .zip(acts.qs.par_chunks_mut(run * 32))
+                        .zip(acts.d.par_chunks_mut(run))
+                        .zip(acts.dsum.par_chunks_mut(run))
+                        .zip(acts.gsum.par_chunks_mut(2 * run))
+                        .for_each(|((((x, qs), d), dsum), gsum)| {
+                            quantize_blocks(simd, x, ActBlocks { qs, d, dsum, gsum })
+                        })
+                });
+            }
+            _ => quantize_blocks(simd, x, acts.blocks_mut()),
         }
         acts
     }
 
+    fn blocks_mut(&mut self) -> ActBlocks<'_> {
+        ActBlocks {
+            qs: &mut self.qs,
+            d: &mut self.d,
+            dsum: &mut self.dsum,
+            gsum: &mut self.gsum,
+        }
+    }
+
+    fn row(&self, r: usize) -> ActRow<'_> {
+        let (k, nb) = (self.k, self.k / 32);
+        ActRow {
+            qs: &self.qs[r * k..(r + 1) * k],
+            d: &self.d[r * nb..(r + 1) * nb],
+            dsum: &self.dsum[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+/// A run of blocks of [`Q8Acts`] being written: a whole product's, or one task's share.
+pub(super) struct ActBlocks<'a> {
+    pub qs: &'a mut [i8],
+    pub d: &'a mut [f32],
+    pub dsum: &'a mut [f32],
+    pub gsum: &'a mut [i32],
+}
+
+impl ActBlocks<'_> {
     /// Records block `b`'s sums (`low` and `high`: of its two halves) and `scaled`: its
     /// scale `d` and `d·Σq`, rounded to f16 by the caller. ggml keeps an activation block's
     /// scale and scaled sum in f16 (Q8_0/Q8_1), and so do we: this model is sensitive enough
@@ -70,14 +116,24 @@ impl Q8Acts {
         self.gsum[2 * b + 1] = high;
         [self.d[b], self.dsum[b]] = scaled;
     }
+}
 
-    fn row(&self, r: usize) -> ActRow<'_> {
-        let (k, nb) = (self.k, self.k / 32);
-        ActRow {
-            qs: &self.qs[r * k..(r + 1) * k],
-            d: &self.d[r * nb..(r + 1) * nb],
-            dsum: &self.dsum[r * nb..(r + 1) * nb],
-        }
+/// Quantizes every block of `x` into `out` (sized for them).
+fn quantize_blocks(simd: bool, x: &[f32], mut out: ActBlocks<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2, FMA and F16C were detected at run time (`simd_available`).
+        unsafe { super::avx2::quantize_rows(x, &mut out) };
+        return;
+    }
+    let _ = simd;
+    for b in 0..x.len() / 32 {
+        let src = &x[b * 32..b * 32 + 32];
+        let dst = &mut out.qs[b * 32..b * 32 + 32];
+        let (d, sum) = quantize_block_portable(src, dst);
+        let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
+        let scaled = [f16_round(d), f16_round(d * sum as f32)];
+        out.set_block(b, low, sum - low, scaled);
     }
 }
 
@@ -251,7 +307,7 @@ pub fn matmul_parts_on(
         "matrix product of mismatched widths"
     );
     let n: usize = parts.iter().map(Packed::rows).sum();
-    let acts = Q8Acts::quantize_on(isa, x, rows, k);
+    let acts = Q8Acts::quantize_in(isa, x, rows, k, Some(pool));
     // Not zeroed first: the tasks below write every element (each part's rows, for every
     // token), and clearing a few hundred KB per product showed up in profiles.
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);

@@ -125,6 +125,23 @@ fn products_stay_within_the_activation_rounding_bound() {
     }
 }
 
+/// Rows quantized across a pool (runs of rows a task, the last one short) give exactly
+/// what one pass over them gives, on the SIMD and the portable code.
+#[test]
+fn activations_quantized_across_a_pool_equal_one_pass() {
+    for isa in [Isa::best(), Isa::Portable] {
+        for (rows, k) in [(8, 32), (13, 576), (17, 288), (64, 768)] {
+            let x = random(rows * k, rows as u64 + k as u64);
+            let one = Q8Acts::quantize_in(isa, &x, rows, k, None);
+            let split = Q8Acts::quantize_in(isa, &x, rows, k, Some(&pool(3)));
+            assert_eq!(one.qs, split.qs, "{isa:?} {rows}×{k}");
+            assert_eq!(one.d, split.d, "{isa:?} {rows}×{k}");
+            assert_eq!(one.dsum, split.dsum, "{isa:?} {rows}×{k}");
+            assert_eq!(one.gsum, split.gsum, "{isa:?} {rows}×{k}");
+        }
+    }
+}
+
 #[test]
 fn activation_quantization_simd_matches_portable() {
     let k = 768;
