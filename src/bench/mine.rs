@@ -155,6 +155,22 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
         "cpu_mhz": mhz,
         "rounds_per_cycle_per_thread": mhz.map(|m| round2(per_thread * 128.0 / (m * 1e6))),
     });
+    // The AVX-512 scanner's limit on this core: instructions per nonce against instructions
+    // a second (see `mining::issue_limit`), beside what the path reached alone on a thread.
+    #[cfg(target_arch = "x86_64")]
+    let limit = crate::mining::issue_limit::avx512(std::time::Duration::from_millis(300));
+    #[cfg(not(target_arch = "x86_64"))]
+    let limit: Option<()> = None;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(l) = &limit {
+        let ours = per_path.get("avx512").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        out["avx512_issue_limit"] = json!({
+            "vector_ops_per_nonce": round2(l.vector_ops_per_nonce),
+            "zmm_ops_per_s_1thread": l.vector_ops_per_s.round(),
+            "limit_1thread_hs": l.limit_hs.round(),
+            "avx512_1thread_of_limit": round2(ours / l.limit_hs),
+        });
+    }
     if let Some(cpuminer) = &args.compare_cpuminer {
         let theirs = cpuminer_rate(cpuminer, threads, args.seconds)?;
         out["ref_cpuminer_hs"] = json!(theirs.round());
@@ -163,7 +179,16 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
             cpuminer.display()
         ));
         out["vs_cpuminer"] = json!(round2(rate / theirs));
+        // How far the limit itself is from cpuminer-opt's rate: code at 100% of it would be
+        // this many times as fast (the ceiling of `vs_cpuminer` at our instruction count).
+        #[cfg(target_arch = "x86_64")]
+        if let Some(l) = &limit {
+            let theirs_per_thread = theirs / threads as f64;
+            out["avx512_issue_limit"]["limit_vs_cpuminer_per_thread"] =
+                json!(round2(l.limit_hs / theirs_per_thread));
+        }
     }
+    let _ = &limit;
     Ok(out)
 }
 

@@ -6,6 +6,8 @@
 
 pub mod cpu;
 pub mod gpu;
+#[cfg(target_arch = "x86_64")]
+pub mod issue_limit;
 pub mod job;
 mod lanes;
 #[cfg(target_arch = "x86_64")]
