@@ -163,7 +163,10 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
     let limit: Option<()> = None;
     #[cfg(target_arch = "x86_64")]
     if let Some(l) = &limit {
-        let ours = per_path.get("avx512").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let ours = per_path
+            .get("avx512")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
         out["avx512_issue_limit"] = json!({
             "vector_ops_per_nonce": round2(l.vector_ops_per_nonce),
             "zmm_ops_per_s_1thread": l.vector_ops_per_s.round(),

@@ -199,7 +199,11 @@ mod tests {
         for nonce in [0u32, 1, 0xdead_beef, u32::MAX] {
             // SAFETY: `Counted` uses no special instructions.
             let got = unsafe { hash_h7::<Counted>(&p, nonce) }.value();
-            assert_eq!(got, hash_header_words(&IV, &tail, nonce)[7], "nonce {nonce:#x}");
+            assert_eq!(
+                got,
+                hash_header_words(&IV, &tail, nonce)[7],
+                "nonce {nonce:#x}"
+            );
         }
     }
 

@@ -310,7 +310,9 @@ mod tests {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let x: Vec<f32> = (0..4099)
             .map(|i| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let exp = (i % 256) as u32;
                 f32::from_bits(((state >> 32) as u32 & 0x807F_FFFF) | (exp << 23))
             })

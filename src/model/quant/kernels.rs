@@ -6,6 +6,7 @@
 use half::f16;
 use rayon::prelude::*;
 use rayon::ThreadPool;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::{Packed, Q4Matrix, Q8Matrix, Unpacked};
 
@@ -31,50 +32,25 @@ impl Q8Acts {
     /// [`Self::quantize`] with the AVX2 code unless `isa` is [`Isa::Portable`] (every other
     /// set includes AVX2).
     pub fn quantize_on(isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
-        Self::quantize_in(isa, x, rows, k, None)
+        let mut acts = Self::zeroed(rows, k);
+        quantize_blocks(
+            quantize_simd(isa),
+            &x[..rows * k / 32 * 32],
+            acts.blocks_mut(),
+        );
+        acts
     }
 
-    /// [`Self::quantize_on`], the rows split across `pool` when there are enough of them:
-    /// the quantization of a 16-stream step's activations is otherwise a serial section
-    /// before every product, with the other thread idle.
-    pub fn quantize_in(
-        isa: Isa,
-        x: &[f32],
-        rows: usize,
-        k: usize,
-        pool: Option<&ThreadPool>,
-    ) -> Self {
+    fn zeroed(rows: usize, k: usize) -> Self {
         let blocks = rows * k / 32;
-        let mut acts = Self {
+        Self {
             k,
             rows,
             qs: vec![0; rows * k],
             d: vec![0.0; blocks],
             dsum: vec![0.0; blocks],
             gsum: vec![0; 2 * blocks],
-        };
-        let simd = isa != Isa::Portable && simd_available();
-        let x = &x[..blocks * 32];
-        let nb = k / 32;
-        match pool {
-            Some(pool) if rows >= 8 && nb > 0 && pool.current_num_threads() > 1 => {
-                // Four runs of rows a thread, so that a thread slowed by the machine's other
-                // work is helped by its neighbour.
-                let run = rows.div_ceil(4 * pool.current_num_threads()) * nb;
-                pool.install(|| {
-                    x.par_chunks(run * 32)
-                        .zip(acts.qs.par_chunks_mut(run * 32))
-                        .zip(acts.d.par_chunks_mut(run))
-                        .zip(acts.dsum.par_chunks_mut(run))
-                        .zip(acts.gsum.par_chunks_mut(2 * run))
-                        .for_each(|((((x, qs), d), dsum), gsum)| {
-                            quantize_blocks(simd, x, ActBlocks { qs, d, dsum, gsum })
-                        })
-                });
-            }
-            _ => quantize_blocks(simd, x, acts.blocks_mut()),
         }
-        acts
     }
 
     fn blocks_mut(&mut self) -> ActBlocks<'_> {
@@ -134,6 +110,116 @@ fn quantize_blocks(simd: bool, x: &[f32], mut out: ActBlocks<'_>) {
         let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
         let scaled = [f16_round(d), f16_round(d * sum as f32)];
         out.set_block(b, low, sum - low, scaled);
+    }
+}
+
+/// Whether activations are quantized with the AVX2 code for `isa`.
+fn quantize_simd(isa: Isa) -> bool {
+    isa != Isa::Portable && simd_available()
+}
+
+/// The buffers of a [`Q8Acts`] as raw pointers, so that the tasks of a product can each
+/// quantize their own rows while the others run.
+#[derive(Clone, Copy)]
+struct ActsWriter {
+    qs: *mut i8,
+    d: *mut f32,
+    dsum: *mut f32,
+    gsum: *mut i32,
+    k: usize,
+    rows: usize,
+}
+
+// SAFETY: the writer hands out disjoint rows (see `rows`), each written by one task.
+unsafe impl Send for ActsWriter {}
+unsafe impl Sync for ActsWriter {}
+
+impl ActsWriter {
+    fn of(acts: &mut Q8Acts) -> Self {
+        Self {
+            qs: acts.qs.as_mut_ptr(),
+            d: acts.d.as_mut_ptr(),
+            dsum: acts.dsum.as_mut_ptr(),
+            gsum: acts.gsum.as_mut_ptr(),
+            k: acts.k,
+            rows: acts.rows,
+        }
+    }
+
+    /// The blocks of rows `r`.
+    ///
+    /// # Safety
+    /// No other call may be given any of these rows, and nothing may read them (the
+    /// [`Q8Acts`] included) until the returned value is dropped.
+    unsafe fn rows(&self, r: std::ops::Range<usize>) -> ActBlocks<'_> {
+        assert!(r.start <= r.end && r.end <= self.rows);
+        let (k, nb, n) = (self.k, self.k / 32, r.end - r.start);
+        // SAFETY: inside the buffers (`r` within `rows`), disjoint from every other call's.
+        unsafe {
+            ActBlocks {
+                qs: std::slice::from_raw_parts_mut(self.qs.add(r.start * k), n * k),
+                d: std::slice::from_raw_parts_mut(self.d.add(r.start * nb), n * nb),
+                dsum: std::slice::from_raw_parts_mut(self.dsum.add(r.start * nb), n * nb),
+                gsum: std::slice::from_raw_parts_mut(self.gsum.add(2 * r.start * nb), 2 * n * nb),
+            }
+        }
+    }
+}
+
+/// The runs of a product not yet taken, `front..back` packed in one word, taken from
+/// either end.
+struct RunsLeft(AtomicU64);
+
+impl RunsLeft {
+    fn new(runs: usize) -> Self {
+        Self(AtomicU64::new(runs as u64))
+    }
+
+    /// The next run from the back (`from_back`) or the front; `None` when none is left.
+    fn take(&self, from_back: bool) -> Option<usize> {
+        let mut left = self.0.load(Ordering::Relaxed);
+        loop {
+            let (front, back) = (left >> 32, left & 0xFFFF_FFFF);
+            if front >= back {
+                return None;
+            }
+            let (next, run) = if from_back {
+                (left - 1, back - 1)
+            } else {
+                (left + (1 << 32), front)
+            };
+            match self
+                .0
+                .compare_exchange_weak(left, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(run as usize),
+                Err(now) => left = now,
+            }
+        }
+    }
+}
+
+/// Counts a finished piece of work when dropped, unwinding included, so that nobody waits
+/// forever on a task that panicked (the pool passes the panic on).
+struct CountOnDrop<'a>(&'a AtomicUsize);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Spins until `counter` reaches `target`, yielding the CPU after a while (a thread the
+/// machine took away will not finish in microseconds).
+fn wait_for(counter: &AtomicUsize, target: usize) {
+    let mut spins = 0u32;
+    while counter.load(Ordering::Acquire) < target {
+        if spins < 1 << 12 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
     }
 }
 
@@ -307,52 +393,110 @@ pub fn matmul_parts_on(
         "matrix product of mismatched widths"
     );
     let n: usize = parts.iter().map(Packed::rows).sum();
-    let acts = Q8Acts::quantize_in(isa, x, rows, k, Some(pool));
     // Not zeroed first: the tasks below write every element (each part's rows, for every
     // token), and clearing a few hundred KB per product showed up in profiles.
     let mut out: Vec<f32> = Vec::with_capacity(rows * n);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    // Runs of rows small enough to balance two threads against a busy core, large enough
-    // that waking a worker pays for itself (and whole panels of 16); the whole product runs
-    // inline when tiny.
+    // Runs of rows small enough to balance two threads against a busy core (a run is taken
+    // by whichever thread is free), large enough to amortize a call (and whole panels of
+    // 16); the whole product runs inline when tiny.
     let work = n * k * rows;
     let threads = pool.current_num_threads();
+    const RUNS_PER_THREAD: usize = 4;
     let run = if work < 1 << 18 || threads == 1 {
         n
     } else {
-        (n / (threads * 4)).max(16).next_multiple_of(16).min(n)
+        (n / (threads * RUNS_PER_THREAD))
+            .max(16)
+            .next_multiple_of(16)
+            .min(n)
     };
-    let task = |chunk: usize| {
-        let start = chunk * run;
-        let end = (start + run).min(n);
-        // Each part's share of the run, in its own row numbers.
-        let mut first = 0;
-        for w in parts {
-            let (lo, hi) = (start.max(first), end.min(first + w.rows()));
-            if lo < hi {
-                let rows = lo - first..hi - first;
-                // SAFETY: tasks write disjoint columns `lo..hi` of `out`, which outlives them.
-                unsafe {
-                    match w {
-                        Packed::Rows(w) => product_rows(w, &acts, rows, first, out_ptr, n),
-                        Packed::Panels(w) => {
-                            super::panel::product(w, &acts, rows, first, out_ptr, n, isa)
-                        }
-                    }
-                };
-            }
-            first += w.rows();
-        }
-    };
+    let simd = quantize_simd(isa);
+    let mut acts = Q8Acts::zeroed(rows, k);
+    let x = &x[..rows * k / 32 * 32];
     if run == n {
-        task(0);
+        quantize_blocks(simd, x, acts.blocks_mut());
+        product_run(parts, &acts, 0..n, out_ptr, n, isa);
     } else {
-        pool.install(|| (0..n.div_ceil(run)).into_par_iter().for_each(task));
+        // One parallel section, not two: each thread takes rows to quantize while any are
+        // left, waits until all are done (microseconds), then takes runs of weight rows.
+        // Each fork and join of the pool costs a few microseconds and leaves a thread idle
+        // at its end, and a 16-stream step makes ~120 products.
+        // A few rows (decode) are quantized before the section, in less time than a
+        // hand-off would take.
+        const QUANTIZE_ROWS: usize = 4;
+        let pieces = if rows < 2 * QUANTIZE_ROWS {
+            quantize_blocks(simd, x, acts.blocks_mut());
+            0
+        } else {
+            rows.div_ceil(QUANTIZE_ROWS)
+        };
+        let writer = ActsWriter::of(&mut acts);
+        let acts = &acts;
+        let runs = n.div_ceil(run);
+        let (next_piece, pieces_done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let runs_left = RunsLeft::new(runs);
+        let worker = |i: usize| {
+            loop {
+                let p = next_piece.fetch_add(1, Ordering::Relaxed);
+                if p >= pieces {
+                    break;
+                }
+                let _done = CountOnDrop(&pieces_done);
+                let r = p * QUANTIZE_ROWS..((p + 1) * QUANTIZE_ROWS).min(rows);
+                let nb = k / 32;
+                let x = &x[r.start * nb * 32..r.end * nb * 32];
+                // SAFETY: each piece of rows is taken by one thread, and nothing reads the
+                // activations before every piece is counted done (`wait_for` below).
+                quantize_blocks(simd, x, unsafe { writer.rows(r) });
+            }
+            wait_for(&pieces_done, pieces);
+            // Even workers from the front, odd ones from the back: a thread's runs follow
+            // each other in memory, so its prefetches run ahead into its own next run.
+            while let Some(r) = runs_left.take(i % 2 == 1) {
+                product_run(
+                    parts,
+                    acts,
+                    r * run..((r + 1) * run).min(n),
+                    out_ptr,
+                    n,
+                    isa,
+                );
+            }
+        };
+        pool.install(|| (0..threads).into_par_iter().for_each(worker));
     }
-    // SAFETY: the tasks covered columns `0..n` (runs of `run`), each writing its columns
-    // of every token's row; they have all returned.
+    // SAFETY: the runs covered columns `0..n`, each writing its columns of every token's
+    // row; they have all returned.
     unsafe { out.set_len(rows * n) };
     out
+}
+
+/// Columns `cols` of the product (of the parts side by side), for every token.
+fn product_run(
+    parts: &[Packed],
+    acts: &Q8Acts,
+    cols: std::ops::Range<usize>,
+    out: OutPtr,
+    n: usize,
+    isa: Isa,
+) {
+    // Each part's share of the run, in its own row numbers.
+    let mut first = 0;
+    for w in parts {
+        let (lo, hi) = (cols.start.max(first), cols.end.min(first + w.rows()));
+        if lo < hi {
+            let rows = lo - first..hi - first;
+            // SAFETY: each run of columns is taken by one thread; `out` outlives them all.
+            unsafe {
+                match w {
+                    Packed::Rows(w) => product_rows(w, acts, rows, first, out, n),
+                    Packed::Panels(w) => super::panel::product(w, acts, rows, first, out, n, isa),
+                }
+            };
+        }
+        first += w.rows();
+    }
 }
 
 #[derive(Clone, Copy)]

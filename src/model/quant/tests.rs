@@ -125,19 +125,18 @@ fn products_stay_within_the_activation_rounding_bound() {
     }
 }
 
-/// Rows quantized across a pool (runs of rows a task, the last one short) give exactly
-/// what one pass over them gives, on the SIMD and the portable code.
+/// Products whose rows are quantized and multiplied by several threads (pieces of rows and
+/// runs of weight rows taken by whichever thread is free, the last ones short) equal the
+/// products of one thread, on every kernel.
 #[test]
-fn activations_quantized_across_a_pool_equal_one_pass() {
-    for isa in [Isa::best(), Isa::Portable] {
-        for (rows, k) in [(8, 32), (13, 576), (17, 288), (64, 768)] {
-            let x = random(rows * k, rows as u64 + k as u64);
-            let one = Q8Acts::quantize_in(isa, &x, rows, k, None);
-            let split = Q8Acts::quantize_in(isa, &x, rows, k, Some(&pool(3)));
-            assert_eq!(one.qs, split.qs, "{isa:?} {rows}×{k}");
-            assert_eq!(one.d, split.d, "{isa:?} {rows}×{k}");
-            assert_eq!(one.dsum, split.dsum, "{isa:?} {rows}×{k}");
-            assert_eq!(one.gsum, split.gsum, "{isa:?} {rows}×{k}");
+fn products_across_a_pool_equal_one_threads() {
+    for (rows, k) in [(8, 64), (13, 576), (17, 288), (64, 768)] {
+        let (w, _) = quantized(GgmlDType::Q4_1, 200, k, rows as u64);
+        let x = random(rows * k, rows as u64 + k as u64);
+        for (name, isa, packed) in kernel_layouts(&w) {
+            let one = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, rows, &pool(1));
+            let three = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, rows, &pool(3));
+            assert_eq!(one, three, "{name} {rows}×{k}");
         }
     }
 }
