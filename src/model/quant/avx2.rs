@@ -30,7 +30,7 @@ pub fn avx512_vnni_available() -> bool {
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_rows(x: &[f32], acts: &mut super::kernels::ActBlocks<'_>) {
+pub(super) unsafe fn quantize_rows(x: &[f32], acts: &mut super::acts::ActBlocks<'_>) {
     let blocks = x.len() / 32;
     assert!(
         acts.qs.len() >= blocks * 32 && acts.d.len() >= blocks && acts.gsum.len() >= 2 * blocks

@@ -1,5 +1,5 @@
-//! Activation quantization, the choice of instruction set, the portable dot products of the
-//! row layout, and the driver that splits a matrix product across the pool: each task takes
+//! The choice of instruction set, the portable dot products of the row layout, and the
+//! driver that splits a matrix product across the pool: each task takes
 //! a run of weight rows (whole panels of 16 where it can) and computes them for every token,
 //! with the tiled panel kernels (`panel`) or, on the row layout, the portable code.
 
@@ -8,163 +8,11 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+#[cfg(test)]
+pub use super::acts::quantize_block_portable;
+use super::acts::{quantize_blocks, quantize_simd, ActsWriter};
+pub use super::acts::{ActRow, Q8Acts};
 use super::{Packed, Q4Matrix, Q8Matrix, Unpacked};
-
-/// Activations quantized to 8 bits in blocks of 32: `x ≈ d·q`, with `dsum = d·Σq` kept for
-/// the `min` term of 4-bit weights.
-pub struct Q8Acts {
-    pub k: usize,
-    pub rows: usize,
-    pub qs: Vec<i8>,
-    pub d: Vec<f32>,
-    pub dsum: Vec<f32>,
-    /// `Σq` of each 16 elements: the offset the tiled kernels take off, which read 8-bit
-    /// weights as `q + 128` (`vpdpbusd` multiplies unsigned bytes by signed ones).
-    pub gsum: Vec<i32>,
-}
-
-impl Q8Acts {
-    /// Quantizes `rows` rows of `k` (a multiple of 32) values.
-    pub fn quantize(x: &[f32], rows: usize, k: usize) -> Self {
-        Self::quantize_on(Isa::best(), x, rows, k)
-    }
-
-    /// [`Self::quantize`] with the AVX2 code unless `isa` is [`Isa::Portable`] (every other
-    /// set includes AVX2).
-    pub fn quantize_on(isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
-        let mut acts = Self::zeroed(rows, k);
-        quantize_blocks(
-            quantize_simd(isa),
-            &x[..rows * k / 32 * 32],
-            acts.blocks_mut(),
-        );
-        acts
-    }
-
-    fn zeroed(rows: usize, k: usize) -> Self {
-        let blocks = rows * k / 32;
-        Self {
-            k,
-            rows,
-            qs: vec![0; rows * k],
-            d: vec![0.0; blocks],
-            dsum: vec![0.0; blocks],
-            gsum: vec![0; 2 * blocks],
-        }
-    }
-
-    fn blocks_mut(&mut self) -> ActBlocks<'_> {
-        ActBlocks {
-            qs: &mut self.qs,
-            d: &mut self.d,
-            dsum: &mut self.dsum,
-            gsum: &mut self.gsum,
-        }
-    }
-
-    fn row(&self, r: usize) -> ActRow<'_> {
-        let (k, nb) = (self.k, self.k / 32);
-        ActRow {
-            qs: &self.qs[r * k..(r + 1) * k],
-            d: &self.d[r * nb..(r + 1) * nb],
-            dsum: &self.dsum[r * nb..(r + 1) * nb],
-        }
-    }
-}
-
-/// A run of blocks of [`Q8Acts`] being written: a whole product's, or one task's share.
-pub(super) struct ActBlocks<'a> {
-    pub qs: &'a mut [i8],
-    pub d: &'a mut [f32],
-    pub dsum: &'a mut [f32],
-    pub gsum: &'a mut [i32],
-}
-
-impl ActBlocks<'_> {
-    /// Records block `b`'s sums (`low` and `high`: of its two halves) and `scaled`: its
-    /// scale `d` and `d·Σq`, rounded to f16 by the caller. ggml keeps an activation block's
-    /// scale and scaled sum in f16 (Q8_0/Q8_1), and so do we: this model is sensitive enough
-    /// that the extra precision alone moves logits by tenths and flips greedy near-ties
-    /// against llama.cpp's reference.
-    #[inline(always)]
-    pub(super) fn set_block(&mut self, b: usize, low: i32, high: i32, scaled: [f32; 2]) {
-        self.gsum[2 * b] = low;
-        self.gsum[2 * b + 1] = high;
-        [self.d[b], self.dsum[b]] = scaled;
-    }
-}
-
-/// Quantizes every block of `x` into `out` (sized for them).
-fn quantize_blocks(simd: bool, x: &[f32], mut out: ActBlocks<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: AVX2, FMA and F16C were detected at run time (`simd_available`).
-        unsafe { super::avx2::quantize_rows(x, &mut out) };
-        return;
-    }
-    let _ = simd;
-    for b in 0..x.len() / 32 {
-        let src = &x[b * 32..b * 32 + 32];
-        let dst = &mut out.qs[b * 32..b * 32 + 32];
-        let (d, sum) = quantize_block_portable(src, dst);
-        let low: i32 = dst[..16].iter().map(|&q| q as i32).sum();
-        let scaled = [f16_round(d), f16_round(d * sum as f32)];
-        out.set_block(b, low, sum - low, scaled);
-    }
-}
-
-/// Whether activations are quantized with the AVX2 code for `isa`.
-fn quantize_simd(isa: Isa) -> bool {
-    isa != Isa::Portable && simd_available()
-}
-
-/// The buffers of a [`Q8Acts`] as raw pointers, so that the tasks of a product can each
-/// quantize their own rows while the others run.
-#[derive(Clone, Copy)]
-struct ActsWriter {
-    qs: *mut i8,
-    d: *mut f32,
-    dsum: *mut f32,
-    gsum: *mut i32,
-    k: usize,
-    rows: usize,
-}
-
-// SAFETY: the writer hands out disjoint rows (see `rows`), each written by one task.
-unsafe impl Send for ActsWriter {}
-unsafe impl Sync for ActsWriter {}
-
-impl ActsWriter {
-    fn of(acts: &mut Q8Acts) -> Self {
-        Self {
-            qs: acts.qs.as_mut_ptr(),
-            d: acts.d.as_mut_ptr(),
-            dsum: acts.dsum.as_mut_ptr(),
-            gsum: acts.gsum.as_mut_ptr(),
-            k: acts.k,
-            rows: acts.rows,
-        }
-    }
-
-    /// The blocks of rows `r`.
-    ///
-    /// # Safety
-    /// No other call may be given any of these rows, and nothing may read them (the
-    /// [`Q8Acts`] included) until the returned value is dropped.
-    unsafe fn rows(&self, r: std::ops::Range<usize>) -> ActBlocks<'_> {
-        assert!(r.start <= r.end && r.end <= self.rows);
-        let (k, nb, n) = (self.k, self.k / 32, r.end - r.start);
-        // SAFETY: inside the buffers (`r` within `rows`), disjoint from every other call's.
-        unsafe {
-            ActBlocks {
-                qs: std::slice::from_raw_parts_mut(self.qs.add(r.start * k), n * k),
-                d: std::slice::from_raw_parts_mut(self.d.add(r.start * nb), n * nb),
-                dsum: std::slice::from_raw_parts_mut(self.dsum.add(r.start * nb), n * nb),
-                gsum: std::slice::from_raw_parts_mut(self.gsum.add(2 * r.start * nb), 2 * n * nb),
-            }
-        }
-    }
-}
 
 /// The runs of a product not yet taken, `front..back` packed in one word, taken from
 /// either end.
@@ -221,14 +69,6 @@ fn wait_for(counter: &AtomicUsize, target: usize) {
             std::thread::yield_now();
         }
     }
-}
-
-/// Whether the AVX2/FMA/F16C kernels run here; asked once per product, not per row.
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return super::avx2::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// The instruction set the dot products use: the best this CPU has, found once. Each is
@@ -309,31 +149,6 @@ impl Isa {
     }
 }
 
-/// One token's quantized activations.
-#[derive(Clone, Copy)]
-pub struct ActRow<'a> {
-    pub qs: &'a [i8],
-    pub d: &'a [f32],
-    pub dsum: &'a [f32],
-}
-
-fn f16_round(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
-}
-
-/// Rounds 32 values to `d·q` with `d = max|x| / 127`; returns `d` and `Σq`.
-pub fn quantize_block_portable(src: &[f32], dst: &mut [i8]) -> (f32, i32) {
-    let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0;
-    for (q, &v) in dst.iter_mut().zip(src) {
-        *q = (v * id).round_ties_even() as i8;
-        sum += *q as i32;
-    }
-    (d, sum)
-}
-
 /// `Σ_b (scale_b·d_b·⟨q_w, q_a⟩_b + min_b·dsum_b)` over one row of a [`Q4Matrix`].
 pub fn q4_dot_portable(qs: &[u8], scale: &[f16], min: &[f16], a: ActRow<'_>) -> f32 {
     let mut sum = 0.0f32;
@@ -412,7 +227,7 @@ pub fn matmul_parts_on(
             .min(n)
     };
     let simd = quantize_simd(isa);
-    let mut acts = Q8Acts::zeroed(rows, k);
+    let mut acts = Q8Acts::for_rows(rows, k);
     let x = &x[..rows * k / 32 * 32];
     if run == n {
         quantize_blocks(simd, x, acts.blocks_mut());

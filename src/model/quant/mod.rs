@@ -15,6 +15,7 @@
 //! quantized once and the thread pool is woken once.
 
 #[cfg(target_arch = "x86_64")]
+mod acts;
 mod avx2;
 mod kernels;
 pub mod panel;

@@ -141,6 +141,36 @@ fn products_across_a_pool_equal_one_threads() {
     }
 }
 
+/// Activations reuse this thread's buffers from one product to the next, larger or smaller:
+/// every value comes from the new input, none from the last one.
+#[test]
+fn reused_activation_buffers_hold_only_the_new_values() {
+    for isa in [Isa::best(), Isa::Portable] {
+        for (rows, k) in [(16, 1536), (3, 576), (16, 576), (1, 32), (9, 1536)] {
+            let x = random(rows * k, (rows * k) as u64);
+            let acts = Q8Acts::quantize_on(isa, &x, rows, k);
+            assert_eq!(acts.qs.len(), rows * k);
+            assert_eq!(
+                (acts.d.len(), acts.gsum.len()),
+                (rows * k / 32, rows * k / 16)
+            );
+            let mut q = [0i8; 32];
+            for b in 0..rows * k / 32 {
+                let (d, sum) = kernels::quantize_block_portable(&x[b * 32..b * 32 + 32], &mut q);
+                let f16 = |x: f32| half::f16::from_f32(x).to_f32();
+                assert_eq!(
+                    &acts.qs[b * 32..b * 32 + 32],
+                    &q[..],
+                    "{isa:?} {rows}×{k} block {b}"
+                );
+                assert_eq!((acts.d[b], acts.dsum[b]), (f16(d), f16(d * sum as f32)));
+                let low: i32 = q[..16].iter().map(|&v| v as i32).sum();
+                assert_eq!((acts.gsum[2 * b], acts.gsum[2 * b + 1]), (low, sum - low));
+            }
+        }
+    }
+}
+
 #[test]
 fn activation_quantization_simd_matches_portable() {
     let k = 768;
