@@ -236,7 +236,7 @@ fn check_every_kernel_at_odd_sizes(n: usize) {
             }
             let (w, _) = quantized(dtype, n, k, k as u64);
             let layouts = kernel_layouts(&w);
-            for tokens in [1, 2, 3, 4, 5, 7, 8, 9, 12, 17] {
+            for tokens in [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 35] {
                 let x = random(tokens * k, 11 + tokens as u64);
                 let acts = Q8Acts::quantize(&x, tokens, k);
                 for (name, isa, packed) in &layouts {
