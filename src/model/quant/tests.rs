@@ -147,7 +147,13 @@ fn products_across_a_pool_equal_one_threads() {
 fn reused_activation_buffers_hold_only_the_new_values() {
     for isa in [Isa::best(), Isa::Portable] {
         for (rows, k) in [(16, 1536), (3, 576), (16, 576), (1, 32), (9, 1536)] {
-            let x = random(rows * k, (rows * k) as u64);
+            let mut x = random(rows * k, (rows * k) as u64);
+            if x.len() >= 4 * 32 {
+                // A block of zeros (scale 0), one of tiny values, one with a lone large one.
+                x[32..64].fill(0.0);
+                x[64..96].iter_mut().for_each(|v| *v *= 1e-30);
+                x[100] = -3e4;
+            }
             let acts = Q8Acts::quantize_on(isa, &x, rows, k);
             assert_eq!(acts.qs.len(), rows * k);
             assert_eq!(
