@@ -301,8 +301,8 @@ mod tests {
         head_dim: 8,
     };
 
-    /// Keys (transposed) and values land where attention reads them, rounded to f16 and
-    /// clamped to its finite range, for a head size that is not a whole number of chunks.
+    /// The f16 conversion rounds as `half` does, after the clamp, on the F16C path and its
+    /// scalar tail.
     #[test]
     fn f16_conversion_equals_halfs_rounding_clamped() {
         // Every exponent, with random mantissas and signs: subnormals, ties, values past
@@ -329,6 +329,8 @@ mod tests {
         }
     }
 
+    /// Keys (transposed) and values land where attention reads them, rounded to f16 and
+    /// clamped to its finite range, for a head size that is not a whole number of chunks.
     #[test]
     fn writes_store_clamped_f16_in_both_layouts() {
         let geo = KvGeometry {

@@ -8,24 +8,23 @@ use std::cell::Cell;
 use super::kernels::Isa;
 
 /// Activations quantized to 8 bits in blocks of 32: `x ≈ d·q`, with `dsum = d·Σq` kept for
-/// the `min` term of 4-bit weights.
+/// the `min` term of 4-bit weights. The buffers may be longer than the activations (they
+/// are reused, see [`SPARE`]): read them through the accessors.
 pub struct Q8Acts {
     pub k: usize,
     pub rows: usize,
-    pub qs: Vec<i8>,
-    pub d: Vec<f32>,
-    pub dsum: Vec<f32>,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    dsum: Vec<f32>,
     /// `Σq` of each 16 elements: the offset the tiled kernels take off, which read 8-bit
     /// weights as `q + 128` (`vpdpbusd` multiplies unsigned bytes by signed ones).
-    pub gsum: Vec<i32>,
-    /// How many elements of each buffer (`qs`, `d`, `dsum`, `gsum`) hold values, its length
-    /// included: what goes back to [`SPARE`].
-    filled: [usize; 4],
+    gsum: Vec<i32>,
 }
 
-/// The buffers of this thread's last activations, kept for its next product: a zeroed
-/// allocation per product (~120 a 16-stream step) showed in profiles as `memset`. Each
-/// vector's length is how many of its elements hold values.
+/// The buffers of this thread's last activations, kept whole for its next product: a
+/// zeroed allocation per product (~120 a 16-stream step) showed in profiles as `memset`.
+/// A thread-local scratch rather than a buffer passed down: products are called through
+/// candle's custom-op interface, which has no place for one.
 #[derive(Default)]
 struct Spare {
     qs: Vec<i8>,
@@ -41,42 +40,24 @@ thread_local! {
 /// Buffers larger than this many activation bytes (long prompts) are freed, not kept.
 const SPARE_MAX_BYTES: usize = 1 << 20;
 
-/// `v` at length `n`, and how many of its elements hold values (`n` or more).
-fn sized<T: Copy + Default>(mut v: Vec<T>, n: usize) -> (Vec<T>, usize) {
+/// `v`, at least `n` long (grown with zeros; never shortened, its values unspecified).
+fn at_least<T: Copy + Default>(mut v: Vec<T>, n: usize) -> Vec<T> {
     if v.len() < n {
         v.resize(n, T::default());
     }
-    let filled = v.len();
-    v.truncate(n);
-    (v, filled)
-}
-
-/// `v` with its length set back to `filled`.
-///
-/// # Safety
-/// `v`'s first `filled` elements must have been initialized, within its capacity.
-unsafe fn refilled<T: Copy>(mut v: Vec<T>, filled: usize) -> Vec<T> {
-    debug_assert!(filled <= v.capacity());
-    // SAFETY: the caller's; `T: Copy`, so nothing is dropped or duplicated.
-    unsafe { v.set_len(filled) };
     v
 }
 
 impl Drop for Q8Acts {
     fn drop(&mut self) {
-        if self.filled[0] > SPARE_MAX_BYTES {
+        if self.qs.len() > SPARE_MAX_BYTES {
             return;
         }
-        let [q, d, s, g] = self.filled;
-        // SAFETY: `filled` counts elements that held values when the buffers were sized
-        // (`sized`): truncation and writes since keep them initialized.
-        let spare = unsafe {
-            Spare {
-                qs: refilled(std::mem::take(&mut self.qs), q),
-                d: refilled(std::mem::take(&mut self.d), d),
-                dsum: refilled(std::mem::take(&mut self.dsum), s),
-                gsum: refilled(std::mem::take(&mut self.gsum), g),
-            }
+        let spare = Spare {
+            qs: std::mem::take(&mut self.qs),
+            d: std::mem::take(&mut self.d),
+            dsum: std::mem::take(&mut self.dsum),
+            gsum: std::mem::take(&mut self.gsum),
         };
         // During the thread's teardown the buffers are simply freed.
         let _ = SPARE.try_with(|c| c.set(Some(spare)));
@@ -103,7 +84,7 @@ impl Q8Acts {
 
     /// Buffers for `rows` rows of `k`, their contents unspecified (zeros or an earlier
     /// product's values): every caller overwrites all of them. They come from this thread's
-    /// last activations where it has some (see [`Spare`]).
+    /// last activations where it has some (see [`SPARE`]).
     pub(super) fn for_rows(rows: usize, k: usize) -> Self {
         let blocks = rows * k / 32;
         let spare = SPARE
@@ -111,27 +92,47 @@ impl Q8Acts {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let (qs, q) = sized(spare.qs, rows * k);
-        let (d, dl) = sized(spare.d, blocks);
-        let (dsum, sl) = sized(spare.dsum, blocks);
-        let (gsum, gl) = sized(spare.gsum, 2 * blocks);
         Self {
             k,
             rows,
-            qs,
-            d,
-            dsum,
-            gsum,
-            filled: [q, dl, sl, gl],
+            qs: at_least(spare.qs, rows * k),
+            d: at_least(spare.d, blocks),
+            dsum: at_least(spare.dsum, blocks),
+            gsum: at_least(spare.gsum, 2 * blocks),
         }
     }
 
+    fn blocks(&self) -> usize {
+        self.rows * self.k / 32
+    }
+
+    /// The quantized values, `rows × k`.
+    pub fn qs(&self) -> &[i8] {
+        &self.qs[..self.rows * self.k]
+    }
+
+    /// Each block's scale `d`.
+    pub fn d(&self) -> &[f32] {
+        &self.d[..self.blocks()]
+    }
+
+    /// Each block's `d·Σq`.
+    pub fn dsum(&self) -> &[f32] {
+        &self.dsum[..self.blocks()]
+    }
+
+    /// `Σq` of each half block.
+    pub fn gsum(&self) -> &[i32] {
+        &self.gsum[..2 * self.blocks()]
+    }
+
     pub(super) fn blocks_mut(&mut self) -> ActBlocks<'_> {
+        let (n, blocks) = (self.rows * self.k, self.blocks());
         ActBlocks {
-            qs: &mut self.qs,
-            d: &mut self.d,
-            dsum: &mut self.dsum,
-            gsum: &mut self.gsum,
+            qs: &mut self.qs[..n],
+            d: &mut self.d[..blocks],
+            dsum: &mut self.dsum[..blocks],
+            gsum: &mut self.gsum[..2 * blocks],
         }
     }
 

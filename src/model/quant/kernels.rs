@@ -20,6 +20,7 @@ struct RunsLeft(AtomicU64);
 
 impl RunsLeft {
     fn new(runs: usize) -> Self {
+        assert!(runs < 1 << 32, "{runs} runs");
         Self(AtomicU64::new(runs as u64))
     }
 

@@ -14,8 +14,8 @@
 //! read the same input (Q, K and V; gate and up) are fused into one, so the input is
 //! quantized once and the thread pool is woken once.
 
-#[cfg(target_arch = "x86_64")]
 mod acts;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 mod kernels;
 pub mod panel;

@@ -241,10 +241,10 @@ impl TokenActs {
     fn of(acts: &Q8Acts, t: usize) -> Self {
         let nb = acts.k / 32;
         Self {
-            qs: acts.qs[t * acts.k..].as_ptr(),
-            d: acts.d[t * nb..].as_ptr(),
-            dsum: acts.dsum[t * nb..].as_ptr(),
-            gsum: acts.gsum[t * 2 * nb..].as_ptr(),
+            qs: acts.qs()[t * acts.k..].as_ptr(),
+            d: acts.d()[t * nb..].as_ptr(),
+            dsum: acts.dsum()[t * nb..].as_ptr(),
+            gsum: acts.gsum()[t * 2 * nb..].as_ptr(),
         }
     }
 }

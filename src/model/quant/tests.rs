@@ -130,11 +130,16 @@ fn products_stay_within_the_activation_rounding_bound() {
 /// products of one thread, on every kernel.
 #[test]
 fn products_across_a_pool_equal_one_threads() {
-    for (rows, k) in [(8, 64), (13, 576), (17, 288), (64, 768)] {
+    // Few rows (quantized before the section), pieces with a short last one, and more.
+    for (rows, k) in [(4, 576), (7, 576), (13, 576), (17, 288), (64, 768)] {
         let (w, _) = quantized(GgmlDType::Q4_1, 200, k, rows as u64);
         let x = random(rows * k, rows as u64 + k as u64);
+        let other = random(rows * k, 1 + rows as u64 + k as u64);
         for (name, isa, packed) in kernel_layouts(&w) {
             let one = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, rows, &pool(1));
+            // This thread's reused activation buffers hold another input's values, so a
+            // piece of rows the section failed to quantize would show.
+            drop(Q8Acts::quantize_on(isa, &other, rows, k));
             let three = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, rows, &pool(3));
             assert_eq!(one, three, "{name} {rows}×{k}");
         }
@@ -155,9 +160,9 @@ fn reused_activation_buffers_hold_only_the_new_values() {
                 x[100] = -3e4;
             }
             let acts = Q8Acts::quantize_on(isa, &x, rows, k);
-            assert_eq!(acts.qs.len(), rows * k);
+            assert_eq!(acts.qs().len(), rows * k);
             assert_eq!(
-                (acts.d.len(), acts.gsum.len()),
+                (acts.d().len(), acts.gsum().len()),
                 (rows * k / 32, rows * k / 16)
             );
             let mut q = [0i8; 32];
@@ -165,13 +170,16 @@ fn reused_activation_buffers_hold_only_the_new_values() {
                 let (d, sum) = kernels::quantize_block_portable(&x[b * 32..b * 32 + 32], &mut q);
                 let f16 = |x: f32| half::f16::from_f32(x).to_f32();
                 assert_eq!(
-                    &acts.qs[b * 32..b * 32 + 32],
+                    &acts.qs()[b * 32..b * 32 + 32],
                     &q[..],
                     "{isa:?} {rows}×{k} block {b}"
                 );
-                assert_eq!((acts.d[b], acts.dsum[b]), (f16(d), f16(d * sum as f32)));
+                assert_eq!((acts.d()[b], acts.dsum()[b]), (f16(d), f16(d * sum as f32)));
                 let low: i32 = q[..16].iter().map(|&v| v as i32).sum();
-                assert_eq!((acts.gsum[2 * b], acts.gsum[2 * b + 1]), (low, sum - low));
+                assert_eq!(
+                    (acts.gsum()[2 * b], acts.gsum()[2 * b + 1]),
+                    (low, sum - low)
+                );
             }
         }
     }
@@ -185,16 +193,20 @@ fn activation_quantization_simd_matches_portable() {
     let mut portable_qs = vec![0i8; 32];
     for b in 0..4 * k / 32 {
         let (d, sum) = kernels::quantize_block_portable(&x[b * 32..b * 32 + 32], &mut portable_qs);
-        assert_eq!(&acts.qs[b * 32..b * 32 + 32], &portable_qs[..], "block {b}");
+        assert_eq!(
+            &acts.qs()[b * 32..b * 32 + 32],
+            &portable_qs[..],
+            "block {b}"
+        );
         let f16 = |x: f32| half::f16::from_f32(x).to_f32();
         assert_eq!(
-            (acts.d[b], acts.dsum[b]),
+            (acts.d()[b], acts.dsum()[b]),
             (f16(d), f16(d * sum as f32)),
             "block {b}"
         );
         let group_sum = |g: &[i8]| g.iter().map(|&q| q as i32).sum::<i32>();
         assert_eq!(
-            (acts.gsum[2 * b], acts.gsum[2 * b + 1]),
+            (acts.gsum()[2 * b], acts.gsum()[2 * b + 1]),
             (group_sum(&portable_qs[..16]), group_sum(&portable_qs[16..])),
             "block {b}"
         );
@@ -250,9 +262,9 @@ fn check_every_kernel_at_odd_sizes(n: usize) {
                         matmul_parts_on(*isa, std::slice::from_ref(packed), &x, tokens, &pool(1));
                     for t in 0..tokens {
                         let row = super::kernels::ActRow {
-                            qs: &acts.qs[t * k..(t + 1) * k],
-                            d: &acts.d[t * k / 32..(t + 1) * k / 32],
-                            dsum: &acts.dsum[t * k / 32..(t + 1) * k / 32],
+                            qs: &acts.qs()[t * k..(t + 1) * k],
+                            d: &acts.d()[t * k / 32..(t + 1) * k / 32],
+                            dsum: &acts.dsum()[t * k / 32..(t + 1) * k / 32],
                         };
                         for r in 0..n {
                             let portable = match &w {
