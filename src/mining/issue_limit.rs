@@ -156,6 +156,7 @@ unsafe fn zmm_adds_per_second(budget: Duration) -> f64 {
     while started.elapsed() < budget || adds == 0 {
         std::arch::asm!(
             "2:",
+            ".rept 2",
             "vpaddd zmm0, zmm0, zmm8",
             "vpaddd zmm1, zmm1, zmm8",
             "vpaddd zmm2, zmm2, zmm8",
@@ -164,14 +165,7 @@ unsafe fn zmm_adds_per_second(budget: Duration) -> f64 {
             "vpaddd zmm5, zmm5, zmm8",
             "vpaddd zmm6, zmm6, zmm8",
             "vpaddd zmm7, zmm7, zmm8",
-            "vpaddd zmm0, zmm0, zmm8",
-            "vpaddd zmm1, zmm1, zmm8",
-            "vpaddd zmm2, zmm2, zmm8",
-            "vpaddd zmm3, zmm3, zmm8",
-            "vpaddd zmm4, zmm4, zmm8",
-            "vpaddd zmm5, zmm5, zmm8",
-            "vpaddd zmm6, zmm6, zmm8",
-            "vpaddd zmm7, zmm7, zmm8",
+            ".endr",
             "dec {turns}",
             "jnz 2b",
             turns = inout(reg) TURNS => _,

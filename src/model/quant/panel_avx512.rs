@@ -110,6 +110,19 @@ unsafe fn quad(x: *const i8) -> __m512i {
     _mm512_set1_epi32((x as *const i32).read_unaligned())
 }
 
+/// The 64 bytes of 4-bit weights at `at` (prefetching ahead), split into their low and
+/// high nibbles.
+#[inline(always)]
+unsafe fn nibbles(at: *const u8) -> (__m512i, __m512i) {
+    prefetch_ahead(at);
+    let raw = _mm512_load_si512(at as *const _);
+    let nibble = _mm512_set1_epi8(0x0F);
+    (
+        _mm512_and_si512(raw, nibble),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble),
+    )
+}
+
 #[inline(always)]
 unsafe fn scales16(s: *const half::f16) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(s as *const __m256i))
@@ -126,17 +139,12 @@ unsafe fn q4_tile<const P: usize, const T: usize, const S: usize>(
     assert!(panels
         .iter()
         .all(|(q, s, m)| q.len() == nb * 256 && s.len() == nb * ROWS && m.len() == nb * ROWS));
-    let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [[_mm512_setzero_ps(); T]; P];
     for b in 0..nb {
         let mut dot = [[[_mm512_setzero_si512(); S]; T]; P];
         for c in 0..4 {
             for p in 0..P {
-                let at = panels[p].0.as_ptr().add(b * 256 + 64 * c);
-                prefetch_ahead(at);
-                let raw = _mm512_load_si512(at as *const _);
-                let lo = _mm512_and_si512(raw, nibble);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+                let (lo, hi) = nibbles(panels[p].0.as_ptr().add(b * 256 + 64 * c));
                 for t in 0..T {
                     let x = a[t].qs.add(32 * b + 8 * c);
                     dot[p][t][0] = _mm512_dpbusd_epi32(dot[p][t][0], lo, quad(x));
@@ -172,16 +180,11 @@ unsafe fn q4_wide(
     let nb = w.blocks();
     let (qs, scales, mins) = w.panel(p);
     assert!(qs.len() == nb * 256 && scales.len() == nb * ROWS && mins.len() == nb * ROWS);
-    let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [[0.0f32; ROWS]; WIDE_TOKENS];
     for b in 0..nb {
         let mut dot = [_mm512_setzero_si512(); WIDE_TOKENS];
         for c in 0..4 {
-            let at = qs.as_ptr().add(b * 256 + 64 * c);
-            prefetch_ahead(at);
-            let raw = _mm512_load_si512(at as *const _);
-            let lo = _mm512_and_si512(raw, nibble);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nibble);
+            let (lo, hi) = nibbles(qs.as_ptr().add(b * 256 + 64 * c));
             for t in 0..WIDE_TOKENS {
                 let x = a[t].qs.add(32 * b + 8 * c);
                 dot[t] = _mm512_dpbusd_epi32(dot[t], lo, quad(x));
