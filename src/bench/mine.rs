@@ -156,22 +156,20 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
         "rounds_per_cycle_per_thread": mhz.map(|m| round2(per_thread * 128.0 / (m * 1e6))),
     });
     // The AVX-512 scanner's limit on this core: instructions per nonce against instructions
-    // a second (see `mining::issue_limit`), beside what the path reached alone on a thread.
+    // a second (see `mining::issue_limit`), the scanner measured in slices between the
+    // loop's.
     #[cfg(target_arch = "x86_64")]
-    let limit = crate::mining::issue_limit::avx512(std::time::Duration::from_millis(300));
+    let limit = crate::mining::issue_limit::avx512(std::time::Duration::from_millis(900));
     #[cfg(not(target_arch = "x86_64"))]
     let limit: Option<()> = None;
     #[cfg(target_arch = "x86_64")]
     if let Some(l) = &limit {
-        let ours = per_path
-            .get("avx512")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.0);
         out["avx512_issue_limit"] = json!({
             "vector_ops_per_nonce": round2(l.vector_ops_per_nonce),
             "zmm_ops_per_s_1thread": l.vector_ops_per_s.round(),
             "limit_1thread_hs": l.limit_hs.round(),
-            "avx512_1thread_of_limit": round2(ours / l.limit_hs),
+            "avx512_1thread_hs": l.scanner_hs.round(),
+            "avx512_1thread_of_limit": round2(l.of_limit),
         });
     }
     if let Some(cpuminer) = &args.compare_cpuminer {

@@ -21,31 +21,55 @@ use std::time::{Duration, Instant};
 use super::lanes::{hash_h7, Lanes, Prepared};
 use super::sha256::{big_sigma0, big_sigma1, small_sigma0, small_sigma1};
 
-/// The two figures and their quotient.
+/// The two figures, their quotient, and the AVX-512 scanner's rate measured beside it.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct IssueLimit {
     /// AVX-512 instructions per nonce (per 16-nonce vector, divided by 16).
     pub vector_ops_per_nonce: f64,
-    /// 512-bit integer instructions a second on one thread, measured.
+    /// 512-bit integer instructions a second on one thread, measured (median of slices).
     pub vector_ops_per_s: f64,
     /// Their quotient: the most nonces a second on one thread at this instruction count.
     pub limit_hs: f64,
+    /// The AVX-512 scanner on one thread (median of the slices between the loop's).
+    pub scanner_hs: f64,
+    /// The scanner's rate over the limit: the median over pairs of adjacent slices.
+    pub of_limit: f64,
 }
 
-/// Measures both figures, for about `budget`; `None` where the CPU lacks AVX-512.
+/// Slices of each measurement, alternated.
+const SLICES: usize = 9;
+
+/// Measures both figures and the scanner, for about `budget` in all; `None` where the CPU
+/// lacks AVX-512. The timed loop and the scanner run in alternating slices, and the
+/// fraction is taken pair by pair: a VM's speed can change by half within seconds, and a
+/// limit and a rate measured at different moments would not be comparable.
 pub fn avx512(budget: Duration) -> Option<IssueLimit> {
     if !super::lanes_x86::avx512_available() {
         return None;
     }
-    let per_vector = ops_per_vector();
-    // SAFETY: AVX-512 F was detected just above.
-    let ops_per_s = unsafe { zmm_adds_per_second(budget) };
-    let per_nonce = per_vector as f64 / 16.0;
+    let per_nonce = ops_per_vector() as f64 / 16.0;
+    let slice = budget / (2 * SLICES as u32);
+    let (mut ops, mut scans, mut fractions) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..SLICES {
+        // SAFETY: AVX-512 F was detected above.
+        let o = unsafe { zmm_adds_per_second(slice) };
+        let h = super::ScanPath::Avx512.measure(slice);
+        fractions.push(h * per_nonce / o);
+        (ops.push(o), scans.push(h));
+    }
+    let ops_per_s = median(&mut ops);
     Some(IssueLimit {
         vector_ops_per_nonce: per_nonce,
         vector_ops_per_s: ops_per_s,
         limit_hs: ops_per_s / per_nonce,
+        scanner_hs: median(&mut scans),
+        of_limit: median(&mut fractions),
     })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 thread_local! {
@@ -214,9 +238,10 @@ mod tests {
 
     #[test]
     fn the_issue_rate_is_measured_where_avx512_runs() {
-        match avx512(Duration::from_millis(5)) {
+        match avx512(Duration::from_millis(20)) {
             Some(l) => {
-                assert!(l.vector_ops_per_s > 0.0 && l.limit_hs > 0.0);
+                assert!(l.vector_ops_per_s > 0.0 && l.limit_hs > 0.0 && l.scanner_hs > 0.0);
+                assert!(l.of_limit > 0.0);
                 assert_eq!(l.vector_ops_per_nonce, ops_per_vector() as f64 / 16.0);
             }
             None => assert!(!super::super::lanes_x86::avx512_available()),
