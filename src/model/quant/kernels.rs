@@ -1,7 +1,8 @@
 //! The choice of instruction set, the portable dot products of the row layout, and the
-//! driver that splits a matrix product across the pool: each task takes
-//! a run of weight rows (whole panels of 16 where it can) and computes them for every token,
-//! with the tiled panel kernels (`panel`) or, on the row layout, the portable code.
+//! driver that splits a matrix product across the pool in one parallel section: threads
+//! quantize pieces of the activations, then take runs of weight rows (whole panels of 16
+//! where they can) and compute them for every token, with the tiled panel kernels (`panel`)
+//! or, on the row layout, the portable code.
 
 use half::f16;
 use rayon::prelude::*;
