@@ -65,22 +65,22 @@ pub fn spawn_engine(
     let queue_capacity = [cfg.queue_capacity, cfg.deferred_queue_capacity];
     let (tx, rx) = mpsc::channel(queue_capacity.iter().sum::<usize>().max(1));
     let stats = Arc::new(EngineStats::default());
-    let engine_stats = stats.clone();
+    let engine = Engine {
+        model,
+        tokenizer,
+        cfg,
+        rx,
+        running: Vec::new(),
+        waiting: Default::default(),
+        stats: stats.clone(),
+        next_order: 0,
+    };
+    // Published before the handle exists, so `/v1/status` never shows an empty cache
+    // (0 blocks of 0) in the moment before the engine thread first runs.
+    engine.publish_stats();
     std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || {
-            Engine {
-                model,
-                tokenizer,
-                cfg,
-                rx,
-                running: Vec::new(),
-                waiting: Default::default(),
-                stats: engine_stats,
-                next_order: 0,
-            }
-            .run()
-        })
+        .spawn(move || engine.run())
         .expect("spawning the engine thread (only fails when the OS is out of threads)");
     EngineHandle {
         tx,
