@@ -251,16 +251,37 @@ async fn alone(srv: &common::TestServer, tokens: usize) -> Vec<String> {
     out
 }
 
-/// The same prompts sent together, each starting a little after the last, so they join the
-/// running batch at different positions.
+/// The same prompts sent together: each is sent once the one before it has its first event
+/// (it has joined the batch), so they join the running batch at different positions, each
+/// while the others still run. Ordered by what the server sent, not by timing.
 async fn together(srv: &common::TestServer, tokens: usize) -> Vec<String> {
-    let futs = PROMPTS.iter().enumerate().map(|(i, p)| async move {
-        tokio::time::sleep(Duration::from_millis(60 * i as u64)).await;
-        let (s, b) = srv.post("/v1/completions", completion(p, tokens)).await;
-        assert_eq!(s, 200, "{b}");
-        b["choices"][0]["text"].as_str().unwrap().to_string()
-    });
-    futures::future::join_all(futs).await
+    let mut bodies = Vec::new();
+    for p in PROMPTS {
+        let mut body = completion(p, tokens);
+        body["stream"] = json!(true);
+        let res = srv.send("/v1/completions", &body).await;
+        assert_eq!(res.status(), 200);
+        let mut chunks = res.bytes_stream();
+        let first = chunks.next().await.expect("a first event").unwrap();
+        bodies.push((first.to_vec(), chunks));
+    }
+    let mut texts = Vec::new();
+    for (mut body, mut chunks) in bodies {
+        while let Some(c) = chunks.next().await {
+            body.extend_from_slice(&c.unwrap());
+        }
+        let body = String::from_utf8(body).unwrap();
+        let mut text = String::new();
+        for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            if data != "[DONE]" {
+                let event: Value = serde_json::from_str(data).unwrap();
+                text.push_str(event["choices"][0]["text"].as_str().unwrap_or(""));
+            }
+        }
+        assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+        texts.push(text);
+    }
+    texts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -58,7 +58,7 @@ fn both_scanners_find_the_genesis_nonce() {
     };
     // Every SHA-256d path this CPU has (SHA-NI, AVX-512, AVX2, portable) finds it.
     for path in ScanPath::on_this_cpu() {
-        let fast = scan(&work, start, end, path, &|| false);
+        let fast = scan(&work, start, end, path, &|_| false);
         assert_eq!(
             fast.candidates,
             vec![GENESIS_NONCE as u32],
@@ -93,7 +93,7 @@ proptest! {
             midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(),
         };
         for path in ScanPath::on_this_cpu() {
-            let fast = scan(&work, start, start + len, path, &|| false);
+            let fast = scan(&work, start, start + len, path, &|_| false);
             prop_assert_eq!(&fast.candidates, &portable.candidates, "{}", path.name());
             prop_assert_eq!(fast.next, start + len);
         }

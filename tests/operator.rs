@@ -90,6 +90,19 @@ fn prompt(tokens: usize) -> Value {
     json!({"prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0, "ignore_eos": true})
 }
 
+/// Polls `/v1/status` until the engine's figures satisfy `ready`, failing past 30 s.
+async fn engine_until(srv: &Server, what: &str, ready: impl Fn(&Value) -> bool) {
+    let t = Instant::now();
+    loop {
+        let s = srv.status(None).await;
+        if ready(&s["engine"]) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{what}: {s}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_guard_v1_and_requests_carry_their_id() {
     let dir = std::env::temp_dir().join(format!("idlerig-keys-{}", std::process::id()));
@@ -180,32 +193,44 @@ async fn a_full_queue_answers_429_and_a_slow_request_504() {
         "5",
     ])
     .await;
-    // One runs, one waits, the rest are refused at once with Retry-After.
-    let requests = (0..5).map(|_| srv.completion(None, prompt(12)));
-    let answers = futures::future::join_all(requests).await;
-    let mut codes: Vec<u16> = Vec::new();
-    for res in answers {
-        let code = res.status().as_u16();
-        if code == 429 {
-            assert_eq!(res.headers()["retry-after"], "1");
-            let body: Value = res.json().await.unwrap();
-            assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    // One runs (a stream held open), one waits; every other is refused at once with
+    // Retry-After. Each step waits for the engine's state, not for time to pass.
+    let mut long = prompt(8000);
+    long["stream"] = json!(true);
+    let running = srv.completion(None, long).await;
+    assert_eq!(running.status(), 200);
+    engine_until(&srv, "the stream running", |e| e["running"] == 1).await;
+    let waiting = srv.completion(None, prompt(12));
+    let refused = async {
+        engine_until(&srv, "a request waiting", |e| {
+            e["waiting_by_tier"]["default"] == 1
+        })
+        .await;
+        let mut codes = Vec::new();
+        for _ in 0..3 {
+            let res = srv.completion(None, prompt(12)).await;
+            codes.push(res.status().as_u16());
+            if res.status() == 429 {
+                assert_eq!(res.headers()["retry-after"], "1");
+                let body: Value = res.json().await.unwrap();
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+            }
         }
-        codes.push(code);
-    }
-    assert!(codes.iter().all(|&c| c == 200 || c == 429), "{codes:?}");
-    assert!(
-        codes.iter().filter(|&&c| c == 429).count() >= 2,
-        "{codes:?}"
-    );
-    assert!(codes.contains(&200), "{codes:?}");
+        // The running stream goes away (cancelled); the waiting request runs.
+        drop(running);
+        codes
+    };
+    let (waited, codes) = tokio::join!(waiting, refused);
+    assert_eq!(codes, [429, 429, 429]);
+    assert_eq!(waited.status(), 200);
 
-    // Longer than the timeout: 504 whole, an error event on a stream; both cancel the work.
-    let res = srv.completion(None, prompt(2000)).await;
+    // Longer than the timeout (8000 tokens in 5 s would be 1,600 tok/s): 504 whole, an
+    // error event on a stream; both cancel the work.
+    let res = srv.completion(None, prompt(8000)).await;
     assert_eq!(res.status(), 504);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["error"]["code"], "timeout", "{body}");
-    let mut stream_body = prompt(2000);
+    let mut stream_body = prompt(8000);
     stream_body["stream"] = json!(true);
     let text = srv
         .completion(None, stream_body)
@@ -260,6 +285,8 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         )
     };
     let tokens = |m: &str| sample(m, "vllm:generation_tokens_total");
+    let length = format!("vllm:request_success_total{{{model},finished_reason=\"length\"}}");
+    let ttft_count = format!("vllm:time_to_first_token_seconds_count{{{model}}}");
     // Wait until the miner hashes, so that a request has something to pre-empt.
     let t = Instant::now();
     while sample(&srv.metrics().await, "idlerig_mining_hashes_total") <= 0.0 {
@@ -282,7 +309,11 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         let m = srv.metrics().await;
         // Every figure below that another task publishes (the arbiter every 100 ms, the
         // telemetry task as it hears) is waited for, not assumed.
+        // The telemetry task counts a request's e2e latency, then its first token, then
+        // its success: all three are waited for.
         if e2e(&m) >= e2e(&before) + 4.0
+            && sample(&m, &ttft_count) >= 4.0
+            && sample(&m, &length) >= 4.0
             && sample(&m, "idlerig_preemption_latency_seconds_count") >= 1.0
             && sample(&m, "idlerig_preemptions_total") >= 1.0
             && sample(&m, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0
@@ -297,9 +328,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(tokens(&after) >= tokens(&before) + 32.0);
-    let length = format!("vllm:request_success_total{{{model},finished_reason=\"length\"}}");
     assert_eq!(sample(&after, &length), 4.0);
-    let ttft_count = format!("vllm:time_to_first_token_seconds_count{{{model}}}");
     assert_eq!(sample(&after, &ttft_count), 4.0);
     assert!(
         sample(
@@ -364,9 +393,20 @@ async fn the_profit_switch_stops_mining_that_does_not_pay() {
         "a paying pool would pay a little: {e}"
     );
     assert_eq!(stopped["telemetry"]["mine_when"], "profitable");
-    // From then on the miner stays off.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let h0 = srv.status(None).await["mining"]["hashes"].as_u64().unwrap();
+    // From then on the miner stays off: once it has stopped (the arbiter's own state, with
+    // the hashes counted up to then), the count does not move.
+    let t = Instant::now();
+    let h0 = loop {
+        let s = srv.status(None).await;
+        if s["mining"]["phase"] == "not_mining" && s["mining"]["mining_enabled"] == false {
+            break s["mining"]["hashes"].as_u64().unwrap();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "miner never stopped: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let s = srv.status(None).await;
     assert_eq!(s["mining"]["hashes"].as_u64().unwrap(), h0, "{s}");
@@ -386,7 +426,26 @@ async fn shutdown_refuses_new_requests_and_finishes_the_stream_in_flight() {
     assert!(String::from_utf8_lossy(&first).contains("data:"));
     let (base, http) = (srv.base.clone(), srv.http.clone());
     let stopping = tokio::spawn(srv.shutdown());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining begins on another task: a request the server would refuse as invalid (and
+    // never run) shows when, turning from 400 to 503.
+    let t = Instant::now();
+    loop {
+        let res = http
+            .post(format!("{base}/v1/completions"))
+            .json(&json!({"prompt": 5}))
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 503 {
+            break;
+        }
+        assert_eq!(res.status(), 400);
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never began draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // While draining the socket stays open and new requests are refused with 503.
     let res = http
         .post(format!("{base}/v1/completions"))

@@ -248,7 +248,7 @@ impl Miner for CpuMiner {
 
     /// Workers still hashing: 0 once a pre-emption has been acknowledged by all of them.
     fn active_workers(&self) -> usize {
-        self.shared.active.load(Ordering::Acquire)
+        self.shared.active.load(Ordering::SeqCst)
     }
 
     /// Pre-emption latencies (flag raised → every worker stopped) measured since the last call.
@@ -313,12 +313,16 @@ fn worker(shared: Arc<Shared>, path: ScanPath) {
                 if shared.shutdown.load(Ordering::Acquire) {
                     return;
                 }
+                // Counted active before the flag is read (both sequentially consistent), as
+                // the GPU miner does: a pauser that raises the flag and then sees no worker
+                // active can be sure none is about to start hashing.
+                shared.active.fetch_add(1, Ordering::SeqCst);
                 if !shared.preempt.is_raised() {
                     if let Some(chunk) = d.next_chunk() {
-                        shared.active.fetch_add(1, Ordering::AcqRel);
                         break chunk;
                     }
                 }
+                shared.active.fetch_sub(1, Ordering::SeqCst);
                 d = shared
                     .wake
                     .wait_timeout(d, Duration::from_millis(100))
@@ -326,13 +330,21 @@ fn worker(shared: Arc<Shared>, path: ScanPath) {
                     .0;
             }
         };
-        let stop = || {
+        // Hashes are counted at every poll, not once a chunk, so the rate on the dashboard
+        // moves even when a starved worker takes long over a chunk.
+        let counted = std::cell::Cell::new(start);
+        let stop = |n: u64| {
+            shared
+                .hashes
+                .fetch_add(n - counted.replace(n), Ordering::Relaxed);
             shared.preempt.is_raised()
                 || shared.generation.load(Ordering::Acquire) != work.generation
         };
         let outcome = scan(&work, start, end, path, &stop);
         let done = outcome.next;
-        shared.hashes.fetch_add(done - start, Ordering::Relaxed);
+        shared
+            .hashes
+            .fetch_add(done - counted.get(), Ordering::Relaxed);
         for nonce in outcome.candidates {
             if let Some(share) = work.check(nonce) {
                 if share.is_block {
@@ -351,8 +363,11 @@ fn worker(shared: Arc<Shared>, path: ScanPath) {
             if done < end && d.unit == unit && d.work.is_some() {
                 d.returned.push((done, end));
             }
-            let was_last = shared.active.fetch_sub(1, Ordering::AcqRel) == 1;
-            if was_last && done < end && shared.preempt.is_raised() {
+            // The last worker to stop under a raised flag records how long stopping took,
+            // also when its chunk happened to end just then: every pause that found the
+            // miner hashing gets a latency.
+            let was_last = shared.active.fetch_sub(1, Ordering::SeqCst) == 1;
+            if was_last && shared.preempt.is_raised() {
                 let latency = monotonic_ns().saturating_sub(shared.preempt.raised_at_ns());
                 if d.preempt_latencies_ns.len() < 100_000 {
                     d.preempt_latencies_ns.push(latency);
@@ -368,7 +383,7 @@ pub fn scan(
     start: u64,
     end: u64,
     path: ScanPath,
-    stop: &dyn Fn() -> bool,
+    stop: &dyn Fn(u64) -> bool,
 ) -> ScanOutcome {
     let tail = header_tail(&work.header);
     let job = ScanJob {

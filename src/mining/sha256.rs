@@ -140,8 +140,9 @@ pub struct ScanOutcome {
 
 /// What one scan is asked to do, the same for every scanner: hash nonces `start..end` (end
 /// exclusive, up to 2^32) of the header whose second block begins with `tail`; report as
-/// candidates the nonces whose hash's top word is at or below `target_top`; ask `stop` every
-/// `poll_every` nonces (rounded to whole batches) and end there when it says so.
+/// candidates the nonces whose hash's top word is at or below `target_top`; ask `stop(n)`
+/// every `poll_every` nonces (rounded to whole batches), `n` being the first nonce not yet
+/// hashed, and end there when it says so.
 #[derive(Clone, Copy)]
 pub struct ScanJob<'a> {
     pub tail: &'a [u32; 3],
@@ -149,7 +150,7 @@ pub struct ScanJob<'a> {
     pub end: u64,
     pub target_top: u32,
     pub poll_every: u64,
-    pub stop: &'a dyn Fn() -> bool,
+    pub stop: &'a dyn Fn(u64) -> bool,
 }
 
 impl<'a> ScanJob<'a> {
@@ -166,7 +167,7 @@ impl<'a> ScanJob<'a> {
     }
 }
 
-fn never() -> bool {
+fn never(_: u64) -> bool {
     false
 }
 
@@ -189,7 +190,7 @@ pub(crate) fn scan_in_batches(
     let poll = (job.poll_every / lanes).max(1) * lanes;
     let mut n = start;
     while n + lanes <= end {
-        if n > start && (n - start) % poll == 0 && (job.stop)() {
+        if n > start && (n - start) % poll == 0 && (job.stop)(n) {
             out.next = n;
             return out;
         }
@@ -218,7 +219,7 @@ pub fn scan_portable(mid: &[u32; 8], job: &ScanJob<'_>) -> ScanOutcome {
     };
     let mut n = start;
     while n < job.end {
-        if (n - start) % job.poll_every == 0 && n > start && (job.stop)() {
+        if (n - start) % job.poll_every == 0 && n > start && (job.stop)(n) {
             break;
         }
         let h = hash_header_words(mid, job.tail, n as u32);

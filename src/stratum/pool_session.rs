@@ -535,7 +535,7 @@ mod tests {
                 source.next_work(0);
             }
             let work = source.next_work(0);
-            let found = scan(&work, start, start + 400_000, crate::mining::ScanPath::on_this_cpu()[0], &|| false);
+            let found = scan(&work, start, start + 400_000, crate::mining::ScanPath::on_this_cpu()[0], &|_| false);
             let shares: Vec<_> = found.candidates.iter().filter_map(|&n| work.check(n)).collect();
             prop_assert!(!shares.is_empty(), "400,000 nonces at difficulty 1e-5 hold shares");
             for share in shares {

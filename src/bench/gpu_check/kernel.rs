@@ -265,7 +265,7 @@ pub fn preempt(launcher: Box<dyn ScanLauncher>, sizes: &Sizes) -> Value {
                     a,
                     b,
                     crate::mining::ScanPath::on_this_cpu()[0],
-                    &|| false,
+                    &|_| false,
                 )
                 .candidates
             })

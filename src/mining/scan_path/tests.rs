@@ -110,8 +110,9 @@ fn a_stopped_scan_reports_exactly_what_it_hashed() {
     let (mid, tail) = (midstate(&h), header_tail(&h));
     let top = 0x0fff_ffff;
     for path in ScanPath::on_this_cpu() {
-        let polls = std::cell::Cell::new(0);
-        let stop = || {
+        let (polls, asked_at) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let stop = |n| {
+            asked_at.set(n);
             polls.set(polls.get() + 1);
             polls.get() >= 3
         };
@@ -127,6 +128,8 @@ fn a_stopped_scan_reports_exactly_what_it_hashed() {
             path.name(),
             out.next
         );
+        // `stop` was told where the scan stood when it said yes.
+        assert_eq!(out.next, asked_at.get(), "{}", path.name());
         let want = scan_portable(&mid, &ScanJob::whole(&tail, 11, out.next, top));
         assert_eq!(out.candidates, want.candidates, "{}", path.name());
     }
