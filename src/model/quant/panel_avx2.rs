@@ -199,13 +199,20 @@ unsafe fn scales8(s: *const f16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i))
 }
 
-/// Asks for the weights 1 KB ahead of `at` (the rest of this panel, then the next one,
-/// which follows it in memory): the hardware prefetcher alone left the loads waiting.
+/// How far ahead 4-bit weights are fetched: 64 bytes feed two `vpdpbusd` per token.
+pub(super) const Q4_AHEAD: usize = 1024;
+/// How far ahead 8-bit weights are fetched: 64 bytes feed one `vpdpbusd` per token, so the
+/// same time ahead is more bytes. (Measured over 75 MB of 8-bit panels: 4 KB ahead was
+/// 13–17% faster than 1 KB at 8 and 16 tokens, the same at one.)
+pub(super) const Q8_AHEAD: usize = 4096;
+
+/// Asks for the weights `AHEAD` bytes ahead of `at` (the rest of this panel, then the next
+/// one, which follows it in memory): the hardware prefetcher alone left the loads waiting.
 /// Shared with `panel_avx512`.
 #[inline(always)]
-pub(super) unsafe fn prefetch_ahead(at: *const u8) {
+pub(super) unsafe fn prefetch_ahead<const AHEAD: usize>(at: *const u8) {
     // A prefetch never faults, so it may point past the matrix's end.
-    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(1024) as *const i8);
+    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(AHEAD) as *const i8);
 }
 
 /// The weight bytes, scales and mins of half-panel `h`, from its panel's.
@@ -233,7 +240,7 @@ unsafe fn q4_tile<D: PanelDot, const H: usize, const T: usize>(
         for c in 0..4 {
             for i in 0..H {
                 let at = parts[i].0.as_ptr().add(b * 256 + 64 * c + 4 * offset[i]);
-                prefetch_ahead(at);
+                prefetch_ahead::<Q4_AHEAD>(at);
                 let raw = _mm256_loadu_si256(at as *const __m256i);
                 let lo = _mm256_and_si256(raw, nibble);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), nibble);
@@ -277,7 +284,7 @@ unsafe fn q8_tile<D: PanelDot, const H: usize, const T: usize>(
             for q in 4 * g..4 * g + 4 {
                 for i in 0..H {
                     let at = parts[i].0.as_ptr().add(b * 512 + 64 * q + 4 * offset[i]);
-                    prefetch_ahead(at);
+                    prefetch_ahead::<Q8_AHEAD>(at);
                     let wq = D::prep8(_mm256_loadu_si256(at as *const __m256i));
                     for t in 0..T {
                         dot[i][t] = D::dot8(dot[i][t], wq, quad(a[t].qs.add(32 * b + 4 * q)));

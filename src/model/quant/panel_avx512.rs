@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::panel::{PanelFormat, Panels, TokenActs, DECODE_PANELS, ROWS, TILE_TOKENS};
-use super::panel_avx2::prefetch_ahead;
+use super::panel_avx2::{prefetch_ahead, Q4_AHEAD, Q8_AHEAD};
 
 /// Runs every tile of `panels` × `tokens`, handing each panel's 16 sums for each token to
 /// `store(panel, token, sums)`. Panels are the outer loop: a panel's weights (a few KB) are
@@ -114,7 +114,7 @@ unsafe fn quad(x: *const i8) -> __m512i {
 /// high nibbles.
 #[inline(always)]
 unsafe fn nibbles(at: *const u8) -> (__m512i, __m512i) {
-    prefetch_ahead(at);
+    prefetch_ahead::<Q4_AHEAD>(at);
     let raw = _mm512_load_si512(at as *const _);
     let nibble = _mm512_set1_epi8(0x0F);
     (
@@ -229,7 +229,7 @@ unsafe fn q8_tile<const P: usize, const T: usize, const S: usize>(
             for q in quads * g..quads * (g + 1) {
                 for p in 0..P {
                     let at = panels[p].0.as_ptr().add(b * 512 + 64 * q);
-                    prefetch_ahead(at);
+                    prefetch_ahead::<Q8_AHEAD>(at);
                     let wq = _mm512_load_si512(at as *const _);
                     for t in 0..T {
                         let s = q % S;
