@@ -183,16 +183,9 @@ async fn api_keys_guard_v1_and_requests_carry_their_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_and_a_slow_request_504() {
-    let srv = start(&[
-        "--no-mine",
-        "--max-running",
-        "1",
-        "--queue-capacity",
-        "1",
-        "--request-timeout-s",
-        "5",
-    ])
-    .await;
+    // The default request timeout (10 minutes): the queue's steps wait for state, however
+    // long a busy machine takes over them.
+    let srv = start(&["--no-mine", "--max-running", "1", "--queue-capacity", "1"]).await;
     // One runs (a stream held open), one waits; every other is refused at once with
     // Retry-After. Each step waits for the engine's state, not for time to pass.
     let mut long = prompt(8000);
@@ -223,6 +216,9 @@ async fn a_full_queue_answers_429_and_a_slow_request_504() {
     let (waited, codes) = tokio::join!(waiting, refused);
     assert_eq!(codes, [429, 429, 429]);
     assert_eq!(waited.status(), 200);
+    srv.shutdown().await.unwrap();
+
+    let srv = start(&["--no-mine", "--request-timeout-s", "5"]).await;
 
     // Longer than the timeout (8000 tokens in 5 s would be 1,600 tok/s): 504 whole, an
     // error event on a stream; both cancel the work.

@@ -134,8 +134,8 @@ async fn client_recovers_from_every_disruption_without_stale_or_duplicate_shares
     }
 
     rig.pool.command(PoolCommand::SetDifficulty(0.004));
-    accepted_more(&rig, 2, "a difficulty change").await;
-    // The pool takes commands on its own task: the change may land after those shares.
+    // The pool takes commands on its own task: wait until the client works at the new
+    // difficulty, then for shares found at it.
     let t = Instant::now();
     while rig.stats.difficulty() != 0.004 {
         assert!(
@@ -145,6 +145,7 @@ async fn client_recovers_from_every_disruption_without_stale_or_duplicate_shares
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    accepted_more(&rig, 2, "a difficulty change").await;
 
     rig.pool.command(PoolCommand::NewExtranonce);
     accepted_more(&rig, 2, "a new extranonce1").await;

@@ -106,7 +106,9 @@ struct Shared {
     /// Bumped on every new job: workers on an older one stop at their next poll.
     generation: AtomicU64,
     hashes: AtomicU64,
-    /// Workers hashing right now; 0 means the miner has yielded the CPU.
+    /// Workers hashing, or (for an instant, under the dispatch lock) about to take a chunk:
+    /// a worker counts itself before it reads the pre-emption flag. 0 means the miner has
+    /// yielded the CPU; more than 0 does not prove that it hashes.
     active: AtomicUsize,
     shutdown: AtomicBool,
     shares: ShareSender,
@@ -246,7 +248,8 @@ impl Miner for CpuMiner {
         self.shared.wake.notify_all();
     }
 
-    /// Workers still hashing: 0 once a pre-emption has been acknowledged by all of them.
+    /// Workers still hashing (or about to look for a chunk): 0 once a pre-emption has been
+    /// acknowledged by all of them.
     fn active_workers(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
     }
