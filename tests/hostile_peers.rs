@@ -1,7 +1,7 @@
 //! Hostile peers over real TCP. Miners against the embedded pool: an endless line is refused
-//! as it arrives, a share is credited only to a worker the connection authorized, a live
-//! session's extranonce1 cannot be taken over, a connection that never subscribes is closed,
-//! and connections are capped per address. A pool against the client: an endless line ends
+//! as it arrives, a share is credited only to a worker the connection authorized, a share for a
+//! job that a new extranonce1 voided is stale, a live session's extranonce1 cannot be taken
+//! over, a connection that never subscribes is closed, and connections are capped per address. A pool against the client: an endless line ends
 //! the connection, a tiny difficulty is raised to the floor, `client.reconnect` to another
 //! host is ignored, and a pool that never answers cannot make the client remember every share.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use idlerig::mining::{CpuMiner, CpuMinerConfig, Miner, PreemptFlag};
 use idlerig::stratum::client::{run_client, ClientConfig, ClientStats};
-use idlerig::stratum::pool::{start_pool, PoolConfig, PoolHandle};
+use idlerig::stratum::pool::{start_pool, PoolCommand, PoolConfig, PoolHandle};
 use idlerig::stratum::PoolUrl;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -60,6 +60,22 @@ impl Peer {
         })
         .await
         .expect("an answer in time")
+    }
+
+    /// The next notification `method` (other messages on the way are skipped).
+    async fn notification(&mut self, method: &str) -> Value {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                let mut line = String::new();
+                assert!(self.read.read_line(&mut line).await.unwrap() > 0, "closed");
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["method"] == method {
+                    return v;
+                }
+            }
+        })
+        .await
+        .expect("the notification in time")
     }
 
     /// Whether the other side closes the connection before the deadline.
@@ -122,6 +138,41 @@ async fn a_share_is_credited_only_to_a_worker_the_connection_authorized() {
         "{a}"
     );
     assert_eq!(p.stats.accepted(), 0);
+}
+
+/// A share found under the old extranonce1 and sent after the pool changed it names a job
+/// the change voided: it is refused as stale (21). Were the job re-sent under its old id, the
+/// share would be rebuilt with the new extranonce1 and refused as "low difficulty" (23),
+/// blaming the miner for the pool's change.
+#[tokio::test]
+async fn a_share_for_a_job_voided_by_a_new_extranonce1_is_stale() {
+    let p = pool(PoolConfig::default()).await;
+    let mut peer = connect(&p).await;
+    peer.send(json!({"id": 1, "method": "mining.subscribe", "params": ["test"]}))
+        .await;
+    peer.answer(1).await;
+    peer.send(json!({"id": 2, "method": "mining.authorize", "params": ["alice", "x"]}))
+        .await;
+    let old = peer.notification("mining.notify").await["params"].clone();
+    p.command(PoolCommand::NewExtranonce);
+    peer.notification("mining.set_extranonce").await;
+    let fresh = peer.notification("mining.notify").await["params"].clone();
+    assert_eq!(
+        fresh[8], true,
+        "the job after a new extranonce1 is clean: {fresh}"
+    );
+    assert_ne!(fresh[0], old[0], "re-sent under the old job id");
+    peer.send(json!({"id": 3, "method": "mining.submit",
+        "params": ["alice", old[0], "00000000", old[7], "00000000"]}))
+        .await;
+    let a = peer.answer(3).await;
+    assert_eq!(a["error"][0], 21, "{a}");
+    assert_eq!(
+        p.stats
+            .rejected_low_difficulty
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[tokio::test]

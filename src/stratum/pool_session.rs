@@ -446,9 +446,18 @@ pub(super) async fn run_session(
                         .expect("sessions lock")
                         .insert(s.session_id.clone(), s.extranonce1.clone());
                     s.out.push(encode_call(None, "mining.set_extranonce", json!([hex::encode(&s.extranonce1), shared.cfg.extranonce2_size])));
-                    // Work under the old extranonce1 is void: a clean job follows.
+                    // Work under the old extranonce1 is void: a clean job follows, under an id
+                    // of its own. A share found under the old extranonce1 and already on its way
+                    // names the old id, which the clean notify voided: it is stale. Under the
+                    // same id it would be rebuilt with the new extranonce1 and fail as "low
+                    // difficulty", blaming the miner for the pool's change.
                     if let Some(job) = s.last_job.clone() {
-                        s.notify_job(&job, Some(true));
+                        let mut notify = job.notify.clone();
+                        notify.job_id = format!("{}{}", notify.job_id, hex::encode(&s.extranonce1));
+                        let mut template = job.job.clone();
+                        template.job_id = notify.job_id.clone();
+                        let renamed = Arc::new(PoolJob { notify, job: template });
+                        s.notify_job(&renamed, Some(true));
                     }
                 }
                 Ok(PoolCommand::Reconnect { wait_secs }) => {
