@@ -98,6 +98,18 @@ async fn connect(pool: &PoolHandle) -> Peer {
     Peer::new(TcpStream::connect(pool.addr).await.unwrap())
 }
 
+/// A connection subscribed and with worker `alice` authorized.
+async fn authorized(pool: &PoolHandle) -> Peer {
+    let mut peer = connect(pool).await;
+    peer.send(json!({"id": 1, "method": "mining.subscribe", "params": ["test"]}))
+        .await;
+    peer.answer(1).await;
+    peer.send(json!({"id": 2, "method": "mining.authorize", "params": ["alice", "x"]}))
+        .await;
+    assert_eq!(peer.answer(2).await["result"], true);
+    peer
+}
+
 #[tokio::test]
 async fn the_pool_refuses_an_endless_line_as_it_arrives() {
     let p = pool(PoolConfig::default()).await;
@@ -120,13 +132,7 @@ async fn the_pool_refuses_an_endless_line_as_it_arrives() {
 #[tokio::test]
 async fn a_share_is_credited_only_to_a_worker_the_connection_authorized() {
     let p = pool(PoolConfig::default()).await;
-    let mut peer = connect(&p).await;
-    peer.send(json!({"id": 1, "method": "mining.subscribe", "params": ["test"]}))
-        .await;
-    peer.answer(1).await;
-    peer.send(json!({"id": 2, "method": "mining.authorize", "params": ["alice", "x"]}))
-        .await;
-    assert_eq!(peer.answer(2).await["result"], true);
+    let mut peer = authorized(&p).await;
     peer.send(json!({"id": 3, "method": "mining.submit",
         "params": ["mallory", "1", "00000000", "66500000", "00000000"]}))
         .await;
@@ -147,12 +153,7 @@ async fn a_share_is_credited_only_to_a_worker_the_connection_authorized() {
 #[tokio::test]
 async fn a_share_for_a_job_voided_by_a_new_extranonce1_is_stale() {
     let p = pool(PoolConfig::default()).await;
-    let mut peer = connect(&p).await;
-    peer.send(json!({"id": 1, "method": "mining.subscribe", "params": ["test"]}))
-        .await;
-    peer.answer(1).await;
-    peer.send(json!({"id": 2, "method": "mining.authorize", "params": ["alice", "x"]}))
-        .await;
+    let mut peer = authorized(&p).await;
     let old = peer.notification("mining.notify").await["params"].clone();
     p.command(PoolCommand::NewExtranonce);
     peer.notification("mining.set_extranonce").await;

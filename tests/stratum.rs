@@ -63,18 +63,29 @@ async fn pool_with(difficulty: f64) -> PoolHandle {
     .unwrap()
 }
 
+/// Polls `done` until it holds; past `limit` the test fails with `failure()`.
+async fn wait_until(limit: Duration, done: impl Fn() -> bool, failure: impl Fn() -> String) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "{}", failure());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the pool has accepted `more` shares beyond what it had.
 async fn accepted_more(rig: &Rig, more: u64, what: &str) {
     let start = rig.pool.stats.accepted();
-    let t = Instant::now();
-    while rig.pool.stats.accepted() < start + more {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no shares accepted after {what} ({} accepted in all)",
-            rig.pool.stats.accepted()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || rig.pool.stats.accepted() >= start + more,
+        || {
+            format!(
+                "no shares accepted after {what} ({} accepted in all)",
+                rig.pool.stats.accepted()
+            )
+        },
+    )
+    .await;
 }
 
 /// Shares a pool may reject as stale in a run: one found and sent in the moment the pool's
@@ -136,15 +147,17 @@ async fn client_recovers_from_every_disruption_without_stale_or_duplicate_shares
     rig.pool.command(PoolCommand::SetDifficulty(0.004));
     // The pool takes commands on its own task: wait until the client works at the new
     // difficulty, then for shares found at it.
-    let t = Instant::now();
-    while rig.stats.difficulty() != 0.004 {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the client still works at difficulty {}",
-            rig.stats.difficulty()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || rig.stats.difficulty() == 0.004,
+        || {
+            format!(
+                "the client still works at difficulty {}",
+                rig.stats.difficulty()
+            )
+        },
+    )
+    .await;
     accepted_more(&rig, 2, "a difficulty change").await;
 
     rig.pool.command(PoolCommand::NewExtranonce);
@@ -158,16 +171,18 @@ async fn client_recovers_from_every_disruption_without_stale_or_duplicate_shares
     // Mining goes on, so a rejection may be on its way back: wait until the two agree.
     let s = &rig.stats;
     use std::sync::atomic::Ordering::Relaxed;
-    let t = Instant::now();
-    while s.rejected.load(Relaxed) != rig.pool.stats.rejected() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the client counted {} rejections, the pool {}",
-            s.rejected.load(Relaxed),
-            rig.pool.stats.rejected()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(30),
+        || s.rejected.load(Relaxed) == rig.pool.stats.rejected(),
+        || {
+            format!(
+                "the client counted {} rejections, the pool {}",
+                s.rejected.load(Relaxed),
+                rig.pool.stats.rejected()
+            )
+        },
+    )
+    .await;
     assert!(
         s.accepted() >= 14 && s.accepted() <= rig.pool.stats.accepted(),
         "client {} / pool {}",
@@ -213,14 +228,12 @@ async fn client_fails_over_and_returns_to_the_first_pool() {
     })
     .await
     .unwrap();
-    let t = Instant::now();
-    while primary.stats.accepted() < 2 {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the client did not return to the first pool"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        Duration::from_secs(60),
+        || primary.stats.accepted() >= 2,
+        || "the client did not return to the first pool".into(),
+    )
+    .await;
     assert_eq!(
         rig.stats
             .pool_index
@@ -242,15 +255,17 @@ async fn vardiff_raises_an_easy_difficulty() {
     .unwrap();
     let url = local(&pool);
     let rig = rig(vec![url], pool).await;
-    let t = Instant::now();
-    while rig.stats.difficulty() <= 0.0005 {
-        assert!(
-            t.elapsed() < Duration::from_secs(90),
-            "vardiff never raised the difficulty ({})",
-            rig.stats.difficulty()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Duration::from_secs(90),
+        || rig.stats.difficulty() > 0.0005,
+        || {
+            format!(
+                "vardiff never raised the difficulty ({})",
+                rig.stats.difficulty()
+            )
+        },
+    )
+    .await;
     accepted_more(&rig, 2, "a vardiff change").await;
     assert_clean(&rig);
 }
