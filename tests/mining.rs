@@ -55,6 +55,7 @@ fn both_scanners_find_the_genesis_nonce() {
         header,
         share_target: U256::DIFF1,
         network_target: U256::from_compact(job.nbits),
+        siblings: vec![],
     };
     // Every SHA-256d path this CPU has (SHA-NI, AVX-512, AVX2, portable) finds it.
     for path in ScanPath::on_this_cpu() {
@@ -90,7 +91,7 @@ proptest! {
         }
         let work = idlerig::mining::Work {
             generation: 1, job_id: "p".into(), extranonce1: vec![], extranonce2: vec![], ntime: 0, version: 0, version_bits: None,
-            midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(),
+            midstate: mid, header, share_target: U256([u64::MAX, u64::MAX, u64::MAX, (top as u64) << 32 | 0xffff_ffff]), network_target: U256::default(), siblings: vec![],
         };
         for path in ScanPath::on_this_cpu() {
             let fast = scan(&work, start, start + len, path, &|_| false);
@@ -112,6 +113,13 @@ fn source_at(extranonce1: Vec<u8>, difficulty: f64) -> WorkSource {
 
 /// Two workers mining [`easy_source`] and logging every range they hash.
 fn recording_miner() -> (CpuMiner, PreemptFlag, idlerig::mining::ShareReceiver) {
+    recording_miner_of(easy_source())
+}
+
+/// Two workers mining `source` and logging every range they hash.
+fn recording_miner_of(
+    source: WorkSource,
+) -> (CpuMiner, PreemptFlag, idlerig::mining::ShareReceiver) {
     let flag = PreemptFlag::default();
     let (tx, rx) = idlerig::mining::share_channel(1 << 20);
     let miner = CpuMiner::start(
@@ -123,7 +131,7 @@ fn recording_miner() -> (CpuMiner, PreemptFlag, idlerig::mining::ShareReceiver) 
         flag.clone(),
         tx,
     );
-    miner.set_work(easy_source());
+    miner.set_work(source);
     miner.resume();
     (miner, flag, rx)
 }
@@ -146,6 +154,12 @@ fn wait_idle(miner: &CpuMiner) -> Duration {
 /// back cover exactly `[0, cursor)` of the first unit, with no gap and no overlap. Returns the
 /// nonces hashed.
 fn assert_each_nonce_hashed_once(miner: &CpuMiner) -> u64 {
+    assert_each_nonce_hashed_once_under(miner, 1)
+}
+
+/// [`assert_each_nonce_hashed_once`] for units of `headers` headers (rolled versions), each
+/// nonce hashed under every one.
+fn assert_each_nonce_hashed_once_under(miner: &CpuMiner, headers: u64) -> u64 {
     let (cursor, returned) = miner.pending_ranges();
     let mut ranges: Vec<(u64, u64)> = miner
         .recorded_ranges()
@@ -154,7 +168,7 @@ fn assert_each_nonce_hashed_once(miner: &CpuMiner) -> u64 {
         .collect();
     let hashed: u64 = ranges.iter().map(|(a, b)| b - a).sum();
     assert_eq!(
-        hashed,
+        hashed * headers,
         miner.hashes(),
         "every counted hash is in a recorded range"
     );
@@ -172,14 +186,14 @@ fn assert_each_nonce_hashed_once(miner: &CpuMiner) -> u64 {
     hashed
 }
 
-#[test]
-fn pre_emption_loses_and_repeats_no_nonce() {
-    let (miner, flag, mut rx) = recording_miner();
-    // At least 12 pre-emptions and 3M nonces: the idle-priority miner may get little CPU
-    // while other tests run, so the count, not the time, decides when to stop.
+/// Pre-empts `miner` at least 12 times and until it has counted `hashes`, each time
+/// checking that it stops; leaves it stopped.
+fn pre_empt_repeatedly(miner: &CpuMiner, flag: &PreemptFlag, hashes: u64) {
+    // The idle-priority miner may get little CPU while other tests run, so the count, not
+    // the time, decides when to stop.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut cycles = 0;
-    while cycles < 12 || miner.hashes() < 3_000_000 {
+    while cycles < 12 || miner.hashes() < hashes {
         assert!(
             Instant::now() < deadline,
             "the miner hashed only {} nonces in 2 minutes",
@@ -195,7 +209,13 @@ fn pre_emption_loses_and_repeats_no_nonce() {
         miner.resume();
     }
     flag.raise();
-    wait_idle(&miner);
+    wait_idle(miner);
+}
+
+#[test]
+fn pre_emption_loses_and_repeats_no_nonce() {
+    let (miner, flag, mut rx) = recording_miner();
+    pre_empt_repeatedly(&miner, &flag, 3_000_000);
     let hashed = assert_each_nonce_hashed_once(&miner);
     assert!(hashed > 100_000, "the miner hashed ({hashed})");
     // Shares found along the way all re-verify at the share target.
@@ -207,6 +227,49 @@ fn pre_emption_loses_and_repeats_no_nonce() {
     for s in shares {
         assert!(s.difficulty >= 0.00005, "{s:?}");
     }
+}
+
+/// With version rolling, each unit is eight versions of one header hashed together: across
+/// pre-emptions every nonce is hashed once under each, and the shares the miner sent are
+/// exactly those of the recorded ranges, version by version.
+#[test]
+fn pre_emption_loses_no_nonce_of_any_rolled_version() {
+    let mut source = easy_source();
+    source.version_mask = 0x1fff_e000;
+    let unit = source
+        .clone()
+        .next_work_versions(1, idlerig::mining::SHARED_SCHEDULE_VERSIONS);
+    assert_eq!(unit.headers(), 8);
+    let (miner, flag, mut rx) = recording_miner_of(source);
+    pre_empt_repeatedly(&miner, &flag, 8 * 1_000_000);
+    let hashed = assert_each_nonce_hashed_once_under(&miner, 8);
+    assert!(hashed > 10_000, "the miner hashed ({hashed})");
+    let (tail, top) = (header_tail(&unit.header), unit.share_target.top_u32());
+    let mut want = Vec::new();
+    for (_, start, end) in miner.recorded_ranges() {
+        for (which, mid) in unit.midstates().iter().enumerate() {
+            let job = ScanJob::whole(&tail, start, end, top);
+            let found = ScanPath::on_this_cpu()[0].scan(mid, &job);
+            want.extend(
+                found
+                    .candidates
+                    .into_iter()
+                    .filter_map(|n| unit.check_header(which, n)),
+            );
+        }
+    }
+    let key = |s: &idlerig::mining::Share| (s.version_bits, s.nonce);
+    let mut got: Vec<_> = std::iter::from_fn(|| rx.try_recv())
+        .map(|s| key(&s))
+        .collect();
+    let mut want: Vec<_> = want.iter().map(key).collect();
+    (got.sort_unstable(), want.sort_unstable());
+    assert_eq!(got, want);
+    assert!(
+        got.iter().filter(|(bits, _)| *bits != Some(0)).count() > 0,
+        "shares of rolled versions among {} found",
+        got.len()
+    );
 }
 
 #[test]

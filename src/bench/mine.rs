@@ -16,6 +16,7 @@ use crate::mining::{
     target_for_difficulty, CpuMiner, CpuMinerConfig, KernelChoice, Miner, PreemptFlag, ScanPath,
     WorkSource,
 };
+use crate::stratum::session::VERSION_ROLLING_MASK as ROLLING_MASK;
 
 fn mainnet_job() -> Job {
     Job::from_notify(
@@ -188,6 +189,35 @@ pub fn run(args: BenchMineArgs) -> Result<serde_json::Value, String> {
             out["avx512_issue_limit"]["limit_vs_cpuminer_per_thread"] =
                 json!(round2(l.limit_hs / theirs_per_thread));
         }
+    }
+    // The same with version rolling, at the mask our client asks pools for (BIP 310's
+    // suggestion, and what ours grants): each unit is
+    // several versions of one header, sharing the first hash's message schedule.
+    let rolling = WorkSource::new(
+        mainnet_job(),
+        vec![0, 0, 0, 1],
+        4,
+        target_for_difficulty(1.0),
+        ROLLING_MASK,
+    );
+    let (hashes, secs, _) = measure(threads, args.seconds, rolling, args.cpu_sha_path);
+    let rolled = hashes as f64 / secs;
+    out["version_rolling"] = json!({
+        "mask": format!("{ROLLING_MASK:08x}"),
+        "headers_per_unit": crate::mining::SHARED_SCHEDULE_VERSIONS,
+        "hashrate_hs": rolled.round(),
+        "hashrate_per_thread_hs": (rolled / threads as f64).round(),
+        "vs_without": round2(rolled / rate),
+    });
+    #[cfg(target_arch = "x86_64")]
+    if let Some(l) = &limit {
+        let per_header = crate::mining::issue_limit::ops_per_header_rolled();
+        out["version_rolling"]["vector_ops_per_header"] = json!(round2(per_header));
+        out["version_rolling"]["limit_1thread_hs"] =
+            json!((l.vector_ops_per_s / per_header).round());
+    }
+    if let Some(theirs) = out["ref_cpuminer_hs"].as_f64() {
+        out["version_rolling"]["vs_cpuminer"] = json!(round2(rolled / theirs));
     }
     let _ = &limit;
     Ok(out)

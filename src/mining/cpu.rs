@@ -11,8 +11,8 @@ use std::time::Duration;
 use super::miner::KernelChoice;
 use super::miner::Miner;
 use super::preempt::{monotonic_ns, PreemptFlag};
-use super::scan_path::{choose, PathChoice, ScanPath};
-use super::sha256::{header_tail, ScanJob, ScanOutcome};
+use super::scan_path::{choose, PathChoice, ScanPath, SHARED_SCHEDULE_VERSIONS};
+use super::sha256::{header_tail, ScanJob, ScanOutcome, VersionsOutcome};
 use super::share_channel::ShareSender;
 use super::work::{Work, WorkSource};
 
@@ -61,7 +61,11 @@ impl Dispatch {
         }
         let source = self.source.as_mut()?;
         if self.work.is_none() || (self.cursor >= NONCE_SPACE && self.returned.is_empty()) {
-            self.work = Some(Arc::new(source.next_work(self.generation)));
+            // With version rolling, each unit is several versions of one header, hashed
+            // together over the same nonces.
+            self.work = Some(Arc::new(
+                source.next_work_versions(self.generation, SHARED_SCHEDULE_VERSIONS),
+            ));
             self.cursor = 0;
             self.unit += 1;
         }
@@ -334,22 +338,24 @@ fn worker(shared: Arc<Shared>, path: ScanPath) {
             }
         };
         // Hashes are counted at every poll, not once a chunk, so the rate on the dashboard
-        // moves even when a starved worker takes long over a chunk.
+        // moves even when a starved worker takes long over a chunk. Each nonce is hashed
+        // under every header of the unit.
         let counted = std::cell::Cell::new(start);
+        let headers = work.headers() as u64;
         let stop = |n: u64| {
             shared
                 .hashes
-                .fetch_add(n - counted.replace(n), Ordering::Relaxed);
+                .fetch_add((n - counted.replace(n)) * headers, Ordering::Relaxed);
             shared.preempt.is_raised()
                 || shared.generation.load(Ordering::Acquire) != work.generation
         };
-        let outcome = scan(&work, start, end, path, &stop);
+        let outcome = scan_unit(&work, start, end, path, &stop);
         let done = outcome.next;
         shared
             .hashes
-            .fetch_add(done - counted.get(), Ordering::Relaxed);
-        for nonce in outcome.candidates {
-            if let Some(share) = work.check(nonce) {
+            .fetch_add((done - counted.get()) * headers, Ordering::Relaxed);
+        for (which, nonce) in outcome.candidates {
+            if let Some(share) = work.check_header(which, nonce) {
                 if share.is_block {
                     tracing::warn!(job = %share.job_id, nonce = format!("{:08x}", nonce), hash = %hex::encode(share.hash.iter().rev().copied().collect::<Vec<u8>>()), "BLOCK FOUND: this hash meets the network target");
                 }
@@ -380,7 +386,28 @@ fn worker(shared: Arc<Shared>, path: ScanPath) {
     }
 }
 
-/// Scans `start..end` of `work` with the code of `path`.
+/// Scans `start..end` of every header of `work` (its rolled siblings too) with the code of
+/// `path`. The pre-emption poll comes as often in time as for one header.
+pub fn scan_unit(
+    work: &Work,
+    start: u64,
+    end: u64,
+    path: ScanPath,
+    stop: &dyn Fn(u64) -> bool,
+) -> VersionsOutcome {
+    let tail = header_tail(&work.header);
+    let job = ScanJob {
+        tail: &tail,
+        start,
+        end,
+        target_top: work.share_target.top_u32(),
+        poll_every: (POLL_NONCES / work.headers() as u64).max(16),
+        stop,
+    };
+    path.scan_versions(&work.midstates(), &job)
+}
+
+/// Scans `start..end` of `work`'s first header with the code of `path`.
 pub fn scan(
     work: &Work,
     start: u64,

@@ -12,6 +12,11 @@
 //!
 //! And the second hash stops early: the target test needs only its last word, `H7 = IV7 + e61`,
 //! which round 60 produces, so rounds 61–63 and message words 61–63 are never computed.
+//!
+//! With BIP 310 version rolling, headers that differ only in their version (in the first
+//! block: other midstates) have the same second block, so the first hash's message schedule
+//! (`W16..W63` plus `K`, about 30 of the 180 vector instructions a nonce) is computed once for
+//! several of them ([`hash_h7_versions`]).
 
 use seq_macro::seq;
 
@@ -124,9 +129,10 @@ unsafe fn expand<L: Lanes>(w: &[L; 64], t: usize) -> L {
     )
 }
 
-/// The first hash of `L::N` headers (nonces `base..`): the 8 words of its digest.
+/// The first hash's message words 0..=31 for nonces `base..` (`W3`, the nonce words, also
+/// alone); the rest are left zero.
 #[inline(always)]
-unsafe fn first_hash<L: Lanes>(p: &Prepared, base: u32) -> [L; 8] {
+unsafe fn first_words<L: Lanes>(p: &Prepared, base: u32) -> (L, [L; 64]) {
     let c = |x: u32| L::splat(x);
     let w3 = L::nonce_words(base);
     let zero = c(0);
@@ -150,6 +156,14 @@ unsafe fn first_hash<L: Lanes>(p: &Prepared, base: u32) -> [L; 8] {
     }
     w[30] = L::add(L::add(c(p.w1[30]), L::small_sigma1(w[28])), w[23]);
     w[31] = L::add(L::add(c(p.w1[31]), L::small_sigma1(w[29])), w[24]);
+    (w3, w)
+}
+
+/// The first hash's state after round 15: from the prepared state after round 3 (the
+/// nonce words added), rounds 4..=15, whose message words are constant.
+#[inline(always)]
+unsafe fn first_state_16<L: Lanes>(p: &Prepared, w3: L) -> [L; 8] {
+    let c = |x: u32| L::splat(x);
     let s4 = p.s4;
     let mut s = [
         L::add(w3, c(s4[0])),
@@ -162,17 +176,64 @@ unsafe fn first_hash<L: Lanes>(p: &Prepared, base: u32) -> [L; 8] {
         c(s4[7]),
     ];
     // Written out with constant indices (no loops), so that the message words are values in
-    // registers, not an array in memory; each word is expanded just before its round.
-    seq!(T in 4..8 {
+    // registers, not an array in memory.
+    seq!(T in 4..16 {
         s = step(s, c(K[T].wrapping_add(p.w1[T])));
     });
-    seq!(T in 8..64 {
+    s
+}
+
+/// The digest: the state after round 63 plus the midstate.
+#[inline(always)]
+unsafe fn first_digest<L: Lanes>(p: &Prepared, s: [L; 8]) -> [L; 8] {
+    let mut out = s;
+    for i in 0..8 {
+        out[i] = L::add(s[i], L::splat(p.mid[i]));
+    }
+    out
+}
+
+/// The first hash of `L::N` headers (nonces `base..`): the 8 words of its digest. With one
+/// header nothing is shared, so each message word from 32 on is expanded just before its
+/// round, where it is used, rather than all first as [`first_schedule`] does.
+#[inline(always)]
+unsafe fn first_hash<L: Lanes>(p: &Prepared, base: u32) -> [L; 8] {
+    let (w3, mut w) = first_words::<L>(p, base);
+    let mut s = first_state_16(p, w3);
+    seq!(T in 16..64 {
         if T >= 32 {
             w[T] = expand(&w, T);
         }
-        s = step(s, L::add(w[T], c(K[T])));
+        s = step(s, L::add(w[T], L::splat(K[T])));
     });
-    std::array::from_fn(|i| L::add(s[i], c(p.mid[i])))
+    first_digest(p, s)
+}
+
+/// The nonce-dependent part of the first hash's message schedule for nonces `base..`: `W3`
+/// and `W[t] + K[t]` for rounds 16..=63. It depends only on the header's tail, so headers
+/// that differ only before it (rolled versions: other midstates) share it.
+#[inline(always)]
+unsafe fn first_schedule<L: Lanes>(p: &Prepared, base: u32) -> (L, [L; 64]) {
+    let (w3, mut w) = first_words::<L>(p, base);
+    seq!(T in 32..64 {
+        w[T] = expand(&w, T);
+    });
+    let mut wk = w;
+    seq!(T in 16..64 {
+        wk[T] = L::add(w[T], L::splat(K[T]));
+    });
+    (w3, wk)
+}
+
+/// The first hash's rounds 4..=63 for one midstate, given the shared schedule: the 8 words
+/// of its digest.
+#[inline(always)]
+unsafe fn first_rounds<L: Lanes>(p: &Prepared, w3: L, wk: &[L; 64]) -> [L; 8] {
+    let mut s = first_state_16(p, w3);
+    seq!(T in 16..64 {
+        s = step(s, wk[T]);
+    });
+    first_digest(p, s)
 }
 
 /// The last word of the second hash, `H7` (before byte order), of the first hash's digests.
@@ -244,6 +305,22 @@ pub(super) unsafe fn hash_h7<L: Lanes>(p: &Prepared, base: u32) -> L {
     second_hash_h7(p, first_hash::<L>(p, base))
 }
 
+/// `H7` of nonces `base..base + L::N` under each of `V` midstates that share one tail
+/// (`ps[v].w1` all equal: headers that differ only in their rolled version bits). The first
+/// hash's schedule is computed once for all of them.
+#[inline(always)]
+pub(super) unsafe fn hash_h7_versions<L: Lanes, const V: usize>(
+    ps: &[Prepared; V],
+    base: u32,
+) -> [L; V] {
+    let (w3, wk) = first_schedule::<L>(&ps[0], base);
+    let mut out = [L::splat(0); V];
+    for v in 0..V {
+        out[v] = second_hash_h7(&ps[v], first_rounds(&ps[v], w3, &wk));
+    }
+    out
+}
+
 /// Runs `job` like [`super::sha256::scan_portable`], `L::N` nonces at a time.
 #[inline(always)]
 pub(super) unsafe fn scan<L: Lanes>(
@@ -257,6 +334,33 @@ pub(super) unsafe fn scan<L: Lanes>(
         #[inline(always)]
         |n| L::le_mask_swapped(hash_h7::<L>(p, n), job.target_top),
     )
+}
+
+/// Runs `job` on the `V` headers with midstates `mids` (prepared as `ps`; one tail), all
+/// over the same nonces, `L::N` nonces at a time with one message schedule for all `V`.
+#[inline(always)]
+pub(super) unsafe fn scan_versions<L: Lanes, const V: usize>(
+    ps: &[Prepared; V],
+    mids: &[[u32; 8]; V],
+    job: &super::sha256::ScanJob<'_>,
+) -> super::sha256::VersionsOutcome {
+    let mut candidates = Vec::new();
+    let next = super::sha256::scan_versions_in_batches(
+        mids,
+        job,
+        L::N as u64,
+        #[inline(always)]
+        |n| {
+            let h7 = hash_h7_versions::<L, V>(ps, n);
+            let mut bits = [0; V];
+            for v in 0..V {
+                bits[v] = L::le_mask_swapped(h7[v], job.target_top);
+            }
+            bits
+        },
+        |v, nonce| candidates.push((v, nonce)),
+    );
+    super::sha256::VersionsOutcome { candidates, next }
 }
 
 /// One lane of plain `u32`: the algorithm above, runnable and testable on any CPU.

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::lanes::{self, Lanes, Prepared};
-use super::sha256::{ScanJob, ScanOutcome};
+use super::sha256::{ScanJob, ScanOutcome, VersionsOutcome};
 
 /// Byte order reversal within each 32-bit lane, for `vpshufb` (the same in every 128 bits).
 const BSWAP: [i8; 16] = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
@@ -110,6 +110,19 @@ impl Lanes for Avx512 {
 #[target_feature(enable = "avx512f,avx512bw")]
 pub unsafe fn scan_avx512(p: &Prepared, job: &ScanJob<'_>) -> ScanOutcome {
     lanes::scan::<Avx512>(p, job)
+}
+
+/// [`lanes::scan_versions`] with AVX-512: `V` rolled versions of one header.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW ([`avx512_available`]).
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn scan_avx512_versions<const V: usize>(
+    ps: &[Prepared; V],
+    mids: &[[u32; 8]; V],
+    job: &ScanJob<'_>,
+) -> VersionsOutcome {
+    lanes::scan_versions::<Avx512, V>(ps, mids, job)
 }
 
 #[derive(Clone, Copy)]
@@ -225,6 +238,19 @@ impl Lanes for Avx2 {
 #[target_feature(enable = "avx2")]
 pub unsafe fn scan_avx2(p: &Prepared, job: &ScanJob<'_>) -> ScanOutcome {
     lanes::scan::<Avx2>(p, job)
+}
+
+/// [`lanes::scan_versions`] with AVX2: `V` rolled versions of one header.
+///
+/// # Safety
+/// The CPU must have AVX2 ([`avx2_available`]).
+#[target_feature(enable = "avx2")]
+pub unsafe fn scan_avx2_versions<const V: usize>(
+    ps: &[Prepared; V],
+    mids: &[[u32; 8]; V],
+    job: &ScanJob<'_>,
+) -> VersionsOutcome {
+    lanes::scan_versions::<Avx2, V>(ps, mids, job)
 }
 
 /// `H7` of nonces `base..base + N` on each path, for tests.

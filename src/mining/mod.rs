@@ -26,7 +26,7 @@ pub use cpu::{CpuMiner, CpuMinerConfig};
 pub use job::Job;
 pub use miner::{KernelChoice, Miner};
 pub use preempt::{monotonic_ns, HostWord, PreemptFlag};
-pub use scan_path::ScanPath;
+pub use scan_path::{ScanPath, SHARED_SCHEDULE_VERSIONS};
 pub use share_channel::{share_channel, ShareReceiver, ShareSender, SHARE_CHANNEL_CAPACITY};
 pub use target::{difficulty_of_hash, target_for_difficulty, U256};
 pub use work::{Share, Work, WorkSource};

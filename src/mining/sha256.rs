@@ -171,6 +171,14 @@ fn never(_: u64) -> bool {
     false
 }
 
+/// What a scan of several headers over the same nonces found: candidates as (index of the
+/// header, nonce), and how far it got (the same for every header).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionsOutcome {
+    pub candidates: Vec<(usize, u32)>,
+    pub next: u64,
+}
+
 /// The driver every vector scanner shares: hashes `job`'s range `lanes` nonces at a time with
 /// `batch` (given the first nonce, it returns a bit per lane whose hash's top word is at or
 /// below the target's), polls `stop` as `job` asks, and leaves a tail shorter than a batch to
@@ -182,32 +190,55 @@ pub(crate) fn scan_in_batches(
     lanes: u64,
     mut batch: impl FnMut(u32) -> u32,
 ) -> ScanOutcome {
+    let mut candidates = Vec::new();
+    let next = scan_versions_in_batches(
+        &[*mid],
+        job,
+        lanes,
+        #[inline(always)]
+        |n| [batch(n)],
+        |_, nonce| candidates.push(nonce),
+    );
+    ScanOutcome { candidates, next }
+}
+
+/// [`scan_in_batches`] for `V` headers with midstates `mids` and one tail, all over the same
+/// nonces: `batch` returns each header's bits, and `found(header, nonce)` takes every
+/// candidate. Returns the first nonce not hashed (for every header).
+#[inline(always)]
+pub(crate) fn scan_versions_in_batches<const V: usize>(
+    mids: &[[u32; 8]; V],
+    job: &ScanJob<'_>,
+    lanes: u64,
+    mut batch: impl FnMut(u32) -> [u32; V],
+    mut found: impl FnMut(usize, u32),
+) -> u64 {
     let (start, end) = (job.start, job.end);
-    let mut out = ScanOutcome {
-        candidates: Vec::new(),
-        next: start,
-    };
     let poll = (job.poll_every / lanes).max(1) * lanes;
     let mut n = start;
     while n + lanes <= end {
         if n > start && (n - start) % poll == 0 && (job.stop)(n) {
-            out.next = n;
-            return out;
+            return n;
         }
-        let mut hits = batch(n as u32);
-        while hits != 0 {
-            out.candidates.push(n as u32 + hits.trailing_zeros());
-            hits &= hits - 1;
+        let hits = batch(n as u32);
+        for (v, mut bits) in hits.into_iter().enumerate() {
+            while bits != 0 {
+                found(v, n as u32 + bits.trailing_zeros());
+                bits &= bits - 1;
+            }
         }
         n += lanes;
     }
     if n < end {
-        let rest = scan_portable(mid, &ScanJob::whole(job.tail, n, end, job.target_top));
-        out.candidates.extend(rest.candidates);
-        n = rest.next;
+        for (v, mid) in mids.iter().enumerate() {
+            let rest = scan_portable(mid, &ScanJob::whole(job.tail, n, end, job.target_top));
+            rest.candidates
+                .into_iter()
+                .for_each(|nonce| found(v, nonce));
+        }
+        n = end;
     }
-    out.next = n;
-    out
+    n
 }
 
 /// Runs `job` with the portable code.

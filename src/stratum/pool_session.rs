@@ -515,7 +515,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::mining::cpu::scan;
+    use crate::mining::cpu::scan_unit;
     use crate::mining::WorkSource;
     use crate::stratum::pool::{make_job, PoolConfig};
     use crate::stratum::protocol::submit_params;
@@ -543,11 +543,13 @@ mod tests {
             for _ in 0..roll {
                 source.next_work(0);
             }
-            let work = source.next_work(0);
-            let found = scan(&work, start, start + 400_000, crate::mining::ScanPath::on_this_cpu()[0], &|_| false);
-            let shares: Vec<_> = found.candidates.iter().filter_map(|&n| work.check(n)).collect();
+            // A unit of rolled versions, as the CPU miner takes them: shares of every one.
+            let work = source.next_work_versions(0, crate::mining::SHARED_SCHEDULE_VERSIONS);
+            let found = scan_unit(&work, start, start + 400_000, crate::mining::ScanPath::on_this_cpu()[0], &|_| false);
+            let shares: Vec<_> = found.candidates.iter().filter_map(|&(v, n)| Some((v, work.check_header(v, n)?))).collect();
+            prop_assert!(shares.iter().any(|(v, _)| *v > 0), "shares of rolled siblings");
             prop_assert!(!shares.is_empty(), "400,000 nonces at difficulty 1e-5 hold shares");
-            for share in shares {
+            for (which, share) in shares {
                 let submit = Submit::from_params(submit_params("w", &share).as_array().unwrap()).unwrap();
                 let (hash, _) = validate_share(&job, &en1, cfg.extranonce2_size, mask, difficulty, &submit)
                     .map_err(|e| TestCaseError::fail(format!("pool rejected a CPU share: {}", e.message)))?;
@@ -555,7 +557,7 @@ mod tests {
                 prop_assert!((difficulty_of_hash(&hash) - share.difficulty).abs() < 1e-12);
                 let mut wrong = submit.clone();
                 wrong.nonce = wrong.nonce.wrapping_add(1);
-                if work.check(wrong.nonce).is_none() {
+                if work.check_header(which, wrong.nonce).is_none() {
                     prop_assert_eq!(validate_share(&job, &en1, cfg.extranonce2_size, mask, difficulty, &wrong).unwrap_err().code, codes::LOW_DIFFICULTY);
                 }
             }

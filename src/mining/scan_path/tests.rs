@@ -145,3 +145,87 @@ fn a_forced_path_is_taken_and_the_measured_choice_is_one_this_cpu_has() {
     assert_eq!(measured.rates_mhs.len(), ScanPath::on_this_cpu().len());
     assert!(measured.rates_mhs.iter().all(|(_, r)| *r > 0.0));
 }
+
+/// Block 125552's header under `n` rolled versions (BIP 310's bits): their midstates, and
+/// the tail they share.
+fn rolled_midstates(n: usize) -> (Vec<[u32; 8]>, [u32; 3]) {
+    let h = header();
+    let mids = (0..n as u32)
+        .map(|i| {
+            let mut v = h;
+            let version = u32::from_le_bytes(h[..4].try_into().unwrap()) ^ (i << 13);
+            v[..4].copy_from_slice(&version.to_le_bytes());
+            midstate(&v)
+        })
+        .collect();
+    (mids, header_tail(&h))
+}
+
+/// What each header alone gives the portable scanner, as (header, nonce).
+fn portable_versions(mids: &[[u32; 8]], job: &ScanJob<'_>) -> Vec<(usize, u32)> {
+    let mut want: Vec<(usize, u32)> = mids
+        .iter()
+        .enumerate()
+        .flat_map(|(v, mid)| {
+            let out = scan_portable(mid, job);
+            out.candidates.into_iter().map(move |n| (v, n))
+        })
+        .collect();
+    want.sort_unstable();
+    want
+}
+
+#[test]
+fn rolled_versions_scanned_together_find_what_each_finds_alone() {
+    let top = 0x0fff_ffff;
+    let end = 1u64 << 32;
+    // The shared-schedule count (8), and counts that take the headers in turn.
+    for count in [SHARED_SCHEDULE_VERSIONS, 3, 1] {
+        let (mids, tail) = rolled_midstates(count);
+        for path in ScanPath::on_this_cpu() {
+            for (start, stop_at) in [(0, 1000), (3, 1003), (5, 6), (7, 7), (end - 37, end)] {
+                let job = ScanJob::whole(&tail, start, stop_at, top);
+                let mut got = path.scan_versions(&mids, &job);
+                got.candidates.sort_unstable();
+                assert_eq!(got.next, stop_at, "{} ×{count}", path.name());
+                assert_eq!(
+                    got.candidates,
+                    portable_versions(&mids, &job),
+                    "{} ×{count} over {start}..{stop_at}",
+                    path.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_stopped_scan_of_rolled_versions_hashed_every_one_to_where_it_stopped() {
+    let top = 0x0fff_ffff;
+    for count in [SHARED_SCHEDULE_VERSIONS, 3] {
+        let (mids, tail) = rolled_midstates(count);
+        for path in ScanPath::on_this_cpu() {
+            let (polls, asked_at) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+            let stop = |n| {
+                asked_at.set(n);
+                polls.set(polls.get() + 1);
+                polls.get() >= 3
+            };
+            let job = ScanJob {
+                poll_every: 256,
+                stop: &stop,
+                ..ScanJob::whole(&tail, 11, 100_011, top)
+            };
+            let mut out = path.scan_versions(&mids, &job);
+            assert!(
+                out.next > 11 && out.next < 100_011,
+                "{} ×{count}",
+                path.name()
+            );
+            assert_eq!(out.next, asked_at.get(), "{} ×{count}", path.name());
+            out.candidates.sort_unstable();
+            let want = portable_versions(&mids, &ScanJob::whole(&tail, 11, out.next, top));
+            assert_eq!(out.candidates, want, "{} ×{count}", path.name());
+        }
+    }
+}
