@@ -427,6 +427,42 @@ fn extreme_eight_bit_weights_give_the_portable_sums_on_every_kernel_set() {
     }
 }
 
+/// 4-bit weights at the top of their range (15) against activations at ±127, one sign a
+/// block: where the AVX2 kernel's 16-bit sums of a whole block come closest to 2¹⁵
+/// (8 · 2 · 15 · 127 = 30,480). Every kernel set gives the portable sums.
+#[test]
+fn extreme_four_bit_weights_give_the_portable_sums_on_every_kernel_set() {
+    let (n, k) = (9, 576);
+    let mut m = Q4Matrix::zeros(n, k);
+    m.qs.fill(0xFF);
+    for (i, (s, mn)) in m.scale.iter_mut().zip(m.min.iter_mut()).enumerate() {
+        *s = half::f16::from_f32(0.01 + (i % 7) as f32 * 0.003);
+        *mn = half::f16::from_f32(-0.05 * (i % 3) as f32);
+    }
+    let w = Unpacked::Q4(m);
+    for tokens in [1, 3, 4, 8, 16, 17] {
+        let x: Vec<f32> = (0..tokens * k)
+            .map(|i| if (i / 32) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let want = matmul_parts_on(
+            Isa::Portable,
+            &[Packed::Rows(w.clone())],
+            &x,
+            tokens,
+            &pool(1),
+        );
+        for (name, isa, packed) in kernel_layouts(&w) {
+            let got = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, tokens, &pool(1));
+            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - p).abs() <= 1e-4 * p.abs().max(1.0),
+                    "{name} tokens {tokens} output {i}: {g} vs portable {p}"
+                );
+            }
+        }
+    }
+}
+
 /// Two threads whose runs of rows cut panels: parts of 24 and 40 rows side by side (the
 /// second part's panels start at row 24 of the product), wide enough that the pool splits
 /// the product. Each panel cut by a run is computed by both tasks, each storing only its
