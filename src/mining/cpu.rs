@@ -395,16 +395,9 @@ pub fn scan_unit(
     path: ScanPath,
     stop: &dyn Fn(u64) -> bool,
 ) -> VersionsOutcome {
-    let tail = header_tail(&work.header);
-    let job = ScanJob {
-        tail: &tail,
-        start,
-        end,
-        target_top: work.share_target.top_u32(),
-        poll_every: (POLL_NONCES / work.headers() as u64).max(16),
-        stop,
-    };
-    path.scan_versions(&work.midstates(), &job)
+    with_job(work, start, end, work.headers(), stop, |job| {
+        path.scan_versions(&work.midstates(), job)
+    })
 }
 
 /// Scans `start..end` of `work`'s first header with the code of `path`.
@@ -415,14 +408,28 @@ pub fn scan(
     path: ScanPath,
     stop: &dyn Fn(u64) -> bool,
 ) -> ScanOutcome {
+    with_job(work, start, end, 1, stop, |job| {
+        path.scan(&work.midstate, job)
+    })
+}
+
+/// Runs `scan` on the job of `start..end` of `work`, polling every [`POLL_NONCES`] hashes
+/// across its `headers`.
+fn with_job<R>(
+    work: &Work,
+    start: u64,
+    end: u64,
+    headers: usize,
+    stop: &dyn Fn(u64) -> bool,
+    scan: impl FnOnce(&ScanJob<'_>) -> R,
+) -> R {
     let tail = header_tail(&work.header);
-    let job = ScanJob {
+    scan(&ScanJob {
         tail: &tail,
         start,
         end,
         target_top: work.share_target.top_u32(),
-        poll_every: POLL_NONCES,
+        poll_every: (POLL_NONCES / headers as u64).max(16),
         stop,
-    };
-    path.scan(&work.midstate, &job)
+    })
 }

@@ -104,24 +104,36 @@ fn every_path_finds_the_portable_candidates_over_odd_ranges() {
     }
 }
 
+/// Runs `scan` over nonces 11..100,011 of `tail` at `top`, polled every `poll_every` nonces
+/// by a `stop` that says yes the third time; returns its result and the nonce `stop` was
+/// told then.
+fn stopped_at_third_poll<R>(
+    tail: &[u32; 3],
+    top: u32,
+    poll_every: u64,
+    scan: impl FnOnce(&ScanJob<'_>) -> R,
+) -> (R, u64) {
+    let (polls, asked_at) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    let stop = |n| {
+        asked_at.set(n);
+        polls.set(polls.get() + 1);
+        polls.get() >= 3
+    };
+    let job = ScanJob {
+        poll_every,
+        stop: &stop,
+        ..ScanJob::whole(tail, 11, 100_011, top)
+    };
+    (scan(&job), asked_at.get())
+}
+
 #[test]
 fn a_stopped_scan_reports_exactly_what_it_hashed() {
     let h = header();
     let (mid, tail) = (midstate(&h), header_tail(&h));
     let top = 0x0fff_ffff;
     for path in ScanPath::on_this_cpu() {
-        let (polls, asked_at) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
-        let stop = |n| {
-            asked_at.set(n);
-            polls.set(polls.get() + 1);
-            polls.get() >= 3
-        };
-        let job = ScanJob {
-            poll_every: 1000,
-            stop: &stop,
-            ..ScanJob::whole(&tail, 11, 100_011, top)
-        };
-        let out = path.scan(&mid, &job);
+        let (out, asked_at) = stopped_at_third_poll(&tail, top, 1000, |job| path.scan(&mid, job));
         assert!(
             out.next > 11 && out.next < 100_011,
             "{} stopped at {}",
@@ -129,7 +141,7 @@ fn a_stopped_scan_reports_exactly_what_it_hashed() {
             out.next
         );
         // `stop` was told where the scan stood when it said yes.
-        assert_eq!(out.next, asked_at.get(), "{}", path.name());
+        assert_eq!(out.next, asked_at, "{}", path.name());
         let want = scan_portable(&mid, &ScanJob::whole(&tail, 11, out.next, top));
         assert_eq!(out.candidates, want.candidates, "{}", path.name());
     }
@@ -205,24 +217,14 @@ fn a_stopped_scan_of_rolled_versions_hashed_every_one_to_where_it_stopped() {
     for count in [SHARED_SCHEDULE_VERSIONS, 3] {
         let (mids, tail) = rolled_midstates(count);
         for path in ScanPath::on_this_cpu() {
-            let (polls, asked_at) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
-            let stop = |n| {
-                asked_at.set(n);
-                polls.set(polls.get() + 1);
-                polls.get() >= 3
-            };
-            let job = ScanJob {
-                poll_every: 256,
-                stop: &stop,
-                ..ScanJob::whole(&tail, 11, 100_011, top)
-            };
-            let mut out = path.scan_versions(&mids, &job);
+            let (mut out, asked_at) =
+                stopped_at_third_poll(&tail, top, 256, |job| path.scan_versions(&mids, job));
             assert!(
                 out.next > 11 && out.next < 100_011,
                 "{} ×{count}",
                 path.name()
             );
-            assert_eq!(out.next, asked_at.get(), "{} ×{count}", path.name());
+            assert_eq!(out.next, asked_at, "{} ×{count}", path.name());
             out.candidates.sort_unstable();
             let want = portable_versions(&mids, &ScanJob::whole(&tail, 11, out.next, top));
             assert_eq!(out.candidates, want, "{} ×{count}", path.name());

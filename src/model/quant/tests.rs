@@ -375,6 +375,26 @@ fn malformed_input_is_refused() {
     ));
 }
 
+/// `w` × `x` (`tokens` rows) on every kernel set this CPU has equals the portable rows' product.
+fn assert_every_kernel_set_gives_the_portable_sums(w: &Unpacked, x: &[f32], tokens: usize) {
+    let want = matmul_parts_on(
+        Isa::Portable,
+        &[Packed::Rows(w.clone())],
+        x,
+        tokens,
+        &pool(1),
+    );
+    for (name, isa, packed) in kernel_layouts(w) {
+        let got = matmul_parts_on(isa, std::slice::from_ref(&packed), x, tokens, &pool(1));
+        for (i, (g, p)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - p).abs() <= 1e-4 * p.abs().max(1.0),
+                "{name} tokens {tokens} output {i}: {g} vs portable {p}"
+            );
+        }
+    }
+}
+
 /// 8-bit weights at the ends of their range (−128 and 127, which a Q8_0 file may hold though
 /// candle's quantizer never writes −128) against activations at ±127: every kernel set gives
 /// the portable sums, so neither the sign transfer nor a 16-bit pair step overflows.
@@ -408,22 +428,7 @@ fn extreme_eight_bit_weights_give_the_portable_sums_on_every_kernel_set() {
                 }
             })
             .collect();
-        let want = matmul_parts_on(
-            Isa::Portable,
-            &[Packed::Rows(w.clone())],
-            &x,
-            tokens,
-            &pool(1),
-        );
-        for (name, isa, packed) in kernel_layouts(&w) {
-            let got = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, tokens, &pool(1));
-            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - p).abs() <= 1e-4 * p.abs().max(1.0),
-                    "{name} tokens {tokens} output {i}: {g} vs portable {p}"
-                );
-            }
-        }
+        assert_every_kernel_set_gives_the_portable_sums(&w, &x, tokens);
     }
 }
 
@@ -444,22 +449,7 @@ fn extreme_four_bit_weights_give_the_portable_sums_on_every_kernel_set() {
         let x: Vec<f32> = (0..tokens * k)
             .map(|i| if (i / 32) % 2 == 0 { 1.0 } else { -1.0 })
             .collect();
-        let want = matmul_parts_on(
-            Isa::Portable,
-            &[Packed::Rows(w.clone())],
-            &x,
-            tokens,
-            &pool(1),
-        );
-        for (name, isa, packed) in kernel_layouts(&w) {
-            let got = matmul_parts_on(isa, std::slice::from_ref(&packed), &x, tokens, &pool(1));
-            for (i, (g, p)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - p).abs() <= 1e-4 * p.abs().max(1.0),
-                    "{name} tokens {tokens} output {i}: {g} vs portable {p}"
-                );
-            }
-        }
+        assert_every_kernel_set_gives_the_portable_sums(&w, &x, tokens);
     }
 }
 
