@@ -196,13 +196,13 @@ fn pre_empt_repeatedly(miner: &CpuMiner, flag: &PreemptFlag, hashes: u64) {
     while cycles < 12 || miner.hashes() < hashes {
         assert!(
             Instant::now() < deadline,
-            "the miner hashed only {} nonces in 2 minutes",
+            "the miner counted only {} hashes in 2 minutes",
             miner.hashes()
         );
         cycles += 1;
         std::thread::sleep(Duration::from_millis(15));
         flag.raise();
-        wait_idle(&miner);
+        wait_idle(miner);
         let before = miner.hashes();
         std::thread::sleep(Duration::from_millis(10));
         assert_eq!(miner.hashes(), before, "no hashing while pre-empted");

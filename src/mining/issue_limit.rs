@@ -54,7 +54,7 @@ pub fn avx512(budget: Duration) -> Option<IssueLimit> {
     for _ in 0..SLICES {
         // SAFETY: AVX-512 F was detected above.
         let o = unsafe { zmm_adds_per_second(slice) };
-        let h = super::ScanPath::Avx512.measure(slice);
+        let h = super::ScanPath::Avx512.measure(slice, 1);
         fractions.push(h * per_nonce / o);
         (ops.push(o), scans.push(h));
     }

@@ -31,7 +31,7 @@ pub trait Miner: Send + Sync + 'static {
     fn take_preempt_latencies(&self) -> Vec<u64>;
     /// The flag that pre-empts this miner.
     fn preempt_flag(&self) -> &PreemptFlag;
-    /// Nonces hashed since start.
+    /// Hashes since start (a nonce under each header of its unit counts once per header).
     fn hashes(&self) -> u64;
 }
 

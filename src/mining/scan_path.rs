@@ -1,8 +1,10 @@
 //! Which CPU code hashes nonces: SHA-NI (two nonces interleaved), AVX-512 (16 lanes), AVX2
 //! (8 lanes) or portable. Which is fastest depends on the CPU (an EPYC's SHA-NI beats its
 //! AVX2; a Xeon's AVX-512 beats its SHA-NI), so a short measurement at start-up, once per
-//! process, runs each path this CPU has on the same job and picks the fastest. The choice is
-//! logged and shown in `/v1/status`; `--cpu-sha-path` overrides it.
+//! process, runs each path this CPU has on the same job and picks the fastest. It measures
+//! units of rolled versions, which the miner gets from pools that grant version rolling (most,
+//! and ours); from a pool that grants none, a path that only just won could be the slower.
+//! The choice is logged and shown in `/v1/status`; `--cpu-sha-path` overrides it.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -12,7 +14,8 @@ use super::sha256::{scan_portable, ScanJob, ScanOutcome, VersionsOutcome};
 
 /// Rolled versions of one header that the vector paths hash together, with one message
 /// schedule of the first hash for all of them (measured on the Xeon, one thread, AVX-512:
-/// 1 → 27.0, 2 → 29.1, 4 → 30.3, 8 → 31.4 million headers a second).
+/// 1 → 27.0, 2 → 29.1, 4 → 30.3, 8 → 31.4 million headers a second). Four are shared too
+/// (a pool may grant only two bits); other counts are taken in turn.
 pub const SHARED_SCHEDULE_VERSIONS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -101,24 +104,21 @@ impl ScanPath {
             };
         }
         #[cfg(target_arch = "x86_64")]
-        if let (Ok(mids), true) = (
-            <&[[u32; 8]; SHARED_SCHEDULE_VERSIONS]>::try_from(mids),
-            matches!(self, ScanPath::Avx512 | ScanPath::Avx2) && self.available(),
-        ) {
-            let ps = mids.map(|mid| Prepared::new(&mid, job.tail));
-            // SAFETY: `available` found the path's instructions.
-            return unsafe {
-                match self {
-                    ScanPath::Avx512 => super::lanes_x86::scan_avx512_versions(&ps, mids, job),
-                    _ => super::lanes_x86::scan_avx2_versions(&ps, mids, job),
-                }
-            };
+        if matches!(self, ScanPath::Avx512 | ScanPath::Avx2) && self.available() {
+            if let Ok(mids) = <&[[u32; 8]; SHARED_SCHEDULE_VERSIONS]>::try_from(mids) {
+                return self.scan_shared(mids, job);
+            }
+            // A pool that grants only two bits of version: four headers.
+            if let Ok(mids) = <&[[u32; 8]; 4]>::try_from(mids) {
+                return self.scan_shared(mids, job);
+            }
         }
         let mut out = VersionsOutcome {
             candidates: Vec::new(),
             next: job.start,
         };
-        let slice = job.poll_every.max(1);
+        // Whole vectors a slice, so that no slice leaves a tail to the portable code.
+        let slice = job.poll_every.max(1).div_ceil(16).saturating_mul(16);
         while out.next < job.end {
             if out.next > job.start && (job.stop)(out.next) {
                 break;
@@ -137,21 +137,49 @@ impl ScanPath {
         out
     }
 
-    /// Nonces per second of this path on one thread, measured for about `budget`.
-    pub fn measure(self, budget: Duration) -> f64 {
-        // A real header's midstate and tail (any fixed values would do: the work is the same
-        // for every header); a target nothing meets, so the count of candidates stays zero.
-        let mid = super::sha256::IV;
+    /// [`Self::scan_versions`] on the shared-schedule code of AVX-512 or AVX2 (which `self`
+    /// must be, and available).
+    #[cfg(target_arch = "x86_64")]
+    fn scan_shared<const V: usize>(
+        self,
+        mids: &[[u32; 8]; V],
+        job: &ScanJob<'_>,
+    ) -> VersionsOutcome {
+        let ps = mids.map(|mid| Prepared::new(&mid, job.tail));
+        // SAFETY: the caller checked that the path is available.
+        unsafe {
+            match self {
+                ScanPath::Avx512 => super::lanes_x86::scan_avx512_versions(&ps, mids, job),
+                _ => super::lanes_x86::scan_avx2_versions(&ps, mids, job),
+            }
+        }
+    }
+
+    /// Hashes per second of this path on one thread, measured for about `budget`, on units of
+    /// `headers` rolled versions of one header (1: one header alone).
+    pub fn measure(self, budget: Duration, headers: usize) -> f64 {
+        // Any fixed midstates and tail would do (the work is the same for every header); a
+        // target nothing meets, so the count of candidates stays zero.
+        let mids: Vec<[u32; 8]> = (0..headers.max(1) as u32)
+            .map(|v| {
+                let mut mid = super::sha256::IV;
+                mid[0] ^= v;
+                mid
+            })
+            .collect();
         let tail = [0x2a3b_4c5d, 0x6470_25b5, 0x1705_ae3a];
         let started = Instant::now();
         let (mut n, mut step) = (0u64, 1u64 << 12);
         while started.elapsed() < budget {
-            let out = self.scan(&mid, &ScanJob::whole(&tail, n, n + step, 0));
-            std::hint::black_box(out);
+            let job = ScanJob::whole(&tail, n, n + step, 0);
+            match mids.as_slice() {
+                [mid] => drop(std::hint::black_box(self.scan(mid, &job))),
+                _ => drop(std::hint::black_box(self.scan_versions(&mids, &job))),
+            }
             n += step;
             step = (step * 2).min(1 << 18);
         }
-        n as f64 / started.elapsed().as_secs_f64()
+        (n * mids.len() as u64) as f64 / started.elapsed().as_secs_f64()
     }
 }
 
@@ -171,7 +199,9 @@ pub fn measured_choice() -> &'static PathChoice {
     CHOICE.get_or_init(|| {
         let rates: Vec<(ScanPath, f64)> = ScanPath::on_this_cpu()
             .into_iter()
-            .map(|p| (p, p.measure(Duration::from_millis(25))))
+            // Units of rolled versions, as the miner asks pools for: what the paths gain from
+            // them differs (AVX-512 and AVX2 share a schedule; SHA-NI does not).
+            .map(|p| (p, p.measure(Duration::from_millis(25), SHARED_SCHEDULE_VERSIONS)))
             .collect();
         let path = rates
             .iter()

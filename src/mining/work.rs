@@ -1,6 +1,7 @@
 //! Units of work and shares. A [`WorkSource`] turns the pool's current job into a stream of
-//! [`Work`] units, each a header with extranonce2, ntime and version fixed and 2^32 nonces to
-//! try; a hash that meets the share target becomes a [`Share`].
+//! [`Work`] units, each a header with extranonce2, ntime and version fixed (and, on request,
+//! siblings that differ only in rolled version bits) and 2^32 nonces to try; a hash that meets
+//! the share target becomes a [`Share`].
 
 use super::job::{nth_version_bits, roll_version, Job};
 use super::sha256::{midstate, sha256d};

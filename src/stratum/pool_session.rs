@@ -547,8 +547,8 @@ mod tests {
             let work = source.next_work_versions(0, crate::mining::SHARED_SCHEDULE_VERSIONS);
             let found = scan_unit(&work, start, start + 400_000, crate::mining::ScanPath::on_this_cpu()[0], &|_| false);
             let shares: Vec<_> = found.candidates.iter().filter_map(|&(v, n)| Some((v, work.check_header(v, n)?))).collect();
-            prop_assert!(shares.iter().any(|(v, _)| *v > 0), "shares of rolled siblings");
             prop_assert!(!shares.is_empty(), "400,000 nonces at difficulty 1e-5 hold shares");
+            prop_assert!(shares.iter().any(|(v, _)| *v > 0), "shares of rolled siblings");
             for (which, share) in shares {
                 let submit = Submit::from_params(submit_params("w", &share).as_array().unwrap()).unwrap();
                 let (hash, _) = validate_share(&job, &en1, cfg.extranonce2_size, mask, difficulty, &submit)

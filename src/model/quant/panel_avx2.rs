@@ -9,7 +9,7 @@
 //! but the 8-bit ones, stored as `q + 128`, are turned back into signed bytes and multiplied
 //! as `|q|` by `x` carrying q's sign (≤ 2·128·127 < 2¹⁵), as llama.cpp does. The 4-bit pairs
 //! (|·| ≤ 2·15·128 = 3840) are added as 16-bit lanes through a whole block, eight of them
-//! (≤ 30,720 < 2¹⁵), and widened once: 16 instructions a block and token where widening each
+//! (≤ 30,720 < 2¹⁵), and widened once: 17 instructions a block and token where widening each
 //! took 24.
 
 use std::arch::x86_64::*;
@@ -21,8 +21,11 @@ use super::panel::{PanelFormat, Panels, TokenActs, ROWS};
 
 /// Rows in one 256-bit register.
 const HALF: usize = ROWS / 2;
-/// 4-bit dots one partial sum takes: a block's four chunks, low and high nibbles.
+/// 4-bit dots one partial sum takes: a block's four chunks, low and high nibbles (fixed by the
+/// block layout, not a tuning knob).
 const Q4_PARTS: usize = 8;
+// The 16-bit lanes of AVX2's partial sums hold `Q4_PARTS` pairs of 15 · (−128..=127).
+const _: () = assert!(Q4_PARTS * 2 * 15 * 128 <= i16::MAX as usize);
 /// Most tokens in one prompt tile: 4 integer and 4 float accumulators of one half-panel.
 const TILE_TOKENS: usize = 4;
 
