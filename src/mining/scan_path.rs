@@ -91,10 +91,10 @@ impl ScanPath {
 
     /// Runs `job` on each header with a midstate in `mids` (one tail: versions of one header
     /// rolled under BIP 310), all over the same nonces: candidates are (index into `mids`,
-    /// nonce), and `next` is where every header stopped. AVX-512 and AVX2 hash
-    /// [`SHARED_SCHEDULE_VERSIONS`] of them at once with one first-hash message schedule; the
-    /// other paths, and other counts, take the headers in turn, `job.poll_every` nonces at a
-    /// time.
+    /// nonce), and `next` is where every header stopped. For [`SHARED_SCHEDULE_VERSIONS`] or
+    /// four headers, AVX-512 and AVX2 hash them at once with one first-hash message schedule,
+    /// and SHA-NI hashes each batch of nonces under all of them; the portable path, and other
+    /// counts, take the headers in turn, `job.poll_every` nonces at a time.
     pub fn scan_versions(self, mids: &[[u32; 8]], job: &ScanJob<'_>) -> VersionsOutcome {
         if let [mid] = mids {
             let out = self.scan(mid, job);
@@ -104,13 +104,13 @@ impl ScanPath {
             };
         }
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, ScanPath::Avx512 | ScanPath::Avx2) && self.available() {
+        if self != ScanPath::Portable && self.available() {
             if let Ok(mids) = <&[[u32; 8]; SHARED_SCHEDULE_VERSIONS]>::try_from(mids) {
-                return self.scan_shared(mids, job);
+                return self.scan_together(mids, job);
             }
             // A pool that grants only two bits of version: four headers.
             if let Ok(mids) = <&[[u32; 8]; 4]>::try_from(mids) {
-                return self.scan_shared(mids, job);
+                return self.scan_together(mids, job);
             }
         }
         let mut out = VersionsOutcome {
@@ -137,10 +137,11 @@ impl ScanPath {
         out
     }
 
-    /// [`Self::scan_versions`] on the shared-schedule code of AVX-512 or AVX2 (which `self`
-    /// must be, and available).
+    /// [`Self::scan_versions`] on the code of `self` for `V` headers at once: AVX-512 and AVX2
+    /// share the schedule; SHA-NI takes the headers in turn each batch. `self` must be one of
+    /// them, and available.
     #[cfg(target_arch = "x86_64")]
-    fn scan_shared<const V: usize>(
+    fn scan_together<const V: usize>(
         self,
         mids: &[[u32; 8]; V],
         job: &ScanJob<'_>,
@@ -149,6 +150,7 @@ impl ScanPath {
         // SAFETY: the caller checked that the path is available.
         unsafe {
             match self {
+                ScanPath::ShaNi => super::shani::scan_versions(mids, job),
                 ScanPath::Avx512 => super::lanes_x86::scan_avx512_versions(&ps, mids, job),
                 _ => super::lanes_x86::scan_avx2_versions(&ps, mids, job),
             }

@@ -8,7 +8,7 @@
 
 use std::arch::x86_64::*;
 
-use super::sha256::{ScanJob, ScanOutcome, IV, K};
+use super::sha256::{ScanJob, ScanOutcome, VersionsOutcome, IV, K};
 
 /// Whether this CPU can run [`scan`].
 pub fn available() -> bool {
@@ -196,29 +196,56 @@ const LANES: usize = 2;
 /// The CPU must support SHA-NI, SSSE3 and SSE4.1 ([`available`]).
 #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
 pub unsafe fn scan(mid_words: &[u32; 8], job: &ScanJob<'_>) -> ScanOutcome {
+    let out = scan_versions::<1>(&[*mid_words], job);
+    ScanOutcome {
+        candidates: out.candidates.into_iter().map(|(_, n)| n).collect(),
+        next: out.next,
+    }
+}
+
+/// Runs `job` on the `V` headers with midstates `mids` (one tail: rolled versions), two
+/// nonces at a time under each in turn, so that all stop at the same nonce. (Nothing of the
+/// schedule is shared: `sha256msg1`/`sha256msg2` make it a small part of the work here.)
+///
+/// # Safety
+/// The CPU must support SHA-NI, SSSE3 and SSE4.1 ([`available`]).
+#[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
+pub unsafe fn scan_versions<const V: usize>(
+    mids: &[[u32; 8]; V],
+    job: &ScanJob<'_>,
+) -> VersionsOutcome {
     let (tail, target_top) = (job.tail, job.target_top);
-    let mid = pack(mid_words);
     // Rounds 0–1 of the second block use only the merkle tail and ntime.
     let (t0, t1, t2) = (tail[0] as i32, tail[1] as i32, tail[2] as i32);
     let k01 = k(0);
     let first = _mm_add_epi32(_mm_set_epi32(0, t2, t1, t0), k01);
-    let after2 = State {
-        abef: mid.abef,
-        cdgh: _mm_sha256rnds2_epu32(mid.cdgh, mid.abef, first),
-    };
-
-    super::sha256::scan_in_batches(
-        mid_words,
+    let mut states = [(pack(&IV), pack(&IV)); V];
+    for v in 0..V {
+        let mid = pack(&mids[v]);
+        let after2 = State {
+            abef: mid.abef,
+            cdgh: _mm_sha256rnds2_epu32(mid.cdgh, mid.abef, first),
+        };
+        states[v] = (mid, after2);
+    }
+    let mut candidates = Vec::new();
+    let next = super::sha256::scan_versions_in_batches(
+        mids,
         job,
         LANES as u64,
         #[inline(always)]
         |n| {
-            let h = hash_lanes::<LANES>(mid, after2, tail, k01, n);
-            let mut hits = 0;
-            for (l, h7) in h.iter().enumerate() {
-                hits |= u32::from(h7.swap_bytes() <= target_top) << l;
+            let mut hits = [0u32; V];
+            for v in 0..V {
+                let (mid, after2) = states[v];
+                let h = hash_lanes::<LANES>(mid, after2, tail, k01, n);
+                for (l, h7) in h.iter().enumerate() {
+                    hits[v] |= u32::from(h7.swap_bytes() <= target_top) << l;
+                }
             }
             hits
         },
-    )
+        |v, nonce| candidates.push((v, nonce)),
+    );
+    VersionsOutcome { candidates, next }
 }
