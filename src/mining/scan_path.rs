@@ -146,13 +146,13 @@ impl ScanPath {
         mids: &[[u32; 8]; V],
         job: &ScanJob<'_>,
     ) -> VersionsOutcome {
-        let ps = mids.map(|mid| Prepared::new(&mid, job.tail));
+        let prepared = || mids.map(|mid| Prepared::new(&mid, job.tail));
         // SAFETY: the caller checked that the path is available.
         unsafe {
             match self {
                 ScanPath::ShaNi => super::shani::scan_versions(mids, job),
-                ScanPath::Avx512 => super::lanes_x86::scan_avx512_versions(&ps, mids, job),
-                _ => super::lanes_x86::scan_avx2_versions(&ps, mids, job),
+                ScanPath::Avx512 => super::lanes_x86::scan_avx512_versions(&prepared(), mids, job),
+                _ => super::lanes_x86::scan_avx2_versions(&prepared(), mids, job),
             }
         }
     }
