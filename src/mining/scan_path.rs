@@ -92,8 +92,8 @@ impl ScanPath {
     /// Runs `job` on each header with a midstate in `mids` (one tail: versions of one header
     /// rolled under BIP 310), all over the same nonces: candidates are (index into `mids`,
     /// nonce), and `next` is where every header stopped. For [`SHARED_SCHEDULE_VERSIONS`] or
-    /// four headers, AVX-512 and AVX2 hash them at once with one first-hash message schedule,
-    /// and SHA-NI hashes each batch of nonces under all of them; the portable path, and other
+    /// four headers, AVX-512, AVX2 and SHA-NI hash them at once with one first-hash message
+    /// schedule a nonce; the portable path, and other
     /// counts, take the headers in turn, `job.poll_every` nonces at a time.
     pub fn scan_versions(self, mids: &[[u32; 8]], job: &ScanJob<'_>) -> VersionsOutcome {
         if let [mid] = mids {
@@ -137,9 +137,8 @@ impl ScanPath {
         out
     }
 
-    /// [`Self::scan_versions`] on the code of `self` for `V` headers at once: AVX-512 and AVX2
-    /// share the schedule; SHA-NI takes the headers in turn each batch. `self` must be one of
-    /// them, and available.
+    /// [`Self::scan_versions`] on the code of `self` for `V` headers at once, sharing the
+    /// first hash's schedule. `self` must be AVX-512, AVX2 or SHA-NI, and available.
     #[cfg(target_arch = "x86_64")]
     fn scan_together<const V: usize>(
         self,
