@@ -340,6 +340,23 @@ pub unsafe fn scan_versions<const V: usize>(
     }
 }
 
+/// Each header's midstate, and its state after rounds 0–1 of the second block, which use only
+/// the merkle tail and ntime: run once per scan, not once per nonce.
+#[inline(always)]
+unsafe fn header_states<const V: usize>(
+    mids: &[[u32; 8]; V],
+    tail: &[u32; 3],
+) -> ([State; V], [State; V]) {
+    let (t0, t1, t2) = (tail[0] as i32, tail[1] as i32, tail[2] as i32);
+    let first01 = _mm_add_epi32(_mm_set_epi32(0, t2, t1, t0), k(0));
+    let mid: [State; V] = std::array::from_fn(|v| pack(&mids[v]));
+    let after2 = std::array::from_fn(|v| State {
+        abef: mid[v].abef,
+        cdgh: _mm_sha256rnds2_epu32(mid[v].cdgh, mid[v].abef, first01),
+    });
+    (mid, after2)
+}
+
 /// [`scan_versions`] with a shared schedule: the headers in groups of `G` (`V % G == 0`),
 /// `NONCES` nonces a batch, `C` = `G`·`NONCES` chains a group.
 #[inline(always)]
@@ -349,14 +366,7 @@ unsafe fn scan_grouped<const V: usize, const G: usize, const NONCES: usize, cons
 ) -> VersionsOutcome {
     assert!(V % G == 0 && C == G * NONCES);
     let (tail, target_top) = (job.tail, job.target_top);
-    // Rounds 0–1 of the second block use only the merkle tail and ntime.
-    let (t0, t1, t2) = (tail[0] as i32, tail[1] as i32, tail[2] as i32);
-    let first01 = _mm_add_epi32(_mm_set_epi32(0, t2, t1, t0), k(0));
-    let mid: [State; V] = std::array::from_fn(|v| pack(&mids[v]));
-    let after2: [State; V] = std::array::from_fn(|v| State {
-        abef: mid[v].abef,
-        cdgh: _mm_sha256rnds2_epu32(mid[v].cdgh, mid[v].abef, first01),
-    });
+    let (mid, after2) = header_states(mids, tail);
     let mut candidates = Vec::new();
     let next = super::sha256::scan_versions_in_batches(
         mids,
@@ -389,18 +399,8 @@ unsafe fn scan_interleaved<const V: usize>(
     job: &ScanJob<'_>,
 ) -> VersionsOutcome {
     let (tail, target_top) = (job.tail, job.target_top);
-    let (t0, t1, t2) = (tail[0] as i32, tail[1] as i32, tail[2] as i32);
+    let (mid, after2) = header_states(mids, tail);
     let k01 = k(0);
-    let first = _mm_add_epi32(_mm_set_epi32(0, t2, t1, t0), k01);
-    let mut states = [(pack(&IV), pack(&IV)); V];
-    for v in 0..V {
-        let mid = pack(&mids[v]);
-        let after2 = State {
-            abef: mid.abef,
-            cdgh: _mm_sha256rnds2_epu32(mid.cdgh, mid.abef, first),
-        };
-        states[v] = (mid, after2);
-    }
     let mut candidates = Vec::new();
     let next = super::sha256::scan_versions_in_batches(
         mids,
@@ -410,8 +410,7 @@ unsafe fn scan_interleaved<const V: usize>(
         |n| {
             let mut hits = [0u32; V];
             for v in 0..V {
-                let (mid, after2) = states[v];
-                let h = hash_lanes::<LANES>(mid, after2, tail, k01, n);
+                let h = hash_lanes::<LANES>(mid[v], after2[v], tail, k01, n);
                 for (l, h7) in h.iter().enumerate() {
                     hits[v] |= u32::from(h7.swap_bytes() <= target_top) << l;
                 }
