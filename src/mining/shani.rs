@@ -194,7 +194,9 @@ unsafe fn hash_lanes<const N: usize>(
 /// it: each four rounds' message words plus K, with the high pair (the second
 /// `sha256rnds2`'s operand) beside them, computed once whatever the number of versions.
 struct FirstSchedule<const NN: usize> {
-    /// `[quad][lane]`: (W + K) for rounds 4i..4i+2 in the low pair and `hi` its high pair.
+    /// `[quad][lane]`: W + K of rounds 4i..4i+4, which the first `sha256rnds2` of a quad
+    /// reads in its low pair, and in `hi` the high pair moved low for the second. (`lo[0]`
+    /// is never read: rounds 0–1 run once per scan, in [`header_states`].)
     lo: [[__m128i; NN]; 16],
     hi: [[__m128i; NN]; 16],
 }
