@@ -15,8 +15,8 @@ use super::sha256::{scan_portable, ScanJob, ScanOutcome, VersionsOutcome};
 /// Rolled versions of one header that the SIMD and SHA-NI paths hash together, with one
 /// message schedule of the first hash for all of them (measured on the Xeon, one thread,
 /// AVX-512: 1 → 27.0, 2 → 29.1, 4 → 30.3, 8 → 31.4 million headers a second; on a Zen 4
-/// EPYC, SHA-NI: 28 → 35 with eight). Four are shared too
-/// (a pool may grant only two bits); other counts are taken in turn.
+/// EPYC, SHA-NI: 28 → 35 with eight). Four and two are shared too (a pool may grant only
+/// two bits, or one); other counts are taken in turn.
 pub const SHARED_SCHEDULE_VERSIONS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -92,8 +92,8 @@ impl ScanPath {
 
     /// Runs `job` on each header with a midstate in `mids` (one tail: versions of one header
     /// rolled under BIP 310), all over the same nonces: candidates are (index into `mids`,
-    /// nonce), and `next` is where every header stopped. For [`SHARED_SCHEDULE_VERSIONS`] or
-    /// four headers, AVX-512, AVX2 and SHA-NI hash them at once with one first-hash message
+    /// nonce), and `next` is where every header stopped. For [`SHARED_SCHEDULE_VERSIONS`],
+    /// four or two headers, AVX-512, AVX2 and SHA-NI hash them at once with one first-hash message
     /// schedule a nonce; the portable path, and other counts, take the headers in turn,
     /// `job.poll_every` nonces at a time.
     pub fn scan_versions(self, mids: &[[u32; 8]], job: &ScanJob<'_>) -> VersionsOutcome {
@@ -109,8 +109,11 @@ impl ScanPath {
             if let Ok(mids) = <&[[u32; 8]; SHARED_SCHEDULE_VERSIONS]>::try_from(mids) {
                 return self.scan_together(mids, job);
             }
-            // A pool that grants only two bits of version: four headers.
+            // A pool that grants only two bits of version: four headers; one bit: two.
             if let Ok(mids) = <&[[u32; 8]; 4]>::try_from(mids) {
+                return self.scan_together(mids, job);
+            }
+            if let Ok(mids) = <&[[u32; 8]; 2]>::try_from(mids) {
                 return self.scan_together(mids, job);
             }
         }

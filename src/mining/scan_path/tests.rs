@@ -191,8 +191,8 @@ fn portable_versions(mids: &[[u32; 8]], job: &ScanJob<'_>) -> Vec<(usize, u32)> 
 fn rolled_versions_scanned_together_find_what_each_finds_alone() {
     let top = 0x0fff_ffff;
     let end = 1u64 << 32;
-    // The shared-schedule counts (8, 4), and counts that take the headers in turn.
-    for count in [SHARED_SCHEDULE_VERSIONS, 4, 3, 1] {
+    // The shared-schedule counts (8, 4, 2), and counts that take the headers in turn.
+    for count in [SHARED_SCHEDULE_VERSIONS, 4, 3, 2, 1] {
         let (mids, tail) = rolled_midstates(count);
         for path in ScanPath::on_this_cpu() {
             for (start, stop_at) in [(0, 1000), (3, 1003), (5, 6), (7, 7), (end - 37, end)] {
@@ -214,7 +214,7 @@ fn rolled_versions_scanned_together_find_what_each_finds_alone() {
 #[test]
 fn a_stopped_scan_of_rolled_versions_hashed_every_one_to_where_it_stopped() {
     let top = 0x0fff_ffff;
-    for count in [SHARED_SCHEDULE_VERSIONS, 4, 3] {
+    for count in [SHARED_SCHEDULE_VERSIONS, 4, 3, 2] {
         let (mids, tail) = rolled_midstates(count);
         for path in ScanPath::on_this_cpu() {
             let (mut out, asked_at) =
