@@ -167,25 +167,34 @@ unsafe fn hash_lanes<const N: usize>(
         true,
     );
 
-    // Second hash: the 32-byte digest, padded.
-    let iv = pack(&IV);
+    second_hash_h7(&s, |_| mid)
+}
+
+/// The second hash of N chains whose first hash ended in state `s[c]` after the second block,
+/// `mid(c)` being chain `c`'s midstate: returns each final H7 word.
+#[inline(always)]
+unsafe fn second_hash_h7<const N: usize>(s: &[State; N], mid: impl Fn(usize) -> State) -> [u32; N] {
+    // The 32-byte digest, padded.
+    let zero = _mm_setzero_si128();
+    let pad1 = _mm_set_epi32(0, 0, 0, 0x8000_0000u32 as i32);
     let (mut lo, mut hi) = ([zero; N], [zero; N]);
-    for l in 0..N {
+    for c in 0..N {
+        let m = mid(c);
         let st = State {
-            abef: _mm_add_epi32(s[l].abef, mid.abef),
-            cdgh: _mm_add_epi32(s[l].cdgh, mid.cdgh),
+            abef: _mm_add_epi32(s[c].abef, m.abef),
+            cdgh: _mm_add_epi32(s[c].cdgh, m.cdgh),
         };
-        (lo[l], hi[l]) = unpack_words(st);
+        (lo[c], hi[c]) = unpack_words(st);
     }
-    let mut s2 = [iv; N];
+    let mut s2 = [pack(&IV); N];
     quad(&mut s2, &lo, 0);
     rounds_4_to_64(&mut s2, lo, hi, pad1, _mm_set_epi32(256, 0, 0, 0), false);
     // `sha256rnds2` returns the new (A,B,E,F), so the registers swap roles every call: after
     // rounds 60–61 the one named `cdgh` holds (A,B,E,F) of round 62, whose F (lane 0) is
     // E of round 61, which is h after round 64.
     let mut out = [0u32; N];
-    for l in 0..N {
-        out[l] = (_mm_cvtsi128_si32(s2[l].cdgh) as u32).wrapping_add(IV[7]);
+    for c in 0..N {
+        out[c] = (_mm_cvtsi128_si32(s2[c].cdgh) as u32).wrapping_add(IV[7]);
     }
     out
 }
@@ -274,30 +283,7 @@ unsafe fn hash_chains<const G: usize, const NN: usize, const C: usize>(
             st.abef = _mm_sha256rnds2_epu32(st.abef, st.cdgh, first.hi[i][c % NN]);
         }
     }
-
-    // Second hash: the 32-byte digest, padded.
-    let zero = _mm_setzero_si128();
-    let pad1 = _mm_set_epi32(0, 0, 0, 0x8000_0000u32 as i32);
-    let (mut lo, mut hi) = ([zero; C], [zero; C]);
-    for c in 0..C {
-        let m = mid[c / NN];
-        let st = State {
-            abef: _mm_add_epi32(s[c].abef, m.abef),
-            cdgh: _mm_add_epi32(s[c].cdgh, m.cdgh),
-        };
-        (lo[c], hi[c]) = unpack_words(st);
-    }
-    let mut s2 = [pack(&IV); C];
-    quad(&mut s2, &lo, 0);
-    rounds_4_to_64(&mut s2, lo, hi, pad1, _mm_set_epi32(256, 0, 0, 0), false);
-    // `sha256rnds2` returns the new (A,B,E,F), so the registers swap roles every call: after
-    // rounds 60–61 the one named `cdgh` holds (A,B,E,F) of round 62, whose F (lane 0) is
-    // E of round 61, which is h after round 64.
-    let mut out = [0u32; C];
-    for c in 0..C {
-        out[c] = (_mm_cvtsi128_si32(s2[c].cdgh) as u32).wrapping_add(IV[7]);
-    }
-    out
+    second_hash_h7(&s, |c| mid[c / NN])
 }
 
 /// Nonces hashed together by one header alone: two chains of `sha256rnds2`, each nonce's
