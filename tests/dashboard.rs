@@ -169,6 +169,12 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
         text_of("e-net")
     );
     assert!(text_of("ttft").contains("ms"), "ttft: {}", text_of("ttft"));
+    // The CPU miner's stop is not called pre-emption latency: inference does not wait for it.
+    assert!(
+        text_of("preempt-k").starts_with("CPU miner stop"),
+        "the CPU figure's label: {}",
+        text_of("preempt-k")
+    );
 
     let shot = dir.join("dashboard.png");
     let _ = std::fs::remove_file(&shot);

@@ -9,9 +9,11 @@ mod common;
 
 use idlerig::api::{ApiLimits, LoadState};
 use idlerig::embed::Embedder;
+use idlerig::engine::ServiceTier;
 use serde_json::{json, Value};
 
 const ID: &str = "all-minilm-l6-v2";
+const INTERACTIVE: ServiceTier = ServiceTier::Interactive;
 
 fn minilm() -> Embedder {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
@@ -48,9 +50,15 @@ async fn minilm_embeddings_match_llama_cpp() {
     // Each on its own, then all in one request (padded batches of mixed lengths).
     let mut alone = Vec::new();
     for ids in &inputs {
-        alone.push(embedder.embed(vec![ids.clone()]).await.unwrap().remove(0));
+        alone.push(
+            embedder
+                .embed(vec![ids.clone()], INTERACTIVE)
+                .await
+                .unwrap()
+                .remove(0),
+        );
     }
-    let batched = embedder.embed(inputs.clone()).await.unwrap();
+    let batched = embedder.embed(inputs.clone(), INTERACTIVE).await.unwrap();
     let mut worst = f64::MAX;
     for (i, want) in wanted.iter().enumerate() {
         for (how, got) in [("alone", &alone[i]), ("batched", &batched[i])] {
@@ -72,7 +80,7 @@ async fn minilm_embeddings_match_llama_cpp() {
     let calls = (0..6).map(|k| {
         let e = embedder.clone();
         let mine: Vec<Vec<u32>> = inputs.iter().skip(k).step_by(6).cloned().collect();
-        tokio::spawn(async move { (k, e.embed(mine).await.unwrap()) })
+        tokio::spawn(async move { (k, e.embed(mine, INTERACTIVE).await.unwrap()) })
     });
     for call in futures::future::join_all(calls).await {
         let (k, vectors) = call.unwrap();
@@ -215,4 +223,43 @@ async fn without_an_embedding_model_the_route_says_how_to_serve_one() {
         .await;
     assert_eq!(status, 404, "{got}");
     assert!(common::error_message(&got).contains("--embedding-model"));
+}
+
+/// A batch's embedding line is deferred work: an interactive request sent while a deferred
+/// one of many inputs is being encoded is answered before it, after one forward pass at most
+/// (the deferred one used to hold the encoder to its end). Waits on state, not on time: the
+/// interactive request goes in once the deferred one has started, and the deferred one has
+/// dozens of passes still to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_embeddings_overtake_a_deferred_batch_line() {
+    let embedder = minilm();
+    let long = embedder
+        .tokenize(&"the quick brown fox jumps over the lazy dog ".repeat(20))
+        .unwrap();
+    // 45 inputs of ~180 tokens per pass: 360 inputs are 8 passes.
+    let deferred_inputs = vec![long.clone(); 360];
+    let e = embedder.clone();
+    let before = embedder.passes();
+    let deferred =
+        tokio::spawn(async move { e.embed(deferred_inputs, ServiceTier::Deferred).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while embedder.passes() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deferred request never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let short = embedder.tokenize("an interactive request").unwrap();
+    let interactive = embedder.embed(vec![short], INTERACTIVE).await.unwrap();
+    assert_eq!(interactive.len(), 1);
+    assert!(
+        !deferred.is_finished(),
+        "the interactive request was answered first, with the deferred one still running \
+         ({} passes so far)",
+        embedder.passes() - before
+    );
+    let vectors = deferred.await.unwrap().unwrap();
+    assert_eq!(vectors.len(), 360);
+    assert!(vectors.iter().all(|v| v.len() == 384));
 }

@@ -267,7 +267,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         "# TYPE idlerig_mining_hashes_total counter",
         "# TYPE idlerig_mining_shares_total counter",
         "# TYPE idlerig_device_seconds_total counter",
-        "# TYPE idlerig_preemption_latency_seconds histogram",
+        "# TYPE idlerig_cpu_miner_stop_seconds histogram",
         "# TYPE idlerig_pool_connected gauge",
         "# TYPE idlerig_earnings_net_usd_per_day gauge",
     ] {
@@ -310,7 +310,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         if e2e(&m) >= e2e(&before) + 4.0
             && sample(&m, &ttft_count) >= 4.0
             && sample(&m, &length) >= 4.0
-            && sample(&m, "idlerig_preemption_latency_seconds_count") >= 1.0
+            && sample(&m, "idlerig_cpu_miner_stop_seconds_count") >= 1.0
             && sample(&m, "idlerig_preemptions_total") >= 1.0
             && sample(&m, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0
             && sample(&m, "idlerig_mining_hashes_total") > 0.0
@@ -342,7 +342,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
     assert!(sample(&after, "idlerig_mining_hashes_total") > 0.0);
     assert!(sample(&after, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0);
     assert!(sample(&after, "idlerig_preemptions_total") >= 1.0);
-    assert!(sample(&after, "idlerig_preemption_latency_seconds_count") >= 1.0);
+    assert!(sample(&after, "idlerig_cpu_miner_stop_seconds_count") >= 1.0);
     assert_eq!(
         sample(&after, "idlerig_earnings_payout_usd_per_day"),
         0.0,

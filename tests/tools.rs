@@ -153,6 +153,66 @@ async fn required_and_named_choices_give_valid_calls_whole_and_streamed() {
     }
 }
 
+/// A named `tool_choice` is exactly one call, whatever the sampling: at temperature 1 over
+/// five seeds (with `parallel_tool_calls` left at its default, true), SmolLM2 used to write
+/// 0 to 3 calls and run into `max_tokens` with the markup as content. Now each seed gives one
+/// call to the named function, `finish_reason: "tool_calls"`, and no content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_choice_is_exactly_one_call_over_five_seeds() {
+    let srv = spawn_app_with_model(EngineConfig::default(), ApiLimits::default()).await;
+    for seed in 1..=5 {
+        let mut body = request(
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            true,
+        );
+        body.as_object_mut().unwrap().remove("parallel_tool_calls");
+        body["temperature"] = json!(1.0);
+        body["seed"] = json!(seed);
+        body["max_tokens"] = json!(200);
+        let (status, got) = srv.post("/v1/chat/completions", body).await;
+        assert_eq!(status, 200, "{got}");
+        let c = &got["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "seed {seed}: {got}");
+        let calls = calls_of(&c["message"]);
+        assert_eq!(calls.len(), 1, "seed {seed}: {calls:?}");
+        assert_eq!(calls[0].0, "get_weather");
+        check_calls(&calls);
+        let content = c["message"]["content"].as_str().unwrap_or("");
+        assert!(
+            !content.contains("tool_call"),
+            "seed {seed}: markup in content: {content:?}"
+        );
+    }
+}
+
+/// A call that `max_tokens` cuts is dropped: `finish_reason: "length"`, and its markup never
+/// reaches `content`, whole or streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_by_max_tokens_leaves_no_markup_in_content() {
+    let srv = spawn_app_with_model(EngineConfig::default(), ApiLimits::default()).await;
+    let mut body = request(json!("required"), true);
+    body["max_tokens"] = json!(12);
+    let (status, got) = srv.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{got}");
+    let c = &got["choices"][0];
+    assert_eq!(c["finish_reason"], "length", "{got}");
+    let content = c["message"]["content"].as_str().unwrap_or("");
+    assert!(
+        !content.contains("tool_call") && !content.contains("\"name\""),
+        "{content:?}"
+    );
+    body["stream"] = json!(true);
+    let (events, done) = srv.stream("/v1/chat/completions", body).await;
+    assert!(done);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!streamed.contains("tool_call"), "{streamed:?}");
+    let (_, finish) = streamed_calls(&events);
+    assert_eq!(finish.as_deref(), Some("length"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_conversations_render_and_bad_tools_name_their_field() {
     let srv = spawn_app_with_model(EngineConfig::default(), ApiLimits::default()).await;

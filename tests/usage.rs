@@ -13,13 +13,19 @@ use tokio::sync::oneshot;
 const ALICE: &str = "sk-alice-0123456789";
 const OPS: &str = "sk-ops-9876543210";
 
+const CAROL: &str = "sk-carol-5555555555";
+
 async fn start(
     dir: &std::path::Path,
+    extra: &[&str],
 ) -> (idlerig::server::RunningServer, String, oneshot::Sender<()>) {
     let keys = dir.join("keys.txt");
     std::fs::write(
         &keys,
-        format!("# name:key options\nalice:{ALICE} daily-tokens=60\nops:{OPS} admin\n"),
+        format!(
+            "# name:key options\nalice:{ALICE} daily-tokens=60\nops:{OPS} admin\n\
+             carol:{CAROL} daily-tokens=120\n"
+        ),
     )
     .unwrap();
     let (db, keys) = (
@@ -27,7 +33,7 @@ async fn start(
         keys.display().to_string(),
     );
     let (stop, stopped) = oneshot::channel::<()>();
-    let argv = [
+    let mut argv = vec![
         "--local-pool-port",
         "0",
         "--embedding-model",
@@ -37,6 +43,7 @@ async fn start(
         "--usage-db",
         &db,
     ];
+    argv.extend_from_slice(extra);
     let (running, base) = common::start_serve(&argv, async {
         let _ = stopped.await;
     })
@@ -68,25 +75,28 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
     let dir = std::env::temp_dir().join(format!("idlerig-usage-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (running, base, stop) = start(&dir).await;
+    let (running, base, stop) = start(&dir, &["--metrics-per-key"]).await;
 
-    // Alice spends her 60 tokens a day in requests of ~12; the request that finds them spent
-    // gets 429 with OpenAI's `insufficient_quota`.
+    // Alice spends her 60 tokens a day in requests of ~14; the last one that fits gets its
+    // `max_tokens` cut to what is left, and the request that finds too little left for its
+    // prompt and one token gets 429 with OpenAI's `insufficient_quota`.
     let body = json!({"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
                       "ignore_eos": true});
-    let (mut spent, mut answered) = (0u64, 0u64);
+    let (mut spent, mut answered, mut prompt) = (0u64, 0u64, 0u64);
     let refusal = loop {
         let (status, got) = call(&base, ALICE, "POST", "/v1/completions", Some(body.clone())).await;
         if status != 200 {
             break (status, got);
         }
         spent += got["usage"]["total_tokens"].as_u64().unwrap();
+        prompt = got["usage"]["prompt_tokens"].as_u64().unwrap();
         answered += 1;
         assert!(answered < 20, "the quota never took hold");
     };
+    assert!(spent <= 60, "never past the quota ({spent} tokens)");
     assert!(
-        spent >= 60,
-        "refused only once the quota was used ({spent} tokens)"
+        60 - spent < prompt + 1,
+        "refused only once too little was left for a prompt of {prompt} ({spent} spent)"
     );
     assert_eq!(refusal.0, 429, "{}", refusal.1);
     assert_eq!(refusal.1["error"]["code"], "insufficient_quota");
@@ -125,7 +135,42 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
         (400, Some("start_date"))
     );
 
-    // Prometheus counts by name and never shows a key.
+    // 16 requests at once, each asking for 60 tokens, on Carol's 120 a day: each reserves
+    // what it may spend when it is admitted, so together they spend at most 120 (they used
+    // to spend 16 × ~66, all admitted while nothing was yet counted).
+    let greedy = json!({"prompt": "The capital of France is", "max_tokens": 60,
+                        "temperature": 0, "ignore_eos": true});
+    let calls = (0..16).map(|_| {
+        call(
+            &base,
+            CAROL,
+            "POST",
+            "/v1/completions",
+            Some(greedy.clone()),
+        )
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut carol_spent = 0;
+    for (status, got) in &answers {
+        match status {
+            200 => carol_spent += got["usage"]["total_tokens"].as_u64().unwrap(),
+            429 => assert_eq!(got["error"]["code"], "insufficient_quota", "{got}"),
+            other => panic!("{other}: {got}"),
+        }
+    }
+    assert!(
+        carol_spent <= 120,
+        "16 requests at once spent {carol_spent} of 120"
+    );
+    assert!(answers.iter().any(|(s, _)| *s == 200) && answers.iter().any(|(s, _)| *s == 429));
+    let (_, now) = call(&base, OPS, "GET", "/v1/usage", None).await;
+    assert_eq!(
+        usage_of(&now, "carol").1,
+        carol_spent,
+        "what was answered is what was counted"
+    );
+
+    // Prometheus counts by name (published with --metrics-per-key) and never shows a key.
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()
@@ -137,9 +182,22 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
     assert!(!metrics.contains(ALICE) && !metrics.contains(OPS));
 
     // Restart on the same database: the totals, and Alice's spent quota, are still there.
+    // Without --metrics-per-key (or --metrics-require-key) an open /metrics publishes no
+    // per-key series: who uses the server, and how much, is for admin keys (/v1/usage).
     stop.send(()).unwrap();
     running.task.await.unwrap().unwrap();
-    let (running, base, stop) = start(&dir).await;
+    let (running, base, stop) = start(&dir, &[]).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("vllm:"), "{metrics}");
+    assert!(
+        !metrics.contains("idlerig_api_key_"),
+        "per-key series on an open /metrics"
+    );
     let (status, after) = call(&base, OPS, "GET", "/v1/usage", None).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(usage_of(&after, "alice"), usage_of(&before, "alice"));
@@ -195,6 +253,127 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
     assert!(
         err.contains("usage.db") && err.contains("move it aside"),
         "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Two unnamed keys; A uploads a file and spends tokens. A's line is then removed from the key
+/// file and the server restarted on the same database and data directory: B must not see A's
+/// file, read it, or inherit A's usage. (Unnamed keys used to be named by their line, so B
+/// became `key-1`, A's name, and got all of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
+    const A: &str = "sk-unnamed-aaaaaaaaaaaa";
+    const B: &str = "sk-unnamed-bbbbbbbbbbbb";
+    let dir = std::env::temp_dir().join(format!("idlerig-unnamed-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let serve = |keys: String| {
+        let dir = dir.clone();
+        async move {
+            std::fs::write(dir.join("keys.txt"), keys).unwrap();
+            let (keys, db, data) = (
+                dir.join("keys.txt").display().to_string(),
+                dir.join("usage.db").display().to_string(),
+                dir.join("data").display().to_string(),
+            );
+            let (stop, stopped) = oneshot::channel::<()>();
+            let argv = [
+                "--local-pool-port",
+                "0",
+                "--embedding-model",
+                "none",
+                "--api-key-file",
+                &keys,
+                "--usage-db",
+                &db,
+                "--data-dir",
+                &data,
+            ];
+            let (running, base) = common::start_serve(&argv, async {
+                let _ = stopped.await;
+            })
+            .await;
+            (running, base, stop)
+        }
+    };
+    let upload = |base: String, key: &'static str| async move {
+        let form = reqwest::multipart::Form::new().text("purpose", "batch").part(
+            "file",
+            reqwest::multipart::Part::bytes(
+                br#"{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}"#
+                    .to_vec(),
+            )
+            .file_name("in.jsonl"),
+        );
+        let res = reqwest::Client::new()
+            .post(format!("{base}/v1/files"))
+            .bearer_auth(key)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        (res.status().as_u16(), res.json::<Value>().await.unwrap())
+    };
+    let (running, base, stop) = serve(format!("{A}\n{B}\n")).await;
+    let (status, file) = upload(base.clone(), A).await;
+    assert_eq!(status, 200, "{file}");
+    let file_id = file["id"].as_str().unwrap().to_string();
+    let body = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    assert_eq!(
+        call(&base, A, "POST", "/v1/completions", Some(body))
+            .await
+            .0,
+        200
+    );
+    let (_, listed) = call(&base, B, "GET", "/v1/files", None).await;
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        0,
+        "B never saw A's file"
+    );
+    stop.send(()).unwrap();
+    running.task.await.unwrap().unwrap();
+
+    // A's line is gone; B is the only key, on its own line 1.
+    let (running, base, stop) = serve(format!("{B}\n")).await;
+    let (status, listed) = call(&base, B, "GET", "/v1/files", None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["data"].as_array().unwrap().len(),
+        0,
+        "B sees none of A's files: {listed}"
+    );
+    let (status, got) = call(&base, B, "GET", &format!("/v1/files/{file_id}"), None).await;
+    assert_eq!(status, 404, "B cannot read A's file: {got}");
+    let (status, _) = call(&base, A, "GET", "/v1/files", None).await;
+    assert_eq!(status, 401, "A's key is gone");
+    stop.send(()).unwrap();
+    running.task.await.unwrap().unwrap();
+    // A's usage stays A's: the database has a row for A's name (waited for: its writer is a
+    // thread of its own), none for B.
+    let (a_name, b_name) = (
+        idlerig::api::unnamed_key_name(A),
+        idlerig::api::unnamed_key_name(B),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let names = loop {
+        let conn = rusqlite::Connection::open(dir.join("usage.db")).unwrap();
+        let names: Vec<String> = conn
+            .prepare("SELECT DISTINCT key FROM usage")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        if names.contains(&a_name) || std::time::Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        names.contains(&a_name) && !names.contains(&b_name),
+        "{names:?}"
     );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -4,7 +4,10 @@
 //!
 //! Each key has a name (usage is counted, exported and shown by it, never by the key), and
 //! may be an admin key (`/v1/usage`) or carry a daily token quota. A key is written
-//! `[NAME:]KEY [admin] [daily-tokens=N]`; a key without a name is called `key-N` by its place.
+//! `[NAME:]KEY [admin] [daily-tokens=N]`. A key without a name is called `key-` and a short
+//! hash of the key ([`unnamed_key_name`]), never by its place in the list: files, batches,
+//! usage and quotas belong to the name, so removing or reordering one key must not hand
+//! another key's records to it.
 
 use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
@@ -47,7 +50,7 @@ impl ApiKeys {
             let Some(first) = words.next() else { continue };
             let (name, key) = match first.split_once(':') {
                 Some((n, k)) if !n.is_empty() && !k.is_empty() => (n.to_string(), k),
-                _ => (format!("key-{}", i + 1), first),
+                _ => (unnamed_key_name(first), first),
             };
             let mut identity = KeyIdentity {
                 name,
@@ -83,11 +86,11 @@ impl ApiKeys {
     /// Plain keys (no names or options given).
     pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> Self {
         let mut out = Self::default();
-        for (i, k) in keys.into_iter().enumerate() {
+        for k in keys {
             out.digests
                 .push(Sha256::digest(k.as_ref().as_bytes()).into());
             out.identities.push(std::sync::Arc::new(KeyIdentity {
-                name: format!("key-{}", i + 1),
+                name: unnamed_key_name(k.as_ref()),
                 admin: false,
                 daily_tokens: None,
             }));
@@ -132,6 +135,18 @@ impl ApiKeys {
     pub fn identities(&self) -> impl Iterator<Item = &KeyIdentity> {
         self.identities.iter().map(|k| k.as_ref())
     }
+}
+
+/// The name of a key written without one: `key-` and the first 12 hex digits of a SHA-256 of
+/// the key under a label of its own (so the name is not a prefix of the digest the server
+/// keeps, and says nothing useful about a key of real entropy). The same key is always the
+/// same name, wherever its line stands.
+pub fn unnamed_key_name(key: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"idlerig unnamed key name\0");
+    h.update(key.as_bytes());
+    let d = h.finalize();
+    format!("key-{}", hex::encode(&d[..6]))
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case).
@@ -196,7 +211,10 @@ mod tests {
             ("alice", false, Some(1000))
         );
         assert!(keys.identify("sk-o").unwrap().admin);
-        assert_eq!(keys.identify("sk-plain").unwrap().name, "key-3");
+        assert_eq!(
+            keys.identify("sk-plain").unwrap().name,
+            unnamed_key_name("sk-plain")
+        );
         assert!(keys.identify("alice:sk-a").is_none() && keys.identify("sk-x").is_none());
         for bad in [
             vec!["a:sk-1 superuser"],
@@ -206,6 +224,30 @@ mod tests {
             let err = ApiKeys::parse(bad.clone()).err().expect("refused");
             assert!(!err.contains("sk-"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn an_unnamed_key_keeps_its_name_when_another_line_is_removed() {
+        // Two unnamed keys: A owns records by its name. A's line is removed and the list
+        // read again: B's name must not become A's (it did when names were `key-N`).
+        let before = ApiKeys::parse(["sk-aaaa", "sk-bbbb"]).unwrap();
+        let a = before.identify("sk-aaaa").unwrap().name.clone();
+        let b = before.identify("sk-bbbb").unwrap().name.clone();
+        assert_ne!(a, b);
+        let after = ApiKeys::parse(["sk-bbbb"]).unwrap();
+        assert_eq!(after.identify("sk-bbbb").unwrap().name, b);
+        assert!(
+            after.named(&a).is_none(),
+            "nobody answers to the removed key's name"
+        );
+        // Reordered, and through `new`: the same names.
+        let swapped = ApiKeys::new(["sk-bbbb", "sk-aaaa"]);
+        assert_eq!(swapped.identify("sk-aaaa").unwrap().name, a);
+        // The name is short, fixed in form, and does not contain the key.
+        assert!(
+            a.starts_with("key-") && a.len() == 16 && !a.contains("aaaa"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ use super::error::ApiError;
 use super::handlers::{fields, off_runtime, parse_json};
 use super::AppState;
 use crate::embed::{EmbedError, Embedder};
+use crate::engine::ServiceTier;
 
 /// Inputs one request may hold (OpenAI's limit).
 pub const MAX_INPUTS: usize = 2048;
@@ -95,13 +96,23 @@ pub struct EmbeddingUsage {
 pub async fn embeddings(
     State(state): State<AppState>,
     who: Option<Extension<Arc<KeyIdentity>>>,
+    batch: Option<Extension<super::BatchCaller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = who.map(|Extension(w)| w);
     state.check_quota(who.as_deref())?;
     let _in_flight = state.lifecycle.enter()?;
-    // An embedding request uses the device as a generation does: the miner steps aside.
-    let _admitted = state.admit();
+    // An embedding request uses the device as a generation does: the miner steps aside. A
+    // batch line is deferred work, as a batch's generations are: interactive requests, of
+    // either kind, go first.
+    let tier = match batch {
+        Some(_) => ServiceTier::Deferred,
+        None => ServiceTier::Interactive,
+    };
+    let mut admitted = state.admit();
+    if let Some(g) = admitted.as_mut() {
+        g.set_tier(tier);
+    }
     let embedder = state.embedder.clone().ok_or_else(|| {
         ApiError::not_found(
             "this server serves no embedding model (start it with --embedding-model)",
@@ -116,8 +127,15 @@ pub async fn embeddings(
         validate(req, &e, &chat_ids)
     })
     .await?;
-    let limit = state.limits.request_timeout;
-    let vectors = match tokio::time::timeout(limit, embedder.embed(inputs)).await {
+    // The inputs' tokens are held against the key's quota until they are counted.
+    let ask = crate::usage::QuotaAsk {
+        prompt: tokens as u64,
+        choices: 0,
+        completion: 0,
+    };
+    let _quota = state.reserve_quota(who.as_deref(), ask)?;
+    let limit = state.tier_timeout(tier);
+    let vectors = match tokio::time::timeout(limit, embedder.embed(inputs, tier)).await {
         Err(_) => return Err(ApiError::timeout(limit)),
         Ok(Err(EmbedError::Busy)) => {
             return Err(ApiError::overloaded(

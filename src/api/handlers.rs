@@ -188,6 +188,19 @@ async fn answer<R: Send + 'static>(
     if batch {
         (valid.tier, plan.tier) = (ServiceTier::Deferred, ServiceTier::Deferred);
     }
+    // What it may spend is held against the key's quota now, before the engine sees it: many
+    // requests at once cannot each find the same tokens left.
+    let ask = crate::usage::QuotaAsk {
+        prompt: plan.prompt_tokens as u64,
+        choices: valid.n as u64,
+        completion: valid.max_tokens as u64,
+    };
+    let quota = state
+        .reserve_quota(who.as_deref(), ask)?
+        .map(|(hold, max_tokens)| {
+            valid.max_tokens = max_tokens as usize;
+            hold
+        });
     set_tier(valid.tier);
     if valid.tier == ServiceTier::Deferred {
         arriving = None;
@@ -198,6 +211,7 @@ async fn answer<R: Send + 'static>(
         at,
         in_flight,
         who,
+        quota,
         arriving,
     };
     generate(&state, &model, endpoint, request, started).await
@@ -219,6 +233,8 @@ struct Started {
     in_flight: InFlight,
     /// The API key's owner, whose usage the request counts to.
     who: Option<Arc<KeyIdentity>>,
+    /// What it may spend of the owner's quota, held until its usage is counted.
+    quota: Option<crate::usage::QuotaHold>,
     /// Counts it among the interactive requests on their way in, until it is submitted.
     arriving: Option<crate::engine::ArrivalGuard>,
 }
@@ -234,7 +250,7 @@ async fn generate(
     valid.request_id = started.id.0.to_string();
     let n = valid.n;
     let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens)
-        .with_usage(state.usage.clone().zip(started.who));
+        .with_usage(state.usage.clone().zip(started.who), started.quota);
     let mut watchdog = state.watchdog(started.at, valid.tier);
     let events = model.backend.submit(valid);
     started.arriving = None; // in the engine's hands (or refused): no longer on its way
@@ -508,11 +524,9 @@ fn chat_body(plan: &ResponsePlan, choices: &[CollectedChoice]) -> ChatCompletion
                         reasoning,
                     },
                     logprobs: plan.logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
-                    finish_reason: if made_calls {
-                        Some("tool_calls".into())
-                    } else {
-                        c.finish_reason.map(|r| r.as_str().into())
-                    },
+                    finish_reason: c
+                        .finish_reason
+                        .map(|r| super::tools::finish_reason(r, made_calls).into()),
                 }
             })
             .collect(),

@@ -22,7 +22,7 @@ mod usage;
 mod validate;
 mod wire;
 
-pub use auth::{ApiKeys, KeyIdentity};
+pub use auth::{unnamed_key_name, ApiKeys, KeyIdentity};
 pub use batches::{batch_executor, BatchCaller};
 pub use context::{RequestId, REQUEST_ID_HEADER};
 pub use error::ApiError;
@@ -58,6 +58,33 @@ pub enum LoadState {
 pub struct ChatSlot {
     pub id: String,
     pub load: watch::Receiver<LoadState>,
+}
+
+/// The 429 for a key whose quota cannot take a request: what is used, what requests still
+/// running hold, and (when known) what the request needed.
+fn quota_refusal(
+    name: &str,
+    quota: u64,
+    used: u64,
+    reserved: u64,
+    ask: Option<crate::usage::QuotaAsk>,
+) -> ApiError {
+    let held = match reserved {
+        0 => String::new(),
+        r => format!(" and requests still running hold {r} more"),
+    };
+    let needs = match ask {
+        Some(a) if a.choices > 0 => format!(
+            "; this request needs at least {} (its prompt and one token per choice)",
+            a.prompt + a.choices
+        ),
+        Some(a) => format!("; this request's inputs take {}", a.prompt),
+        None => String::new(),
+    };
+    ApiError::quota_exceeded(format!(
+        "key `{name}` has used {used} of its {quota} tokens for today (UTC){held}{needs}; the \
+         quota resets at 00:00 UTC"
+    ))
 }
 
 /// What every handler shares. Cheap to clone.
@@ -131,7 +158,8 @@ impl AppState {
         self
     }
 
-    /// 429 when `who`'s daily token quota is used up (UTC days).
+    /// 429 when `who`'s daily token quota is used up (UTC days): the cheap check before a
+    /// request is read. What it may spend is reserved by [`Self::reserve_quota`].
     fn check_quota(&self, who: Option<&KeyIdentity>) -> Result<(), ApiError> {
         let (Some(who), Some(usage)) = (who, &self.usage) else {
             return Ok(());
@@ -141,13 +169,36 @@ impl AppState {
         };
         let used = usage.tokens_today(&who.name);
         if used >= quota {
-            return Err(ApiError::quota_exceeded(format!(
-                "key `{}` has used {used} of its {quota} tokens for today (UTC); the quota \
-                 resets at 00:00 UTC",
-                who.name
-            )));
+            return Err(quota_refusal(&who.name, quota, used, 0, None));
         }
         Ok(())
+    }
+
+    /// Reserves what a validated request may spend of `who`'s daily quota (its prompt, and
+    /// `max_tokens` for each choice, cut to what is left), or 429 when not even its prompt
+    /// and one token fit. The hold is released when dropped, after the real usage is counted.
+    /// `None` for a key without a quota: nothing to hold.
+    fn reserve_quota(
+        &self,
+        who: Option<&KeyIdentity>,
+        ask: crate::usage::QuotaAsk,
+    ) -> Result<Option<(crate::usage::QuotaHold, u64)>, ApiError> {
+        let (Some(who), Some(usage)) = (who, &self.usage) else {
+            return Ok(None);
+        };
+        let Some(quota) = who.daily_tokens else {
+            return Ok(None);
+        };
+        match usage.reserve(&who.name, quota, ask) {
+            Ok(hold) => Ok(Some(hold)),
+            Err(short) => Err(quota_refusal(
+                &who.name,
+                quota,
+                short.used,
+                short.reserved,
+                Some(ask),
+            )),
+        }
     }
 
     /// Serves another chat model beside the first, routed by the request's `model`.
@@ -268,14 +319,19 @@ impl AppState {
     /// The request's deadline: `--request-timeout-s` for interactive requests; deferred ones
     /// (flex, batch lines) wait for the gaps, and get the batch window.
     fn watchdog(&self, started: Instant, tier: crate::engine::ServiceTier) -> lifecycle::Watchdog {
-        let timeout = match tier {
+        self.lifecycle.watchdog(started, self.tier_timeout(tier))
+    }
+
+    /// How long a request of `tier` may take: `--request-timeout-s` for interactive ones, at
+    /// least the batch window (a day) for deferred ones.
+    fn tier_timeout(&self, tier: crate::engine::ServiceTier) -> std::time::Duration {
+        match tier {
             crate::engine::ServiceTier::Interactive => self.limits.request_timeout,
             crate::engine::ServiceTier::Deferred => self
                 .limits
                 .request_timeout
                 .max(std::time::Duration::from_secs(24 * 3600)),
-        };
-        self.lifecycle.watchdog(started, timeout)
+        }
     }
 }
 

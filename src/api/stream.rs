@@ -334,11 +334,7 @@ async fn forward(
                 w.piece(Piece {
                     // A chat's finish has an empty delta; a completion's an empty text.
                     text: (endpoint == Endpoint::Completion).then_some(""),
-                    finish: Some(if calls.is_empty() {
-                        reason.as_str()
-                    } else {
-                        "tool_calls"
-                    }),
+                    finish: Some(super::tools::finish_reason(reason, !calls.is_empty())),
                     ..Piece::new(choice)
                 })
             }

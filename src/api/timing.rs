@@ -9,12 +9,15 @@ use std::sync::Arc;
 use super::auth::KeyIdentity;
 use crate::engine::{FinishReason, SeqEvent};
 use crate::telemetry::{Outcome, RequestRecord, Telemetry};
-use crate::usage::Usage;
+use crate::usage::{QuotaHold, Usage};
 
 pub struct RequestTimer {
     telemetry: Option<Telemetry>,
     /// Where the request's tokens are counted, and to whom.
     usage: Option<(Usage, Arc<KeyIdentity>)>,
+    /// Its reservation of the key's quota: dropped after the usage is recorded (fields drop
+    /// after `Drop::drop`), so the tokens are never counted free in between.
+    _quota: Option<QuotaHold>,
     started: Instant,
     last_token: Option<Instant>,
     record: RequestRecord,
@@ -26,6 +29,7 @@ impl RequestTimer {
         Self {
             telemetry,
             usage: None,
+            _quota: None,
             started,
             last_token: None,
             record: RequestRecord {
@@ -35,9 +39,14 @@ impl RequestTimer {
         }
     }
 
-    /// Counts the request's tokens to `who` when it ends.
-    pub fn with_usage(mut self, usage: Option<(Usage, Arc<KeyIdentity>)>) -> Self {
+    /// Counts the request's tokens to `who` when it ends, then releases its `quota` hold.
+    pub fn with_usage(
+        mut self,
+        usage: Option<(Usage, Arc<KeyIdentity>)>,
+        quota: Option<QuotaHold>,
+    ) -> Self {
         self.usage = usage;
+        self._quota = quota;
         self
     }
 

@@ -10,4 +10,4 @@ mod shell;
 
 pub use gate::{AdmissionGuard, DeviceGate};
 pub use policy::PolicyConfig;
-pub use shell::{spawn_arbiter, ArbiterParts, ArbiterStatus};
+pub use shell::{spawn_arbiter, ArbiterParts, ArbiterStatus, PreemptFigure};

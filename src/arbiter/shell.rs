@@ -34,6 +34,52 @@ pub struct ArbiterParts {
     pub preempt_latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
+/// What a miner's pre-emption figure (flag raised → last worker stopped) measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreemptFigure {
+    /// A GPU kernel's yield: inference waits for it, so it is the pre-emption latency.
+    Preemption,
+    /// The CPU miner's stop. Its threads run under `SCHED_IDLE`, so the kernel hands their
+    /// cores to an engine thread the moment one is runnable: inference does not wait for it.
+    /// The figure is how long a starved miner thread takes to notice, not harm to inference.
+    CpuMinerStop,
+}
+
+impl PreemptFigure {
+    /// By the miner's backend ("cpu", "cuda", "cpu-grid"). The CPU grid runs the CUDA
+    /// kernel's logic on ordinary threads as the GPU's stand-in, and is reported as the GPU.
+    pub fn of_backend(backend: &str) -> Self {
+        match backend {
+            "cpu" => PreemptFigure::CpuMinerStop,
+            _ => PreemptFigure::Preemption,
+        }
+    }
+
+    /// The name in `/v1/status` (`preempt_measures`) and the dashboard.
+    pub fn name(self) -> &'static str {
+        match self {
+            PreemptFigure::Preemption => "preemption_latency",
+            PreemptFigure::CpuMinerStop => "cpu_miner_stop",
+        }
+    }
+
+    /// The Prometheus histogram's name and help.
+    pub fn metric(self) -> (&'static str, &'static str) {
+        match self {
+            PreemptFigure::Preemption => (
+                "idlerig_preemption_latency_seconds",
+                "Time from a request's arrival to the miner's acknowledged stop",
+            ),
+            PreemptFigure::CpuMinerStop => (
+                "idlerig_cpu_miner_stop_seconds",
+                "Time from the pre-emption flag to the last CPU miner thread stopped; the \
+                 threads run under SCHED_IDLE and yield their cores to inference at once, so \
+                 this is how long a starved miner takes to notice, not a delay to inference",
+            ),
+        }
+    }
+}
+
 /// The arbiter's published figures (`GET /v1/status`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ArbiterStatus {
@@ -46,6 +92,8 @@ pub struct ArbiterStatus {
     pub phase: &'static str,
     pub device_time_s: DeviceTime,
     pub preemptions: u64,
+    /// What the `preempt_us_*` figures measure (see [`PreemptFigure`]).
+    pub preempt_measures: &'static str,
     pub preempt_us_p50: f64,
     pub preempt_us_p99: f64,
     pub preempt_us_max: f64,
@@ -209,6 +257,7 @@ pub fn spawn_arbiter(
                         preempting: secs(state.time.preempting_us),
                     },
                     preemptions: state.preemptions,
+                    preempt_measures: PreemptFigure::of_backend(parts.miner.backend()).name(),
                     preempt_us_p50: latency_summary.0,
                     preempt_us_p99: latency_summary.1,
                     preempt_us_max: latency_summary.2,

@@ -220,6 +220,9 @@ pub async fn run(args: BenchPreemptArgs) -> Result<Value, String> {
         "requests_per_mode": with_mining.len(),
         "rate_rps": args.rate,
         "preemptions": end["mining"]["preemptions"],
+        // What the figures below measure: the GPU's pre-emption latency, or the CPU miner's
+        // stop, which inference does not wait for (TTFT's ratio is the harm to inference).
+        "preempt_measures": end["mining"]["preempt_measures"],
         "preempt_us_p50": end["mining"]["preempt_us_p50"],
         "preempt_us_p99": end["mining"]["preempt_us_p99"],
         "preempt_us_max": end["mining"]["preempt_us_max"],

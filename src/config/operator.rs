@@ -29,6 +29,19 @@ pub struct AccessArgs {
     /// dashboard asks for a key when /v1/status needs one).
     #[arg(long, env = "IDLERIG_METRICS_REQUIRE_KEY")]
     pub metrics_require_key: bool,
+    /// Publish per-key series on /metrics (`idlerig_api_key_*`, labelled by key NAME): on by
+    /// itself with --metrics-require-key; without it, only with this flag, because an open
+    /// /metrics would show anyone who uses the server and how much (/v1/usage needs an admin
+    /// key for the same figures).
+    #[arg(long, env = "IDLERIG_METRICS_PER_KEY")]
+    pub metrics_per_key: bool,
+}
+
+impl AccessArgs {
+    /// Whether /metrics carries the per-key series.
+    pub fn publishes_per_key_metrics(&self) -> bool {
+        self.metrics_require_key || self.metrics_per_key
+    }
 }
 
 impl std::fmt::Debug for AccessArgs {
@@ -37,6 +50,7 @@ impl std::fmt::Debug for AccessArgs {
             .field("api_keys", &format!("<{} redacted>", self.api_keys.len()))
             .field("api_key_file", &self.api_key_file)
             .field("metrics_require_key", &self.metrics_require_key)
+            .field("metrics_per_key", &self.metrics_per_key)
             .finish()
     }
 }

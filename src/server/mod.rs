@@ -118,6 +118,11 @@ pub async fn start(
     let keys = ApiKeys::parse(args.access.keys().map_err(ServerError::Config)?)
         .map_err(ServerError::Config)?;
     let keys_empty = keys.is_empty();
+    if !keys_empty {
+        // The names, never the keys: an unnamed key's derived name is how its owner finds it.
+        let names: Vec<&str> = keys.identities().map(|k| k.name.as_str()).collect();
+        tracing::info!(names = %names.join(", "), "API keys");
+    }
     warn_if_exposed(&args, &keys);
     let engine_rx = chat[0].engine.1.clone();
     let engines: Vec<_> = chat.iter().map(|c| c.engine.1.clone()).collect();
@@ -227,6 +232,10 @@ pub async fn start(
             kv_capacity_tokens: args.model.max_running.max(1) * context_length,
         },
         preempt_latency,
+        crate::arbiter::PreemptFigure::of_backend(
+            mining.as_ref().map_or("cpu", |m| m.miner.backend()),
+        ),
+        args.access.publishes_per_key_metrics(),
     ));
     let telemetry = spawn_telemetry(
         TelemetryParts {

@@ -104,12 +104,15 @@ pub struct LiveSources {
 
 impl Metrics {
     /// `preempt_latency` comes from [`preempt_latency_histogram`], made before the arbiter
-    /// that observes it.
+    /// that observes it. `per_key`: publish the requests and tokens of each API key name
+    /// (counted either way, for the quotas; shown only when the operator said so).
     pub fn new(
         model_name: &str,
         context_length: usize,
         live: LiveSources,
         preempt_latency: Histogram,
+        preempt_figure: crate::arbiter::PreemptFigure,
+        per_key: bool,
     ) -> Self {
         let mut registry = Registry::default();
         let requests = RequestMetrics {
@@ -180,31 +183,32 @@ impl Metrics {
             "HTTP responses by status code",
             http_responses.clone(),
         );
-        registry.register(
-            "idlerig_preemption_latency_seconds",
-            "Time from a request's arrival to the miner's acknowledged stop",
-            preempt_latency.clone(),
-        );
+        // Named for what it measures: a GPU's pre-emption latency, or on the CPU the miner
+        // threads' stop, which inference does not wait for.
+        let (name, help) = preempt_figure.metric();
+        registry.register(name, help, preempt_latency.clone());
         registry.register_collector(Box::new(MiningCollector {
             arbiter: live.arbiter,
             snapshot: live.snapshot,
         }));
         let keys = crate::usage::KeyCounters::default();
-        registry.register(
-            "idlerig_api_key_requests",
-            "Requests answered, by API key name",
-            keys.requests.clone(),
-        );
-        registry.register(
-            "idlerig_api_key_prompt_tokens",
-            "Prompt tokens, by API key name",
-            keys.prompt_tokens.clone(),
-        );
-        registry.register(
-            "idlerig_api_key_completion_tokens",
-            "Completion tokens, by API key name",
-            keys.completion_tokens.clone(),
-        );
+        if per_key {
+            registry.register(
+                "idlerig_api_key_requests",
+                "Requests answered, by API key name",
+                keys.requests.clone(),
+            );
+            registry.register(
+                "idlerig_api_key_prompt_tokens",
+                "Prompt tokens, by API key name",
+                keys.prompt_tokens.clone(),
+            );
+            registry.register(
+                "idlerig_api_key_completion_tokens",
+                "Completion tokens, by API key name",
+                keys.completion_tokens.clone(),
+            );
+        }
         Self {
             registry,
             requests,

@@ -65,12 +65,83 @@ enum Message {
     },
 }
 
+/// Today's figures in memory: what each key has used, and what requests still running have
+/// reserved of its quota.
+#[derive(Debug, Default)]
+struct Today {
+    day: String,
+    used: HashMap<String, DayUsage>,
+    reserved: HashMap<String, u64>,
+}
+
+impl Today {
+    /// Starts a new day's figures when `day` is not the one held. Reservations go with the
+    /// old day: a request that started yesterday is charged to the day it ends, and its hold
+    /// releases nothing from the new day's.
+    fn roll(&mut self, day: &str) {
+        if self.day != day {
+            *self = Today {
+                day: day.to_string(),
+                ..Today::default()
+            };
+        }
+    }
+
+    fn used(&self, key: &str) -> u64 {
+        self.used
+            .get(key)
+            .map_or(0, |r| r.prompt_tokens + r.completion_tokens)
+    }
+}
+
 /// The handle: today's totals, the counters, and the way to the database's thread.
 #[derive(Clone)]
 pub struct Usage {
-    today: Arc<Mutex<(String, HashMap<String, DayUsage>)>>,
+    today: Arc<Mutex<Today>>,
     counters: KeyCounters,
     writer: Option<std::sync::mpsc::Sender<Message>>,
+}
+
+/// A request's claim on its key's daily quota, taken at admission: its prompt and the
+/// completion tokens it may generate at most. Released when dropped, after the request's
+/// real usage has been recorded, whatever ended it (finished, cancelled, failed, client gone).
+#[derive(Debug)]
+pub struct QuotaHold {
+    today: Arc<Mutex<Today>>,
+    day: String,
+    key: String,
+    tokens: u64,
+}
+
+impl Drop for QuotaHold {
+    fn drop(&mut self) {
+        let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+        if today.day != self.day {
+            return; // the day turned: the hold went with the old day's figures
+        }
+        if let Some(r) = today.reserved.get_mut(&self.key) {
+            *r = r.saturating_sub(self.tokens);
+            if *r == 0 {
+                today.reserved.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// What a key still had when a request did not fit: used today, held by requests running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaShort {
+    pub used: u64,
+    pub reserved: u64,
+}
+
+/// How much of a quota a request asks for: its prompt, and up to `completion` tokens for each
+/// of its `choices` (none for embeddings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaAsk {
+    pub prompt: u64,
+    pub choices: u64,
+    pub completion: u64,
 }
 
 impl Usage {
@@ -97,7 +168,11 @@ impl Usage {
             }
         };
         Ok(Self {
-            today: Arc::new(Mutex::new((day, today))),
+            today: Arc::new(Mutex::new(Today {
+                day,
+                used: today,
+                reserved: HashMap::new(),
+            })),
             counters,
             writer,
         })
@@ -118,14 +193,15 @@ impl Usage {
         let day = utc_day(std::time::SystemTime::now());
         {
             let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
-            if today.0 != day {
-                *today = (day.clone(), HashMap::new());
-            }
-            let row = today.1.entry(key.to_string()).or_insert_with(|| DayUsage {
-                key: key.into(),
-                date: day.clone(),
-                ..DayUsage::default()
-            });
+            today.roll(&day);
+            let row = today
+                .used
+                .entry(key.to_string())
+                .or_insert_with(|| DayUsage {
+                    key: key.into(),
+                    date: day.clone(),
+                    ..DayUsage::default()
+                });
             row.requests += 1;
             row.prompt_tokens += prompt;
             row.completion_tokens += completion;
@@ -147,13 +223,46 @@ impl Usage {
     pub fn tokens_today(&self, key: &str) -> u64 {
         let day = utc_day(std::time::SystemTime::now());
         let today = self.today.lock().unwrap_or_else(|p| p.into_inner());
-        if today.0 != day {
+        if today.day != day {
             return 0;
         }
-        today
-            .1
-            .get(key)
-            .map_or(0, |r| r.prompt_tokens + r.completion_tokens)
+        today.used(key)
+    }
+
+    /// Reserves `ask` against `key`'s daily `quota`, what is used and what other requests
+    /// hold, in one step under the lock, so that requests at once cannot all see the same
+    /// room. A request needs its prompt and one token for each choice; past that it gets the
+    /// completion tokens it asked for, or as many as are left, shared among its choices: the
+    /// returned count is each choice's new `max_tokens` (0 for embeddings).
+    pub fn reserve(
+        &self,
+        key: &str,
+        quota: u64,
+        ask: QuotaAsk,
+    ) -> Result<(QuotaHold, u64), QuotaShort> {
+        let day = utc_day(std::time::SystemTime::now());
+        let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
+        today.roll(&day);
+        let used = today.used(key);
+        let reserved = today.reserved.get(key).copied().unwrap_or(0);
+        let left = quota.saturating_sub(used.saturating_add(reserved));
+        let least = ask.prompt.saturating_add(ask.choices);
+        if left < least || left == 0 {
+            return Err(QuotaShort { used, reserved });
+        }
+        let completion = match ask.choices {
+            0 => 0,
+            n => ask.completion.min((left - ask.prompt) / n),
+        };
+        let tokens = ask.prompt + completion * ask.choices;
+        *today.reserved.entry(key.to_string()).or_insert(0) += tokens;
+        let hold = QuotaHold {
+            today: self.today.clone(),
+            day,
+            key: key.to_string(),
+            tokens,
+        };
+        Ok((hold, completion))
     }
 
     /// Every key's totals for the days `from..=to` (`YYYY-MM-DD`), from the database (or,
@@ -161,8 +270,8 @@ impl Usage {
     pub async fn days(&self, from: String, to: String) -> Result<Vec<DayUsage>, UsageError> {
         let Some(w) = &self.writer else {
             let today = self.today.lock().unwrap_or_else(|p| p.into_inner());
-            let mut rows: Vec<DayUsage> = if from <= today.0 && today.0 <= to {
-                today.1.values().cloned().collect()
+            let mut rows: Vec<DayUsage> = if from <= today.day && today.day <= to {
+                today.used.values().cloned().collect()
             } else {
                 Vec::new()
             };
@@ -277,6 +386,69 @@ mod tests {
         assert_eq!(at(951_782_400), "2000-02-29");
         assert_eq!(at(1_798_675_199), "2026-12-30");
         assert_eq!(at(1_798_761_600), "2027-01-01");
+    }
+
+    #[test]
+    fn reservations_at_once_never_spend_past_the_quota() {
+        // 16 requests at once on a 120-token quota, each a 10-token prompt asking for 60:
+        // admitted together (as concurrent handlers are), every one reserves before any
+        // finishes. What they may spend adds up to at most the quota.
+        let u = Usage::open(None, KeyCounters::default()).unwrap();
+        let ask = QuotaAsk {
+            prompt: 10,
+            choices: 1,
+            completion: 60,
+        };
+        let holds: Vec<_> = (0..16)
+            .filter_map(|_| u.reserve("k", 120, ask).ok())
+            .collect();
+        let granted: u64 = holds.iter().map(|(_, c)| ask.prompt + c).sum();
+        assert!(granted <= 120, "granted {granted}");
+        assert_eq!(holds.len(), 2, "60+10, then the 50 left hold 10 + 40");
+        assert_eq!(
+            holds[1].1, 40,
+            "the second request's max_tokens is cut to what is left"
+        );
+        // Each spends all it may, then ends: its hold goes, its usage stays.
+        for (hold, completion) in holds {
+            u.record("k", ask.prompt, completion);
+            drop(hold);
+        }
+        assert_eq!(u.tokens_today("k"), 120);
+        let short = u.reserve("k", 120, ask).err().expect("nothing is left");
+        assert_eq!(
+            short,
+            QuotaShort {
+                used: 120,
+                reserved: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_hold_released_unused_gives_its_tokens_back_and_choices_share_the_room() {
+        let u = Usage::open(None, KeyCounters::default()).unwrap();
+        let ask = |prompt, choices, completion| QuotaAsk {
+            prompt,
+            choices,
+            completion,
+        };
+        let (hold, c) = u.reserve("k", 100, ask(20, 4, 50)).unwrap();
+        assert_eq!(c, 20, "four choices share the 80 left after the prompt");
+        assert!(
+            u.reserve("k", 100, ask(1, 1, 1)).is_err(),
+            "all of it is held"
+        );
+        // Cancelled after 3 tokens: only those (and the prompt) are charged.
+        u.record("k", 20, 3);
+        drop(hold);
+        let (_, c) = u.reserve("k", 100, ask(0, 1, 500)).unwrap();
+        assert_eq!(c, 77);
+        // Embeddings ask no completion: the inputs must fit whole.
+        assert!(u.reserve("j", 10, ask(11, 0, 0)).is_err());
+        assert_eq!(u.reserve("j", 10, ask(10, 0, 0)).unwrap().1, 0);
+        // A prompt that fits but leaves no token to generate is refused.
+        assert!(u.reserve("m", 10, ask(10, 1, 5)).is_err());
     }
 
     #[test]

@@ -257,10 +257,15 @@ impl ToolRequest {
                 lit("]"),
             ),
         };
-        let more = if self.parallel {
-            format!("({sep} call)*")
-        } else {
-            String::new()
+        // A named function is called exactly once, and then the turn ends (only the model's
+        // end-of-generation tokens are allowed after it): a model that would go on calling
+        // it again cannot. With `required`, parallel calls may follow one another, and the
+        // separator may also end the turn, so that a model that writes it after its last call
+        // is not forced into one more (Hermes, whose separator is a line break).
+        let more = match (&self.choice, self.parallel, format) {
+            (ToolChoice::Required, true, CallFormat::Hermes) => format!("({sep} call)* {sep}?"),
+            (ToolChoice::Required, true, _) => format!("({sep} call)*"),
+            _ => String::new(),
         };
         let answer = format!("{open} call {more} {close}");
         let top = match reasoning {
@@ -292,6 +297,17 @@ impl ToolRequest {
     }
 }
 
+/// A choice's `finish_reason`: `tool_calls` when it made calls and ended by itself;
+/// `length` whenever `max_tokens` cut it, calls or not (the complete calls are still sent,
+/// a cut one is dropped), so a client can tell that the turn may be missing a call.
+pub fn finish_reason(reason: crate::engine::FinishReason, made_calls: bool) -> &'static str {
+    match reason {
+        crate::engine::FinishReason::Length => reason.as_str(),
+        _ if made_calls => "tool_calls",
+        _ => reason.as_str(),
+    }
+}
+
 /// A tool call as it is sent: its id, and the call.
 pub fn call_id() -> String {
     format!("call_{:024x}", rand::random::<u128>() >> 32)
@@ -306,7 +322,8 @@ pub struct CallHolder {
     /// Everything held from the first possible call on.
     held: String,
     holding: bool,
-    /// Nothing but whitespace sent yet: a Llama 3 call may start with a bare `{`.
+    /// Nothing but whitespace sent yet: a Llama 3 or Hermes call may start with a bare `{`
+    /// (or, Hermes, a ```json fence).
     at_start: bool,
 }
 
@@ -334,14 +351,14 @@ impl CallHolder {
             self.held.drain(..i);
             return sent;
         }
-        if self.at_start && self.reader.format == CallFormat::Llama3Json {
-            let t = self.held.trim_start();
-            if t.starts_with('{') {
-                self.holding = true;
-                return String::new();
-            }
-            if t.is_empty() {
-                return String::new();
+        if self.at_start {
+            match self.reader.format.bare_start(self.held.trim_start()) {
+                Some(true) => {
+                    self.holding = true;
+                    return String::new();
+                }
+                None => return String::new(), // too little to tell yet
+                Some(false) => {}
             }
         }
         self.at_start = false;
@@ -421,6 +438,11 @@ mod tests {
             (CallFormat::Hermes, "<tool_call>{\"name\": broken</tool_call>"),
             (CallFormat::Llama3Json, "{\"name\": \"f\", \"parameters\": {}}"),
             (CallFormat::Llama3Json, "  plain answer {with braces}"),
+            (CallFormat::Hermes, "{\"name\": \"f\", \"arguments\": {\"a\": 1}}"),
+            (CallFormat::Hermes, "```json\n{\"name\": \"f\", \"arguments\": {}}\n```"),
+            (CallFormat::Hermes, "```python\nprint(1)\n```"),
+            (CallFormat::Hermes, "{\"name\": \"Alice\"} is a JSON answer"),
+            (CallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>\n<tool_call>{\"na"),
             (CallFormat::Mistral, "ok[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]"),
         ] {
             let reader = CallReader {

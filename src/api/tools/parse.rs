@@ -46,6 +46,24 @@ impl CallFormat {
     }
 }
 
+impl CallFormat {
+    /// Whether an output that starts with `t` (leading whitespace gone) may be a call
+    /// written without its marker, as this format's models do: `Some(true)` yes, `Some(false)`
+    /// no, `None` too little to tell yet. Llama 3 JSON and Hermes calls may be a bare `{`;
+    /// Hermes ones also a fenced ```json block.
+    pub fn bare_start(self, t: &str) -> Option<bool> {
+        let fence = self == CallFormat::Hermes;
+        match self {
+            CallFormat::Mistral => Some(false),
+            _ if t.is_empty() => None,
+            _ if t.starts_with('{') => Some(true),
+            _ if fence && t.starts_with(JSON_FENCE) => Some(true),
+            _ if fence && JSON_FENCE.starts_with(t) => None,
+            _ => Some(false),
+        }
+    }
+}
+
 /// One call as the model wrote it: the function's name and its arguments as JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedCall {
@@ -54,7 +72,9 @@ pub struct ParsedCall {
 }
 
 /// Splits a whole output into its content and its calls. Calls that do not parse leave the
-/// whole output as content, with no calls.
+/// whole output as content, with no calls. A last call cut off mid-way (by `max_tokens`, or
+/// an end-of-generation token) is dropped, with the complete ones before it kept: its markup
+/// is never content.
 pub fn parse(format: CallFormat, text: &str) -> (String, Vec<ParsedCall>) {
     let parsed = match format {
         CallFormat::Hermes => parse_hermes(text),
@@ -62,30 +82,109 @@ pub fn parse(format: CallFormat, text: &str) -> (String, Vec<ParsedCall>) {
         CallFormat::Mistral => parse_mistral(text),
     };
     match parsed {
-        Some((content, calls)) if !calls.is_empty() => (content, calls),
+        Some(p) if !p.calls.is_empty() || p.cut => (p.content, p.calls),
         _ => (text.to_string(), Vec::new()),
     }
 }
 
-fn parse_hermes(text: &str) -> Option<(String, Vec<ParsedCall>)> {
-    let first = text.find(HERMES_OPEN)?;
+/// What a format's reader found: the content before the calls, the calls, and whether a
+/// last call was cut off and dropped.
+struct Found {
+    content: String,
+    calls: Vec<ParsedCall>,
+    cut: bool,
+}
+
+impl Found {
+    fn whole(content: impl Into<String>, calls: Vec<ParsedCall>) -> Self {
+        Self {
+            content: content.into(),
+            calls,
+            cut: false,
+        }
+    }
+}
+
+/// Hermes/Qwen, as llama.cpp's parser reads it: `<tool_call>{…}</tool_call>` blocks, or (when
+/// a model leaves the tags out, as real Qwen2.5 checkpoints do in `auto` mode) bare
+/// `{"name": …, "arguments": …}` objects, or the same inside a fenced ```json block.
+fn parse_hermes(text: &str) -> Option<Found> {
+    let Some(first) = text.find(HERMES_OPEN) else {
+        return parse_bare(text);
+    };
     let content = text[..first].trim_end().to_string();
     let mut rest = &text[first..];
     let mut calls = Vec::new();
     while let Some(body) = rest.trim_start().strip_prefix(HERMES_OPEN) {
         // A last call cut off before its closing tag is still read if its JSON is whole.
-        let (inner, after) = match body.find(HERMES_CLOSE) {
-            Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..]),
-            None => (body, ""),
+        let (inner, after, closed) = match body.find(HERMES_CLOSE) {
+            Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..], true),
+            None => (body, "", false),
         };
-        calls.push(call_from_json(&serde_json::from_str(inner.trim()).ok()?)?);
+        let call = serde_json::from_str(inner.trim())
+            .ok()
+            .and_then(|v| call_from_json(&v));
+        match (call, closed) {
+            (Some(call), _) => calls.push(call),
+            // Cut off inside its JSON: dropped, the calls before it stand.
+            (None, false) => {
+                return Some(Found {
+                    content,
+                    calls,
+                    cut: true,
+                })
+            }
+            (None, true) => return None,
+        }
         rest = after;
     }
     // Text after the calls that is not another call: not a clean tool-call turn.
-    rest.trim().is_empty().then_some((content, calls))
+    rest.trim()
+        .is_empty()
+        .then_some(Found::whole(content, calls))
 }
 
-fn parse_llama3(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+/// The opening of a fenced JSON block.
+pub const JSON_FENCE: &str = "```json";
+
+/// Calls written as bare JSON objects (`{"name": …, "arguments": …}`, one after another),
+/// the whole output, or inside one fenced ```json block. An object is a call only if it has
+/// arguments: a JSON answer with a "name" is an answer. A last object cut off is dropped
+/// when complete calls come before it; alone, the text stays content (it may be an answer).
+fn parse_bare(text: &str) -> Option<Found> {
+    let trimmed = text.trim();
+    let body = match trimmed.strip_prefix(JSON_FENCE) {
+        Some(fenced) => match fenced.trim_end().strip_suffix("```") {
+            Some(inner) => inner,
+            None => fenced, // cut off before the fence closed
+        },
+        None => trimmed,
+    };
+    if !body.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut calls = Vec::new();
+    let mut objects = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+    loop {
+        match objects.next() {
+            None => return Some(Found::whole("", calls)),
+            Some(Ok(v)) => {
+                let has_args = v.get("arguments").or_else(|| v.get("parameters")).is_some();
+                calls.push(has_args.then(|| call_from_json(&v)).flatten()?);
+            }
+            Some(Err(e)) if e.is_eof() && !calls.is_empty() => {
+                return Some(Found {
+                    content: String::new(),
+                    calls,
+                    cut: true,
+                })
+            }
+            Some(Err(_)) => return None,
+        }
+    }
+}
+
+fn parse_llama3(text: &str) -> Option<Found> {
     let (content, body, tagged) = match text.find(PYTHON_TAG) {
         Some(i) => (text[..i].trim_end(), &text[i + PYTHON_TAG.len()..], true),
         None => ("", text, false),
@@ -107,7 +206,7 @@ fn parse_llama3(text: &str) -> Option<(String, Vec<ParsedCall>)> {
             call_from_json(&v)
         })
         .collect::<Option<Vec<_>>>()?;
-    Some((content.to_string(), calls))
+    Some(Found::whole(content, calls))
 }
 
 /// Splits at `sep` outside JSON strings and brackets.
@@ -139,7 +238,7 @@ fn split_top_level(s: &str, sep: char) -> Vec<&str> {
     parts
 }
 
-fn parse_mistral(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+fn parse_mistral(text: &str) -> Option<Found> {
     let first = text.find(MISTRAL_CALLS)?;
     let content = text[..first].trim_end().to_string();
     let mut calls = Vec::new();
@@ -161,7 +260,7 @@ fn parse_mistral(text: &str) -> Option<(String, Vec<ParsedCall>)> {
             });
         }
     }
-    Some((content, calls))
+    Some(Found::whole(content, calls))
 }
 
 /// `{"name": …, "arguments" | "parameters": {…} | "…"}` as a call.
@@ -242,6 +341,68 @@ mod tests {
             ),
             (String::new(), vec![call("f", r#"{"x":1}"#)]),
             "string arguments holding an object, and a last call cut off before its tag"
+        );
+    }
+
+    #[test]
+    fn hermes_bare_and_fenced_calls_as_real_qwen_checkpoints_write_them() {
+        // What a Qwen2.5-Coder Instruct GGUF wrote in `auto` mode at temperature 0: no tags.
+        let bare = r#"{"name": "get_weather", "arguments": {"city": "Oslo"}}"#;
+        let want = vec![call("get_weather", r#"{"city":"Oslo"}"#)];
+        assert_eq!(
+            parse(CallFormat::Hermes, bare),
+            (String::new(), want.clone())
+        );
+        assert_eq!(
+            parse(CallFormat::Hermes, &format!("\n  {bare}\n")),
+            (String::new(), want.clone())
+        );
+        let fenced = format!("```json\n{bare}\n```");
+        assert_eq!(
+            parse(CallFormat::Hermes, &fenced),
+            (String::new(), want.clone())
+        );
+        let two = format!("{bare}\n{{\"name\": \"time\", \"arguments\": {{}}}}");
+        assert_eq!(parse(CallFormat::Hermes, &two).1.len(), 2);
+        // JSON answers are answers: no arguments, prose after, another language's fence.
+        for answer in [
+            r#"{"name": "Alice", "age": 3}"#,
+            r#"{"name": "f", "arguments": {}} and some prose"#,
+            "```python\nprint({\"name\": 1})\n```",
+            r#"{"name": "f", "argu"#,
+        ] {
+            assert_eq!(
+                parse(CallFormat::Hermes, answer),
+                (answer.to_string(), vec![]),
+                "{answer}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_call_cut_off_by_max_tokens_is_dropped_and_the_whole_ones_kept() {
+        let one = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>";
+        // The output of a forced call looping until max_tokens: whole calls, then a cut one.
+        let looped = format!("{one}\n{one}\n<tool_call>\n{{\"name\": \"f\", \"argu");
+        assert_eq!(
+            parse(CallFormat::Hermes, &looped),
+            (String::new(), vec![call("f", r#"{"a":1}"#); 2])
+        );
+        // Cut inside the only call: no call, and no markup in the content either.
+        assert_eq!(
+            parse(
+                CallFormat::Hermes,
+                "Checking.\n<tool_call>\n{\"name\": \"f\""
+            ),
+            ("Checking.".to_string(), vec![])
+        );
+        let bare = r#"{"name": "f", "arguments": {"a": 1}}"#;
+        assert_eq!(
+            parse(
+                CallFormat::Hermes,
+                &format!("{bare}\n{{\"name\": \"f\", \"ar")
+            ),
+            (String::new(), vec![call("f", r#"{"a":1}"#)])
         );
     }
 
