@@ -377,3 +377,130 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A batch's lines are held to their owner's quota as requests are: 16 lines asking for 60
+/// tokens each on a 120-token day spend at most 120, and the lines that find nothing left fail
+/// with `insufficient_quota` (never retried and charged again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_s_lines_spend_at_most_the_quota() {
+    const DAN: &str = "sk-dan-quota-7777777";
+    const ADMIN: &str = "sk-admin-quota-88888";
+    let dir = std::env::temp_dir().join(format!("idlerig-batch-quota-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("keys.txt"),
+        format!("dan:{DAN} daily-tokens=120\nadmin:{ADMIN} admin\n"),
+    )
+    .unwrap();
+    let (keys, data) = (
+        dir.join("keys.txt").display().to_string(),
+        dir.join("data").display().to_string(),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let argv = [
+        "--local-pool-port",
+        "0",
+        "--embedding-model",
+        "none",
+        "--api-key-file",
+        &keys,
+        "--usage-db",
+        "none",
+        "--data-dir",
+        &data,
+    ];
+    let (running, base) = common::start_serve(&argv, async {
+        let _ = stopped.await;
+    })
+    .await;
+    let lines: String = (0..16)
+        .map(|i| {
+            json!({"custom_id": format!("l{i}"), "method": "POST", "url": "/v1/completions",
+                   "body": {"prompt": "The capital of France is", "max_tokens": 60,
+                            "temperature": 0, "ignore_eos": true}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(lines.into_bytes()).file_name("in.jsonl"),
+        );
+    let file: Value = http
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(DAN)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch: Value = http
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(DAN)
+        .json(
+            &json!({"input_file_id": file["id"], "endpoint": "/v1/completions",
+                      "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = batch["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{batch}"))
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let done = loop {
+        let (_, b) = call(&base, DAN, "GET", &format!("/v1/batches/{id}"), None).await;
+        if b["status"] == "completed" {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch did not finish: {b}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let counts = &done["request_counts"];
+    assert_eq!(counts["total"], 16, "{done}");
+    assert!(counts["failed"].as_u64().unwrap() >= 1, "{done}");
+    let (_, usage) = call(&base, ADMIN, "GET", "/v1/usage", None).await;
+    let row = usage["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == "dan")
+        .unwrap_or_else(|| panic!("{usage}"))
+        .clone();
+    let spent = row["prompt_tokens"].as_u64().unwrap() + row["completion_tokens"].as_u64().unwrap();
+    assert!(spent <= 120, "the batch spent {spent} of 120: {row}");
+    assert_eq!(
+        row["requests"].as_u64().unwrap(),
+        counts["completed"].as_u64().unwrap(),
+        "only the lines that ran were counted, once each"
+    );
+    let errors = http
+        .get(format!(
+            "{base}/v1/files/{}/content",
+            done["error_file_id"].as_str().unwrap()
+        ))
+        .bearer_auth(DAN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(errors.contains("insufficient_quota"), "{errors}");
+    stop.send(()).unwrap();
+    running.task.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

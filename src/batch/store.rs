@@ -93,6 +93,12 @@ impl Store {
         Ok(self.conn.as_mut().expect("opened above"))
     }
 
+    /// Closes the database (at shutdown, once the runner has stopped), so that the file is
+    /// whole and released when the server says it stopped. A later call opens it again.
+    pub fn close(&mut self) {
+        self.conn = None;
+    }
+
     /// Removes what a crash can leave behind: partial uploads, and files renamed into place
     /// whose record was never committed.
     fn tidy(&mut self) -> Result<(), BatchError> {

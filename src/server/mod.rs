@@ -255,15 +255,18 @@ pub async fn start(
         (false, Some(p)) => Some(std::path::PathBuf::from(p)),
         (false, None) => Some(crate::usage::default_path()),
     };
+    let mut usage_at_exit = None;
     if !keys_empty {
         let usage = crate::usage::Usage::open(usage_path.as_deref(), metrics.keys.clone())?;
         tracing::info!(db = ?usage_path, "counting usage per API key");
+        usage_at_exit = Some(usage.clone());
         state = state.with_usage(usage);
     }
     let batches = open_batches(&args, usage_path.as_deref())?;
     if let Some(b) = &batches {
         state = state.with_batches(b.clone());
     }
+    let batches_at_exit = batches.clone();
     state = state.with_telemetry(telemetry.clone(), metrics, snapshot_rx);
 
     // One after another (each load uses every core), the default model first. The first
@@ -363,6 +366,19 @@ pub async fn start(
         let _ = arbiter_stop_tx.send(true);
         if let Some(stack) = mining.take() {
             stop_mining(stack, pool_stop_tx).await;
+        }
+        // Every request has ended: their usage is stored, and the databases closed (the
+        // batches' may be the same file), before the server says it stopped.
+        if let Some(usage) = usage_at_exit {
+            usage.close().await;
+        }
+        if let Some(b) = batches_at_exit {
+            let _ = b
+                .call(|store| {
+                    store.close();
+                    Ok(())
+                })
+                .await;
         }
         result?;
         match failure.lock().expect("failure lock").take() {

@@ -63,6 +63,8 @@ enum Message {
         to: String,
         reply: oneshot::Sender<Result<Vec<DayUsage>, UsageError>>,
     },
+    /// Store everything sent before, close the database, and stop.
+    Close { reply: oneshot::Sender<()> },
 }
 
 /// Today's figures in memory: what each key has used, and what requests still running have
@@ -265,6 +267,17 @@ impl Usage {
         Ok((hold, completion))
     }
 
+    /// At shutdown, once no request is running: waits until every record sent so far is
+    /// stored, then closes the database. Records sent after it are logged as not stored.
+    pub async fn close(&self) {
+        if let Some(w) = &self.writer {
+            let (reply, done) = oneshot::channel();
+            if w.send(Message::Close { reply }).is_ok() {
+                let _ = done.await;
+            }
+        }
+    }
+
     /// Every key's totals for the days `from..=to` (`YYYY-MM-DD`), from the database (or,
     /// without one, today's in memory).
     pub async fn days(&self, from: String, to: String) -> Result<Vec<DayUsage>, UsageError> {
@@ -327,6 +340,12 @@ fn query(conn: &rusqlite::Connection, from: &str, to: &str) -> Result<Vec<DayUsa
 /// at most the one being written), in the order they came.
 fn write_loop(conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Message>, path: String) {
     for msg in rx {
+        if let Message::Close { reply } = msg {
+            // Closed here, before the answer: the caller may remove or replace the file next.
+            drop(conn);
+            let _ = reply.send(());
+            return;
+        }
         match msg {
             Message::Record {
                 day,
@@ -349,6 +368,7 @@ fn write_loop(conn: rusqlite::Connection, rx: std::sync::mpsc::Receiver<Message>
             Message::Query { from, to, reply } => {
                 let _ = reply.send(query(&conn, &from, &to));
             }
+            Message::Close { .. } => unreachable!("handled above"),
         }
     }
 }
