@@ -115,3 +115,41 @@ fn serving_on_the_gpu_agrees_with_the_cpu_twin() {
         assert_eq!(b["ok"], true, "{b}");
     }
 }
+
+/// NVRTC needs no GPU: the kernel compiles here for the H100's architecture, and both images
+/// come out, the cubin (an ELF for sm_90, loaded first) and the PTX (the fallback, chosen when
+/// it is asked for: `IDLERIG_KERNEL_IMAGE=ptx`). Skips, saying so, where no libnvrtc loads.
+#[test]
+fn nvrtc_gives_the_cubin_first_and_the_ptx_when_forced() {
+    use idlerig::mining::gpu::nvrtc::{compile, version, ImageKind};
+    if let Err(e) = version() {
+        eprintln!("SKIPPED: NVRTC did not load ({e})");
+        return;
+    }
+    let source = idlerig::mining::gpu::cuda::KERNEL_SOURCE;
+    let c = compile(source, "sha256d.cu", "sm_90").expect("the kernel compiles for sm_90");
+    eprintln!(
+        "NVRTC {} compiled the kernel in {:.0} ms",
+        c.nvrtc_version, c.compile_ms
+    );
+    let (kind, cubin) = c.image(ImageKind::Cubin).unwrap();
+    assert_eq!(kind, ImageKind::Cubin);
+    assert!(cubin.starts_with(b"\x7fELF"), "a cubin is an ELF image");
+    let (kind, ptx) = c.image(ImageKind::Ptx).unwrap();
+    assert_eq!(kind, ImageKind::Ptx);
+    let ptx = String::from_utf8_lossy(ptx);
+    assert!(
+        ptx.contains(".target sm_90") && ptx.contains("sha256d_scan"),
+        "{}",
+        &ptx[..400.min(ptx.len())]
+    );
+    assert!(
+        ptx.ends_with('\0'),
+        "NUL-terminated, as the driver's loader reads it"
+    );
+    // A source that does not compile: NVRTC's log, as the error.
+    let err = compile("this is not CUDA", "bad.cu", "sm_90")
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("bad.cu"), "{err}");
+}

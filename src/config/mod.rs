@@ -95,12 +95,30 @@ pub struct BenchGpuCheckArgs {
     /// The GPU to check.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
-    /// The model for the serving figures (GGUF file or safetensors directory).
+    /// The model for the serving and speed figures (GGUF file or safetensors directory).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Small sizes even on a GPU (a smoke run).
     #[arg(long)]
     pub quick: bool,
+    /// The part to run: `kernel` (correctness, GH/s against the ceiling, pre-emption with
+    /// lost and duplicate nonces; no model needed), `serving` (CUDA against the CPU twin on
+    /// the tiny model of every architecture in tests/reference/arch, and on --model), `speed`
+    /// (bench infer and bench preempt on --model), or `all` of them in turn.
+    #[arg(long, value_enum, default_value_t = GpuCheckSection::All)]
+    pub section: GpuCheckSection,
+    /// Where each part's JSON is written as soon as it is done (`gpu-check-kernel.json`, …).
+    #[arg(long, env = "OUT")]
+    pub out: Option<PathBuf>,
+}
+
+/// A part of `bench gpu-check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuCheckSection {
+    Kernel,
+    Serving,
+    Speed,
+    All,
 }
 
 /// Where `serve` mines between requests.

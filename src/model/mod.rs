@@ -54,7 +54,19 @@ pub fn device_from_name(name: &str) -> Result<candle_core::Device, ModelError> {
         None => Ok(candle_core::Device::Cpu),
         // One explicit stream for every thread: the model loads on one thread and runs on
         // another, and candle's default per-thread streams would not order the two.
-        Some(idx) if cfg!(feature = "cuda") => Ok(candle_core::Device::new_cuda_with_stream(idx)?),
+        Some(idx) if cfg!(feature = "cuda") => {
+            let device = candle_core::Device::new_cuda_with_stream(idx)?;
+            #[cfg(feature = "cuda")]
+            if let candle_core::Device::Cuda(d) = &device {
+                // candle serves on this one stream: with event tracking on (cudarc's default
+                // once a context has a stream of its own), every allocation records an event
+                // and every use of an operand waits on one, for nothing.
+                // SAFETY: nothing is allocated on this device yet, and candle uses no stream
+                // but this one (the miner has a context handle and stream of its own).
+                unsafe { d.disable_event_tracking() };
+            }
+            Ok(device)
+        }
         Some(_) => Err(ModelError::Unsupported(format!(
             "device `{name}`: this build has no CUDA support (build with --features cuda)"
         ))),

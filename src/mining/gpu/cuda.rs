@@ -4,6 +4,8 @@
 //! handle would switch candle to multi-stream event tracking on every op. The stop word lives
 //! in host-mapped pinned memory (`cuMemHostAlloc` with DEVICEMAP | PORTABLE), so a raise on
 //! the host is seen by the running kernel at its next checkpoint with no copy or launch.
+//! Its stream has the device's lowest priority, so inference blocks are scheduled first. The
+//! kernel is loaded as the cubin NVRTC makes ([`super::nvrtc`]), PTX only as the fallback.
 //! Everything but these calls is in the shared miner code, tested on the CPU stand-in.
 
 use std::sync::atomic::AtomicU32;
@@ -15,10 +17,11 @@ use cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
     PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+use cudarc::nvrtc::Ptx;
 
 use super::job::GpuJob;
 use super::launcher::{Geometry, Launch, LaunchError, LaunchResult, ScanLauncher};
+use super::nvrtc::{self, ImageKind};
 use crate::mining::HostWord;
 
 /// The kernel's source, built into the binary: NVRTC compiles it where it runs.
@@ -27,12 +30,14 @@ pub const KERNEL_SOURCE: &str = include_str!("../../../kernels/sha256d.cu");
 // SAFETY: `GpuJob` is `#[repr(C)]` of 23 `u32`s, the layout of the kernel's `struct Job`.
 unsafe impl DeviceRepr for GpuJob {}
 
-/// How the grid is sized.
+/// How the grid is sized, and which image of the kernel is loaded.
 #[derive(Debug, Clone)]
 pub struct CudaConfig {
     pub threads_per_block: u32,
     /// Blocks per multiprocessor; `None`: as many as the kernel's registers allow.
     pub blocks_per_sm: Option<u32>,
+    /// The cubin NVRTC made (PTX if the driver refuses it), or PTX first.
+    pub image: ImageKind,
 }
 
 impl Default for CudaConfig {
@@ -40,6 +45,7 @@ impl Default for CudaConfig {
         Self {
             threads_per_block: 256,
             blocks_per_sm: None,
+            image: ImageKind::preferred(),
         }
     }
 }
@@ -53,6 +59,12 @@ pub struct KernelInfo {
     pub clock_mhz: f64,
     pub total_memory_mib: u64,
     pub compile_ms: f64,
+    /// The image loaded (`cubin`, or `ptx`), and why it is not the one asked for, if not.
+    pub image: ImageKind,
+    pub image_fallback: Option<String>,
+    pub nvrtc_version: String,
+    /// The driver's CUDA version (`cuDriverGetVersion`), `major.minor`.
+    pub driver_version: Option<String>,
     pub registers: i32,
     pub spill_bytes: i32,
     pub blocks_per_sm: u32,
@@ -123,6 +135,48 @@ impl Drop for MappedWord {
     }
 }
 
+/// Loads the image `want` names, or the other one when the driver refuses it: the module,
+/// which image it is, and why it is not the one asked for (if not).
+fn load(
+    ctx: &Arc<CudaContext>,
+    compiled: &nvrtc::Compiled,
+    want: ImageKind,
+) -> Result<(Arc<cudarc::driver::CudaModule>, ImageKind, Option<String>), LaunchError> {
+    let (kind, bytes) = compiled
+        .image(want)
+        .ok_or_else(|| LaunchError::Compile("no image to load".into()))?;
+    let first = ctx.load_module(Ptx::from_binary(bytes.to_vec()));
+    let why_not = (kind != want).then(|| format!("NVRTC gave no {want:?}"));
+    let refused = match first {
+        Ok(m) => return Ok((m, kind, why_not)),
+        Err(e) => e,
+    };
+    let other = match kind {
+        ImageKind::Cubin => ImageKind::Ptx,
+        ImageKind::Ptx => ImageKind::Cubin,
+    };
+    let Some((_, bytes)) = compiled.image(other).filter(|(k, _)| *k == other) else {
+        return Err(driver(refused));
+    };
+    tracing::warn!(error = %refused, "the driver refused the {kind:?} image; loading the {other:?}");
+    let m = ctx
+        .load_module(Ptx::from_binary(bytes.to_vec()))
+        .map_err(driver)?;
+    Ok((
+        m,
+        other,
+        Some(format!("the driver refused the {kind:?}: {refused}")),
+    ))
+}
+
+/// The driver's CUDA version, `major.minor` (`None` where the driver does not answer).
+pub fn driver_version() -> Option<String> {
+    let mut v = 0i32;
+    // SAFETY: a valid out-pointer.
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::cudaError_enum::CUDA_SUCCESS).then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+}
+
 pub struct CudaLauncher {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -138,28 +192,23 @@ pub struct CudaLauncher {
 }
 
 impl CudaLauncher {
-    /// Compiles the kernel for GPU `ordinal` and sizes the grid to fill it.
+    /// Compiles the kernel for GPU `ordinal`, loads it, and sizes the grid to fill it.
     pub fn new(ordinal: usize, cfg: CudaConfig) -> Result<Self, LaunchError> {
         let ctx = CudaContext::new(ordinal).map_err(|e| LaunchError::NoDevice(e.to_string()))?;
         // This handle's slices are used by one stream only: no per-op event bookkeeping.
         // SAFETY: nothing has been allocated on this handle yet.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(driver)?;
+        // The lowest priority the device has: when an inference block and a scan block are
+        // both waiting for a multiprocessor, the inference block is scheduled first.
+        ctx.bind_to_thread().map_err(driver)?;
+        let (least, _greatest) =
+            cudarc::driver::result::stream::get_priority_range().map_err(driver)?;
+        let stream = ctx.new_stream_with_priority(least).map_err(driver)?;
         let (major, minor) = ctx.compute_capability().map_err(driver)?;
         let started = Instant::now();
-        let opts = CompileOptions {
-            options: vec![format!("--gpu-architecture=sm_{major}{minor}")],
-            name: Some("sha256d.cu".into()),
-            ..Default::default()
-        };
-        let ptx = compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| match e {
-            CompileError::CompileError { log, .. } => {
-                LaunchError::Compile(log.to_string_lossy().into_owned())
-            }
-            other => LaunchError::Compile(other.to_string()),
-        })?;
+        let compiled = nvrtc::compile(KERNEL_SOURCE, "sha256d.cu", &format!("sm_{major}{minor}"))?;
+        let (module, image, image_fallback) = load(&ctx, &compiled, cfg.image)?;
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-        let module = ctx.load_module(ptx).map_err(driver)?;
         let func = module.load_function("sha256d_scan").map_err(driver)?;
         let attr = |a| ctx.attribute(a).map_err(driver);
         let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
@@ -196,6 +245,10 @@ impl CudaLauncher {
             clock_mhz: f64::from(clock_khz) / 1e3,
             total_memory_mib: (ctx.total_mem().map_err(driver)? >> 20) as u64,
             compile_ms,
+            image,
+            image_fallback,
+            nvrtc_version: compiled.nvrtc_version.clone(),
+            driver_version: driver_version(),
             registers: func.num_regs().map_err(driver)?,
             spill_bytes: func.local_size_bytes().map_err(driver)?,
             blocks_per_sm: per_sm,

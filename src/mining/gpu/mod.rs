@@ -10,6 +10,8 @@ pub mod cuda;
 pub mod job;
 pub mod launcher;
 pub mod miner;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
 pub mod power;
 pub mod sweep;
 
