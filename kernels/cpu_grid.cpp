@@ -5,6 +5,7 @@
 // runs in CI exactly as it would against a GPU, only slower. Built by build.rs; called from
 // src/mining/gpu/cpu_grid.rs.
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -83,27 +84,37 @@ extern "C" int idlerig_cpu_grid_scan(const Job* job, unsigned grid, unsigned blo
                                      const volatile unsigned* stop, unsigned* progress) {
     if (grid == 0 || block == 0) return -1;
     std::vector<BlockBarrier*> barriers;
-    for (unsigned b = 0; b < grid; b++) barriers.push_back(new BlockBarrier(block));
     std::vector<std::thread> threads;
+    std::atomic<bool> failed{false};
     int rc = 0;
+    // No exception may cross this extern "C" boundary into Rust (that is undefined behaviour):
+    // any failure to set the launch up (threads, memory) is -1, as is one inside a thread.
     try {
+        for (unsigned b = 0; b < grid; b++) barriers.push_back(new BlockBarrier(block));
         threads.reserve((size_t)grid * block);
         // Every block's threads are all created before any can wait for them: a block whose
         // threads could not all be made would wait at its barrier for ever.
         for (unsigned b = 0; b < grid; b++) {
             for (unsigned t = 0; t < block; t++) {
-                threads.emplace_back([=] {
+                BlockBarrier* barrier = barriers[b];
+                threads.emplace_back([=, &failed] {
                     gridDim.x = grid;
                     blockDim.x = block;
                     blockIdx.x = b;
                     threadIdx.x = t;
-                    current_block = barriers[b];
-                    sha256d_scan(*job, start, last, end_wave, resume, every, out, cap, stop,
-                                 progress);
+                    current_block = barrier;
+                    // An exception leaving a thread's function would end the process.
+                    try {
+                        sha256d_scan(*job, start, last, end_wave, resume, every, out, cap, stop,
+                                     progress);
+                    } catch (...) {
+                        failed.store(true);
+                        barrier->abort();
+                    }
                 });
             }
         }
-    } catch (const std::system_error&) {
+    } catch (...) {
         rc = -1;
     }
     if (rc != 0) {
@@ -111,5 +122,5 @@ extern "C" int idlerig_cpu_grid_scan(const Job* job, unsigned grid, unsigned blo
     }
     for (auto& th : threads) th.join();
     for (auto* b : barriers) delete b;
-    return rc;
+    return failed.load() ? -1 : rc;
 }

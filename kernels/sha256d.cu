@@ -185,6 +185,15 @@ DEV u32 sha256d_top(const Job& j, u32 nonce) {
 //   their candidates that did fit, by wave, and finds them again on the rescan);
 // - if the host-mapped `stop` word is raised (pre-emption, shutdown), the block stops there.
 // progress[b] is the first wave block b has not finished.
+// The stop word as each side must read it: on the GPU a volatile load of host-mapped memory
+// (seen at the next read, with no copy); on the CPU stand-in an atomic acquire load, since the
+// host writes it as a Rust AtomicU32 from another thread (a volatile load there is a data race).
+#if defined(IDLERIG_CPU_GRID)
+#define IDLERIG_STOP_RAISED(stop) (__atomic_load_n((stop), __ATOMIC_ACQUIRE) != 0)
+#else
+#define IDLERIG_STOP_RAISED(stop) (*(stop) != 0)
+#endif
+
 extern "C" __global__ void sha256d_scan(Job job, u32 start, u32 last, u32 end_wave,
                                         const u32* resume, u32 every, u32* out, u32 cap,
                                         const volatile u32* stop, u32* progress) {
@@ -198,7 +207,7 @@ extern "C" __global__ void sha256d_scan(Job job, u32 start, u32 last, u32 end_wa
         if (until_check == 0 || k >= end_wave) {
             if (__syncthreads_or(lost)) break;
             done = k;
-            if (k >= end_wave || __syncthreads_or(threadIdx.x == 0 && *stop != 0)) break;
+            if (k >= end_wave || __syncthreads_or(threadIdx.x == 0 && IDLERIG_STOP_RAISED(stop))) break;
             until_check = every;
         }
         until_check--;

@@ -250,14 +250,25 @@ fn log_sum_exp(logits: &[f32]) -> f32 {
 
 /// The `k` largest entries' indices, largest first (ties by lower index).
 fn top_k_indices(logits: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    if k < idx.len() && k > 0 {
+    top_k_by(logits.len(), k, |a, b| {
+        logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+    })
+}
+
+/// The first `k` of `0..n` in the order `cmp`: a selection (linear), then a sort of those `k`
+/// only. `logprobs` without `top_logprobs` asks for none, and costs nothing: no sort of a
+/// 150,000-token vocabulary for every token.
+fn top_k_by(n: usize, k: usize, cmp: impl Fn(usize, usize) -> std::cmp::Ordering) -> Vec<usize> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<usize> = (0..n).collect();
+    let cmp = |a: &usize, b: &usize| cmp(*a, *b);
+    if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, cmp);
         idx.truncate(k);
     }
     idx.sort_by(cmp);
-    idx.truncate(k);
     idx
 }
 
@@ -341,6 +352,30 @@ mod tests {
             let got = s.sample(&mut logits.clone()).id as usize;
             assert_eq!(got, reference_draw(&p, &logits, r), "case {case}");
         }
+    }
+
+    #[test]
+    fn logprobs_without_top_logprobs_sort_nothing_and_a_few_are_selected() {
+        // Comparisons counted over a Qwen-sized vocabulary: none for k = 0 (a full sort,
+        // as before, is ~2.5 million), and linear for a few.
+        let n = 151_936;
+        let logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32).collect();
+        let count = |k: usize| {
+            let seen = std::cell::Cell::new(0u64);
+            let top = top_k_by(n, k, |a, b| {
+                seen.set(seen.get() + 1);
+                logits[b].total_cmp(&logits[a]).then(a.cmp(&b))
+            });
+            (top, seen.get())
+        };
+        assert_eq!(count(0), (Vec::new(), 0));
+        let (top, comparisons) = count(5);
+        assert_eq!(top, top_k_indices(&logits, 5));
+        assert!(logits[top[0]] >= logits[top[4]]);
+        assert!(
+            comparisons < 4 * n as u64,
+            "{comparisons} comparisons for 5 of {n}"
+        );
     }
 
     #[test]

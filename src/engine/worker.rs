@@ -216,6 +216,39 @@ impl Engine {
             }
             tracing::debug!(request_id = %sub.request.request_id, queued_ms = waited.as_millis() as u64, prompt_tokens = sub.request.prompt.len(), n, "request admitted to the running batch");
             let request_id: Arc<str> = sub.request.request_id.as_str().into();
+            // Building a request's sequences (its sampler, a copy of its grammar for each
+            // choice) runs request-supplied state: a panic there fails this request alone,
+            // and the engine thread goes on.
+            let built = catch_unwind(AssertUnwindSafe(|| self.sequences(&sub, &request_id)));
+            match built {
+                Ok(seqs) => {
+                    for seq in seqs {
+                        // The running set stays sorted by rank: scheduling and pre-emption
+                        // read it so.
+                        let at = self.running.partition_point(|s| s.rank() <= seq.rank());
+                        self.running.insert(at, seq);
+                    }
+                }
+                Err(panic) => {
+                    let why = panic_message(&*panic);
+                    tracing::error!(request_id = %request_id, panic = %why, "admitting a request panicked; failing it alone");
+                    let _ = sub.events.send(SeqEvent::Failed {
+                        message: format!(
+                            "internal error in the engine while admitting the request: {why}"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The running sequences of one submission, a choice each.
+    fn sequences(&mut self, sub: &Submission, request_id: &Arc<str>) -> Vec<Sequence> {
+        #[cfg(test)]
+        injected_panic(request_id, "admit");
+        let n = sub.request.n;
+        let mut seqs = Vec::with_capacity(n);
+        {
             for choice in 0..n {
                 let r = &sub.request;
                 let seq = Sequence {
@@ -242,11 +275,10 @@ impl Engine {
                     order: self.next_order,
                 };
                 self.next_order += 1;
-                // The running set stays sorted by rank: scheduling and pre-emption read it so.
-                let at = self.running.partition_point(|s| s.rank() <= seq.rank());
-                self.running.insert(at, seq);
+                seqs.push(seq);
             }
         }
+        seqs
     }
 
     fn step(&mut self) {
@@ -338,19 +370,24 @@ impl Engine {
             if seq.pending() > 0 {
                 continue; // a prompt chunk that does not reach the end yet
             }
-            let (tok, complete) = match sample_constrained(seq, &mut row) {
-                Ok(sampled) => sampled,
-                Err(e) => {
-                    // The output so far stands as it is; it is never a server error.
-                    tracing::warn!(request_id = %seq.request_id, error = %e, "the output's grammar failed; ending the choice");
-                    done[i] = seq.finish(&self.tokenizer, FinishReason::Stop);
-                    continue;
+            // Sampling, the grammar's mask, stop matching and the events run per sequence
+            // under a guard of their own: a panic there fails this sequence alone (the others
+            // of the step, finished or not, are untouched).
+            let (tokenizer, stats) = (&self.tokenizer, &self.stats);
+            let next = catch_unwind(AssertUnwindSafe(|| {
+                next_token(seq, &mut row, tokenizer, stats)
+            }));
+            done[i] = match next {
+                Ok(ended) => ended,
+                Err(panic) => {
+                    let why = panic_message(&*panic);
+                    tracing::error!(request_id = %seq.request_id, choice = seq.choice, panic = %why, "a sequence panicked while sampling; failing it alone");
+                    let _ = seq.events.send(SeqEvent::Failed {
+                        message: format!("internal error in the engine while sampling: {why}"),
+                    });
+                    true
                 }
             };
-            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let finished = seq.emit_token(tok, &self.tokenizer);
-            // A complete output (the grammar allows nothing more) ends the choice.
-            done[i] = finished || (complete && seq.finish(&self.tokenizer, FinishReason::Stop));
         }
         for (s, _) in self.running.iter().zip(&done).filter(|(_, &d)| d) {
             if s.tier == ServiceTier::Deferred && s.generated > 0 {
@@ -463,6 +500,50 @@ impl Engine {
         });
     }
 }
+
+/// Samples, checks and sends `seq`'s next token; `true` when the choice has ended.
+fn next_token(
+    seq: &mut Sequence,
+    row: &mut [f32],
+    tokenizer: &TextTokenizer,
+    stats: &EngineStats,
+) -> bool {
+    #[cfg(test)]
+    injected_panic(&seq.request_id, "sample");
+    let (tok, complete) = match sample_constrained(seq, row) {
+        Ok(sampled) => sampled,
+        Err(e) => {
+            // The output so far stands as it is; it is never a server error.
+            tracing::warn!(request_id = %seq.request_id, error = %e, "the output's grammar failed; ending the choice");
+            return seq.finish(tokenizer, FinishReason::Stop);
+        }
+    };
+    stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+    let finished = seq.emit_token(tok, tokenizer);
+    // A complete output (the grammar allows nothing more) ends the choice.
+    finished || (complete && seq.finish(tokenizer, FinishReason::Stop))
+}
+
+/// What a panic said (its `&str` or `String` payload).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// The tests' fault injection: a request whose id is `inject-panic:PLACE` panics there.
+#[cfg(test)]
+fn injected_panic(request_id: &str, place: &str) {
+    if request_id.strip_prefix("inject-panic:") == Some(place) {
+        panic!("injected panic in {place}");
+    }
+}
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;
 
 /// Samples `seq`'s next token from `row`, under its grammar when it has one: the logits the
 /// grammar rules out are masked first, and the token is committed to the grammar after.

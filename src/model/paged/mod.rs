@@ -231,18 +231,21 @@ impl KvPool {
 
     /// Gives `seq` blocks for `len` tokens, all or none: on `false` the pool is exhausted and
     /// `seq` holds what it held before.
+    ///
+    /// What is available (free, and cached blocks nobody holds) is counted first, and a cached
+    /// block is evicted only once the whole reservation is known to fit: a reservation that
+    /// fails leaves the prefix cache as it found it.
     pub fn reserve(&mut self, seq: &mut SeqBlocks, len: usize) -> bool {
-        let held = seq.blocks.len();
-        while seq.blocks.len() * BLOCK_TOKENS < len {
-            match self.alloc.allocate() {
-                Some(b) => seq.blocks.push(b),
-                None => {
-                    for b in seq.blocks.drain(held..) {
-                        self.alloc.release(b);
-                    }
-                    return false;
-                }
-            }
+        let needed = len.div_ceil(BLOCK_TOKENS).saturating_sub(seq.blocks.len());
+        if needed > self.alloc.available() {
+            return false;
+        }
+        for _ in 0..needed {
+            let b = self
+                .alloc
+                .allocate()
+                .expect("counted as available just above, on the same thread");
+            seq.blocks.push(b);
         }
         true
     }
@@ -263,7 +266,7 @@ impl KvPool {
             return 0; // its blocks already stand for positions from 0
         }
         let full = tokens.len().saturating_sub(1) / BLOCK_TOKENS;
-        let mut parent = 0;
+        let mut parent = None;
         for chunk in tokens.chunks_exact(BLOCK_TOKENS).take(full) {
             let Some((b, hash)) = self.alloc.lookup(parent, chunk) else {
                 break;
@@ -271,7 +274,7 @@ impl KvPool {
             self.alloc.share(b);
             seq.blocks.push(b);
             seq.hashes.push(hash);
-            parent = hash;
+            parent = Some((b, hash));
         }
         seq.blocks.len() * BLOCK_TOKENS
     }
@@ -282,7 +285,7 @@ impl KvPool {
         let full = tokens.len() / BLOCK_TOKENS;
         while seq.hashes.len() < full {
             let i = seq.hashes.len();
-            let parent = seq.hashes.last().copied().unwrap_or(0);
+            let parent = i.checked_sub(1).map(|p| (seq.blocks[p], seq.hashes[p]));
             let chunk = &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
             let hash = self.alloc.register(seq.blocks[i], parent, chunk);
             seq.hashes.push(hash);
@@ -390,6 +393,30 @@ mod tests {
         pool.release(&mut b);
         pool.release(&mut c);
         assert_eq!(pool.alloc.available(), 4);
+    }
+
+    #[test]
+    fn a_failed_reservation_leaves_every_cached_block_findable() {
+        // Two full blocks cached and held by nobody, one block held, one free: a reservation
+        // of four blocks cannot succeed, and must not evict the cached ones on its way to
+        // failing (it used to take the free one, then both cached ones, then give up).
+        let mut pool = KvPool::new(GEO, 4);
+        let tokens: Vec<u32> = (0..33).collect();
+        let (mut a, mut held) = (SeqBlocks::default(), SeqBlocks::default());
+        assert!(pool.reserve(&mut a, 32));
+        pool.commit(&mut a, &tokens[..32]);
+        pool.release(&mut a);
+        assert!(pool.reserve(&mut held, 1));
+        assert_eq!(pool.alloc.available(), 3);
+        let mut big = SeqBlocks::default();
+        assert!(!pool.reserve(&mut big, 4 * BLOCK_TOKENS));
+        assert!(big.blocks.is_empty());
+        let mut again = SeqBlocks::default();
+        assert_eq!(
+            pool.match_prefix(&mut again, &tokens),
+            32,
+            "both cached blocks are still found"
+        );
     }
 
     /// Sequences come and go at random with shared prefixes; each block's slots record the
