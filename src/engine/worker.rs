@@ -401,91 +401,6 @@ impl Engine {
         self.remove_marked(&done);
     }
 
-    /// This step's work as (index into running, tokens), sequences of `tier` only: one token
-    /// for each sequence that decodes, then prompt chunks under the token budget, in rank
-    /// order. Every planned sequence has its KV blocks; when the pool runs out, the
-    /// lowest-ranked sequences not yet planned (deferred ones first) are pre-empted: their
-    /// blocks are freed, and they resume later from what the prefix cache still holds.
-    fn schedule(&mut self, tier: ServiceTier) -> Vec<(usize, usize)> {
-        let decoding = self
-            .running
-            .iter()
-            .filter(|s| s.tier == tier && s.pending() == 1)
-            .count();
-        // Deferred prompts go in small chunks: a step can only give way between layers, and
-        // a layer of a small chunk is short (on a CPU, a 512-token chunk's layer takes tens
-        // of milliseconds; an arriving interactive request would wait that long).
-        let budget = match tier {
-            ServiceTier::Interactive => self.cfg.step_token_budget,
-            ServiceTier::Deferred => self.cfg.step_token_budget.min(DEFERRED_CHUNK),
-        };
-        let mut budget = budget.max(decoding);
-        let mut plan: Vec<(usize, usize)> = Vec::new();
-        for decode_pass in [true, false] {
-            for i in 0..self.running.len() {
-                if self.running[i].tier != tier {
-                    continue;
-                }
-                let pending = self.running[i].pending();
-                let want = match (decode_pass, pending) {
-                    (true, 1) => 1,
-                    (false, p) if p > 1 => p.min(budget),
-                    _ => continue,
-                };
-                if want == 0 || !self.make_room(i, want, &plan) {
-                    continue;
-                }
-                plan.push((i, want));
-                budget -= want;
-            }
-        }
-        plan.sort_unstable();
-        plan
-    }
-
-    /// Reserves KV blocks for `want` more tokens of sequence `i`, pre-empting lower-ranked
-    /// unplanned sequences while the pool is short. `false`: it waits this step.
-    fn make_room(&mut self, i: usize, want: usize, plan: &[(usize, usize)]) -> bool {
-        loop {
-            let need = self.running[i].cache.len() + want;
-            if self.model.kv_reserve(&mut self.running[i].cache, need) {
-                return true;
-            }
-            let victim = (i + 1..self.running.len()).rev().find(|&j| {
-                self.running[j].cache.holds_blocks() && !plan.iter().any(|&(p, _)| p == j)
-            });
-            let Some(j) = victim else {
-                return false;
-            };
-            let v = &mut self.running[j];
-            tracing::info!(request_id = %v.request_id, tokens = v.tokens.len(), "KV cache full: pre-empting the lowest-ranked sequence; it resumes by recomputing");
-            self.model.kv_release(&mut v.cache);
-            self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Nothing could be scheduled: the first-ranked sequence needs more KV cache than the
-    /// whole pool holds even with every other sequence pre-empted. It ends: with what it
-    /// has generated when it was decoding, else with an error.
-    fn unblock(&mut self, tier: ServiceTier) {
-        let Some(first) = self.running.iter().position(|s| s.tier == tier) else {
-            return;
-        };
-        let mut ended = vec![false; self.running.len()];
-        ended[first] = true;
-        let seq = &mut self.running[first];
-        tracing::warn!(request_id = %seq.request_id, tokens = seq.tokens.len(), "sequence longer than the whole KV cache (--kv-cache-mb); ending it");
-        if seq.generated > 0 {
-            seq.finish(&self.tokenizer, FinishReason::Length);
-        } else {
-            let _ = seq.events.send(SeqEvent::Failed {
-                message: "the prompt needs more KV cache than the server has (--kv-cache-mb)"
-                    .into(),
-            });
-        }
-        self.remove_marked(&ended);
-    }
-
     /// Drops the running sequences whose flag in `marked` (by index), giving back their KV
     /// blocks.
     fn remove_marked(&mut self, marked: &[bool]) {
@@ -540,6 +455,9 @@ fn injected_panic(request_id: &str, place: &str) {
         panic!("injected panic in {place}");
     }
 }
+
+#[path = "planning.rs"]
+mod planning;
 
 #[cfg(test)]
 #[path = "worker_tests.rs"]

@@ -85,3 +85,126 @@ fn a_panic_while_admitting_fails_that_request_and_the_engine_lives_on() {
         std::thread::yield_now();
     }
 }
+
+/// The engine driven by hand, step by step (no thread, no clock): a pool of `kv_cache_mb`.
+fn engine_by_hand(
+    kv_cache_mb: usize,
+) -> (super::Engine, std::sync::Arc<crate::engine::TextTokenizer>) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(crate::config::DEFAULT_MODEL_RELATIVE);
+    let files = crate::model::ModelFiles::open(&path).unwrap();
+    let tokenizer = std::sync::Arc::new(
+        crate::engine::TextTokenizer::from_gguf(files.gguf_metadata().unwrap()).unwrap(),
+    );
+    let cfg = EngineConfig {
+        model: crate::model::LoadOptions {
+            kv_cache_mb,
+            ..Default::default()
+        },
+        ..EngineConfig::default()
+    };
+    let model = files
+        .load_model(&candle_core::Device::Cpu, cfg.model.clone())
+        .unwrap();
+    let (_tx, rx) = tokio::sync::mpsc::channel(1);
+    let engine = super::Engine {
+        model,
+        tokenizer: tokenizer.clone(),
+        cfg,
+        rx,
+        running: Vec::new(),
+        waiting: Default::default(),
+        stats: Default::default(),
+        next_order: 0,
+    };
+    (engine, tokenizer)
+}
+
+fn submit(
+    engine: &mut super::Engine,
+    prompt: Vec<u32>,
+    priority: i64,
+    max_tokens: usize,
+    id: &str,
+) -> UnboundedReceiver<SeqEvent> {
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+    let request = ValidRequest {
+        prompt,
+        max_tokens,
+        n: 1,
+        stop: Vec::new(),
+        params: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        ignore_eos: true,
+        request_id: id.into(),
+        priority,
+        constraint: None,
+        tier: ServiceTier::Interactive,
+    };
+    engine.waiting.push_back(crate::engine::Submission {
+        request,
+        submitted_at: std::time::Instant::now(),
+        events,
+    });
+    engine.admit();
+    rx
+}
+
+/// A higher-ranked long prompt behind a lower-ranked decoder that holds part of a small pool:
+/// it takes the largest chunk that fits at once, then the decoder's blocks, and finishes its
+/// prefill. It used to wait for a whole chunk that never came, and, once the decoder needed
+/// the rest, be ended as "longer than the whole KV cache" though it fitted.
+#[test]
+fn a_higher_ranked_prompt_is_never_starved_by_lower_ranked_decoders() {
+    let (mut e, _) = engine_by_hand(2);
+    let (_, total, per_block) = e.model.kv_usage().unwrap();
+    assert_eq!(
+        (total, per_block),
+        (5, 16),
+        "SmolLM2's 23 KB a token: 5 blocks in 2 MiB"
+    );
+    let prompt = |n: u32| (0..n).map(|i| 1000 + i * 7).collect::<Vec<u32>>();
+    // The decoder: 30 prompt tokens (2 blocks), generating for a long time.
+    let _b = submit(&mut e, prompt(30), 0, 1000, "decoder");
+    while e.running[0].generated == 0 {
+        e.step();
+    }
+    // The long prompt, ranked first (priority -1): 64 tokens, 4 blocks; 3 are available.
+    let mut a = submit(
+        &mut e,
+        prompt(64).into_iter().rev().collect(),
+        -1,
+        2,
+        "long",
+    );
+    assert_eq!(&*e.running[0].request_id, "long", "it ranks first");
+    e.step();
+    assert!(
+        e.running[0].cache.len() >= 32,
+        "the largest chunk that fits is taken at once ({} tokens cached)",
+        e.running[0].cache.len()
+    );
+    for _ in 0..10 {
+        if e.running.first().is_none_or(|s| &*s.request_id != "long") {
+            break;
+        }
+        e.step();
+    }
+    let mut tokens = 0;
+    loop {
+        match a.try_recv() {
+            Ok(SeqEvent::Token { .. }) => tokens += 1,
+            Ok(SeqEvent::Finished { .. }) => break,
+            other => panic!("the long prompt did not finish: {other:?} after {tokens} tokens"),
+        }
+    }
+    assert_eq!(tokens, 2);
+    assert!(
+        e.stats
+            .preemptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
