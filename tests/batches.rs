@@ -3,7 +3,7 @@
 //! refused uploads naming their lines, keys that see only their own batches, cancelling, flex
 //! requests that wait for interactive work (and 429 when their queue is full), mining that
 //! resumes only once the batch is done, and a batch that survives `kill -9` between lines with
-//! no line lost or run twice.
+//! no line lost or run twice; the caps on unfinished batches (429) and the bounds on form fields.
 
 mod common;
 
@@ -744,5 +744,116 @@ fn a_corrupt_batch_database_stops_the_start_with_what_to_do() {
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_batches_past_the_caps_are_refused_with_429() {
+    let dir = temp_dir("batch-caps");
+    let keys = dir.join("keys.txt");
+    std::fs::write(
+        &keys,
+        "alice:sk-alice-1\nbob:sk-bob-2\nops:sk-ops-3 admin\n",
+    )
+    .unwrap();
+    let keys = keys.display().to_string();
+    // No room for deferred work: no line ever runs, so the batches stay unfinished for as
+    // long as the test needs them (each line is "not now", again and again).
+    let (base, _stop) = start(
+        &dir,
+        &[
+            "--no-mine",
+            "--api-key-file",
+            &keys,
+            "--deferred-queue",
+            "0",
+            "--batch-max-active-per-key",
+            "1",
+            "--batch-max-active",
+            "2",
+        ],
+    )
+    .await;
+    let (alice, bob, ops) = (
+        Client::new(&base, Some("sk-alice-1")),
+        Client::new(&base, Some("sk-bob-2")),
+        Client::new(&base, Some("sk-ops-3")),
+    );
+    let line = [chat_line("a", "hi", 3)];
+    let first = alice.batch(&line, CHAT).await;
+    let first = first["id"].as_str().unwrap();
+    async fn another(c: &Client) -> (u16, Value) {
+        let text = format!("{}\n", chat_line("a", "hi", 3));
+        let (status, file) = c.upload(&text, "batch").await;
+        assert_eq!(status, 200, "{file}");
+        c.post(
+            "/v1/batches",
+            json!({"input_file_id": file["id"], "endpoint": CHAT, "completion_window": "24h"}),
+        )
+        .await
+    }
+    let (status, e) = another(&alice).await;
+    assert_eq!(status, 429, "{e}");
+    assert_eq!(e["error"]["code"], "batch_limit_exceeded", "{e}");
+    assert!(
+        common::error_message(&e).contains("--batch-max-active-per-key 1"),
+        "{e}"
+    );
+    let (status, b) = another(&bob).await;
+    assert_eq!(status, 200, "bob has a key's room of his own: {b}");
+    let (status, e) = another(&ops).await;
+    assert_eq!(status, 429, "{e}");
+    assert!(
+        common::error_message(&e).contains("--batch-max-active 2"),
+        "{e}"
+    );
+    // A finished (here: cancelled) batch no longer counts.
+    let (status, _) = alice
+        .post(&format!("/v1/batches/{first}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let done = alice.wait(first, "the batch is cancelled", finished).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    let (status, b) = another(&alice).await;
+    assert_eq!(status, 200, "{b}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn form_fields_other_than_the_file_are_read_within_bounds() {
+    let dir = temp_dir("batch-form");
+    let (base, _stop) = start(&dir, &["--no-mine"]).await;
+    let c = Client::new(&base, None);
+    let good = format!("{}\n", chat_line("a", "hi", 4));
+    let long = format!("batch{}", " ".repeat(1 << 20));
+    let (status, e) = c.upload(&good, &long).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("purpose"))
+    );
+    let msg = common::error_message(&e);
+    assert!(
+        msg.contains("longer than 64 bytes") && msg.len() < 200,
+        "{}",
+        &msg[..msg.len().min(300)]
+    );
+    let form = |extra: usize| {
+        reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .text("expires_after", "x".repeat(extra))
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(good.clone().into_bytes()).file_name("in.jsonl"),
+            )
+    };
+    let url = format!("{base}/v1/files");
+    let (status, e) = c.send(c.http.post(&url).multipart(form(2 << 20))).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (400, Some("expires_after")),
+        "{e}"
+    );
+    let (status, file) = c.send(c.http.post(&url).multipart(form(100))).await;
+    assert_eq!(status, 200, "a small unused field is ignored: {file}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -88,7 +88,7 @@ fn check_metadata(m: &Option<Value>) -> Result<(), ApiError> {
     request_body = CreateBatch,
     responses(
         (status = 200, body = BatchObject),
-        (status = "4XX", description = "No such file, an endpoint not served, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such file, an endpoint not served, a missing key; 429 `batch_limit_exceeded` past --batch-max-active-per-key or --batch-max-active unfinished batches", body = super::responses::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,

@@ -28,6 +28,12 @@ impl From<BatchError> for ApiError {
             BatchError::NotFound(m) => ApiError::not_found(m),
             BatchError::Invalid { param, message } => ApiError::invalid(param, message),
             BatchError::Conflict(m) => ApiError::conflict(m),
+            // Not a "retry in a second": a batch takes hours to finish.
+            BatchError::Limit(m) => ApiError {
+                retry_after_s: None,
+                ..ApiError::overloaded(m)
+            }
+            .with_code("batch_limit_exceeded"),
             e => ApiError::internal(e),
         }
     }
@@ -107,6 +113,31 @@ fn multipart_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("cannot read the multipart body: {e}"))
 }
 
+/// Longest `purpose` read (the longest purpose OpenAI knows is 12 bytes).
+const MAX_PURPOSE_BYTES: usize = 64;
+/// Bytes of form fields other than `file` and `purpose` read and dropped, all together
+/// (clients may send fields this server does not use, such as `expires_after`).
+const MAX_OTHER_FIELD_BYTES: usize = 64 << 10;
+
+/// A short text field, read chunk by chunk and refused past `max` bytes: never read whole.
+async fn short_field(
+    field: &mut axum::extract::multipart::Field<'_>,
+    name: &str,
+    max: usize,
+) -> Result<String, ApiError> {
+    let mut text = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if text.len() + chunk.len() > max {
+            return Err(ApiError::invalid(
+                name,
+                format!("`{name}` is longer than {max} bytes"),
+            ));
+        }
+        text.extend_from_slice(&chunk);
+    }
+    String::from_utf8(text).map_err(|_| ApiError::invalid(name, format!("`{name}` is not UTF-8")))
+}
+
 /// Uploads a JSONL file of batch requests.
 #[utoipa::path(post, path = "/v1/files", tag = "Batch",
     request_body(content = FileUpload, content_type = "multipart/form-data"),
@@ -126,10 +157,15 @@ pub async fn upload(
     let tmp = batches.call(|s| s.tmp_path()).await?;
     // The partial upload goes, whatever ends this request.
     let _cleanup = TmpFile(tmp.clone());
-    let (mut purpose, mut file) = (None, None);
+    let (mut purpose, mut file, mut other_bytes) = (None, None, 0usize);
     while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(multipart_error)?),
+            Some("purpose") => {
+                purpose = Some(short_field(&mut field, "purpose", MAX_PURPOSE_BYTES).await?)
+            }
+            Some("file") if file.is_some() => {
+                return Err(ApiError::invalid("file", "`file` is given twice; send one"))
+            }
             Some("file") => {
                 let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
                 let mut check = JsonlCheck::new(
@@ -152,7 +188,22 @@ pub async fn upload(
                 out.sync_all().await.map_err(ApiError::internal)?;
                 file = Some((filename, check));
             }
-            _ => {}
+            // Unused fields are drained (the parser must read past them), within a bound.
+            other => {
+                let name: String = other.unwrap_or("").chars().take(64).collect();
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    other_bytes += chunk.len();
+                    if other_bytes > MAX_OTHER_FIELD_BYTES {
+                        return Err(ApiError::invalid(
+                            name,
+                            format!(
+                                "form fields other than `file` and `purpose` hold more than \
+                                 {MAX_OTHER_FIELD_BYTES} bytes; this one is not used here"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
     }
     let purpose = purpose.ok_or_else(|| ApiError::invalid("purpose", "`purpose` is missing"))?;

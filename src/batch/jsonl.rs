@@ -2,9 +2,13 @@
 //! `custom_id`, `method: POST`, a `url` this server serves and a `body` object. Structural
 //! faults refuse the upload and name their lines; a body the endpoint itself refuses (an
 //! unknown model, a temperature of 9) is the endpoint's business and ends in the batch's error
-//! file instead. Also the output lines, in OpenAI's format.
+//! file instead. Also the [`InputCursor`] that reads an accepted file back one request at a
+//! time (a batch never holds its file parsed), and the output lines, in OpenAI's format.
 
 use std::collections::{BTreeSet, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -197,30 +201,158 @@ impl JsonlCheck {
     }
 }
 
-/// Reads a whole accepted file's requests, in order.
-pub fn read_lines(text: &str, served_urls: &[&str]) -> Result<Vec<InputLine>, String> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| parse_line(l, served_urls).map_err(|e| format!("line {}: {e}", i + 1)))
-        .collect()
+/// A set of request numbers, one bit each: the done lines of a 50,000-line batch in 6 KiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LineSet {
+    words: Vec<u64>,
+    len: usize,
 }
 
-/// One line of an output or error file, as OpenAI writes them.
-pub fn output_line(
+impl LineSet {
+    pub fn insert(&mut self, line: usize) {
+        let (word, bit) = (line / 64, 1u64 << (line % 64));
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        if self.words[word] & bit == 0 {
+            self.words[word] |= bit;
+            self.len += 1;
+        }
+    }
+
+    pub fn contains(&self, line: usize) -> bool {
+        self.words
+            .get(line / 64)
+            .is_some_and(|w| w & (1u64 << (line % 64)) != 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One request of an input file as read back: its number (blank lines are not requests, as
+/// the upload's check counts them), where its line starts, and its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRequest {
+    pub line: usize,
+    pub offset: u64,
+    pub text: String,
+}
+
+/// Reads an accepted input file from start to end, one request at a time, stepping over the
+/// requests in `skip` (those with a result) without parsing them. It holds a file handle, a
+/// position and the set of done lines; the text of one line at most.
+pub struct InputCursor {
+    path: PathBuf,
+    reader: BufReader<File>,
+    /// Where the next line starts.
+    pos: u64,
+    /// The number of the next request.
+    next: usize,
+    skip: LineSet,
+    max_line_bytes: usize,
+}
+
+impl InputCursor {
+    pub fn open(path: &Path, skip: LineSet, max_line_bytes: usize) -> io::Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: BufReader::new(File::open(path)?),
+            pos: 0,
+            next: 0,
+            skip,
+            max_line_bytes,
+        })
+    }
+
+    /// The next request not in `skip`, or `None` at the end of the file.
+    pub fn next_request(&mut self) -> io::Result<Option<RawRequest>> {
+        loop {
+            let offset = self.pos;
+            let Some((text, len)) = read_line(&mut self.reader, self.max_line_bytes)? else {
+                return Ok(None);
+            };
+            self.pos += len;
+            if text.trim().is_empty() {
+                continue;
+            }
+            let line = self.next;
+            self.next += 1;
+            if !self.skip.contains(line) {
+                return Ok(Some(RawRequest { line, offset, text }));
+            }
+        }
+    }
+
+    /// The text of the line that starts at `offset` (one handed out before, to run again);
+    /// the cursor's own place does not move.
+    pub fn read_at(&self, offset: u64) -> io::Result<String> {
+        let mut file = File::open(&self.path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        read_line(&mut BufReader::new(file), self.max_line_bytes)?
+            .map(|(text, _)| text)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the line is gone"))
+    }
+}
+
+/// One line without its newline, and the bytes it took, or `None` at the end. Never more than
+/// `max` bytes are held: a longer line (a file changed on disk) is an error, not a large read.
+fn read_line(reader: &mut impl BufRead, max: usize) -> io::Result<Option<(String, u64)>> {
+    let mut buf = Vec::new();
+    let limit = max as u64 + 1;
+    let n = reader.take(limit).read_until(b'\n', &mut buf)? as u64;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if n == limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a line is longer than {max} bytes"),
+        ));
+    }
+    String::from_utf8(buf)
+        .map(|text| Some((text, n)))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a line is not UTF-8"))
+}
+
+/// A request's `custom_id`, read without building its body.
+pub fn custom_id_of(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        custom_id: String,
+    }
+    serde_json::from_str::<Id>(text).ok().map(|i| i.custom_id)
+}
+
+/// Writes one line of an output or error file, as OpenAI writes them, with `body` (the JSON
+/// text as stored) copied as it is rather than parsed and built again.
+pub fn write_output_line(
+    w: &mut impl Write,
     id: &str,
     custom_id: &str,
     status_code: u16,
     request_id: &str,
-    body: &Value,
-) -> String {
-    json!({
-        "id": id,
-        "custom_id": custom_id,
-        "response": {"status_code": status_code, "request_id": request_id, "body": body},
-        "error": null,
-    })
-    .to_string()
+    body: &str,
+) -> io::Result<()> {
+    w.write_all(b"{\"id\":")?;
+    serde_json::to_writer(&mut *w, id)?;
+    w.write_all(b",\"custom_id\":")?;
+    serde_json::to_writer(&mut *w, custom_id)?;
+    write!(
+        w,
+        ",\"response\":{{\"status_code\":{status_code},\"request_id\":"
+    )?;
+    serde_json::to_writer(&mut *w, request_id)?;
+    w.write_all(b",\"body\":")?;
+    w.write_all(body.as_bytes())?;
+    w.write_all(b"},\"error\":null}\n")
 }
 
 /// An error-file line for a request that never ran (the batch expired or was cancelled).
@@ -263,9 +395,34 @@ mod tests {
             assert_eq!(s.urls.iter().collect::<Vec<_>>(), ["/v1/chat/completions"]);
             assert!(check(&format!("{text}\n"), chunk).is_ok());
         }
-        let lines = read_lines(&text, URLS).unwrap();
-        assert_eq!(lines[2].custom_id, "c");
-        assert_eq!(lines[0].body, json!({"messages": []}));
+        let path = std::env::temp_dir().join(format!("idlerig-cursor-{}", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let mut skip = LineSet::default();
+        skip.insert(1);
+        let mut cursor = InputCursor::open(&path, skip, 200).unwrap();
+        let a = cursor.next_request().unwrap().unwrap();
+        let c = cursor.next_request().unwrap().unwrap();
+        assert!(cursor.next_request().unwrap().is_none());
+        assert_eq!(
+            (a.line, a.offset, c.line),
+            (0, 0, 2),
+            "b (line 1) is skipped"
+        );
+        assert_eq!(custom_id_of(&c.text).as_deref(), Some("c"));
+        assert_eq!(cursor.read_at(c.offset).unwrap(), c.text);
+        let parsed = parse_line(&a.text, URLS).unwrap();
+        assert_eq!(parsed.body, json!({"messages": []}));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_line_set_counts_each_line_once() {
+        let mut s = LineSet::default();
+        for l in [3, 64, 3, 50_000] {
+            s.insert(l);
+        }
+        assert_eq!(s.len(), 3);
+        assert!(s.contains(64) && s.contains(50_000) && !s.contains(65) && !s.contains(9 << 20));
     }
 
     #[test]
@@ -310,9 +467,13 @@ mod tests {
 
     #[test]
     fn output_lines_have_openai_s_shape() {
-        let v: Value =
-            serde_json::from_str(&output_line("r1", "a", 200, "req-1", &json!({"x": 1}))).unwrap();
-        assert_eq!(v["custom_id"], "a");
+        let mut out = Vec::new();
+        write_output_line(&mut out, "r1", "a\"", 200, "req-1", r#"{"x":1}"#).unwrap();
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id"], "r1");
+        assert_eq!(v["response"]["request_id"], "req-1");
+        assert_eq!(v["custom_id"], "a\"");
         assert_eq!(v["response"]["status_code"], 200);
         assert_eq!(v["response"]["body"]["x"], 1);
         assert!(v["error"].is_null());

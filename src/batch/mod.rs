@@ -8,12 +8,22 @@
 //! handle and send it closures to run there. The runner calls endpoints through an
 //! [`Executor`] the HTTP layer provides, so that a batch line is validated, counted and
 //! answered exactly as the same request sent over HTTP.
+//!
+//! Memory is bounded whatever the files hold: an input line is read and parsed only as it is
+//! started (at most `concurrency` at once across all batches), the result files are streamed
+//! row by row, one result is at most [`MAX_RESULT_BYTES`], and the unfinished batches are
+//! capped per key and in all.
 
+mod files;
 pub mod jsonl;
 pub mod objects;
 pub mod results;
 mod runner;
 pub mod store;
+#[cfg(test)]
+mod test_alloc;
+#[cfg(test)]
+mod tests;
 
 pub use objects::{BatchObject, BatchStatus, FileObject};
 pub use runner::{Executor, LineCall, LineReply};
@@ -40,6 +50,12 @@ pub enum BatchError {
     Invalid { param: String, message: String },
     #[error("{0}")]
     Conflict(String),
+    /// Too many unfinished batches (per key, or in all).
+    #[error("{0}")]
+    Limit(String),
+    /// A result larger than a batch keeps.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("the batch store has stopped")]
     Stopped,
 }
@@ -84,7 +100,17 @@ pub struct BatchConfig {
     pub concurrency: usize,
     /// The completion window (`24h`), in seconds.
     pub window_s: u64,
+    /// Unfinished batches one API key may have (without keys: all callers together).
+    pub max_active_per_key: usize,
+    /// Unfinished batches on the server.
+    pub max_active: usize,
+    /// Largest result body kept for one line ([`MAX_RESULT_BYTES`]).
+    pub max_result_bytes: usize,
 }
+
+/// Largest result body a batch keeps for one line; a larger one is replaced by an error. Room
+/// for an embeddings line of 2,048 inputs of 1,024 dimensions written out as JSON numbers.
+pub const MAX_RESULT_BYTES: usize = 64 << 20;
 
 type Job = Box<dyn FnOnce(&mut Store) + Send>;
 
@@ -96,12 +122,20 @@ pub struct Batches {
     pub cfg: Arc<BatchConfig>,
     /// Lines this process has run to a recorded result, by outcome (ok, failed).
     pub lines_done: Arc<[std::sync::atomic::AtomicU64; 2]>,
+    /// Input lines parsed and held now (by the lines in flight): never over `concurrency`.
+    pub lines_held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Batches {
     /// Opens the store (a corrupt database is an error now) and starts its thread.
     pub fn open(cfg: BatchConfig) -> Result<Self, BatchError> {
         let mut store = Store::open(&cfg.dir, &cfg.db_path)?;
+        store.limits = store::Limits {
+            max_line_bytes: cfg.max_line_bytes,
+            max_result_bytes: cfg.max_result_bytes,
+            max_active_per_key: cfg.max_active_per_key,
+            max_active: cfg.max_active,
+        };
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("idlerig-batches".into())
@@ -116,6 +150,7 @@ impl Batches {
             wake: Arc::default(),
             cfg: Arc::new(cfg),
             lines_done: Arc::default(),
+            lines_held: Arc::default(),
         })
     }
 

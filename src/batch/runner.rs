@@ -1,21 +1,25 @@
 //! The runner: one task that moves batches through their lifecycle and keeps up to
-//! `concurrency` of their lines in flight, oldest batch first. Each line goes to its endpoint
-//! through the [`Executor`] as deferred work; its answer is recorded once, by line, before the
-//! line counts as done. A line answered "not now" (the deferred queue is full, the model is
-//! loading, the server drains) is not an answer: it goes back to the queue and runs later.
+//! `concurrency` of their lines in flight, oldest batch first. A line is read from its input
+//! file and parsed only as it starts (a batch holds a cursor into its file, not its lines),
+//! so at most `concurrency` parsed lines are held across all batches. Each line goes to its
+//! endpoint through the [`Executor`] as deferred work; its answer is recorded once, by line,
+//! before the line counts as done. A line answered "not now" (the deferred queue is full, the
+//! model is loading, the server drains) is not an answer: it goes back to the queue and runs
+//! later. An answer that cannot be stored is replaced by a short error: the line ran (and was
+//! charged), so it never runs again.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use super::jsonl::InputLine;
+use super::jsonl::{parse_line, InputCursor, InputLine, RawRequest};
 use super::objects::BatchObject;
 use super::results::one_error;
 use super::store::LineResult;
@@ -56,17 +60,49 @@ pub type Executor = Arc<dyn Fn(LineCall) -> BoxFuture<'static, LineReply> + Send
 /// How long the runner waits after a "not now" before it starts more lines.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
-/// A batch being run: its lines, those not yet started, and how many are in flight.
+/// A batch being run: a cursor into its input, the lines to start again, those in flight.
 struct Running {
-    lines: Arc<Vec<InputLine>>,
-    pending: VecDeque<usize>,
-    /// Lines in flight, and the handles that abort them (a cancel does).
-    flying: HashMap<usize, tokio::task::AbortHandle>,
+    /// Shared with the blocking task that reads the next lines.
+    input: Arc<Mutex<InputCursor>>,
+    /// Lines answered "not now", to start again: their numbers and where they start.
+    again: VecDeque<(usize, u64)>,
+    /// No new line starts: the input is read to its end, or the batch expired.
+    drained: bool,
+    /// Lines in flight: where each starts, and the handle that aborts it (a cancel does).
+    flying: HashMap<usize, Flying>,
+}
+
+struct Flying {
+    offset: u64,
+    abort: tokio::task::AbortHandle,
+}
+
+impl Running {
+    fn idle(&self) -> bool {
+        self.drained && self.again.is_empty() && self.flying.is_empty()
+    }
+}
+
+/// A parsed input line on its way: counted in [`Batches::lines_held`] until dropped.
+struct Held {
+    line: usize,
+    offset: u64,
+    request: InputLine,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 enum Outcome {
     Recorded(bool),
     Retry,
+    /// It ran, but neither its answer nor an error in its place could be stored: it does not
+    /// run again (the error file lists it).
+    Lost,
 }
 
 pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Receiver<bool>) {
@@ -116,26 +152,33 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
         if tokio::time::Instant::now() >= paused_until {
             for b in active
                 .iter()
-                .filter(|b| b.status == BatchStatus::InProgress)
+                .filter(|b| b.status == BatchStatus::InProgress && now_unix() < b.expires_at)
             {
                 let Some(r) = running.get_mut(&b.id) else {
                     continue;
                 };
-                while room > 0 {
-                    let Some(line) = r.pending.pop_front() else {
-                        break;
-                    };
+                if room == 0 || (r.drained && r.again.is_empty()) {
+                    continue;
+                }
+                let taken = match take(&batches, r, room, &b.endpoint).await {
+                    Ok(taken) => taken,
+                    Err(why) => {
+                        if let Some(r) = running.remove(&b.id) {
+                            r.flying.values().for_each(|f| f.abort.abort());
+                        }
+                        fail(&batches, b, why).await;
+                        refresh = true;
+                        continue;
+                    }
+                };
+                refresh |= r.idle();
+                for held in taken {
                     room -= 1;
-                    let call = LineCall {
-                        url: b.endpoint.clone(),
-                        body: r.lines[line].body.clone(),
-                        owner: None,
-                    };
-                    let custom_id = r.lines[line].custom_id.clone();
+                    let (line, offset) = (held.line, held.offset);
                     let (batches, exec, done, id) =
                         (batches.clone(), exec.clone(), done_tx.clone(), b.id.clone());
                     let handle = tasks.spawn(async move {
-                        let run = run_line(&batches, &exec, &id, line, custom_id, call);
+                        let run = run_line(&batches, &exec, &id, held);
                         // A panic on the way (a bug) must not leave the line in flight for
                         // good: it runs again after the pause, like any "not now".
                         let outcome = std::panic::AssertUnwindSafe(run)
@@ -147,20 +190,26 @@ pub(super) async fn run(batches: Batches, exec: Executor, mut stop: watch::Recei
                             });
                         let _ = done.send((id, line, outcome));
                     });
-                    r.flying.insert(line, handle);
+                    r.flying.insert(
+                        line,
+                        Flying {
+                            offset,
+                            abort: handle,
+                        },
+                    );
                 }
             }
         }
         tokio::select! {
             Some((id, line, outcome)) = done_rx.recv() => {
                 if let Some(r) = running.get_mut(&id) {
-                    r.flying.remove(&line);
-                    if let Outcome::Retry = outcome {
-                        r.pending.push_front(line);
+                    let flying = r.flying.remove(&line);
+                    if let (Outcome::Retry, Some(f)) = (&outcome, flying) {
+                        r.again.push_back((line, f.offset));
                         paused_until = tokio::time::Instant::now() + RETRY_PAUSE;
                     }
                     // Done, or stopping and drained: the batch is finished at the next look.
-                    refresh |= r.flying.is_empty() && r.pending.is_empty();
+                    refresh |= r.idle();
                 }
                 if let Outcome::Recorded(ok) = outcome {
                     batches.lines_done[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
@@ -200,7 +249,8 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
             } else {
                 // Nothing new starts; the lines in flight finish first.
                 if let Some(r) = running.get_mut(&b.id) {
-                    r.pending.clear();
+                    r.again.clear();
+                    r.drained = true;
                 }
                 Ok(())
             }
@@ -212,18 +262,11 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
                     Ok(())
                 }
                 Err(why) => {
-                    tracing::error!(batch = %b.id, error = %why, "the batch's input cannot be read; it fails");
-                    let errors = one_error("invalid_file", why);
-                    batches
-                        .call(move |s| {
-                            let from = [BatchStatus::Validating, BatchStatus::InProgress];
-                            s.set_status(&id, &from, BatchStatus::Failed, Some(&errors))
-                        })
-                        .await
-                        .map(drop)
+                    fail(batches, b, why).await;
+                    Ok(())
                 }
             },
-            Some(r) if r.pending.is_empty() && r.flying.is_empty() => {
+            Some(r) if r.idle() => {
                 running.remove(&b.id);
                 finish(batches, b, BatchStatus::Completed).await
             }
@@ -233,7 +276,7 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
         // a finished batch), and listed as cancelled with those that never started.
         BatchStatus::Cancelling => {
             if let Some(r) = running.remove(&b.id) {
-                r.flying.values().for_each(|h| h.abort());
+                r.flying.values().for_each(|f| f.abort.abort());
             }
             finish(batches, b, BatchStatus::Cancelled).await
         }
@@ -258,16 +301,81 @@ async fn advance(batches: &Batches, b: &BatchObject, running: &mut HashMap<Strin
 
 async fn load(batches: &Batches, b: &BatchObject) -> Result<Running, String> {
     let batch = b.clone();
-    let (lines, done) = batches
-        .call(move |s| Ok((s.input_lines(&batch)?, s.done_lines(&batch.id)?)))
+    let input = batches
+        .call(move |s| s.open_input(&batch))
         .await
         .map_err(|e| e.to_string())?;
-    let pending = (0..lines.len()).filter(|i| !done.contains(i)).collect();
     Ok(Running {
-        lines: Arc::new(lines),
-        pending,
+        input: Arc::new(Mutex::new(input)),
+        again: VecDeque::new(),
+        drained: false,
         flying: HashMap::new(),
     })
+}
+
+/// Reads and parses up to `n` lines to start: those to run again first, then the next ones
+/// from the cursor (off the runtime's threads: it is file reading). An error (the file changed
+/// or went since it was accepted) fails the batch.
+async fn take(
+    batches: &Batches,
+    r: &mut Running,
+    n: usize,
+    endpoint: &str,
+) -> Result<Vec<Held>, String> {
+    let again: Vec<(usize, u64)> = r.again.drain(..n.min(r.again.len())).collect();
+    let (input, endpoint, drained) = (r.input.clone(), endpoint.to_string(), r.drained);
+    let count = batches.lines_held.clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<(Vec<Held>, bool), String> {
+        let mut input = input
+            .lock()
+            .map_err(|_| "the input cursor broke".to_string())?;
+        let io = |e: std::io::Error| format!("the input file cannot be read: {e}");
+        let mut raw = Vec::with_capacity(n);
+        for (line, offset) in again {
+            let text = input.read_at(offset).map_err(io)?;
+            raw.push(RawRequest { line, offset, text });
+        }
+        let mut end = drained;
+        while !end && raw.len() < n {
+            match input.next_request().map_err(io)? {
+                Some(req) => raw.push(req),
+                None => end = true,
+            }
+        }
+        let mut held = Vec::with_capacity(raw.len());
+        for req in raw {
+            let request = parse_line(&req.text, &[&endpoint])
+                .map_err(|e| format!("request {} of the input file: {e}", req.line + 1))?;
+            count.fetch_add(1, Ordering::Relaxed);
+            held.push(Held {
+                line: req.line,
+                offset: req.offset,
+                request,
+                count: count.clone(),
+            });
+        }
+        Ok((held, end))
+    });
+    let (held, end) = read
+        .await
+        .map_err(|e| format!("reading the input failed: {e}"))??;
+    r.drained = end;
+    Ok(held)
+}
+
+/// Ends a batch whose input cannot be read as `failed`, saying why.
+async fn fail(batches: &Batches, b: &BatchObject, why: String) {
+    tracing::error!(batch = %b.id, error = %why, "the batch's input cannot be read; it fails");
+    let (id, errors) = (b.id.clone(), one_error("invalid_file", why));
+    let moved = batches
+        .call(move |s| {
+            let from = [BatchStatus::Validating, BatchStatus::InProgress];
+            s.set_status(&id, &from, BatchStatus::Failed, Some(&errors))
+        })
+        .await;
+    if let Err(e) = moved {
+        tracing::error!(batch = %b.id, error = %e, "batch runner: a step failed; it is retried");
+    }
 }
 
 async fn finish(
@@ -280,45 +388,68 @@ async fn finish(
         BatchStatus::Expired => "batch_expired",
         _ => "batch_cancelled",
     };
-    batches
+    let ended = batches
         .call(move |s| s.finalize(&batch, status, code))
         .await?;
-    tracing::info!(batch = %b.id, status = status.as_str(), "batch finished");
+    tracing::info!(batch = %b.id, status = ended.as_str(), "batch finished");
     Ok(())
 }
 
-async fn run_line(
-    batches: &Batches,
-    exec: &Executor,
-    batch_id: &str,
-    line: usize,
-    custom_id: String,
-    mut call: LineCall,
-) -> Outcome {
+async fn run_line(batches: &Batches, exec: &Executor, batch_id: &str, mut held: Held) -> Outcome {
     let id = batch_id.to_string();
-    call.owner = match batches.call(move |s| s.batch_owner(&id)).await {
+    let owner = match batches.call(move |s| s.batch_owner(&id)).await {
         Ok(owner) => owner,
         // Without its owner the line would run as nobody: not now.
         Err(_) => return Outcome::Retry,
+    };
+    // The body moves into the call (one copy); `held` counts it until the answer is in.
+    let call = LineCall {
+        url: std::mem::take(&mut held.request.url),
+        body: std::mem::take(&mut held.request.body),
+        owner,
     };
     let reply = exec(call).await;
     if reply.is_transient() {
         return Outcome::Retry;
     }
     let ok = reply.status == 200;
+    let (line, custom_id) = (held.line, std::mem::take(&mut held.request.custom_id));
+    drop(held);
+    let (usage, request_id) = (reply.body.get("usage").cloned(), reply.request_id.clone());
     let result = LineResult {
         line,
-        custom_id,
+        custom_id: custom_id.clone(),
         status_code: reply.status,
         request_id: reply.request_id,
         body: reply.body,
     };
     let id = batch_id.to_string();
-    match batches.call(move |s| s.record(&id, &result)).await {
-        Ok(()) => Outcome::Recorded(ok),
+    let why = match batches.call(move |s| s.record(&id, &result)).await {
+        Ok(()) => return Outcome::Recorded(ok),
+        Err(e) => e.to_string(),
+    };
+    // The request ran and was charged: it is not run again. A short error takes its answer's
+    // place, with its usage, so that the batch's counts stay true.
+    tracing::error!(batch = %batch_id, line, error = %why, "cannot record a batch line's result; an error is kept instead");
+    let mut body = json!({"error": {
+        "message": format!("the request ran, but its result could not be stored: {why}"),
+        "type": "server_error", "param": null, "code": "result_not_stored"}});
+    if let Some(usage) = usage {
+        body["usage"] = usage;
+    }
+    let stand_in = LineResult {
+        line,
+        custom_id,
+        status_code: 500,
+        request_id,
+        body,
+    };
+    let id = batch_id.to_string();
+    match batches.call(move |s| s.record(&id, &stand_in)).await {
+        Ok(()) => Outcome::Recorded(false),
         Err(e) => {
-            tracing::error!(batch = %batch_id, line, error = %e, "cannot record a batch line's result; it runs again");
-            Outcome::Retry
+            tracing::error!(batch = %batch_id, line, error = %e, "cannot record a batch line's error either; it is listed as not stored");
+            Outcome::Lost
         }
     }
 }

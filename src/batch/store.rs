@@ -1,8 +1,8 @@
 //! Files and batches on disk: their records in SQLite, the files' bytes in the data
-//! directory's `files/`. Every file is written to `tmp/` first and renamed into place, and a
-//! batch's results are one row per line (written once: a line can never be counted twice), so
-//! a crash at any moment leaves a state the next start resumes from. Only the store's own
-//! thread touches it (see [`super::StoreHandle`]).
+//! directory's `files/` (see `files.rs`). Every file is written to `tmp/` first and renamed
+//! into place, and a batch's results are one row per line (written once: a line can never be
+//! counted twice), so a crash at any moment leaves a state the next start resumes from. Only
+//! the store's own thread touches it (see [`super::Batches`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::jsonl::{read_lines, FileSummary, InputLine};
-use super::objects::{
-    BatchErrors, BatchObject, BatchStatus, BatchUsage, FileObject, RequestCounts,
-};
+use super::jsonl::{InputCursor, LineSet};
+use super::objects::{BatchErrors, BatchObject, BatchStatus, BatchUsage, RequestCounts};
 use super::{now_unix, random_id, BatchError, Viewer};
 
 const SCHEMA: &str = "
@@ -27,7 +25,8 @@ CREATE TABLE IF NOT EXISTS batches (
     total INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
     in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
     expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
-    output_file_id TEXT, error_file_id TEXT, errors TEXT);
+    output_file_id TEXT, error_file_id TEXT, errors TEXT,
+    finalize_tries INTEGER NOT NULL DEFAULT 0, finalize_error TEXT);
 CREATE TABLE IF NOT EXISTS batch_results (
     batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,
     status_code INTEGER NOT NULL, request_id TEXT NOT NULL, body TEXT NOT NULL,
@@ -45,12 +44,48 @@ pub struct LineResult {
     pub body: Value,
 }
 
+/// Columns added since the first release, for databases made before them.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    // Finalize attempts, counted before each one, so that a crash while finalizing (out of
+    // memory, say) is counted too; and the last attempt's error.
+    ("finalize_tries", "INTEGER NOT NULL DEFAULT 0"),
+    ("finalize_error", "TEXT"),
+];
+
+/// The statuses of a batch that has not finished.
+pub(super) const ACTIVE: &str = "('validating', 'in_progress', 'finalizing', 'cancelling')";
+
+/// How much the store keeps and reads at once.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest input line read back (the upload's check refused longer ones).
+    pub max_line_bytes: usize,
+    /// Largest result body kept for one line; a larger one is kept as an error instead.
+    pub max_result_bytes: usize,
+    /// Unfinished batches one owner (or, without keys, everyone) may have.
+    pub max_active_per_key: usize,
+    /// Unfinished batches on the server.
+    pub max_active: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 4 << 20,
+            max_result_bytes: super::MAX_RESULT_BYTES,
+            max_active_per_key: usize::MAX,
+            max_active: usize::MAX,
+        }
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     db_path: PathBuf,
     /// Opened at start when the database or the directory exists, else at the first upload:
     /// a server nobody sends files to writes nothing.
     conn: Option<Connection>,
+    pub limits: Limits,
 }
 
 pub(super) fn db_err(e: rusqlite::Error) -> BatchError {
@@ -69,6 +104,7 @@ impl Store {
             dir: dir.to_path_buf(),
             db_path: db_path.to_path_buf(),
             conn: None,
+            limits: Limits::default(),
         };
         if db_path.exists() || dir.join("files").exists() {
             store.conn()?;
@@ -87,6 +123,7 @@ impl Store {
                     path: self.db_path.display().to_string(),
                     why,
                 })?;
+            add_columns(&conn)?;
             self.conn = Some(conn);
             self.tidy()?;
         }
@@ -125,150 +162,13 @@ impl Store {
             .join(format!("{}.part", random_id("up"))))
     }
 
-    fn file_path(&self, id: &str) -> PathBuf {
+    pub(super) fn file_path(&self, id: &str) -> PathBuf {
         self.dir.join("files").join(format!("{id}.jsonl"))
     }
 
-    /// Accepts an upload written to `tmp` (renamed into place, then recorded).
-    pub fn add_file(
-        &mut self,
-        owner: Option<&str>,
-        filename: &str,
-        purpose: &str,
-        tmp: &Path,
-        summary: &FileSummary,
-    ) -> Result<FileObject, BatchError> {
-        let id = random_id("file");
-        let bytes = std::fs::metadata(tmp)
-            .map_err(|e| io_err("the upload", e))?
-            .len();
-        std::fs::rename(tmp, self.file_path(&id)).map_err(|e| io_err("storing the upload", e))?;
-        let urls = serde_json::to_string(&summary.urls).unwrap_or_default();
-        let created = now_unix();
-        self.conn()?
-            .execute(
-                "INSERT INTO batch_files VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    id,
-                    owner,
-                    filename,
-                    purpose,
-                    bytes,
-                    created,
-                    summary.requests,
-                    urls
-                ],
-            )
-            .map_err(db_err)?;
-        Ok(FileObject::new(id, bytes, created, filename, purpose))
-    }
-
-    fn file_row(&mut self, id: &str, viewer: &Viewer) -> Result<FileRow, BatchError> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Err(BatchError::NotFound(format!("no file `{id}`")));
-        };
-        let row = conn
-            .query_row(
-                "SELECT owner, filename, purpose, bytes, created_at, requests, urls
-                 FROM batch_files WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(FileRow {
-                        owner: r.get(0)?,
-                        object: FileObject::new(
-                            id.to_string(),
-                            r.get(3)?,
-                            r.get(4)?,
-                            &r.get::<_, String>(1)?,
-                            &r.get::<_, String>(2)?,
-                        ),
-                        requests: r.get(5)?,
-                        urls: serde_json::from_str(&r.get::<_, String>(6)?).unwrap_or_default(),
-                    })
-                },
-            )
-            .optional()
-            .map_err(db_err)?;
-        row.filter(|f| viewer.sees(f.owner.as_deref()))
-            .ok_or_else(|| BatchError::NotFound(format!("no file `{id}`")))
-    }
-
-    pub fn file(&mut self, id: &str, viewer: &Viewer) -> Result<FileObject, BatchError> {
-        Ok(self.file_row(id, viewer)?.object)
-    }
-
-    /// The file's path on disk, for its content.
-    pub fn file_content(&mut self, id: &str, viewer: &Viewer) -> Result<PathBuf, BatchError> {
-        self.file_row(id, viewer)?;
-        Ok(self.file_path(id))
-    }
-
-    pub fn files(
-        &mut self,
-        viewer: &Viewer,
-        purpose: Option<&str>,
-        limit: usize,
-        after: Option<&str>,
-    ) -> Result<Vec<FileObject>, BatchError> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Ok(Vec::new());
-        };
-        let mut stmt = conn
-            .prepare(
-                "SELECT id, owner, filename, purpose, bytes, created_at FROM batch_files
-                 WHERE (?1 IS NULL OR purpose = ?1)
-                   AND (?2 IS NULL OR rowid < (SELECT rowid FROM batch_files WHERE id = ?2))
-                 ORDER BY rowid DESC",
-            )
-            .map_err(db_err)?;
-        let rows = stmt
-            .query_map(params![purpose, after], |r| {
-                Ok((
-                    r.get::<_, Option<String>>(1)?,
-                    FileObject::new(
-                        r.get(0)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        &r.get::<_, String>(2)?,
-                        &r.get::<_, String>(3)?,
-                    ),
-                ))
-            })
-            .map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (owner, file) = row.map_err(db_err)?;
-            if viewer.sees(owner.as_deref()) {
-                out.push(file);
-                if out.len() == limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn delete_file(&mut self, id: &str, viewer: &Viewer) -> Result<(), BatchError> {
-        self.file_row(id, viewer)?;
-        let conn = self.conn()?;
-        let user: Option<String> = conn
-            .query_row(
-                "SELECT id FROM batches WHERE input_file_id = ?1
-                 AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')",
-                [id],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db_err)?;
-        if let Some(batch) = user {
-            return Err(BatchError::Conflict(format!(
-                "file `{id}` is the input of batch `{batch}`, which has not finished; cancel it first"
-            )));
-        }
-        conn.execute("DELETE FROM batch_files WHERE id = ?1", [id])
-            .map_err(db_err)?;
-        let _ = std::fs::remove_file(self.file_path(id));
-        Ok(())
+    /// The database when it is open (a store nobody wrote to has none, and nothing in it).
+    pub(super) fn open_conn(&self) -> Option<&Connection> {
+        self.conn.as_ref()
     }
 
     /// Creates a batch over an uploaded file whose every line calls `endpoint`.
@@ -302,6 +202,7 @@ impl Store {
                 format!("the batch's endpoint is `{endpoint}`, but lines of `{input_file_id}` call `{other}`; every line must call the batch's endpoint"),
             ));
         }
+        self.check_active_limits(owner)?;
         let id = random_id("batch");
         let created = now_unix();
         let metadata = metadata.map(Value::to_string);
@@ -323,6 +224,40 @@ impl Store {
             )
             .map_err(db_err)?;
         self.batch(&id, &Viewer::All)
+    }
+
+    /// Refuses a new batch past `--batch-max-active-per-key` or `--batch-max-active`: each
+    /// unfinished batch keeps an input file open and a place in the runner's rounds.
+    fn check_active_limits(&mut self, owner: Option<&str>) -> Result<(), BatchError> {
+        let (per_key, max) = (self.limits.max_active_per_key, self.limits.max_active);
+        let (all, mine): (usize, usize) = self
+            .conn()?
+            .query_row(
+                &format!(
+                    "SELECT COUNT(*), COALESCE(SUM(owner IS ?1), 0) FROM batches
+                     WHERE status IN {ACTIVE}"
+                ),
+                [owner],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(db_err)?;
+        if mine >= per_key {
+            let whose = match owner {
+                Some(name) => format!("the API key `{name}` has"),
+                None => "this server's callers have".into(),
+            };
+            return Err(BatchError::Limit(format!(
+                "{whose} {mine} unfinished batches, the most allowed at once \
+                 (--batch-max-active-per-key {per_key}); wait for one to finish or cancel one"
+            )));
+        }
+        if all >= max {
+            return Err(BatchError::Limit(format!(
+                "this server has {all} unfinished batches, the most it takes at once \
+                 (--batch-max-active {max}); retry when one has finished"
+            )));
+        }
+        Ok(())
     }
 
     pub fn batch(&mut self, id: &str, viewer: &Viewer) -> Result<BatchObject, BatchError> {
@@ -402,10 +337,7 @@ impl Store {
 
     /// Batches not yet in a final state, oldest first: the runner's work after a restart too.
     pub fn active_batches(&mut self) -> Result<Vec<BatchObject>, BatchError> {
-        let ids = self.batch_ids(
-            "status IN ('validating', 'in_progress', 'finalizing', 'cancelling') ORDER BY rowid",
-            [],
-        )?;
+        let ids = self.batch_ids(&format!("status IN {ACTIVE} ORDER BY rowid"), [])?;
         ids.iter().map(|id| self.batch(id, &Viewer::All)).collect()
     }
 
@@ -420,24 +352,7 @@ impl Store {
         status: BatchStatus,
         errors: Option<&BatchErrors>,
     ) -> Result<bool, BatchError> {
-        let column = status.time_column();
-        let errors = errors.map(|e| serde_json::to_string(e).unwrap_or_default());
-        let from = from
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let moved = self
-            .conn()?
-            .execute(
-                &format!(
-                    "UPDATE batches SET status = ?2, {column} = COALESCE({column}, ?3),
-                       errors = COALESCE(?4, errors) WHERE id = ?1 AND status IN ({from})"
-                ),
-                params![id, status.as_str(), now_unix(), errors],
-            )
-            .map_err(db_err)?;
-        Ok(moved == 1)
+        move_status(self.conn()?, id, from, status, errors).map_err(db_err)
     }
 
     /// The API key's name that created the batch.
@@ -466,33 +381,56 @@ impl Store {
         }
     }
 
-    /// The input file's requests, in order.
-    pub fn input_lines(&mut self, batch: &BatchObject) -> Result<Vec<InputLine>, BatchError> {
-        let text = std::fs::read_to_string(self.file_path(&batch.input_file_id))
-            .map_err(|e| io_err(&format!("reading file `{}`", batch.input_file_id), e))?;
-        read_lines(&text, &[&batch.endpoint]).map_err(BatchError::Io)
+    /// A cursor over the input file's requests that have no result yet, in order.
+    pub fn open_input(&mut self, batch: &BatchObject) -> Result<InputCursor, BatchError> {
+        let done = self.done_lines(batch)?;
+        self.input_cursor(batch, done)
     }
 
-    /// Lines of `batch_id` with a result.
-    pub fn done_lines(&mut self, batch_id: &str) -> Result<HashSet<usize>, BatchError> {
+    /// A cursor over the input file's requests not in `skip`.
+    pub(super) fn input_cursor(
+        &mut self,
+        batch: &BatchObject,
+        skip: LineSet,
+    ) -> Result<InputCursor, BatchError> {
+        let path = self.file_path(&batch.input_file_id);
+        InputCursor::open(&path, skip, self.limits.max_line_bytes)
+            .map_err(|e| io_err(&format!("reading file `{}`", batch.input_file_id), e))
+    }
+
+    /// Lines of `batch` with a result.
+    pub fn done_lines(&mut self, batch: &BatchObject) -> Result<LineSet, BatchError> {
         let conn = self.conn()?;
         let mut stmt = conn
-            .prepare("SELECT line FROM batch_results WHERE batch_id = ?1")
+            .prepare("SELECT line FROM batch_results WHERE batch_id = ?1 AND line < ?2")
             .map_err(db_err)?;
         let lines = stmt
-            .query_map([batch_id], |r| r.get::<_, i64>(0))
+            .query_map(params![batch.id, batch.request_counts.total], |r| {
+                r.get::<_, i64>(0)
+            })
             .map_err(db_err)?;
-        lines
-            .map(|l| l.map(|l| l as usize).map_err(db_err))
-            .collect()
+        let mut done = LineSet::default();
+        for l in lines {
+            done.insert(usize::try_from(l.map_err(db_err)?).unwrap_or(0));
+        }
+        Ok(done)
     }
 
     /// Keeps a line's result; a second result for the same line is ignored, and so is one
     /// for a batch already finalizing or finished (a line stopped by a cancel that got its
     /// answer at the last moment: the result files are written already).
+    /// A body over `max_result_bytes` is refused (the runner keeps an error in its place).
     pub fn record(&mut self, batch_id: &str, r: &LineResult) -> Result<(), BatchError> {
         let usage = &r.body["usage"];
         let count = |v: &Value| v.as_u64().unwrap_or(0);
+        let body = r.body.to_string();
+        let max = self.limits.max_result_bytes;
+        if body.len() > max {
+            return Err(BatchError::TooLarge(format!(
+                "the result is {} bytes; a batch keeps at most {max} per line",
+                body.len()
+            )));
+        }
         self.conn()?
             .execute(
                 "INSERT OR IGNORE INTO batch_results
@@ -505,7 +443,7 @@ impl Store {
                     r.custom_id,
                     r.status_code,
                     r.request_id,
-                    r.body.to_string(),
+                    body,
                     count(&usage["prompt_tokens"]),
                     count(&usage["completion_tokens"]),
                     count(&usage["prompt_tokens_details"]["cached_tokens"]),
@@ -516,11 +454,47 @@ impl Store {
     }
 }
 
-struct FileRow {
-    owner: Option<String>,
-    object: FileObject,
-    requests: u64,
-    urls: Vec<String>,
+/// [`Store::set_status`] on a connection (or a transaction).
+pub(super) fn move_status(
+    conn: &Connection,
+    id: &str,
+    from: &[BatchStatus],
+    status: BatchStatus,
+    errors: Option<&BatchErrors>,
+) -> rusqlite::Result<bool> {
+    let column = status.time_column();
+    let errors = errors.map(|e| serde_json::to_string(e).unwrap_or_default());
+    let from = from
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let moved = conn.execute(
+        &format!(
+            "UPDATE batches SET status = ?2, {column} = COALESCE({column}, ?3),
+               errors = COALESCE(?4, errors) WHERE id = ?1 AND status IN ({from})"
+        ),
+        params![id, status.as_str(), now_unix(), errors],
+    )?;
+    Ok(moved == 1)
+}
+
+/// Adds the [`ADDED_COLUMNS`] a database made by an older version lacks.
+fn add_columns(conn: &Connection) -> Result<(), BatchError> {
+    let have: HashSet<String> = {
+        let mut stmt = conn
+            .prepare("SELECT name FROM pragma_table_info('batches')")
+            .map_err(db_err)?;
+        let names = stmt.query_map([], |r| r.get(0)).map_err(db_err)?;
+        names.collect::<Result<_, _>>().map_err(db_err)?
+    };
+    for (name, decl) in ADDED_COLUMNS {
+        if !have.contains(*name) {
+            conn.execute_batch(&format!("ALTER TABLE batches ADD COLUMN {name} {decl}"))
+                .map_err(db_err)?;
+        }
+    }
+    Ok(())
 }
 
 const BATCH_COLUMNS: &str = "id, owner, endpoint, input_file_id, completion_window, metadata, \

@@ -21,6 +21,13 @@ pub struct BatchArgs {
     /// them all).
     #[arg(long, env = "IDLERIG_BATCH_CONCURRENCY")]
     pub batch_concurrency: Option<usize>,
+    /// Most unfinished batches one API key may have at once (without keys: all callers
+    /// together); past it `POST /v1/batches` answers 429 `batch_limit_exceeded`.
+    #[arg(long, env = "IDLERIG_BATCH_MAX_ACTIVE_PER_KEY", default_value_t = 8)]
+    pub batch_max_active_per_key: usize,
+    /// Most unfinished batches on the server at once (429 `batch_limit_exceeded` past it).
+    #[arg(long, env = "IDLERIG_BATCH_MAX_ACTIVE", default_value_t = 64)]
+    pub batch_max_active: usize,
 }
 
 impl BatchArgs {

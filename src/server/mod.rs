@@ -414,6 +414,9 @@ fn open_batches(
             .unwrap_or(args.model.max_running)
             .max(1),
         window_s: 24 * 3600,
+        max_active_per_key: args.batch.batch_max_active_per_key.max(1),
+        max_active: args.batch.batch_max_active.max(1),
+        max_result_bytes: crate::batch::MAX_RESULT_BYTES,
     };
     tracing::info!(dir = %cfg.dir.display(), db = %cfg.db_path.display(), "Files and Batches API on /v1/files and /v1/batches");
     Ok(Some(crate::batch::Batches::open(cfg)?))
