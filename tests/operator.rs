@@ -281,6 +281,13 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
         )
     };
     let tokens = |m: &str| sample(m, "vllm:generation_tokens_total");
+    // The device's time for requests: serving, or pre-empting (a request is waiting for the
+    // device). With the CPU miner under SCHED_IDLE on a busy machine, a short burst of
+    // requests can be served entirely before the starved miner acknowledges the pre-emption.
+    let serving = |m: &str| {
+        sample(m, "idlerig_device_seconds_total{state=\"serving\"}")
+            + sample(m, "idlerig_device_seconds_total{state=\"preempting\"}")
+    };
     let length = format!("vllm:request_success_total{{{model},finished_reason=\"length\"}}");
     let ttft_count = format!("vllm:time_to_first_token_seconds_count{{{model}}}");
     // Wait until the miner hashes, so that a request has something to pre-empt.
@@ -312,7 +319,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
             && sample(&m, &length) >= 4.0
             && sample(&m, "idlerig_cpu_miner_stop_seconds_count") >= 1.0
             && sample(&m, "idlerig_preemptions_total") >= 1.0
-            && sample(&m, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0
+            && serving(&m) > 0.0
             && sample(&m, "idlerig_mining_hashes_total") > 0.0
         {
             break m;
@@ -340,7 +347,7 @@ async fn prometheus_metrics_use_vllm_names_and_move() {
     );
     assert!(sample(&after, "idlerig_http_responses_total{code=\"200\"}") >= 4.0);
     assert!(sample(&after, "idlerig_mining_hashes_total") > 0.0);
-    assert!(sample(&after, "idlerig_device_seconds_total{state=\"serving\"}") > 0.0);
+    assert!(serving(&after) > 0.0);
     assert!(sample(&after, "idlerig_preemptions_total") >= 1.0);
     assert!(sample(&after, "idlerig_cpu_miner_stop_seconds_count") >= 1.0);
     assert_eq!(

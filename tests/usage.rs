@@ -19,18 +19,24 @@ async fn start(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> (idlerig::server::RunningServer, String, oneshot::Sender<()>) {
-    let keys = dir.join("keys.txt");
-    std::fs::write(
-        &keys,
-        format!(
-            "# name:key options\nalice:{ALICE} daily-tokens=60\nops:{OPS} admin\n\
-             carol:{CAROL} daily-tokens=120\n"
-        ),
-    )
-    .unwrap();
-    let (db, keys) = (
+    let keys = format!(
+        "# name:key options\nalice:{ALICE} daily-tokens=60\nops:{OPS} admin\n\
+         carol:{CAROL} daily-tokens=120\n"
+    );
+    serve_keys(dir, &keys, extra).await
+}
+
+/// A server with the key file `keys`, its usage database and data directory in `dir`.
+async fn serve_keys(
+    dir: &std::path::Path,
+    keys: &str,
+    extra: &[&str],
+) -> (idlerig::server::RunningServer, String, oneshot::Sender<()>) {
+    std::fs::write(dir.join("keys.txt"), keys).unwrap();
+    let (keys, db, data) = (
+        dir.join("keys.txt").display().to_string(),
         dir.join("usage.db").display().to_string(),
-        keys.display().to_string(),
+        dir.join("data").display().to_string(),
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let mut argv = vec![
@@ -42,6 +48,8 @@ async fn start(
         &keys,
         "--usage-db",
         &db,
+        "--data-dir",
+        &data,
     ];
     argv.extend_from_slice(extra);
     let (running, base) = common::start_serve(&argv, async {
@@ -49,6 +57,27 @@ async fn start(
     })
     .await;
     (running, base, stop)
+}
+
+/// Uploads `text` as a batch input file with `key`: the status and the file object.
+async fn upload(base: &str, key: &str, text: String) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(text.into_bytes()).file_name("in.jsonl"),
+        );
+    let res = reqwest::Client::new()
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    (
+        res.status().as_u16(),
+        res.json().await.unwrap_or(Value::Null),
+    )
 }
 
 async fn call(
@@ -268,55 +297,9 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
     let dir = std::env::temp_dir().join(format!("idlerig-unnamed-keys-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let serve = |keys: String| {
-        let dir = dir.clone();
-        async move {
-            std::fs::write(dir.join("keys.txt"), keys).unwrap();
-            let (keys, db, data) = (
-                dir.join("keys.txt").display().to_string(),
-                dir.join("usage.db").display().to_string(),
-                dir.join("data").display().to_string(),
-            );
-            let (stop, stopped) = oneshot::channel::<()>();
-            let argv = [
-                "--local-pool-port",
-                "0",
-                "--embedding-model",
-                "none",
-                "--api-key-file",
-                &keys,
-                "--usage-db",
-                &db,
-                "--data-dir",
-                &data,
-            ];
-            let (running, base) = common::start_serve(&argv, async {
-                let _ = stopped.await;
-            })
-            .await;
-            (running, base, stop)
-        }
-    };
-    let upload = |base: String, key: &'static str| async move {
-        let form = reqwest::multipart::Form::new().text("purpose", "batch").part(
-            "file",
-            reqwest::multipart::Part::bytes(
-                br#"{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}"#
-                    .to_vec(),
-            )
-            .file_name("in.jsonl"),
-        );
-        let res = reqwest::Client::new()
-            .post(format!("{base}/v1/files"))
-            .bearer_auth(key)
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
-        (res.status().as_u16(), res.json::<Value>().await.unwrap())
-    };
-    let (running, base, stop) = serve(format!("{A}\n{B}\n")).await;
-    let (status, file) = upload(base.clone(), A).await;
+    let line = r#"{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}"#;
+    let (running, base, stop) = serve_keys(&dir, &format!("{A}\n{B}\n"), &[]).await;
+    let (status, file) = upload(&base, A, line.to_string()).await;
     assert_eq!(status, 200, "{file}");
     let file_id = file["id"].as_str().unwrap().to_string();
     let body = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0});
@@ -336,7 +319,7 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
     running.task.await.unwrap().unwrap();
 
     // A's line is gone; B is the only key, on its own line 1.
-    let (running, base, stop) = serve(format!("{B}\n")).await;
+    let (running, base, stop) = serve_keys(&dir, &format!("{B}\n"), &[]).await;
     let (status, listed) = call(&base, B, "GET", "/v1/files", None).await;
     assert_eq!(status, 200, "{listed}");
     assert_eq!(
@@ -388,32 +371,8 @@ async fn a_batch_s_lines_spend_at_most_the_quota() {
     let dir = std::env::temp_dir().join(format!("idlerig-batch-quota-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("keys.txt"),
-        format!("dan:{DAN} daily-tokens=120\nadmin:{ADMIN} admin\n"),
-    )
-    .unwrap();
-    let (keys, data) = (
-        dir.join("keys.txt").display().to_string(),
-        dir.join("data").display().to_string(),
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let argv = [
-        "--local-pool-port",
-        "0",
-        "--embedding-model",
-        "none",
-        "--api-key-file",
-        &keys,
-        "--usage-db",
-        "none",
-        "--data-dir",
-        &data,
-    ];
-    let (running, base) = common::start_serve(&argv, async {
-        let _ = stopped.await;
-    })
-    .await;
+    let keys = format!("dan:{DAN} daily-tokens=120\nadmin:{ADMIN} admin\n");
+    let (running, base, stop) = serve_keys(&dir, &keys, &[]).await;
     let lines: String = (0..16)
         .map(|i| {
             json!({"custom_id": format!("l{i}"), "method": "POST", "url": "/v1/completions",
@@ -424,22 +383,7 @@ async fn a_batch_s_lines_spend_at_most_the_quota() {
         })
         .collect();
     let http = reqwest::Client::new();
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(lines.into_bytes()).file_name("in.jsonl"),
-        );
-    let file: Value = http
-        .post(format!("{base}/v1/files"))
-        .bearer_auth(DAN)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, file) = upload(&base, DAN, lines).await;
     let batch: Value = http
         .post(format!("{base}/v1/batches"))
         .bearer_auth(DAN)
@@ -500,6 +444,56 @@ async fn a_batch_s_lines_spend_at_most_the_quota() {
         .await
         .unwrap();
     assert!(errors.contains("insufficient_quota"), "{errors}");
+    stop.send(()).unwrap();
+    running.task.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A client that leaves mid-stream is charged for the tokens it was sent, not only for its
+/// prompt (a choice cut short used to count none: stream a long answer, disconnect before the
+/// end, and pay nothing for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
+    let dir = std::env::temp_dir().join(format!("idlerig-usage-leave-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (running, base, stop) = start(&dir, &[]).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+                      "ignore_eos": true, "stream": true});
+    let mut res = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(OPS)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Read until 10 tokens' events have come, then leave.
+    let mut text = String::new();
+    while text.matches("data: {").count() < 10 {
+        let chunk = res.chunk().await.unwrap().expect("the stream goes on");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(res);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let completion = loop {
+        let (_, usage) = call(&base, OPS, "GET", "/v1/usage", None).await;
+        let row = usage["data"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["key"] == "ops").cloned());
+        if let Some(row) = row {
+            break row["completion_tokens"].as_u64().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was never counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        (5..400).contains(&completion),
+        "charged {completion} completion tokens for a stream left after 10"
+    );
     stop.send(()).unwrap();
     running.task.await.unwrap().unwrap();
     std::fs::remove_dir_all(&dir).ok();

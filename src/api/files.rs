@@ -158,53 +158,66 @@ pub async fn upload(
     // The partial upload goes, whatever ends this request.
     let _cleanup = TmpFile(tmp.clone());
     let (mut purpose, mut file, mut other_bytes) = (None, None, 0usize);
-    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
-        match field.name() {
-            Some("purpose") => {
-                purpose = Some(short_field(&mut field, "purpose", MAX_PURPOSE_BYTES).await?)
-            }
-            Some("file") if file.is_some() => {
-                return Err(ApiError::invalid("file", "`file` is given twice; send one"))
-            }
-            Some("file") => {
-                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
-                let mut check = JsonlCheck::new(
-                    batch_endpoints(&state),
-                    batches.cfg.max_requests,
-                    batches.cfg.max_line_bytes,
-                );
-                let mut out = tokio::fs::File::create(&tmp)
-                    .await
-                    .map_err(ApiError::internal)?;
-                let mut bytes = 0u64;
-                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                    bytes += chunk.len() as u64;
-                    if bytes > limit {
-                        return Err(ApiError::payload_too_large(limit as usize).with_param("file"));
-                    }
-                    check.push(&chunk);
-                    out.write_all(&chunk).await.map_err(ApiError::internal)?;
+    let read = async {
+        while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+            match field.name() {
+                Some("purpose") => {
+                    purpose = Some(short_field(&mut field, "purpose", MAX_PURPOSE_BYTES).await?)
                 }
-                out.sync_all().await.map_err(ApiError::internal)?;
-                file = Some((filename, check));
-            }
-            // Unused fields are drained (the parser must read past them), within a bound.
-            other => {
-                let name: String = other.unwrap_or("").chars().take(64).collect();
-                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                    other_bytes += chunk.len();
-                    if other_bytes > MAX_OTHER_FIELD_BYTES {
-                        return Err(ApiError::invalid(
-                            name,
-                            format!(
-                                "form fields other than `file` and `purpose` hold more than \
-                                 {MAX_OTHER_FIELD_BYTES} bytes; this one is not used here"
-                            ),
-                        ));
+                Some("file") if file.is_some() => {
+                    return Err(ApiError::invalid("file", "`file` is given twice; send one"))
+                }
+                Some("file") => {
+                    let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                    let mut check = JsonlCheck::new(
+                        batch_endpoints(&state),
+                        batches.cfg.max_requests,
+                        batches.cfg.max_line_bytes,
+                    );
+                    let mut out = tokio::fs::File::create(&tmp)
+                        .await
+                        .map_err(ApiError::internal)?;
+                    let mut bytes = 0u64;
+                    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                        bytes += chunk.len() as u64;
+                        if bytes > limit {
+                            return Err(
+                                ApiError::payload_too_large(limit as usize).with_param("file")
+                            );
+                        }
+                        check.push(&chunk);
+                        out.write_all(&chunk).await.map_err(ApiError::internal)?;
+                    }
+                    out.sync_all().await.map_err(ApiError::internal)?;
+                    file = Some((filename, check));
+                }
+                // Unused fields are drained (the parser must read past them), within a bound.
+                other => {
+                    let name: String = other.unwrap_or("").chars().take(64).collect();
+                    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                        other_bytes += chunk.len();
+                        if other_bytes > MAX_OTHER_FIELD_BYTES {
+                            return Err(ApiError::invalid(
+                                name,
+                                format!(
+                                    "form fields other than `file` and `purpose` hold more than \
+                                     {MAX_OTHER_FIELD_BYTES} bytes; this one is not used here"
+                                ),
+                            ));
+                        }
                     }
                 }
             }
         }
+        Ok::<(), ApiError>(())
+    }
+    .await;
+    if let Err(e) = read {
+        // Refused before the body was read to its end: the rest is read and dropped (within
+        // the file limit), so that the client, still sending, gets this answer rather than a
+        // connection closed under it.
+        drain(&mut multipart, limit.saturating_add(1 << 20)).await;
+        return Err(e);
     }
     let purpose = purpose.ok_or_else(|| ApiError::invalid("purpose", "`purpose` is missing"))?;
     if purpose != "batch" {
@@ -223,6 +236,19 @@ pub async fn upload(
         .await?;
     tracing::info!(file = %object.id, bytes = object.bytes, "batch input file accepted");
     Ok(Json(object))
+}
+
+/// Reads and drops what is left of a multipart body, `max` bytes at most.
+async fn drain(multipart: &mut Multipart, max: u64) {
+    let mut read = 0u64;
+    while let Ok(Some(mut field)) = multipart.next_field().await {
+        while let Ok(Some(chunk)) = field.chunk().await {
+            read += chunk.len() as u64;
+            if read > max {
+                return;
+            }
+        }
+    }
 }
 
 /// Removes the upload's temporary file when dropped (accepted uploads were moved away).

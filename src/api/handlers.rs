@@ -249,12 +249,14 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     valid.request_id = started.id.0.to_string();
     let n = valid.n;
-    let mut timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens)
-        .with_usage(state.usage.clone().zip(started.who), started.quota);
+    let timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens);
     let mut watchdog = state.watchdog(started.at, valid.tier);
     let events = model.backend.submit(valid);
     started.arriving = None; // in the engine's hands (or refused): no longer on its way
     let events = events?;
+    // Counted from here on: a request the engine refused (a full queue) ran nothing, and its
+    // quota hold is released as `started` drops.
+    let mut timer = timer.with_usage(state.usage.clone().zip(started.who), started.quota);
     if plan.stream {
         let guards = StreamGuards {
             timer,

@@ -21,6 +21,10 @@ pub struct RequestTimer {
     started: Instant,
     last_token: Option<Instant>,
     record: RequestRecord,
+    /// Per choice: tokens seen so far, and the engine's count once it finished. A choice cut
+    /// short (client gone, timeout, shutdown) is charged for the tokens it did generate.
+    seen: Vec<usize>,
+    finished: Vec<Option<usize>>,
 }
 
 impl RequestTimer {
@@ -32,6 +36,8 @@ impl RequestTimer {
             _quota: None,
             started,
             last_token: None,
+            seen: Vec::new(),
+            finished: Vec::new(),
             record: RequestRecord {
                 prompt_tokens,
                 ..RequestRecord::default()
@@ -52,6 +58,25 @@ impl RequestTimer {
 
     /// Notes one engine event.
     pub fn observe(&mut self, event: &SeqEvent) {
+        match *event {
+            SeqEvent::Token { choice, .. } => {
+                if self.seen.len() <= choice {
+                    self.seen.resize(choice + 1, 0);
+                }
+                self.seen[choice] += 1;
+            }
+            SeqEvent::Finished {
+                choice,
+                completion_tokens,
+                ..
+            } => {
+                if self.finished.len() <= choice {
+                    self.finished.resize(choice + 1, None);
+                }
+                self.finished[choice] = Some(completion_tokens);
+            }
+            SeqEvent::Failed { .. } => {}
+        }
         match event {
             SeqEvent::Token { .. } => {
                 let now = Instant::now();
@@ -84,11 +109,19 @@ impl RequestTimer {
 impl Drop for RequestTimer {
     fn drop(&mut self) {
         if let Some((usage, who)) = self.usage.take() {
-            let r = &self.record;
+            // Each choice's count from the engine when it finished, else the tokens it sent
+            // before it was cut short: what a request generated is charged however it ended.
+            let choices = self.seen.len().max(self.finished.len());
+            let completion: usize = (0..choices)
+                .map(|c| match self.finished.get(c).copied().flatten() {
+                    Some(n) => n,
+                    None => self.seen.get(c).copied().unwrap_or(0),
+                })
+                .sum();
             usage.record(
                 &who.name,
-                r.prompt_tokens as u64,
-                r.completion_tokens as u64,
+                self.record.prompt_tokens as u64,
+                completion as u64,
             );
         }
         if let Some(t) = self.telemetry.take() {

@@ -85,6 +85,8 @@ pub struct Store {
     /// Opened at start when the database or the directory exists, else at the first upload:
     /// a server nobody sends files to writes nothing.
     conn: Option<Connection>,
+    /// Closed at shutdown: nothing opens it again.
+    closed: bool,
     pub limits: Limits,
 }
 
@@ -104,6 +106,7 @@ impl Store {
             dir: dir.to_path_buf(),
             db_path: db_path.to_path_buf(),
             conn: None,
+            closed: false,
             limits: Limits::default(),
         };
         if db_path.exists() || dir.join("files").exists() {
@@ -113,6 +116,9 @@ impl Store {
     }
 
     pub(super) fn conn(&mut self) -> Result<&mut Connection, BatchError> {
+        if self.closed {
+            return Err(BatchError::Stopped);
+        }
         if self.conn.is_none() {
             for sub in ["files", "tmp"] {
                 std::fs::create_dir_all(self.dir.join(sub))
@@ -130,10 +136,12 @@ impl Store {
         Ok(self.conn.as_mut().expect("opened above"))
     }
 
-    /// Closes the database (at shutdown, once the runner has stopped), so that the file is
-    /// whole and released when the server says it stopped. A later call opens it again.
+    /// Closes the database (at shutdown, once the runner was told to stop), so that the file
+    /// is whole and released when the server says it stopped. Anything the runner still sends
+    /// after it is refused (a line in flight then runs again at the next start).
     pub fn close(&mut self) {
         self.conn = None;
+        self.closed = true;
     }
 
     /// Removes what a crash can leave behind: partial uploads, and files renamed into place

@@ -307,6 +307,9 @@ impl Deferred {
         if self.job.reply.is_closed() {
             return Some(Err(EmbedError::Stopped)); // its caller has gone
         }
+        if self.next >= self.order.len() {
+            return Some(Ok(std::mem::take(&mut self.vectors))); // no inputs at all
+        }
         let lengths: Vec<usize> = self
             .order
             .iter()
@@ -369,6 +372,9 @@ fn run(encoder: Encoder, mut rx: mpsc::Receiver<Job>) {
             run_together(&encoder, std::mem::take(&mut interactive));
             continue;
         }
+        // Deferred requests whose caller has gone (a cancelled batch, a timeout) are dropped
+        // now, not when they reach the front.
+        deferred.retain(|d| !d.job.reply.is_closed());
         if let Some(front) = deferred.front_mut() {
             if let Some(result) = front.step(&encoder) {
                 if let Some(done) = deferred.pop_front() {

@@ -77,8 +77,9 @@ impl Engine {
         loop {
             let base = self.running[i].cache.len();
             // Reservations are all or nothing and grow only: the largest that succeeds is
-            // what the sequence holds afterwards. Lengths that fits / does not fit.
-            let (mut fits, mut fails) = (0, want);
+            // what the sequence holds afterwards. A length known to fit, one known not to
+            // (`want` itself is tried too: a pre-emption may have made room for all of it).
+            let (mut fits, mut fails) = (0, want + 1);
             while fails - fits > 1 {
                 let mid = fits + (fails - fits) / 2;
                 if self

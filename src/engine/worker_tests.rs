@@ -17,9 +17,19 @@ fn model() -> ServedModel {
 }
 
 fn request(m: &ServedModel, id: &str) -> ValidRequest {
+    valid(
+        m.tokenizer.encode("The capital of France is").unwrap(),
+        0,
+        6,
+        id,
+    )
+}
+
+/// A greedy interactive request of `prompt`, generating `max_tokens` past any end token.
+fn valid(prompt: Vec<u32>, priority: i64, max_tokens: usize, id: &str) -> ValidRequest {
     ValidRequest {
-        prompt: m.tokenizer.encode("The capital of France is").unwrap(),
-        max_tokens: 6,
+        prompt,
+        max_tokens,
         n: 1,
         stop: Vec::new(),
         params: SamplingParams {
@@ -28,7 +38,7 @@ fn request(m: &ServedModel, id: &str) -> ValidRequest {
         },
         ignore_eos: true,
         request_id: id.into(),
-        priority: 0,
+        priority,
         constraint: None,
         tier: ServiceTier::Interactive,
     }
@@ -128,21 +138,7 @@ fn submit(
     id: &str,
 ) -> UnboundedReceiver<SeqEvent> {
     let (events, rx) = tokio::sync::mpsc::unbounded_channel();
-    let request = ValidRequest {
-        prompt,
-        max_tokens,
-        n: 1,
-        stop: Vec::new(),
-        params: SamplingParams {
-            temperature: 0.0,
-            ..SamplingParams::default()
-        },
-        ignore_eos: true,
-        request_id: id.into(),
-        priority,
-        constraint: None,
-        tier: ServiceTier::Interactive,
-    };
+    let request = valid(prompt, priority, max_tokens, id);
     engine.waiting.push_back(crate::engine::Submission {
         request,
         submitted_at: std::time::Instant::now(),

@@ -77,15 +77,13 @@ struct Today {
 }
 
 impl Today {
-    /// Starts a new day's figures when `day` is not the one held. Reservations go with the
-    /// old day: a request that started yesterday is charged to the day it ends, and its hold
-    /// releases nothing from the new day's.
+    /// Starts a new day's figures when `day` is not the one held. Reservations carry over:
+    /// a request that started yesterday is charged to the day it ends, so what it holds
+    /// counts against the new day until it does.
     fn roll(&mut self, day: &str) {
         if self.day != day {
-            *self = Today {
-                day: day.to_string(),
-                ..Today::default()
-            };
+            self.day = day.to_string();
+            self.used.clear();
         }
     }
 
@@ -110,7 +108,6 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct QuotaHold {
     today: Arc<Mutex<Today>>,
-    day: String,
     key: String,
     tokens: u64,
 }
@@ -118,9 +115,6 @@ pub struct QuotaHold {
 impl Drop for QuotaHold {
     fn drop(&mut self) {
         let mut today = self.today.lock().unwrap_or_else(|p| p.into_inner());
-        if today.day != self.day {
-            return; // the day turned: the hold went with the old day's figures
-        }
         if let Some(r) = today.reserved.get_mut(&self.key) {
             *r = r.saturating_sub(self.tokens);
             if *r == 0 {
@@ -260,7 +254,6 @@ impl Usage {
         *today.reserved.entry(key.to_string()).or_insert(0) += tokens;
         let hold = QuotaHold {
             today: self.today.clone(),
-            day,
             key: key.to_string(),
             tokens,
         };

@@ -72,9 +72,9 @@ pub struct ParsedCall {
 }
 
 /// Splits a whole output into its content and its calls. Calls that do not parse leave the
-/// whole output as content, with no calls. A last call cut off mid-way (by `max_tokens`, or
-/// an end-of-generation token) is dropped, with the complete ones before it kept: its markup
-/// is never content.
+/// whole output as content, with no calls. In the Hermes format, a last call cut off mid-way
+/// (by `max_tokens`, or an end-of-generation token) is dropped, with the complete ones before
+/// it kept: its markup is never content.
 pub fn parse(format: CallFormat, text: &str) -> (String, Vec<ParsedCall>) {
     let parsed = match format {
         CallFormat::Hermes => parse_hermes(text),
@@ -121,20 +121,19 @@ fn parse_hermes(text: &str) -> Option<Found> {
             Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..], true),
             None => (body, "", false),
         };
-        let call = serde_json::from_str(inner.trim())
-            .ok()
-            .and_then(|v| call_from_json(&v));
-        match (call, closed) {
-            (Some(call), _) => calls.push(call),
-            // Cut off inside its JSON: dropped, the calls before it stand.
-            (None, false) => {
+        let parsed = serde_json::from_str::<Value>(inner.trim());
+        match parsed.as_ref().ok().and_then(call_from_json) {
+            Some(call) => calls.push(call),
+            // Cut off inside its JSON (the text ends before the object does): dropped, the
+            // calls before it stand. Anything else unclosed is not a call: content.
+            None if !closed && parsed.as_ref().err().is_some_and(|e| e.is_eof()) => {
                 return Some(Found {
                     content,
                     calls,
                     cut: true,
                 })
             }
-            (None, true) => return None,
+            None => return None,
         }
         rest = after;
     }
@@ -395,6 +394,12 @@ mod tests {
                 "Checking.\n<tool_call>\n{\"name\": \"f\""
             ),
             ("Checking.".to_string(), vec![])
+        );
+        // Prose that mentions the tag is not a cut call: it stays content, whole.
+        let prose = "Qwen writes its calls between <tool_call> tags, like this.";
+        assert_eq!(
+            parse(CallFormat::Hermes, prose),
+            (prose.to_string(), vec![])
         );
         let bare = r#"{"name": "f", "arguments": {"a": 1}}"#;
         assert_eq!(

@@ -64,7 +64,9 @@ fn check(what: &str, r: sys::nvrtcResult) -> Result<(), LaunchError> {
     }
 }
 
-/// NVRTC's version, `major.minor`, or why it could not be asked (no `libnvrtc`).
+/// NVRTC's version, `major.minor`, or NVRTC's error. (The build links `libnvrtc`: where it
+/// is missing, the binary does not start at all, and `scripts/gpu-check` says which library
+/// it could not find.)
 pub fn version() -> Result<String, LaunchError> {
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two valid out-pointers.

@@ -65,9 +65,11 @@ impl BlockAllocator {
     }
 
     /// The hash of a full block of `tokens` after `parent` (0 is never one: it is kept free).
+    /// The parent's block is part of it: a child registered after a private twin of a cached
+    /// block does not take the place of the one after the cached block itself.
     pub fn block_hash(&self, parent: Parent, tokens: &[u32]) -> u64 {
         let mut h = self.hasher.build_hasher();
-        parent.map(|(_, hash)| hash).hash(&mut h);
+        parent.hash(&mut h);
         tokens.hash(&mut h);
         h.finish().max(1)
     }
