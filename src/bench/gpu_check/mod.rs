@@ -301,7 +301,9 @@ async fn speed_part(args: BenchGpuCheckArgs) -> Value {
     };
     match crate::model::device_from_name(&format!("cuda:{}", args.gpu)) {
         Ok(_) => serving::speed(model, args.gpu).await,
-        Err(e) => json!({"skipped": format!("no CUDA device: {e}")}),
+        Err(e) => {
+            json!({"skipped": format!("no CUDA device: {}", serving::first_line(&e.to_string()))})
+        }
     }
 }
 

@@ -51,6 +51,11 @@ fn compare(reference: &[f32], other: &[f32]) -> (f64, f64, bool) {
     )
 }
 
+/// candle's errors may carry a backtrace after their first line.
+pub(super) fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
 fn rows(t: candle_core::Tensor) -> Result<Vec<Vec<f32>>, String> {
     t.to_vec2::<f32>().map_err(|e| e.to_string())
 }
@@ -212,7 +217,10 @@ pub fn agreement_part(gpu: usize, model: Option<&Path>) -> Value {
         Ok(d) => (d, "CUDA against the CPU twin".to_string()),
         Err(e) => (
             Device::Cpu,
-            format!("no CUDA device ({e}): the CPU's paged path stands in for CUDA"),
+            format!(
+                "no CUDA device ({}): the CPU's paged path stands in for CUDA",
+                first_line(&e.to_string())
+            ),
         ),
     };
     let on_gpu = device.is_cuda();
