@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -101,9 +103,7 @@ async fn call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() {
-    let dir = std::env::temp_dir().join(format!("idlerig-usage-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("usage-test");
     let (running, base, stop) = start(&dir, &["--metrics-per-key"]).await;
 
     // Alice spends her 60 tokens a day in requests of ~14; the last one that fits gets its
@@ -294,9 +294,7 @@ async fn usage_is_counted_per_key_kept_across_a_restart_and_held_to_the_quota() 
 async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
     const A: &str = "sk-unnamed-aaaaaaaaaaaa";
     const B: &str = "sk-unnamed-bbbbbbbbbbbb";
-    let dir = std::env::temp_dir().join(format!("idlerig-unnamed-keys-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("unnamed-keys");
     let line = r#"{"custom_id": "1", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}"#;
     let (running, base, stop) = serve_keys(&dir, &format!("{A}\n{B}\n"), &[]).await;
     let (status, file) = upload(&base, A, line.to_string()).await;
@@ -339,8 +337,7 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
         idlerig::api::unnamed_key_name(A),
         idlerig::api::unnamed_key_name(B),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let names = loop {
+    let names = common::poll_until(Duration::from_secs(30), "A's usage row", || async {
         let conn = rusqlite::Connection::open(dir.join("usage.db")).unwrap();
         let names: Vec<String> = conn
             .prepare("SELECT DISTINCT key FROM usage")
@@ -349,11 +346,9 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
             .unwrap()
             .map(Result::unwrap)
             .collect();
-        if names.contains(&a_name) || std::time::Instant::now() > deadline {
-            break names;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+        names.contains(&a_name).then_some(names)
+    })
+    .await;
     assert!(
         names.contains(&a_name) && !names.contains(&b_name),
         "{names:?}"
@@ -368,9 +363,7 @@ async fn removing_an_unnamed_key_hands_nothing_of_it_to_another() {
 async fn a_batch_s_lines_spend_at_most_the_quota() {
     const DAN: &str = "sk-dan-quota-7777777";
     const ADMIN: &str = "sk-admin-quota-88888";
-    let dir = std::env::temp_dir().join(format!("idlerig-batch-quota-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("batch-quota");
     let keys = format!("dan:{DAN} daily-tokens=120\nadmin:{ADMIN} admin\n");
     let (running, base, stop) = serve_keys(&dir, &keys, &[]).await;
     let lines: String = (0..16)
@@ -401,18 +394,15 @@ async fn a_batch_s_lines_spend_at_most_the_quota() {
         .as_str()
         .unwrap_or_else(|| panic!("{batch}"))
         .to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let done = loop {
-        let (_, b) = call(&base, DAN, "GET", &format!("/v1/batches/{id}"), None).await;
-        if b["status"] == "completed" {
-            break b;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the batch did not finish: {b}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let done = common::poll_until(
+        Duration::from_secs(300),
+        "the batch to complete",
+        || async {
+            let (_, b) = call(&base, DAN, "GET", &format!("/v1/batches/{id}"), None).await;
+            (b["status"] == "completed").then_some(b)
+        },
+    )
+    .await;
     let counts = &done["request_counts"];
     assert_eq!(counts["total"], 16, "{done}");
     assert!(counts["failed"].as_u64().unwrap() >= 1, "{done}");
@@ -454,9 +444,7 @@ async fn a_batch_s_lines_spend_at_most_the_quota() {
 /// end, and pay nothing for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
-    let dir = std::env::temp_dir().join(format!("idlerig-usage-leave-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_dir("usage-leave");
     let (running, base, stop) = start(&dir, &[]).await;
     let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
                       "ignore_eos": true, "stream": true});
@@ -475,21 +463,18 @@ async fn a_client_that_leaves_mid_stream_pays_for_what_it_was_sent() {
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
     drop(res);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let completion = loop {
-        let (_, usage) = call(&base, OPS, "GET", "/v1/usage", None).await;
-        let row = usage["data"]
-            .as_array()
-            .and_then(|rows| rows.iter().find(|r| r["key"] == "ops").cloned());
-        if let Some(row) = row {
-            break row["completion_tokens"].as_u64().unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request was never counted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let completion = common::poll_until(
+        Duration::from_secs(60),
+        "the request to be counted",
+        || async {
+            let (_, usage) = call(&base, OPS, "GET", "/v1/usage", None).await;
+            let row = usage["data"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["key"] == "ops").cloned())?;
+            row["completion_tokens"].as_u64()
+        },
+    )
+    .await;
     assert!(
         (5..400).contains(&completion),
         "charged {completion} completion tokens for a stream left after 10"

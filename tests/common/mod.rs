@@ -2,12 +2,42 @@
 //! an in-process server on a loopback port, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod batch;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use idlerig::api::{self, ApiLimits, AppState, LoadState};
 use idlerig::engine::{load_model, EngineConfig, ServedModel};
 use tokio::sync::watch;
+
+/// A fresh, empty folder for one test: `idlerig-NAME-PID` in the temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("idlerig-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 50 ms until it gives a value, failing the test after `limit`, saying
+/// `what` was waited for: tests wait for state, never for time.
+pub async fn poll_until<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {limit:?} for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
 
 pub fn default_model_path() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(idlerig::config::DEFAULT_MODEL_RELATIVE);
