@@ -158,13 +158,19 @@ impl AppState {
         self
     }
 
+    /// Where `who`'s usage is counted and its daily quota, when it has one.
+    fn quota_of<'a>(
+        &'a self,
+        who: Option<&'a KeyIdentity>,
+    ) -> Option<(&'a crate::usage::Usage, &'a KeyIdentity, u64)> {
+        let who = who?;
+        Some((self.usage.as_ref()?, who, who.daily_tokens?))
+    }
+
     /// 429 when `who`'s daily token quota is used up (UTC days): the cheap check before a
     /// request is read. What it may spend is reserved by [`Self::reserve_quota`].
     fn check_quota(&self, who: Option<&KeyIdentity>) -> Result<(), ApiError> {
-        let (Some(who), Some(usage)) = (who, &self.usage) else {
-            return Ok(());
-        };
-        let Some(quota) = who.daily_tokens else {
+        let Some((usage, who, quota)) = self.quota_of(who) else {
             return Ok(());
         };
         let used = usage.tokens_today(&who.name);
@@ -183,10 +189,7 @@ impl AppState {
         who: Option<&KeyIdentity>,
         ask: crate::usage::QuotaAsk,
     ) -> Result<Option<(crate::usage::QuotaHold, u64)>, ApiError> {
-        let (Some(who), Some(usage)) = (who, &self.usage) else {
-            return Ok(None);
-        };
-        let Some(quota) = who.daily_tokens else {
+        let Some((usage, who, quota)) = self.quota_of(who) else {
             return Ok(None);
         };
         match usage.reserve(&who.name, quota, ask) {

@@ -262,8 +262,6 @@ fn kernel_part(args: &BenchGpuCheckArgs) -> Value {
     let preempt = kernel::preempt(l, &sizes);
     json!({
         "gpu": device.filter(|_| on_gpu),
-        // Kept under its old name too: scripts and notes read `no_gpu_reason`.
-        "no_gpu_reason": launcher_error,
         "launcher_error": launcher_error,
         "backend": if on_gpu { "cuda" } else { "cpu-grid" },
         "sizes": format!("{sizes:?}"),
