@@ -70,6 +70,7 @@ fn run() -> anyhow::Result<()> {
                     BenchCommand::Mine(args) => idlerig::bench::mine::run(args),
                     BenchCommand::Preempt(args) => idlerig::bench::preempt::run(args).await,
                     BenchCommand::Flex(args) => idlerig::bench::flex::run(args).await,
+                    BenchCommand::Saturate(args) => idlerig::bench::saturate::run(args).await,
                     BenchCommand::GpuCheck(args) => idlerig::bench::gpu_check::run(args).await,
                     BenchCommand::Grammar(args) => idlerig::bench::grammar::run(args).await,
                 }

@@ -154,9 +154,18 @@ async fn a_cancelled_batch_keeps_what_finished_and_lists_every_other_line_as_can
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flex_requests_wait_for_interactive_work_and_a_full_flex_queue_answers_429() {
     let dir = temp_dir("flex");
+    // With no guaranteed share, deferred work runs only in the gaps.
     let (base, _stop) = start(
         &dir,
-        &["--no-mine", "--max-running", "1", "--deferred-queue", "1"],
+        &[
+            "--no-mine",
+            "--max-running",
+            "1",
+            "--deferred-queue",
+            "1",
+            "--deferred-min-share",
+            "0",
+        ],
     )
     .await;
     let c = Client::new(&base, None);
@@ -229,6 +238,47 @@ async fn flex_requests_wait_for_interactive_work_and_a_full_flex_queue_answers_4
     assert_eq!(res.status(), 200);
     let events = res.text().await.unwrap();
     assert!(events.contains(r#""service_tier":"flex""#), "{events}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With its guaranteed share (the default), a flex request finishes while an interactive
+/// stream that never ends holds the engine; with none (above) it waits for the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flex_request_finishes_beside_interactive_work_with_its_share() {
+    let dir = temp_dir("flex-share");
+    let (base, _stop) = start(&dir, &["--no-mine", "--max-running", "1"]).await;
+    let c = Client::new(&base, None);
+    let stream = reqwest::Client::new()
+        .post(format!("{base}{CHAT}"))
+        .json(
+            &json!({"messages": [{"role": "user", "content": "Tell a long story."}],
+                      "max_tokens": 4000, "ignore_eos": true, "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut stream = stream.bytes_stream();
+    use futures::StreamExt;
+    stream.next().await.unwrap().unwrap();
+    let (status, answer) = c
+        .post(
+            CHAT,
+            json!({"messages": [{"role": "user", "content": "Say yes."}],
+                   "max_tokens": 4, "ignore_eos": true, "service_tier": "flex"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["usage"]["completion_tokens"], 4, "{answer}");
+    let (_, s) = c.get("/v1/status").await;
+    assert_eq!(
+        s["engine"]["running_by_tier"]["default"], 1,
+        "the interactive stream still runs: {s}"
+    );
+    assert!(
+        s["engine"]["deferred_owed_steps"].as_u64() >= Some(4),
+        "{s}"
+    );
+    drop(stream);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -169,8 +169,13 @@ async fn answer<R: Send + 'static>(
             g.set_tier(tier)
         }
     };
-    // Until it is known to be deferred work, it may be interactive: deferred steps yield.
-    let mut arriving = (!batch).then(|| state.arrivals.enter());
+    // Until it is known to be deferred work, it may be interactive: its engine's deferred
+    // steps yield to it. With one chat model its engine is known before the body is read;
+    // with several, once `model` has routed it (another model's traffic never interrupts).
+    let mut arriving = (!batch)
+        .then(|| state.only_model())
+        .flatten()
+        .map(|m| m.stats.arrivals.enter());
     if batch {
         set_tier(ServiceTier::Deferred);
     }
@@ -183,6 +188,9 @@ async fn answer<R: Send + 'static>(
     .await?;
     // Routed by `model`: each chat model has an engine of its own.
     let model = state.ready_model(requested.as_deref())?;
+    if !batch && arriving.is_none() {
+        arriving = Some(model.stats.arrivals.enter());
+    }
     let (m, limits) = (model.clone(), state.limits.clone());
     let (mut valid, mut plan) = off_runtime(move || validate(req, &m, &limits)).await?;
     if batch {
@@ -339,6 +347,7 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
             kv_preemptions: m.stats.preemptions.load(Relaxed),
             busy: m.stats.is_busy(),
             deferred_interruptions: m.stats.deferred_interruptions.load(Relaxed),
+            deferred_owed_steps: m.stats.deferred_owed_steps.load(Relaxed),
             running_by_tier: ServiceTier::ALL
                 .iter()
                 .map(|&t| {

@@ -110,8 +110,6 @@ pub struct AppState {
     usage: Option<crate::usage::Usage>,
     /// Files and batches, unless `--data-dir none`.
     batches: Option<crate::batch::Batches>,
-    /// Interactive requests being read: the engines' deferred work gives way to them.
-    arrivals: crate::engine::InteractiveArrivals,
 }
 
 impl AppState {
@@ -136,14 +134,7 @@ impl AppState {
             embedder: None,
             usage: None,
             batches: None,
-            arrivals: Default::default(),
         }
-    }
-
-    /// Shares the count of interactive requests on their way in with the engines.
-    pub fn with_arrivals(mut self, arrivals: crate::engine::InteractiveArrivals) -> Self {
-        self.arrivals = arrivals;
-        self
     }
 
     /// Serves the Files and Batches API over `batches`.
@@ -311,6 +302,17 @@ impl AppState {
             LoadState::Failed(e) => {
                 Err(ApiError::internal(format!("the model failed to load: {e}")))
             }
+        }
+    }
+
+    /// The one chat model, when only one is served and it is loaded.
+    fn only_model(&self) -> Option<Arc<ServedModel>> {
+        match &self.models[..] {
+            [one] => match &*one.load.borrow() {
+                LoadState::Ready(m) => Some(m.clone()),
+                _ => None,
+            },
+            _ => None,
         }
     }
 

@@ -359,8 +359,11 @@ pub struct EngineStatus {
     pub kv_blocks_total: usize,
     pub kv_preemptions: u64,
     pub busy: bool,
-    /// Deferred steps abandoned between two layers for an arriving interactive request.
+    /// Deferred steps paused between two layers for an arriving interactive request (each
+    /// resumes at the layer it stopped before).
     pub deferred_interruptions: u64,
+    /// Deferred steps run beside interactive work, as deferred work's guaranteed share.
+    pub deferred_owed_steps: u64,
     /// Sequences running and requests waiting, by tier (`default`: interactive; `flex`:
     /// deferred work, flex requests and batch lines).
     #[schema(value_type = Object)]

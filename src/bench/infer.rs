@@ -23,6 +23,10 @@ pub struct StreamTiming {
     pub ttft: Duration,
     pub total: Duration,
     pub tokens: usize,
+    /// The prompt's tokens, and those of them the prefix cache held (from the usage chunk,
+    /// when the request asked for one).
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 /// A memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`), in MiB;
@@ -61,10 +65,20 @@ pub async fn timed_stream(
     let body = json!({
         "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0, "stream": true, "ignore_eos": true,
     });
+    timed_stream_of(client, base, &body).await
+}
+
+/// Sends the streaming completion `body` and times it; with `stream_options.include_usage`
+/// the prompt's cached tokens are read from the usage chunk.
+pub async fn timed_stream_of(
+    client: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+) -> Result<StreamTiming, String> {
     let start = Instant::now();
     let res = client
         .post(format!("{base}/v1/completions"))
-        .json(&body)
+        .json(body)
         .send()
         .await
         .map_err(|e| e.to_string())?;
@@ -78,7 +92,7 @@ pub async fn timed_stream(
     let mut stream = res.bytes_stream();
     let mut buf = Vec::new();
     let mut ttft = None;
-    let mut tokens = 0;
+    let (mut tokens, mut prompt_tokens, mut cached_tokens) = (0, 0, 0);
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
@@ -93,10 +107,19 @@ pub async fn timed_stream(
                     ttft: ttft.unwrap_or(total),
                     total,
                     tokens,
+                    prompt_tokens,
+                    cached_tokens,
                 });
             }
             let v: serde_json::Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
-            if v["choices"][0]["finish_reason"].is_null() {
+            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
+                cached_tokens = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            let choice = &v["choices"][0];
+            if choice.is_object() && choice["finish_reason"].is_null() {
                 tokens += 1;
                 ttft.get_or_insert_with(|| start.elapsed());
             }

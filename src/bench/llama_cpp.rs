@@ -110,6 +110,8 @@ impl LlamaCppRef {
             ttft,
             total: ttft + secs("decode_s")?,
             tokens: gen,
+            prompt_tokens: 0,
+            cached_tokens: 0,
         })
     }
 }

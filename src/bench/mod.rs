@@ -8,3 +8,4 @@ pub mod infer;
 pub mod llama_cpp;
 pub mod mine;
 pub mod preempt;
+pub mod saturate;

@@ -69,6 +69,10 @@ pub enum BenchCommand {
     /// What a running batch costs interactive users: the same request schedule with a batch
     /// running and without, interleaved; the miner must wait for the batch.
     Flex(BenchFlexArgs),
+    /// Deferred work and long prompts on a saturated server: closed-loop clients on a small KV
+    /// pool, with flex requests beside them and without, interleaved; TTFT, flex latency, the
+    /// long prompt's time and the prefix cache's hit rate.
+    Saturate(BenchSaturateArgs),
     /// The GPU half in one run (scripts/gpu-check): kernel correctness, GH/s, pre-emption
     /// latency with lost and duplicate nonces counted, power. Without a GPU it runs the
     /// kernel checks on the CPU stand-in and reports `"gpu": null`.
@@ -168,6 +172,14 @@ pub struct ModelArgs {
     /// beyond this flex requests are answered 429 `resource_unavailable`.
     #[arg(long, env = "IDLERIG_DEFERRED_QUEUE", default_value_t = 256)]
     pub deferred_queue: usize,
+    /// The share of the engine's time that deferred work (flex requests, batch lines) is
+    /// guaranteed while interactive requests keep it busy, from 0 (deferred work runs only in
+    /// the gaps) to 0.5. Interactive requests may wait up to this share longer under load.
+    #[arg(long, env = "IDLERIG_DEFERRED_MIN_SHARE", default_value_t = 0.05, value_parser = parse_share)]
+    pub deferred_min_share: f64,
+    /// Seconds of waiting that double deferred work's share (aging), up to half the time.
+    #[arg(long, env = "IDLERIG_DEFERRED_AGING_S", default_value_t = 60.0, value_parser = parse_aging)]
+    pub deferred_aging_s: f64,
     /// Sequences decoded together in one batch.
     #[arg(long, env = "IDLERIG_MAX_RUNNING", default_value_t = 32)]
     pub max_running: usize,
@@ -202,6 +214,35 @@ pub struct ModelArgs {
     pub cpu_isa: Option<crate::model::quant::Isa>,
 }
 
+/// A share of the engine's time: a number from 0 to 0.5.
+fn parse_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=crate::engine::MAX_DEFERRED_SHARE).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is outside 0..={} (interactive work keeps at least half the time)",
+            crate::engine::MAX_DEFERRED_SHARE
+        ))
+    }
+}
+
+/// Seconds of aging: a positive number of at most a year.
+fn parse_aging(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if v > 0.0 && v <= 365.0 * 86_400.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is not a number of seconds above 0 and up to a year"
+        ))
+    }
+}
+
 /// How the KV cache is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvLayout {
@@ -233,7 +274,8 @@ impl ModelArgs {
                 dtype: None,
             },
             telemetry: None,
-            arrivals: Default::default(),
+            deferred_min_share: self.deferred_min_share,
+            deferred_aging: std::time::Duration::from_secs_f64(self.deferred_aging_s),
         }
     }
 
@@ -539,6 +581,54 @@ pub struct BenchFlexArgs {
     /// Tokens generated per batch line.
     #[arg(long, default_value_t = 64)]
     pub batch_tokens: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchSaturateArgs {
+    /// Model to serve (default: the SmolLM2 GGUF from models/).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Closed-loop interactive clients.
+    #[arg(long, default_value_t = 20)]
+    pub clients: usize,
+    /// The server's KV cache, in MiB (small, so that the clients fill it).
+    #[arg(long, default_value_t = 48)]
+    pub kv_cache_mb: usize,
+    /// The server's --deferred-min-share.
+    #[arg(long, default_value_t = 0.05)]
+    pub deferred_min_share: f64,
+    /// Seconds of each phase.
+    #[arg(long, default_value_t = 15.0)]
+    pub seconds: f64,
+    /// Seconds of an unmeasured phase first.
+    #[arg(long, default_value_t = 5.0)]
+    pub warmup_s: f64,
+    /// Rounds; each runs a baseline phase and a flex phase, the order alternating.
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// The prefix every client's prompt starts with, in tokens.
+    #[arg(long, default_value_t = 64)]
+    pub hot_prefix_tokens: usize,
+    /// Tokens of each prompt after the hot prefix, its own (with the defaults, 20 clients
+    /// need more of the pool than it has).
+    #[arg(long, default_value_t = 96)]
+    pub tail_tokens: usize,
+    /// Tokens generated per client request and per long prompt.
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// The long prompt sent once a phase beside the clients, in tokens (0: none).
+    #[arg(long, default_value_t = 1200)]
+    pub long_prompt_tokens: usize,
+    /// Tokens each flex request generates.
+    #[arg(long, default_value_t = 16)]
+    pub flex_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub flex_prompt_tokens: usize,
+    /// A flex request that takes longer than this fails the bench.
+    #[arg(long, default_value_t = 180.0)]
+    pub flex_limit_s: f64,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }

@@ -19,6 +19,7 @@ pub use grammar::{lark_after_reasoning, Constraint, GrammarFactory, OutputFormat
 pub use load::{load_model, load_model_reporting, Backend, ServedModel};
 pub use sampling::{argmax, SampledToken, Sampler, SamplingParams};
 pub use stop::{StopMatcher, StopOutcome};
+pub use tiers::MAX_DEFERRED_SHARE;
 pub use tokenizer::{IncrementalDecoder, TextTokenizer};
 pub use worker::{spawn_engine, EngineConfig};
 
@@ -200,6 +201,11 @@ pub struct EngineStats {
     pub deferred_interruptions: AtomicU64,
     /// Tokens of finished deferred work (flex and batch): prompt and output, once each.
     pub deferred_tokens: AtomicU64,
+    /// Deferred steps that ran beside interactive work, as its guaranteed share.
+    pub deferred_owed_steps: AtomicU64,
+    /// Interactive requests for this engine on their way in (the HTTP layer counts them):
+    /// its deferred steps in the gaps give way to them.
+    pub arrivals: InteractiveArrivals,
 }
 
 impl EngineStats {

@@ -35,6 +35,8 @@ pub(super) struct Sequence {
     pub priority: i64,
     pub tier: super::ServiceTier,
     pub order: u64,
+    /// When the request was submitted: how long deferred work has waited (its aging).
+    pub submitted_at: std::time::Instant,
 }
 
 impl Sequence {

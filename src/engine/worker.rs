@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use super::sampling::Sampler;
 use super::sequence::Sequence;
 use super::stop::StopMatcher;
-use super::tiers::{may_admit, step_tier, TierLoad};
+use super::tiers::{may_admit, step_tier, DeferredShare, TierLoad};
 use super::tokenizer::{IncrementalDecoder, TextTokenizer};
 use super::ServiceTier;
 use super::{EngineHandle, EngineStats, FinishReason, SeqEvent, Submission};
@@ -38,8 +38,10 @@ pub struct EngineConfig {
     pub model: crate::model::LoadOptions,
     /// Where the time each request waited is reported.
     pub telemetry: Option<crate::telemetry::Telemetry>,
-    /// Interactive requests on their way in (shared with the HTTP layer).
-    pub arrivals: super::InteractiveArrivals,
+    /// The share of step time deferred work is guaranteed while interactive work keeps the
+    /// engine busy (0: only the gaps), and the wait that doubles it (see `tiers`).
+    pub deferred_min_share: f64,
+    pub deferred_aging: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -51,7 +53,8 @@ impl Default for EngineConfig {
             step_token_budget: 512,
             model: Default::default(),
             telemetry: None,
-            arrivals: Default::default(),
+            deferred_min_share: 0.05,
+            deferred_aging: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -68,6 +71,7 @@ pub fn spawn_engine(
     let engine = Engine {
         model,
         tokenizer,
+        share: DeferredShare::new(cfg.deferred_min_share, cfg.deferred_aging),
         cfg,
         rx,
         running: Vec::new(),
@@ -99,6 +103,8 @@ struct Engine {
     stats: Arc<EngineStats>,
     /// Admission counter: ties in priority run oldest first.
     next_order: u64,
+    /// Deferred work's guaranteed share of the steps.
+    share: DeferredShare,
 }
 
 impl Engine {
@@ -115,7 +121,7 @@ impl Engine {
                 .count()
                 + self.stats.in_channel[ServiceTier::Interactive as usize].load(Ordering::Acquire),
             deferred_running: self.running.len() - running,
-            interactive_arriving: self.cfg.arrivals.any(),
+            interactive_arriving: self.stats.arrivals.any(),
         }
     }
 
@@ -191,24 +197,41 @@ impl Engine {
 
     /// Moves waiting requests into the running set, all choices of a request together:
     /// interactive before deferred, best priority first (lower value), then in order of
-    /// arrival. Deferred requests wait while any interactive request does.
+    /// arrival. Deferred requests wait while any interactive request does, except one at a
+    /// time while deferred work has a guaranteed share.
     fn admit(&mut self) {
         loop {
             self.waiting.retain(|s| !s.events.is_closed());
-            let Some(best) = (0..self.waiting.len()).min_by_key(|&i| {
-                let r = &self.waiting[i].request;
-                (r.tier, r.priority, i)
-            }) else {
+            let best_of = |tiers: &[ServiceTier]| {
+                (0..self.waiting.len())
+                    .filter(|&i| tiers.contains(&self.waiting[i].request.tier))
+                    .min_by_key(|&i| {
+                        let r = &self.waiting[i].request;
+                        (r.tier, r.priority, i)
+                    })
+            };
+            let load = self.tier_load();
+            let (total, max) = (self.running.len(), self.cfg.max_running);
+            // An interactive request joins running interactive work only when the KV pool
+            // holds its prompt beside what that work still needs: admitting more than the
+            // pool holds only makes them pre-empt each other and recompute, over and over.
+            // Requests behind it wait their turn, so a long prompt is not overtaken for ever.
+            let fits = |i: &usize| {
+                let r = &self.waiting[*i].request;
+                may_admit(r.tier, r.n, load, total, max, self.share.enabled())
+                    && (r.tier == ServiceTier::Deferred
+                        || load.interactive_running == 0
+                        || self.kv_room_for(r.priority, r.prompt.len(), r.n))
+            };
+            // The best request, or, when it must wait, the best deferred one (its guaranteed
+            // share lets one run whatever interactive work waits).
+            let Some(best) = best_of(&ServiceTier::ALL)
+                .filter(fits)
+                .or_else(|| best_of(&[ServiceTier::Deferred]).filter(fits))
+            else {
                 return;
             };
-            let (n, tier) = (
-                self.waiting[best].request.n,
-                self.waiting[best].request.tier,
-            );
-            let load = self.tier_load();
-            if !may_admit(tier, n, load, self.running.len(), self.cfg.max_running) {
-                return;
-            }
+            let n = self.waiting[best].request.n;
             let sub = self.waiting.remove(best).expect("index in range");
             let waited = sub.submitted_at.elapsed();
             if let Some(t) = &self.cfg.telemetry {
@@ -273,6 +296,7 @@ impl Engine {
                     priority: r.priority,
                     tier: r.tier,
                     order: self.next_order,
+                    submitted_at: sub.submitted_at,
                 };
                 self.next_order += 1;
                 seqs.push(seq);
@@ -291,48 +315,22 @@ impl Engine {
                 s.cached_tokens.get_or_insert(hit);
             }
         }
-        let Some(tier) = step_tier(self.tier_load()) else {
+        let load = self.tier_load();
+        let Some(tier) = step_tier(load) else {
             // Deferred work waits for interactive work on its way in; it comes within
             // milliseconds (or goes away), so a short nap is enough, and frees the cores.
             std::thread::sleep(std::time::Duration::from_micros(200));
             return;
         };
-        let plan = self.schedule(tier);
-        if plan.is_empty() {
-            self.unblock(tier);
-            return;
-        }
-        let mut items = Vec::with_capacity(plan.len());
-        let mut planned = plan.iter().peekable();
-        for (i, s) in self.running.iter_mut().enumerate() {
-            let Some(&(_, count)) = planned.next_if(|(j, _)| *j == i) else {
-                continue;
-            };
-            let start = s.cache.len();
-            items.push(BatchItem {
-                tokens: &s.tokens[start..start + count],
-                cache: &mut s.cache,
-            });
-        }
-        // A deferred step gives way, between two layers, to an interactive request that
-        // arrives while it runs; nothing of it is committed, and it runs again later.
-        let (stats, arrivals) = (self.stats.clone(), self.cfg.arrivals.clone());
-        let interrupt = move || {
-            tier == ServiceTier::Deferred && (arrivals.any() || stats.interactive_arriving())
-        };
+        // Deferred work owed its share rides in this interactive step.
+        let mixed =
+            tier == ServiceTier::Interactive && load.deferred_running > 0 && self.share.owed();
         let t0 = std::time::Instant::now();
-        let result = self
-            .model
-            .forward_interruptible(&mut items, &interrupt)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
-        tracing::trace!(
-            ?tier,
-            rows = plan.len(),
-            tokens = plan.iter().map(|p| p.1).sum::<usize>(),
-            ms = t0.elapsed().as_secs_f64() * 1e3,
-            ok = result.is_ok(),
-            "step"
-        );
+        let result = self.run_step(tier, mixed);
+        self.account(tier, result.as_ref().map(|r| &r.0), t0.elapsed());
+        let Some((plan, result)) = result else {
+            return;
+        };
         let logits = match result {
             Ok(l) => l,
             Err(crate::model::ModelError::Interrupted) => {
@@ -399,6 +397,92 @@ impl Engine {
             }
         }
         self.remove_marked(&done);
+    }
+
+    /// Plans and runs one forward pass of `tier`: the plan and the logits, or `None` when
+    /// nothing could be planned.
+    #[allow(clippy::type_complexity)]
+    fn run_step(
+        &mut self,
+        tier: ServiceTier,
+        mixed: bool,
+    ) -> Option<(
+        Vec<(usize, usize)>,
+        Result<Vec<Vec<f32>>, crate::model::ModelError>,
+    )> {
+        let plan = self.schedule(tier, mixed);
+        if plan.is_empty() {
+            self.unblock(tier);
+            return None;
+        }
+        let mut items = Vec::with_capacity(plan.len());
+        let mut planned = plan.iter().peekable();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            let Some(&(_, count)) = planned.next_if(|(j, _)| *j == i) else {
+                continue;
+            };
+            let start = s.cache.len();
+            items.push(BatchItem {
+                tokens: &s.tokens[start..start + count],
+                cache: &mut s.cache,
+            });
+        }
+        // A deferred step in the gaps gives way, between two layers, to an interactive
+        // request that arrives while it runs; the layers it finished are kept, and it
+        // resumes from there.
+        let stats = self.stats.clone();
+        let interrupt = move || {
+            tier == ServiceTier::Deferred && (stats.arrivals.any() || stats.interactive_arriving())
+        };
+        let t0 = std::time::Instant::now();
+        let result = self
+            .model
+            .forward_interruptible(&mut items, &interrupt)
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        tracing::trace!(
+            ?tier,
+            mixed,
+            rows = plan.len(),
+            tokens = plan.iter().map(|p| p.1).sum::<usize>(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            ok = result.is_ok(),
+            "step"
+        );
+        Some((plan, result))
+    }
+
+    /// Tells the deferred share what a step of `tier` that took `elapsed` gave each tier:
+    /// its time split by the planned tokens of each (deferred rows in an interactive step
+    /// are owed time; a step in the gaps costs interactive work nothing).
+    fn account(
+        &mut self,
+        tier: ServiceTier,
+        plan: Option<&Vec<(usize, usize)>>,
+        elapsed: std::time::Duration,
+    ) {
+        let oldest_deferred = self
+            .running
+            .iter()
+            .filter(|s| s.tier == ServiceTier::Deferred)
+            .map(|s| s.submitted_at.elapsed())
+            .max();
+        let (mut interactive, mut deferred) = (0, 0);
+        for &(i, n) in plan.into_iter().flatten() {
+            match self.running[i].tier {
+                ServiceTier::Interactive => interactive += n,
+                ServiceTier::Deferred => deferred += n,
+            }
+        }
+        if tier == ServiceTier::Deferred || interactive + deferred == 0 {
+            return;
+        }
+        if deferred > 0 {
+            self.stats
+                .deferred_owed_steps
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let owed = elapsed.mul_f64(deferred as f64 / (interactive + deferred) as f64);
+        self.share.record(elapsed - owed, owed, oldest_deferred);
     }
 
     /// Drops the running sequences whose flag in `marked` (by index), giving back their KV

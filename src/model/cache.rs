@@ -20,6 +20,10 @@ pub struct SeqCache {
     pub(super) paged: SeqBlocks,
     /// Dense layout under a budget: tokens of capacity reserved for this sequence.
     pub(super) reserved: usize,
+    /// Identity and generation (bumped when the cache is emptied): an interrupted step
+    /// resumes only on the same cache of the same generation (see `suspend`).
+    pub(super) id: u64,
+    pub(super) generation: u64,
 }
 
 impl SeqCache {
@@ -29,6 +33,8 @@ impl SeqCache {
             len: 0,
             paged: SeqBlocks::default(),
             reserved: 0,
+            id: super::suspend::next_cache_id(),
+            generation: 0,
         }
     }
 

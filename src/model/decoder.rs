@@ -18,6 +18,7 @@ use super::paged::{paged_attention, AttnParams, KvGeometry, KvPool};
 use super::quant::Linear;
 use super::residual_norm::{add_rms_norm, rms_norm};
 use super::rope::Rope;
+use super::suspend::{StepKey, Suspended};
 use super::swiglu::SwiGlu;
 use super::weights::Weights;
 use super::ModelError;
@@ -315,6 +316,10 @@ pub struct Decoder {
     kv: Option<KvPool>,
     /// The dense caches' admission budget (`--kv-cache-mb`); `None`: paged, or no limit.
     dense: Option<DenseBudget>,
+    /// The last interrupted step, until it resumes or another is interrupted.
+    suspended: Option<Suspended>,
+    /// Layers run since start (a resumed step runs only the rest): for tests and figures.
+    layers_run: u64,
 }
 
 impl Decoder {
@@ -390,6 +395,8 @@ impl Decoder {
             cfg,
             device: device.clone(),
             pool,
+            suspended: None,
+            layers_run: 0,
         })
     }
 
@@ -410,10 +417,10 @@ impl Decoder {
     }
 
     /// As [`forward`](Self::forward), asking `interrupt` before each layer's attention and
-    /// its MLP: when it says
-    /// yes the step is abandoned with [`ModelError::Interrupted`] and no cache grows (the
-    /// keys and values already written lie past each cache's length, and are overwritten
-    /// when the step runs again).
+    /// its MLP: when it says yes the step stops with [`ModelError::Interrupted`] and no cache
+    /// grows. The layers it finished are kept (their keys and values lie past each cache's
+    /// length): the same step, run again before its caches change, resumes at the layer it
+    /// stopped before.
     pub fn forward_interruptible(
         &mut self,
         batch: &mut [BatchItem<'_>],
@@ -448,15 +455,8 @@ impl Decoder {
                 return Err(ModelError::KvCacheFull);
             }
         }
-        let ids: Vec<u32> = batch
-            .iter()
-            .flat_map(|b| b.tokens.iter().copied())
-            .collect();
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        if let Some(scale) = self.cfg.embed_scale {
-            x = (x * f64::from(scale))?;
-        }
+        let key = StepKey::of(batch);
+        let resume = self.suspended.take_if(|s| s.key == key);
         let eps = self.cfg.rms_norm_eps as f32;
         // The dense layout's masks, once per step for each kind of layer (global, windowed).
         let (mut masks, mut windowed_masks) = (Vec::new(), Vec::new());
@@ -469,16 +469,30 @@ impl Decoder {
                 }
             }
         }
-        // Each residual add runs in one pass with the norm that follows it (the next
-        // layer's, or the MLP's).
-        let mut h = match self.layers.first() {
-            Some(first) => rms_norm(&x, &first.attn_norm, eps)?,
-            None => x.clone(),
+        let (first_layer, mut x, mut h) = match resume {
+            Some(s) => (s.layer, s.x, s.h),
+            None => {
+                let x = self.embed_tokens(batch)?;
+                // Each residual add runs in one pass with the norm that follows it (the
+                // next layer's, or the MLP's).
+                let h = match self.layers.first() {
+                    Some(first) => rms_norm(&x, &first.attn_norm, eps)?,
+                    None => x.clone(),
+                };
+                (0, x, h)
+            }
         };
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().skip(first_layer) {
             if interrupt() {
+                self.suspended = Some(Suspended {
+                    key,
+                    layer: i,
+                    x,
+                    h,
+                });
                 return Err(ModelError::Interrupted);
             }
+            self.layers_run += 1;
             let layer_masks = if layer.attn.params.window.is_some() {
                 &windowed_masks
             } else {
@@ -493,6 +507,14 @@ impl Decoder {
                 a = rms_norm(&a, post_attn, eps)?;
             }
             if interrupt() {
+                // Resumed at this layer's start: its attention runs again and writes the same
+                // keys and values.
+                self.suspended = Some(Suspended {
+                    key,
+                    layer: i,
+                    x,
+                    h,
+                });
                 return Err(ModelError::Interrupted);
             }
             let (sum, normed) = add_rms_norm(&x, &a, &layer.mlp_norm, eps)?;
@@ -521,6 +543,25 @@ impl Decoder {
             Some(c) => ((logits / f64::from(c))?.tanh()? * f64::from(c))?,
             None => logits,
         })
+    }
+
+    /// The embeddings of every item's tokens, one row each.
+    fn embed_tokens(&self, batch: &[BatchItem<'_>]) -> Result<Tensor, ModelError> {
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|b| b.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let x = self.embed.index_select(&ids, 0)?;
+        Ok(match self.cfg.embed_scale {
+            Some(scale) => (x * f64::from(scale))?,
+            None => x,
+        })
+    }
+
+    /// Decoder layers run since the model was loaded.
+    pub fn layers_run(&self) -> u64 {
+        self.layers_run
     }
 
     /// A fresh, empty cache for a new sequence.
@@ -552,6 +593,7 @@ impl Decoder {
         }
         cache.layers.iter_mut().for_each(|l| *l = None);
         cache.len = 0;
+        cache.generation += 1;
     }
 
     /// Fills an empty `cache` from the prefix cache with what it holds of `tokens`; returns

@@ -14,6 +14,7 @@ pub mod paged;
 pub mod quant;
 mod residual_norm;
 mod rope;
+mod suspend;
 mod swiglu;
 mod weights;
 

@@ -273,7 +273,6 @@ pub async fn start(
     // reports to the telemetry (its figures are the server's); each has its own engine.
     let mut engine_cfg = args.model.engine_config();
     engine_cfg.telemetry = Some(telemetry);
-    state = state.with_arrivals(engine_cfg.arrivals.clone());
     // One KV budget for the device, shared equally by the chat models.
     engine_cfg.model.kv_cache_mb /= chat.len();
     if args.model.kv_cache_mb > 0 && engine_cfg.model.kv_cache_mb == 0 {

@@ -334,8 +334,14 @@ impl Collector for EngineCollector {
         counter(
             &mut enc,
             "idlerig_deferred_interruptions",
-            "Deferred engine steps abandoned between two layers for an arriving interactive request",
+            "Deferred engine steps paused between two layers for an arriving interactive request (each resumes where it stopped)",
             s.deferred_interruptions.load(Ordering::Relaxed) as f64,
+        )?;
+        counter(
+            &mut enc,
+            "idlerig_deferred_owed_steps",
+            "Deferred engine steps run beside interactive work as deferred work's guaranteed share (--deferred-min-share)",
+            s.deferred_owed_steps.load(Ordering::Relaxed) as f64,
         )?;
         gauge(
             &mut enc,
