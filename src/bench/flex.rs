@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::infer::{synthetic_prompt, StreamTiming};
-use super::preempt::{json_of, run_schedule, schedules, start_server, status, Planned};
+use super::preempt::{json_of, run_schedule, schedules, start_loaded, status, Planned};
 use crate::config::BenchFlexArgs;
 use crate::stats::quantile;
 
@@ -86,18 +86,8 @@ pub async fn run(args: BenchFlexArgs) -> Result<Value, String> {
         .map(String::from)
         .into();
     flags.push(data.display().to_string());
-    if let Some(m) = &args.model {
-        flags.extend(["--model".into(), m.display().to_string()]);
-    }
-    let (_server, base) = start_server(flags).await?;
+    let (_server, base) = start_loaded(flags, args.model.as_deref()).await?;
     let client = reqwest::Client::new();
-    let ready = Instant::now();
-    while !status(&client, &base).await?["engine"].is_object() {
-        if ready.elapsed() > Duration::from_secs(120) {
-            return Err("the model did not load".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let rounds = schedules(
         args.seed,
         args.rounds,

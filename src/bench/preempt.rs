@@ -79,6 +79,26 @@ pub(super) async fn start_server(
     Ok((server, base))
 }
 
+/// [`start_server`] with `flags` and `--model MODEL` when given, once its model has loaded.
+pub(super) async fn start_loaded(
+    mut flags: Vec<String>,
+    model: Option<&std::path::Path>,
+) -> Result<(crate::server::RunningServer, String), String> {
+    if let Some(m) = model {
+        flags.extend(["--model".into(), m.display().to_string()]);
+    }
+    let (server, base) = start_server(flags).await?;
+    let client = reqwest::Client::new();
+    let ready = Instant::now();
+    while !status(&client, &base).await?["engine"].is_object() {
+        if ready.elapsed() > Duration::from_secs(120) {
+            return Err("the model did not load".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((server, base))
+}
+
 pub(super) async fn run_schedule(
     client: &reqwest::Client,
     base: &str,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::infer::{synthetic_prompt, timed_stream_of, StreamTiming};
-use super::preempt::{json_of, start_server, status};
+use super::preempt::{json_of, start_loaded, status};
 use crate::config::BenchSaturateArgs;
 use crate::stats::quantile;
 
@@ -156,18 +156,8 @@ pub async fn run(args: BenchSaturateArgs) -> Result<Value, String> {
         "--deferred-min-share".into(),
         args.deferred_min_share.to_string(),
     ]);
-    if let Some(m) = &args.model {
-        flags.extend(["--model".into(), m.display().to_string()]);
-    }
-    let (_server, base) = start_server(flags).await?;
+    let (_server, base) = start_loaded(flags, args.model.as_deref()).await?;
     let client = reqwest::Client::new();
-    let ready = Instant::now();
-    while !status(&client, &base).await?["engine"].is_object() {
-        if ready.elapsed() > Duration::from_secs(120) {
-            return Err("the model did not load".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let args = Arc::new(args);
     let hot = synthetic_prompt(args.hot_prefix_tokens, args.seed << 32);
     // A phase unmeasured first: the first measured phase finds the caches and the allocator
