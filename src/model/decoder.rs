@@ -455,8 +455,13 @@ impl Decoder {
                 return Err(ModelError::KvCacheFull);
             }
         }
-        let key = StepKey::of(batch);
-        let resume = self.suspended.take_if(|s| s.key == key);
+        // Only a step that was paused is looked for (the key copies every item's tokens).
+        let resume = if self.suspended.is_some() {
+            let key = StepKey::of(batch);
+            self.suspended.take_if(|s| s.key == key)
+        } else {
+            None
+        };
         let eps = self.cfg.rms_norm_eps as f32;
         // The dense layout's masks, once per step for each kind of layer (global, windowed).
         let (mut masks, mut windowed_masks) = (Vec::new(), Vec::new());
@@ -484,12 +489,7 @@ impl Decoder {
         };
         for (i, layer) in self.layers.iter().enumerate().skip(first_layer) {
             if interrupt() {
-                self.suspended = Some(Suspended {
-                    key,
-                    layer: i,
-                    x,
-                    h,
-                });
+                self.suspended = Some(Suspended::of(batch, i, x, h));
                 return Err(ModelError::Interrupted);
             }
             self.layers_run += 1;
@@ -509,12 +509,7 @@ impl Decoder {
             if interrupt() {
                 // Resumed at this layer's start: its attention runs again and writes the same
                 // keys and values.
-                self.suspended = Some(Suspended {
-                    key,
-                    layer: i,
-                    x,
-                    h,
-                });
+                self.suspended = Some(Suspended::of(batch, i, x, h));
                 return Err(ModelError::Interrupted);
             }
             let (sum, normed) = add_rms_norm(&x, &a, &layer.mlp_norm, eps)?;

@@ -42,3 +42,16 @@ pub(super) struct Suspended {
     pub x: Tensor,
     pub h: Tensor,
 }
+
+impl Suspended {
+    /// `batch`'s step, paused before `layer` with the residual `x` and its norm `h` (the
+    /// caches have not grown: their lengths are the step's start).
+    pub fn of(batch: &[BatchItem<'_>], layer: usize, x: Tensor, h: Tensor) -> Self {
+        Self {
+            key: StepKey::of(batch),
+            layer,
+            x,
+            h,
+        }
+    }
+}
