@@ -182,7 +182,7 @@ async fn flex_requests_wait_for_interactive_work_and_a_full_flex_queue_answers_4
     );
 
     // An interactive stream holds the device; it is read until its first token is out.
-    let stream = endless_stream(&base).await;
+    let stream = common::endless_stream(&base, None).await;
 
     let flex_body = json!({"messages": [{"role": "user", "content": "Say yes."}],
                            "max_tokens": 4, "service_tier": "flex"});
@@ -230,24 +230,6 @@ async fn flex_requests_wait_for_interactive_work_and_a_full_flex_queue_answers_4
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An interactive stream that goes on for thousands of tokens, read until its first token is
-/// out: it holds the engine until it is dropped.
-async fn endless_stream(base: &str) -> impl Sized {
-    use futures::StreamExt;
-    let res = reqwest::Client::new()
-        .post(format!("{base}{CHAT}"))
-        .json(
-            &json!({"messages": [{"role": "user", "content": "Tell a long story."}],
-                      "max_tokens": 4000, "ignore_eos": true, "stream": true}),
-        )
-        .send()
-        .await
-        .unwrap();
-    let mut stream = res.bytes_stream();
-    stream.next().await.unwrap().unwrap();
-    stream
-}
-
 /// With its guaranteed share (the default), a flex request finishes while an interactive
 /// stream that never ends holds the engine; with none (above) it waits for the gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +237,7 @@ async fn a_flex_request_finishes_beside_interactive_work_with_its_share() {
     let dir = temp_dir("flex-share");
     let (base, _stop) = start(&dir, &["--no-mine", "--max-running", "1"]).await;
     let c = Client::new(&base, None);
-    let stream = endless_stream(&base).await;
+    let stream = common::endless_stream(&base, None).await;
     let (status, answer) = c
         .post(
             CHAT,

@@ -149,11 +149,15 @@ pub fn unnamed_key_name(key: &str) -> String {
     format!("key-{}", hex::encode(&d[..6]))
 }
 
-/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case).
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case), or of an
+/// `x-api-key` header (Anthropic's clients).
 fn bearer(req: &Request) -> Option<&str> {
-    let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.trim().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    let bearer = || {
+        let v = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, token) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    };
+    bearer().or_else(|| req.headers().get("x-api-key")?.to_str().ok().map(str::trim))
 }
 
 /// Middleware: passes the request on when no key is configured or a valid one is presented
@@ -180,7 +184,7 @@ pub async fn require_key(State(state): State<AppState>, mut req: Request, next: 
             ApiError::unauthorized("Incorrect API key provided.").into_response()
         }
         None => ApiError::unauthorized(
-            "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY`.",
+            "You didn't provide an API key. Send it as `Authorization: Bearer YOUR_KEY` (or `x-api-key: YOUR_KEY`).",
         )
         .into_response(),
     }
@@ -262,5 +266,10 @@ mod tests {
         assert_eq!(bearer(&req("bearer  abc ")), Some("abc"));
         assert_eq!(bearer(&req("Basic abc")), None);
         assert_eq!(bearer(&req("Bearer")), None);
+        let anthropic = Request::builder()
+            .header("x-api-key", "sk-x")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(bearer(&anthropic), Some("sk-x"));
     }
 }

@@ -59,7 +59,7 @@ pub struct BatchList {
     pub last_id: Option<String>,
 }
 
-fn check_metadata(m: &Option<Value>) -> Result<(), ApiError> {
+pub(super) fn check_metadata(m: &Option<Value>) -> Result<(), ApiError> {
     let Some(m) = m.as_ref().filter(|m| !m.is_null()) else {
         return Ok(());
     };
@@ -88,7 +88,7 @@ fn check_metadata(m: &Option<Value>) -> Result<(), ApiError> {
     request_body = CreateBatch,
     responses(
         (status = 200, body = BatchObject),
-        (status = "4XX", description = "No such file, an endpoint not served, a missing key; 429 `batch_limit_exceeded` past --batch-max-active-per-key or --batch-max-active unfinished batches", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such file, an endpoint not served, a missing key; 429 `batch_limit_exceeded` past --batch-max-active-per-key or --batch-max-active unfinished batches", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -141,7 +141,7 @@ pub async fn create(
     params(BatchListQuery),
     responses(
         (status = 200, body = BatchList),
-        (status = "4XX", description = "A bad query, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A bad query, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -174,7 +174,7 @@ pub async fn list(
     params(("batch_id" = String, Path)),
     responses(
         (status = 200, body = BatchObject),
-        (status = "4XX", description = "No such batch, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such batch, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn retrieve(
     State(state): State<AppState>,
@@ -194,7 +194,7 @@ pub async fn retrieve(
     params(("batch_id" = String, Path)),
     responses(
         (status = 200, body = BatchObject),
-        (status = "4XX", description = "No such batch, one already finished, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such batch, one already finished, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,

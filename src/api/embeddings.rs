@@ -89,9 +89,9 @@ pub struct EmbeddingUsage {
     request_body = EmbeddingRequest,
     responses(
         (status = 200, body = EmbeddingList),
-        (status = "4XX", description = "An invalid request, a missing or wrong key, or no embedding model served", body = super::responses::ErrorResponse),
-        (status = 503, description = "Shutting down", body = super::responses::ErrorResponse),
-        (status = 504, description = "Past the request timeout", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "An invalid request, a missing or wrong key, or no embedding model served", body = super::bodies::ErrorResponse),
+        (status = 503, description = "Shutting down", body = super::bodies::ErrorResponse),
+        (status = 504, description = "Past the request timeout", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn embeddings(
     State(state): State<AppState>,

@@ -8,7 +8,7 @@ use axum::Json;
 
 use crate::engine::EngineError;
 
-use super::responses::{ErrorDetail, ErrorResponse};
+use super::bodies::{ErrorDetail, ErrorResponse};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {

@@ -143,7 +143,7 @@ async fn short_field(
     request_body(content = FileUpload, content_type = "multipart/form-data"),
     responses(
         (status = 200, body = FileObject),
-        (status = "4XX", description = "A bad or too large file, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A bad or too large file, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn upload(
     State(state): State<AppState>,
@@ -265,7 +265,7 @@ impl Drop for TmpFile {
     params(ListQuery),
     responses(
         (status = 200, body = FileList),
-        (status = "4XX", description = "A bad query, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A bad query, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -306,7 +306,7 @@ pub(super) fn page_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiE
     params(("file_id" = String, Path)),
     responses(
         (status = 200, body = FileObject),
-        (status = "4XX", description = "No such file, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such file, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn retrieve(
     State(state): State<AppState>,
@@ -325,7 +325,7 @@ pub async fn retrieve(
     params(("file_id" = String, Path)),
     responses(
         (status = 200, description = "The file's bytes (JSONL)", content_type = "application/octet-stream", body = String),
-        (status = "4XX", description = "No such file, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such file, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn content(
     State(state): State<AppState>,
@@ -348,7 +348,7 @@ pub async fn content(
     params(("file_id" = String, Path)),
     responses(
         (status = 200, body = FileDeleted),
-        (status = "4XX", description = "No such file, a file in use, a missing key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "No such file, a file in use, a missing key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,

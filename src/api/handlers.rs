@@ -16,15 +16,16 @@ use serde_json::{json, Value};
 use crate::engine::{FinishReason, SeqEvent, ServedModel, ServiceTier, TokenLogprob, ValidRequest};
 
 use super::auth::KeyIdentity;
-use super::context::RequestId;
-use super::error::ApiError;
-use super::lifecycle::{InFlight, Watchdog};
-use super::reasoning::ReasoningSplitter;
-use super::responses::ToolCall;
-use super::responses::{
+use super::bodies::ToolCall;
+use super::bodies::{
     AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, Completion, CompletionChoice,
     CompletionLogprobs, EngineStatus, Health, ModelCard, ModelList, ServerStatus,
 };
+use super::context::RequestId;
+use super::error::ApiError;
+use super::generation::Generation;
+use super::lifecycle::{InFlight, Watchdog};
+use super::reasoning::ReasoningSplitter;
 use super::stream::{sse_response, Endpoint, StreamGuards};
 use super::timing::RequestTimer;
 use super::validate::{validate_chat, validate_completion, ApiLimits, ResponsePlan};
@@ -72,8 +73,8 @@ pub(super) fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     responses(
         (status = 200, description = "The completion; with `stream`, server-sent events",
             content((ChatCompletion = "application/json"), (super::openapi::ChatEvent = "text/event-stream"))),
-        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::responses::ErrorResponse),
-        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::bodies::ErrorResponse),
+        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -104,8 +105,8 @@ pub async fn chat_completions(
     responses(
         (status = 200, description = "The completion; with `stream`, server-sent events",
             content((Completion = "application/json"), (super::openapi::CompletionEvent = "text/event-stream"))),
-        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::responses::ErrorResponse),
-        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A bad request, a missing key, a full queue", body = super::bodies::ErrorResponse),
+        (status = "5XX", description = "The model is loading or failed, the server drains, the request timed out", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn completions(
     State(state): State<AppState>,
@@ -137,12 +138,12 @@ pub async fn completions(
     .await
 }
 
-/// Who sent a generation request: its id, its key's owner, and whether it is a batch line
-/// (run by the server itself, always deferred).
-struct Caller {
-    id: RequestId,
-    who: Option<Arc<KeyIdentity>>,
-    batch: bool,
+/// Who sent a generation request: its id, its key's owner, and whether it is deferred work
+/// of the server's own (a batch line, a background response: always deferred).
+pub(super) struct Caller {
+    pub id: RequestId,
+    pub who: Option<Arc<KeyIdentity>>,
+    pub batch: bool,
 }
 
 /// Admits, parses, validates and answers one generation request. Parsing (up to
@@ -150,7 +151,7 @@ struct Caller {
 /// of unbounded length for the async runtime's few threads: they run on the blocking pool.
 async fn answer<R: Send + 'static>(
     state: AppState,
-    Caller { id, who, batch }: Caller,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
     parse: impl FnOnce(&Value) -> Result<R, ApiError> + Send + 'static,
@@ -158,71 +159,140 @@ async fn answer<R: Send + 'static>(
         + Send
         + 'static,
 ) -> Result<Response, ApiError> {
-    let at = Instant::now();
-    state.check_quota(who.as_deref())?;
-    let in_flight = state.lifecycle.enter()?;
-    // Held until the request is in the engine's hands; from then on the engine's busy flag
-    // keeps the miner off.
-    let mut admitted = state.admit();
-    let mut set_tier = |tier| {
-        if let Some(g) = admitted.as_mut() {
-            g.set_tier(tier)
-        }
-    };
-    // Until it is known to be deferred work, it may be interactive: its engine's deferred
-    // steps yield to it. With one chat model its engine is known before the body is read;
-    // with several, once `model` has routed it (another model's traffic never interrupts).
-    let mut arriving = (!batch)
-        .then(|| state.only_model())
-        .flatten()
-        .map(|m| m.stats.arrivals.enter());
-    if batch {
-        set_tier(ServiceTier::Deferred);
-    }
+    let admitted = Admitted::enter(&state, caller)?;
     let limit = state.limits.max_body_bytes;
     let (requested, req) = off_runtime(move || {
         let v = parse_json(body, limit)?;
-        let requested = v.get("model").and_then(Value::as_str).map(str::to_string);
-        Ok((requested, parse(&v)?))
+        Ok((requested_model(&v), parse(&v)?))
     })
     .await?;
-    // Routed by `model`: each chat model has an engine of its own.
-    let model = state.ready_model(requested.as_deref())?;
-    if !batch && arriving.is_none() {
-        arriving = Some(model.stats.arrivals.enter());
+    let gen = admitted.submit(&state, requested, req, validate).await?;
+    if gen.plan.stream {
+        return Ok(sse_response(endpoint, gen));
     }
-    let (m, limits) = (model.clone(), state.limits.clone());
-    let (mut valid, mut plan) = off_runtime(move || validate(req, &m, &limits)).await?;
-    if batch {
-        (valid.tier, plan.tier) = (ServiceTier::Deferred, ServiceTier::Deferred);
+    let Generation {
+        mut events,
+        plan,
+        n,
+        mut guards,
+    } = gen;
+    let choices = collect(&mut events, n, &mut guards.timer, &mut guards.watchdog).await?;
+    Ok(match endpoint {
+        Endpoint::Chat => Json(chat_body(&plan, &choices)).into_response(),
+        Endpoint::Completion => Json(completion_body(&plan, &choices)).into_response(),
+    })
+}
+
+/// The body's `model`, if it names one.
+pub(super) fn requested_model(v: &Value) -> Option<String> {
+    v.get("model").and_then(Value::as_str).map(str::to_string)
+}
+
+/// A generation request from its arrival until the engine has it: its place among those in
+/// flight, the miner pre-empted for it, and (until it is known to be deferred work) its count
+/// among the interactive requests on their way in, which its engine's deferred steps yield to.
+pub(super) struct Admitted {
+    caller: Caller,
+    at: Instant,
+    in_flight: InFlight,
+    /// Held until the request is in the engine's hands; from then on the engine's busy flag
+    /// keeps the miner off.
+    gate: Option<crate::arbiter::AdmissionGuard>,
+    arriving: Option<crate::engine::ArrivalGuard>,
+}
+
+impl Admitted {
+    /// Admits a request (or refuses it: a spent quota, a draining server). With one chat
+    /// model its engine is known before the body is read; with several, once `model` has
+    /// routed it (another model's traffic never interrupts).
+    pub(super) fn enter(state: &AppState, caller: Caller) -> Result<Self, ApiError> {
+        let at = Instant::now();
+        state.check_quota(caller.who.as_deref())?;
+        let in_flight = state.lifecycle.enter()?;
+        let mut gate = state.admit();
+        let arriving = (!caller.batch)
+            .then(|| state.only_model())
+            .flatten()
+            .map(|m| m.stats.arrivals.enter());
+        if caller.batch {
+            if let Some(g) = gate.as_mut() {
+                g.set_tier(ServiceTier::Deferred);
+            }
+        }
+        Ok(Self {
+            caller,
+            at,
+            in_flight,
+            gate,
+            arriving,
+        })
     }
-    // What it may spend is held against the key's quota now, before the engine sees it: many
-    // requests at once cannot each find the same tokens left.
-    let ask = crate::usage::QuotaAsk {
-        prompt: plan.prompt_tokens as u64,
-        choices: valid.n as u64,
-        completion: valid.max_tokens as u64,
-    };
-    let quota = state
-        .reserve_quota(who.as_deref(), ask)?
-        .map(|(hold, max_tokens)| {
-            valid.max_tokens = max_tokens as usize;
-            hold
-        });
-    set_tier(valid.tier);
-    if valid.tier == ServiceTier::Deferred {
-        arriving = None;
+
+    /// Routes the request to its model, validates it there, holds what it may spend of its
+    /// key's quota, and submits it.
+    pub(super) async fn submit<R: Send + 'static>(
+        mut self,
+        state: &AppState,
+        requested: Option<String>,
+        req: R,
+        validate: impl FnOnce(R, &ServedModel, &ApiLimits) -> Result<(ValidRequest, ResponsePlan), ApiError>
+            + Send
+            + 'static,
+    ) -> Result<Generation, ApiError> {
+        // Routed by `model`: each chat model has an engine of its own.
+        let model = state.ready_model(requested.as_deref())?;
+        let batch = self.caller.batch;
+        if !batch && self.arriving.is_none() {
+            self.arriving = Some(model.stats.arrivals.enter());
+        }
+        let (m, limits) = (model.clone(), state.limits.clone());
+        let (mut valid, mut plan) = off_runtime(move || validate(req, &m, &limits)).await?;
+        if batch {
+            (valid.tier, plan.tier) = (ServiceTier::Deferred, ServiceTier::Deferred);
+        }
+        // What it may spend is held against the key's quota now, before the engine sees it:
+        // many requests at once cannot each find the same tokens left.
+        let ask = crate::usage::QuotaAsk {
+            prompt: plan.prompt_tokens as u64,
+            choices: valid.n as u64,
+            completion: valid.max_tokens as u64,
+        };
+        let quota =
+            state
+                .reserve_quota(self.caller.who.as_deref(), ask)?
+                .map(|(hold, max_tokens)| {
+                    valid.max_tokens = max_tokens as usize;
+                    hold
+                });
+        if let Some(g) = self.gate.as_mut() {
+            g.set_tier(valid.tier);
+        }
+        if valid.tier == ServiceTier::Deferred {
+            self.arriving = None;
+        }
+        valid.request_id = self.caller.id.0.to_string();
+        let n = valid.n;
+        let timer = RequestTimer::new(state.telemetry.clone(), self.at, plan.prompt_tokens);
+        let watchdog = state.watchdog(self.at, valid.tier);
+        let events = model.backend.submit(valid);
+        // In the engine's hands (or refused): no longer on its way.
+        self.arriving = None;
+        let events = events?;
+        // Counted from here on: a request the engine refused (a full queue) ran nothing, and
+        // its quota hold is released as it drops.
+        let usage = state.usage.clone().zip(self.caller.who);
+        let timer = timer.with_usage(usage, quota);
+        Ok(Generation {
+            events,
+            plan,
+            n,
+            guards: StreamGuards {
+                timer,
+                watchdog,
+                _in_flight: self.in_flight,
+            },
+        })
     }
-    let request = (valid, plan);
-    let started = Started {
-        id,
-        at,
-        in_flight,
-        who,
-        quota,
-        arriving,
-    };
-    generate(&state, &model, endpoint, request, started).await
 }
 
 /// Runs `f` on the blocking pool.
@@ -234,57 +304,11 @@ pub(super) async fn off_runtime<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request validation failed: {e}")))?
 }
 
-/// A request from its arrival: its id, when it came, and its place among those in flight.
-struct Started {
-    id: RequestId,
-    at: Instant,
-    in_flight: InFlight,
-    /// The API key's owner, whose usage the request counts to.
-    who: Option<Arc<KeyIdentity>>,
-    /// What it may spend of the owner's quota, held until its usage is counted.
-    quota: Option<crate::usage::QuotaHold>,
-    /// Counts it among the interactive requests on their way in, until it is submitted.
-    arriving: Option<crate::engine::ArrivalGuard>,
-}
-
-/// Submits a validated request and answers it, streamed or whole.
-async fn generate(
-    state: &AppState,
-    model: &ServedModel,
-    endpoint: Endpoint,
-    (mut valid, plan): (ValidRequest, ResponsePlan),
-    mut started: Started,
-) -> Result<Response, ApiError> {
-    valid.request_id = started.id.0.to_string();
-    let n = valid.n;
-    let timer = RequestTimer::new(state.telemetry.clone(), started.at, plan.prompt_tokens);
-    let mut watchdog = state.watchdog(started.at, valid.tier);
-    let events = model.backend.submit(valid);
-    started.arriving = None; // in the engine's hands (or refused): no longer on its way
-    let events = events?;
-    // Counted from here on: a request the engine refused (a full queue) ran nothing, and its
-    // quota hold is released as `started` drops.
-    let mut timer = timer.with_usage(state.usage.clone().zip(started.who), started.quota);
-    if plan.stream {
-        let guards = StreamGuards {
-            timer,
-            watchdog,
-            _in_flight: started.in_flight,
-        };
-        return Ok(sse_response(endpoint, plan, n, events, guards));
-    }
-    let choices = collect(events, n, &mut timer, &mut watchdog).await?;
-    Ok(match endpoint {
-        Endpoint::Chat => Json(chat_body(&plan, &choices)).into_response(),
-        Endpoint::Completion => Json(completion_body(&plan, &choices)).into_response(),
-    })
-}
-
 /// The model this server serves (listed while it loads, too).
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI",
     responses(
         (status = 200, body = ModelList),
-        (status = "4XX", description = "A missing or wrong key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A missing or wrong key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
@@ -307,7 +331,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     responses(
         (status = 200, description = "The model is loaded", body = Health),
         (status = 503, description = "Loading, or failed", body = Health),
-        (status = "4XX", description = "Not found, or a method not allowed", body = super::responses::ErrorResponse)))]
+        (status = "4XX", description = "Not found, or a method not allowed", body = super::bodies::ErrorResponse)))]
 pub async fn health(State(state): State<AppState>) -> Response {
     let (code, health) = match state.load_state() {
         super::LoadState::Ready(_) => (StatusCode::OK, Health::of("ok")),
@@ -333,7 +357,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/v1/status", tag = "Operations",
     responses(
         (status = 200, body = ServerStatus),
-        (status = "4XX", description = "A missing or wrong key", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "A missing or wrong key", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -386,13 +410,10 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
         engine,
         mining,
         telemetry,
-        batch_lines: state
-            .batches
-            .as_ref()
-            .map(|b| super::responses::BatchLines {
-                succeeded: b.lines_done[0].load(Relaxed),
-                failed: b.lines_done[1].load(Relaxed),
-            }),
+        batch_lines: state.batches.as_ref().map(|b| super::bodies::BatchLines {
+            succeeded: b.lines_done[0].load(Relaxed),
+            failed: b.lines_done[1].load(Relaxed),
+        }),
     })
 }
 
@@ -400,7 +421,7 @@ pub async fn status(State(state): State<AppState>) -> Json<ServerStatus> {
 #[utoipa::path(get, path = "/metrics", tag = "Operations",
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = "4XX", description = "Metrics are off, or a key is required", body = super::responses::ErrorResponse)))]
+        (status = "4XX", description = "Metrics are off, or a key is required", body = super::bodies::ErrorResponse)))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(m) => (
@@ -436,7 +457,7 @@ pub(crate) struct CollectedChoice {
 }
 
 async fn collect(
-    mut events: tokio::sync::mpsc::UnboundedReceiver<SeqEvent>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<SeqEvent>,
     n: usize,
     timer: &mut RequestTimer,
     watchdog: &mut Watchdog,
@@ -445,7 +466,7 @@ async fn collect(
     let mut open = n;
     while open > 0 {
         let event = watchdog
-            .next(&mut events)
+            .next(events)
             .await
             .inspect_err(|_| timer.aborted())?;
         if let Some(e) = &event {
@@ -466,6 +487,7 @@ async fn collect(
                 reason,
                 completion_tokens,
                 cached_tokens,
+                ..
             }) => {
                 choices[choice].cached_tokens = cached_tokens;
                 choices[choice].finish_reason = Some(reason);

@@ -2,13 +2,16 @@
 //! validated here into an [`engine::ValidRequest`](crate::engine::ValidRequest) and handed to
 //! the model's [`Backend`](crate::engine::Backend); errors leave through [`ApiError`].
 
+mod anthropic;
 mod auth;
 mod batches;
+mod bodies;
 mod context;
 mod dashboard;
 mod embeddings;
 mod error;
 mod files;
+mod generation;
 mod handlers;
 mod lifecycle;
 mod openapi;
@@ -17,6 +20,7 @@ mod reasoning;
 mod responses;
 mod stream;
 mod timing;
+mod tokenize;
 mod tools;
 mod usage;
 mod validate;
@@ -27,6 +31,7 @@ pub use batches::{batch_executor, BatchCaller};
 pub use context::{RequestId, REQUEST_ID_HEADER};
 pub use error::ApiError;
 pub use lifecycle::Lifecycle;
+pub use responses::resume_background;
 pub use validate::ApiLimits;
 
 use std::future::Future;
@@ -110,6 +115,8 @@ pub struct AppState {
     usage: Option<crate::usage::Usage>,
     /// Files and batches, unless `--data-dir none`.
     batches: Option<crate::batch::Batches>,
+    /// Background responses running now.
+    background: Arc<responses::BackgroundRuns>,
 }
 
 impl AppState {
@@ -134,6 +141,7 @@ impl AppState {
             embedder: None,
             usage: None,
             batches: None,
+            background: Arc::default(),
         }
     }
 
@@ -371,13 +379,35 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches/{batch_id}/cancel", post(batches::cancel))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/status", get(handlers::status))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{response_id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{response_id}/cancel",
+            post(responses::cancel),
+        )
+        .route(
+            "/v1/responses/{response_id}/input_items",
+            get(responses::input_items),
+        )
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(keyed.clone());
+    // Anthropic's clients read Anthropic's error envelope, the key check's included.
+    let anthropic = Router::new()
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route_layer(keyed.clone())
+        .layer(axum::middleware::from_fn(anthropic::anthropic_errors));
     let mut metrics = Router::new().route("/metrics", get(handlers::metrics));
     if state.metrics_require_key {
         metrics = metrics.route_layer(keyed);
     }
     Router::new()
         .merge(api)
+        .merge(anthropic)
         .merge(metrics)
         .route("/health", get(handlers::health))
         .route("/openapi.json", get(openapi::openapi_json))

@@ -1,6 +1,6 @@
 //! The OpenAPI 3.1 document at `GET /openapi.json`, generated with utoipa from the handlers'
 //! annotations and the wire types themselves (requests in [`super::wire`], answers in
-//! [`super::responses`]), so what it promises is what the server sends. Streams are described
+//! [`super::bodies`]), so what it promises is what the server sends. Streams are described
 //! event by event, as OpenAPI 3.1 tools (schemathesis among them) read `text/event-stream`.
 
 use std::sync::LazyLock;
@@ -10,11 +10,11 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
 use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Ref, Schema, Type};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
-use super::responses::{ChatCompletionChunk, Completion, ErrorResponse};
+use super::bodies::{ChatCompletionChunk, Completion, ErrorResponse};
 use super::validate::{ApiLimits, CHAT_ROLES};
 use super::{AppState, LoadState};
 
@@ -40,6 +40,15 @@ use super::{AppState, LoadState};
         super::batches::list,
         super::batches::retrieve,
         super::batches::cancel,
+        super::responses::create,
+        super::responses::routes::retrieve,
+        super::responses::routes::delete,
+        super::responses::routes::cancel,
+        super::responses::routes::input_items,
+        super::anthropic::messages,
+        super::anthropic::count_tokens,
+        super::tokenize::tokenize,
+        super::tokenize::detokenize,
         super::handlers::list_models,
         super::handlers::status,
         super::handlers::health,
@@ -62,6 +71,12 @@ impl Modify for BearerAuth {
             .add_security_scheme(
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        api.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                "x-api-key",
+                SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
             );
     }
 }
@@ -108,6 +123,26 @@ pub fn document(
         json!([stop, {"type": "array", "items": stop, "maxItems": limits.max_stop_sequences}]);
     schemas["WireMessage"]["properties"]["role"]["enum"] = json!(CHAT_ROLES);
     schemas["ContentPart"]["properties"]["type"]["enum"] = json!(["text"]);
+    // The same facts for the Responses and Messages requests.
+    let common = &schemas["CommonParams"]["properties"];
+    let (model_names, max_tokens) = (
+        common["model"]["enum"].clone(),
+        common["max_tokens"].clone(),
+    );
+    let responses = &mut schemas["ResponsesRequest"]["properties"];
+    responses["model"]["enum"] = model_names.clone();
+    responses["max_output_tokens"] = max_tokens.clone();
+    responses["metadata"]["maxProperties"] = json!(16);
+    responses["metadata"]["propertyNames"] = json!({"maxLength": 64});
+    responses["metadata"]["additionalProperties"] = json!({"type": "string", "maxLength": 512});
+    let messages = &mut schemas["MessagesRequest"]["properties"];
+    messages["model"]["enum"] = model_names;
+    if let Some(max) = limits.max_tokens {
+        messages["max_tokens"]["maximum"] = json!(max);
+    }
+    messages["stop_sequences"]["items"] = stop.clone();
+    messages["stop_sequences"]["maxItems"] = json!(limits.max_stop_sequences);
+    schemas["AnthropicMessageDoc"]["properties"]["role"]["enum"] = json!(["user", "assistant"]);
     let top = limits.max_top_logprobs;
     schemas["ChatFields"]["properties"]["top_logprobs"]["maximum"] = json!(top);
     // What the server takes, and what it refuses, written down so that clients see it before
@@ -269,6 +304,45 @@ impl PartialSchema for CompletionEvent {
 
 impl ToSchema for CompletionEvent {}
 
+/// One event of a typed stream (Anthropic's, the Responses API's): its name, and its data,
+/// a JSON object with a `type`.
+fn typed_event_schema() -> RefOr<Schema> {
+    let object = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .required("type");
+    let data = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .content_media_type("application/json")
+        .content_schema(Some(object));
+    ObjectBuilder::new()
+        .property("event", ObjectBuilder::new().schema_type(Type::String))
+        .property("data", data)
+        .required("data")
+        .into()
+}
+
+/// An event of an Anthropic Messages stream.
+pub struct AnthropicEvent;
+
+impl PartialSchema for AnthropicEvent {
+    fn schema() -> RefOr<Schema> {
+        typed_event_schema()
+    }
+}
+
+impl ToSchema for AnthropicEvent {}
+
+/// An event of a Responses stream.
+pub struct ResponseEvent;
+
+impl PartialSchema for ResponseEvent {
+    fn schema() -> RefOr<Schema> {
+        typed_event_schema()
+    }
+}
+
+impl ToSchema for ResponseEvent {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +373,13 @@ mod tests {
             ("WireMessage", "role"),
             ("ContentPart", "type"),
             ("EmbeddingRequest", "model"),
+            ("ResponsesRequest", "model"),
+            ("ResponsesRequest", "max_output_tokens"),
+            ("ResponsesRequest", "metadata"),
+            ("MessagesRequest", "model"),
+            ("MessagesRequest", "max_tokens"),
+            ("MessagesRequest", "stop_sequences"),
+            ("AnthropicMessageDoc", "role"),
             ("EmbeddingRequest", "encoding_format"),
             ("EmbeddingRequest", "dimensions"),
         ] {
@@ -348,6 +429,14 @@ mod tests {
             "/v1/files/{file_id}/content",
             "/v1/batches",
             "/v1/batches/{batch_id}/cancel",
+            "/v1/responses",
+            "/v1/responses/{response_id}",
+            "/v1/responses/{response_id}/cancel",
+            "/v1/responses/{response_id}/input_items",
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/tokenize",
+            "/detokenize",
             "/health",
             "/metrics",
             "/openapi.json",
@@ -366,5 +455,6 @@ mod tests {
             "system"
         );
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        assert!(doc["components"]["securitySchemes"]["x-api-key"].is_object());
     }
 }

@@ -18,7 +18,7 @@ enum State {
 
 /// How many bytes at the end of `text` could be the start of `tag` (an ASCII tag, so the text
 /// before them ends on a character boundary). Streams hold those back until they know.
-pub(super) fn partial_tag_len(text: &str, tag: &str) -> usize {
+pub(crate) fn partial_tag_len(text: &str, tag: &str) -> usize {
     (1..tag.len())
         .rev()
         .find(|&k| text.ends_with(&tag[..k]))

@@ -6,25 +6,22 @@
 
 use std::convert::Infallible;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::sse::Event;
+use axum::response::Response;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-
-use tracing::Instrument;
 
 use crate::engine::{SeqEvent, TokenLogprob};
 
-use super::error::ApiError;
-use super::handlers::{now_unix, response_id};
-use super::lifecycle::{InFlight, Watchdog};
-use super::reasoning::ReasoningSplitter;
-use super::responses::{
+use super::bodies::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs, Completion, CompletionChoice,
     CompletionLogprobs, FunctionCallDelta, ToolCallDelta,
 };
+use super::error::ApiError;
+use super::generation::{sse_from, ChoiceReader, Generation};
+use super::handlers::{now_unix, response_id};
+use super::lifecycle::{InFlight, Watchdog};
 use super::timing::RequestTimer;
-use super::tools::{CallHolder, ParsedCall};
+use super::tools::ParsedCall;
 use super::validate::ResponsePlan;
 use super::wire::Usage;
 
@@ -42,21 +39,8 @@ pub struct StreamGuards {
     pub _in_flight: InFlight,
 }
 
-pub fn sse_response(
-    endpoint: Endpoint,
-    plan: ResponsePlan,
-    n: usize,
-    events: mpsc::UnboundedReceiver<SeqEvent>,
-    guards: StreamGuards,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    // The request's span goes with the task, so its log lines keep the request id.
-    tokio::spawn(
-        forward(endpoint, plan, n, events, tx, guards).instrument(tracing::Span::current()),
-    );
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+pub fn sse_response(endpoint: Endpoint, gen: Generation) -> Response {
+    sse_from(move |tx| forward(endpoint, gen, tx))
 }
 
 struct ChunkWriter {
@@ -208,11 +192,13 @@ fn to_json(v: &impl serde::Serialize) -> String {
 
 async fn forward(
     endpoint: Endpoint,
-    plan: ResponsePlan,
-    n: usize,
-    mut events: mpsc::UnboundedReceiver<SeqEvent>,
+    Generation {
+        mut events,
+        plan,
+        n,
+        mut guards,
+    }: Generation,
     tx: mpsc::Sender<Result<Event, Infallible>>,
-    mut guards: StreamGuards,
 ) {
     let prefix = if endpoint == Endpoint::Chat {
         "chatcmpl"
@@ -242,12 +228,7 @@ async fn forward(
         }
     }
     let mut text_offsets = vec![0usize; n];
-    let mut splitters: Vec<Option<ReasoningSplitter>> = (0..n)
-        .map(|_| w.plan.reasoning.map(ReasoningSplitter::new))
-        .collect();
-    let mut holders: Vec<Option<CallHolder>> = (0..n)
-        .map(|_| w.plan.tool_calls.clone().map(CallHolder::new))
-        .collect();
+    let mut readers: Vec<ChoiceReader> = (0..n).map(|_| ChoiceReader::new(&w.plan)).collect();
     let nonempty = |s: &str| !s.is_empty();
     let (mut completion_tokens, mut cached) = (0, 0);
     let mut open = n;
@@ -271,14 +252,7 @@ async fn forward(
                 text,
                 logprob,
             }) => {
-                let (reasoning, text) = match splitters[choice].as_mut() {
-                    Some(s) => s.push(&text),
-                    None => (String::new(), text),
-                };
-                let text = match holders[choice].as_mut() {
-                    Some(h) => h.push(&text),
-                    None => text,
-                };
+                let (reasoning, text) = readers[choice].push(&text);
                 if text.is_empty() && reasoning.is_empty() && logprob.is_none() {
                     continue;
                 }
@@ -297,23 +271,14 @@ async fn forward(
                 reason,
                 completion_tokens: c,
                 cached_tokens,
+                ..
             }) => {
                 cached = cached.max(cached_tokens);
                 open -= 1;
                 completion_tokens += c;
                 // What the reasoning split and the call holder still held goes out before
                 // the finish: text as content, calls whole.
-                let (reasoning, mut text) = splitters[choice]
-                    .as_mut()
-                    .map(|s| s.finish())
-                    .unwrap_or_default();
-                let mut calls = Vec::new();
-                if let Some(h) = holders[choice].as_mut() {
-                    let sent = h.push(&text);
-                    let (rest, found) = h.finish();
-                    text = sent + &rest;
-                    calls = found;
-                }
+                let (reasoning, text, calls) = readers[choice].finish();
                 if !(reasoning.is_empty() && text.is_empty()) {
                     let rest = w.piece(Piece {
                         text: Some(text.as_str()).filter(|t| nonempty(t)),

@@ -33,8 +33,8 @@ pub struct UsageList {
     params(UsageQuery),
     responses(
         (status = 200, body = UsageList),
-        (status = "4XX", description = "Not an admin key, a bad date, or no usage kept", body = super::responses::ErrorResponse),
-        (status = 503, description = "The usage database is unavailable", body = super::responses::ErrorResponse)),
+        (status = "4XX", description = "Not an admin key, a bad date, or no usage kept", body = super::bodies::ErrorResponse),
+        (status = 503, description = "The usage database is unavailable", body = super::bodies::ErrorResponse)),
     security(("bearer" = [])))]
 pub async fn usage(
     State(state): State<AppState>,

@@ -1,6 +1,6 @@
 //! OpenAI wire types: the request bodies of `/v1/chat/completions` and `/v1/completions` as
 //! clients send them (permissive: unknown fields are ignored, unsupported ones are refused in
-//! validation), and the usage figures. The answers are in [`super::responses`]; the OpenAPI
+//! validation), and the usage figures. The answers are in [`super::bodies`]; the OpenAPI
 //! document is generated from both.
 
 use std::collections::HashMap;
@@ -119,6 +119,24 @@ pub struct ChatFields {
     pub chat_template_kwargs: Option<HashMap<String, Value>>,
 }
 
+impl ChatFields {
+    /// A chat of `messages` with every other field left out (the translators' start).
+    pub fn of(messages: Vec<WireMessage>) -> Self {
+        Self {
+            messages,
+            max_completion_tokens: None,
+            logprobs: None,
+            top_logprobs: None,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
+            functions: None,
+            response_format: None,
+            chat_template_kwargs: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct WireMessage {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
@@ -131,6 +149,19 @@ pub struct WireMessage {
     /// A `tool` message: the call it answers.
     pub tool_call_id: Option<String>,
     pub name: Option<String>,
+}
+
+impl WireMessage {
+    /// A message of plain text.
+    pub fn text(role: &str, content: String) -> Self {
+        Self {
+            role: role.into(),
+            content: Some(MessageContent::Text(content)),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]

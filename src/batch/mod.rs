@@ -1,8 +1,9 @@
-//! Batch work: OpenAI's Files and Batches. This subsystem owns the uploaded files, the
-//! batches and their results, kept in SQLite and a data directory so that a batch survives a
-//! restart and resumes where it stopped, and the runner that feeds batch lines to the
-//! endpoints as deferred work (run by the engine only in the gaps between interactive
-//! requests, before the miner gets the device).
+//! Batch work: OpenAI's Files and Batches, and stored Responses. This subsystem owns the
+//! uploaded files, the batches and their results, and the stored responses, kept in SQLite and
+//! a data directory so that a batch (or a background response) survives a restart and resumes
+//! where it stopped, and the runner that feeds batch lines to the endpoints as deferred work
+//! (run by the engine only in the gaps between interactive requests, before the miner gets
+//! the device).
 //!
 //! One thread owns the store ([`store::Store`]); the API and the runner hold a [`Batches`]
 //! handle and send it closures to run there. The runner calls endpoints through an
@@ -20,6 +21,7 @@ pub mod objects;
 pub mod results;
 mod runner;
 pub mod store;
+pub mod stored_responses;
 #[cfg(test)]
 mod test_alloc;
 #[cfg(test)]
@@ -27,6 +29,7 @@ mod tests;
 
 pub use objects::{BatchObject, BatchStatus, FileObject};
 pub use runner::{Executor, LineCall, LineReply};
+pub use stored_responses::StoredResponse;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,6 +109,8 @@ pub struct BatchConfig {
     pub max_active: usize,
     /// Largest result body kept for one line ([`MAX_RESULT_BYTES`]).
     pub max_result_bytes: usize,
+    /// How long stored responses are kept, in seconds.
+    pub responses_retention_s: u64,
 }
 
 /// Largest result body a batch keeps for one line; a larger one is replaced by an error. Room

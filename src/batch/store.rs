@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::jsonl::{InputCursor, LineSet};
 use super::objects::{BatchErrors, BatchObject, BatchStatus, BatchUsage, RequestCounts};
+use super::stored_responses::RESPONSES_SCHEMA;
 use super::{now_unix, random_id, BatchError, Viewer};
 
 const SCHEMA: &str = "
@@ -124,11 +125,11 @@ impl Store {
                 std::fs::create_dir_all(self.dir.join(sub))
                     .map_err(|e| io_err(&format!("creating {}", self.dir.display()), e))?;
             }
-            let conn =
-                crate::sqlite::open(&self.db_path, SCHEMA).map_err(|why| BatchError::Open {
-                    path: self.db_path.display().to_string(),
-                    why,
-                })?;
+            let conn = crate::sqlite::open(&self.db_path, &format!("{SCHEMA}{RESPONSES_SCHEMA}"))
+                .map_err(|why| BatchError::Open {
+                path: self.db_path.display().to_string(),
+                why,
+            })?;
             add_columns(&conn)?;
             self.conn = Some(conn);
             self.tidy()?;

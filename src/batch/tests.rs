@@ -41,6 +41,7 @@ fn config(dir: &Path, concurrency: usize) -> BatchConfig {
         max_active_per_key: 64,
         max_active: 64,
         max_result_bytes: MAX_RESULT_BYTES,
+        responses_retention_s: 86_400,
     }
 }
 

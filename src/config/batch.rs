@@ -28,6 +28,17 @@ pub struct BatchArgs {
     /// Most unfinished batches on the server at once (429 `batch_limit_exceeded` past it).
     #[arg(long, env = "IDLERIG_BATCH_MAX_ACTIVE", default_value_t = 64)]
     pub batch_max_active: usize,
+    /// Days a stored response (`/v1/responses` with `store`, the default) is kept; after it,
+    /// `previous_response_id` cannot continue it (OpenAI keeps them 30 days).
+    #[arg(long, env = "IDLERIG_RESPONSES_RETENTION_DAYS", default_value_t = 30.0, value_parser = parse_days)]
+    pub responses_retention_days: f64,
+}
+
+fn parse_days(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(d) if d.is_finite() && d > 0.0 && d <= 36_500.0 => Ok(d),
+        _ => Err(format!("`{s}` is not a number of days in (0, 36500]")),
+    }
 }
 
 impl BatchArgs {

@@ -164,6 +164,8 @@ pub enum SeqEvent {
         reason: FinishReason,
         completion_tokens: usize,
         cached_tokens: usize,
+        /// The stop string that ended it, when one did (Anthropic's `stop_sequence`).
+        stop: Option<String>,
     },
     /// The request failed inside the engine; no more events follow.
     Failed { message: String },

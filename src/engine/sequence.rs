@@ -127,6 +127,7 @@ impl Sequence {
             reason,
             completion_tokens: self.generated,
             cached_tokens: self.cached_tokens.unwrap_or(0),
+            stop: self.stop.matched().map(str::to_string),
         });
     }
 }

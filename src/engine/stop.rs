@@ -11,6 +11,8 @@ pub struct StopMatcher {
     /// Every stop string in one automaton, leftmost match first; `None` without stops.
     finder: Option<AhoCorasick>,
     pending: String,
+    /// The stop string that ended the generation, once one has.
+    matched: Option<usize>,
 }
 
 /// What [`StopMatcher::push`] decided.
@@ -39,6 +41,7 @@ impl StopMatcher {
             stops,
             finder,
             pending: String::new(),
+            matched: None,
         }
     }
 
@@ -51,14 +54,18 @@ impl StopMatcher {
         }
         self.pending.push_str(delta);
         let first = match &self.finder {
-            Some(ac) => ac.find(&self.pending).map(|m| m.start()),
+            Some(ac) => ac
+                .find(&self.pending)
+                .map(|m| (m.start(), m.pattern().as_usize())),
             None => self
                 .stops
                 .iter()
-                .filter_map(|s| self.pending.find(s.as_str()))
+                .enumerate()
+                .filter_map(|(i, s)| self.pending.find(s.as_str()).map(|at| (at, i)))
                 .min(),
         };
-        if let Some(at) = first {
+        if let Some((at, which)) = first {
+            self.matched = Some(which);
             let emit = self.pending[..at].to_string();
             self.pending.clear();
             return StopOutcome {
@@ -74,6 +81,11 @@ impl StopMatcher {
             emit,
             stopped: false,
         }
+    }
+
+    /// The stop string that ended the generation, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     /// What is still held back when the generation ends for another reason.
@@ -137,6 +149,9 @@ mod tests {
             run(&["world", "é!"], &["hé", "llo é! world"]),
             ("héllo ".into(), true)
         );
+        let mut m = StopMatcher::new(vec!["world".into(), "é!".into()]);
+        assert!(m.push("héllo é! world").stopped);
+        assert_eq!(m.matched(), Some("é!"), "the stop that ended it is named");
         assert_eq!(run(&["\n\n"], &["a\n", "b"]), ("a\nb".into(), false));
     }
 

@@ -316,6 +316,8 @@ pub async fn start(
     let (batch_stop_tx, batch_stop) = watch::channel(false);
     if let Some(b) = &batches {
         b.start_runner(api::batch_executor(state.clone()), batch_stop);
+        // Background responses the last run left unfinished run again, as batch lines do.
+        api::resume_background(state.clone());
     }
     let lifecycle = state.lifecycle();
     let grace = std::time::Duration::from_secs_f64(args.shutdown_grace_s.clamp(0.0, 86_400.0));
@@ -416,8 +418,9 @@ fn open_batches(
         max_active_per_key: args.batch.batch_max_active_per_key.max(1),
         max_active: args.batch.batch_max_active.max(1),
         max_result_bytes: crate::batch::MAX_RESULT_BYTES,
+        responses_retention_s: (args.batch.responses_retention_days * 86_400.0) as u64,
     };
-    tracing::info!(dir = %cfg.dir.display(), db = %cfg.db_path.display(), "Files and Batches API on /v1/files and /v1/batches");
+    tracing::info!(dir = %cfg.dir.display(), db = %cfg.db_path.display(), "Files and Batches API on /v1/files and /v1/batches; stored responses on /v1/responses");
     Ok(Some(crate::batch::Batches::open(cfg)?))
 }
 

@@ -284,3 +284,23 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
 pub fn error_message(v: &serde_json::Value) -> &str {
     v["error"]["message"].as_str().expect("an error envelope")
 }
+
+/// An interactive stream that goes on for thousands of tokens, read until its first token is
+/// out: it holds the engine until it is dropped.
+pub async fn endless_stream(base: &str, key: Option<&str>) -> impl Sized {
+    use futures::StreamExt;
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(
+            &serde_json::json!({"messages": [{"role": "user", "content": "Tell a long story."}],
+                  "max_tokens": 4000, "ignore_eos": true, "stream": true}),
+        );
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let mut stream = res.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    stream
+}

@@ -116,10 +116,15 @@ fn parse_hermes(text: &str) -> Option<Found> {
     let mut rest = &text[first..];
     let mut calls = Vec::new();
     while let Some(body) = rest.trim_start().strip_prefix(HERMES_OPEN) {
-        // A last call cut off before its closing tag is still read if its JSON is whole.
+        // A last call cut off before (or inside) its closing tag is still read if its JSON
+        // is whole.
         let (inner, after, closed) = match body.find(HERMES_CLOSE) {
             Some(end) => (&body[..end], &body[end + HERMES_CLOSE.len()..], true),
-            None => (body, "", false),
+            None => {
+                let body = body.trim_end();
+                let tag = crate::api::reasoning::partial_tag_len(body, HERMES_CLOSE);
+                (&body[..body.len() - tag], "", false)
+            }
         };
         let parsed = serde_json::from_str::<Value>(inner.trim());
         match parsed.as_ref().ok().and_then(call_from_json) {
@@ -385,6 +390,14 @@ mod tests {
         let looped = format!("{one}\n{one}\n<tool_call>\n{{\"name\": \"f\", \"argu");
         assert_eq!(
             parse(CallFormat::Hermes, &looped),
+            (String::new(), vec![call("f", r#"{"a":1}"#); 2])
+        );
+        // Cut inside the closing tag of the last call: its JSON is whole, so it is a call.
+        let in_tag = format!(
+            "{one}\n<tool_call>\n{{\"name\": \"f\", \"arguments\": {{\"a\": 1}}}}\n</tool_call"
+        );
+        assert_eq!(
+            parse(CallFormat::Hermes, &in_tag),
             (String::new(), vec![call("f", r#"{"a":1}"#); 2])
         );
         // Cut inside the only call: no call, and no markup in the content either.
