@@ -9,6 +9,7 @@
 //!   tokenizer, chat template, sampling, stop strings.
 //! - [`model`]: our own decoder on candle (Llama, Qwen2/3, Phi-3, Gemma 2/3), loaded from GGUF
 //!   or safetensors.
+//! - [`model_store`]: models by name from the Hugging Face cache and Ollama's store.
 //! - [`embed`]: embedding models (a BERT encoder with sentence-transformers pooling) for
 //!   `/v1/embeddings`, batched on a thread of their own.
 //! - [`mining`]: SHA-256d, block headers and targets, the CPU miner, and the GPU miner over a
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod log_limit;
 pub mod mining;
 pub mod model;
+pub mod model_store;
 pub mod server;
 pub mod sqlite;
 pub mod stats;

@@ -32,6 +32,13 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let log_format = match &cli.command {
         Command::Serve(a) => a.log_format,
+        Command::Models => {
+            print!(
+                "{}",
+                idlerig::model_store::listing(&idlerig::model_store::Stores::from_env())
+            );
+            return Ok(());
+        }
         Command::Config(args) => {
             let (_, sub) = matches.subcommand().expect("a subcommand was parsed");
             let config = command
@@ -61,7 +68,7 @@ fn run() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Config(_) => Ok(()),
+            Command::Config(_) | Command::Models => Ok(()),
             Command::Mine(args) => mine(args).await,
             Command::Bench(bench) => {
                 // Every benchmark prints one JSON line of figures.

@@ -145,9 +145,14 @@ async fn messages_tokenize_and_responses_answer_as_chat_completions_does() {
     no_max.as_object_mut().unwrap().remove("max_tokens");
     let (status, err) = app.post("/v1/messages", no_max).await;
     assert_eq!(status, 400);
+    assert_eq!(err["type"], "error");
     assert_eq!(
-        err,
-        json!({"type": "error", "error": {"type": "invalid_request_error", "message": "`max_tokens` is required"}})
+        err["error"],
+        json!({"type": "invalid_request_error", "message": "`max_tokens` is required"})
+    );
+    assert!(
+        err["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{err}"
     );
 
     // Responses (no data directory: answered, not stored, and it says so).
@@ -198,6 +203,25 @@ async fn messages_tokenize_and_responses_answer_as_chat_completions_does() {
                 Value::Array(o)
             })
             .unwrap()
+    );
+    // Errors name the Responses API's own fields.
+    let (status, err) = app
+        .post(
+            "/v1/responses",
+            json!({"input": "hi", "max_output_tokens": 1_000_000}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["param"].as_str()),
+        (400, Some("max_output_tokens")),
+        "{err}"
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`max_output_tokens`"),
+        "{err}"
     );
     let (status, err) = app
         .post(
@@ -278,6 +302,29 @@ async fn a_stored_response_is_continued_after_a_restart_and_owned_by_its_key() {
             .await
             .unwrap();
         assert_eq!(res.status().as_u16(), 404);
+        // A streamed response is kept before its last event: it can be read (and continued)
+        // the moment the client has seen `response.completed`.
+        let res = http
+            .post(format!("{base}/v1/responses"))
+            .bearer_auth("sk-alice")
+            .json(&json!({"input": "Hi", "max_output_tokens": 4, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        let events = typed_events(res).await;
+        let (name, last) = events.last().unwrap();
+        assert!(
+            name == "response.completed" || name == "response.incomplete",
+            "{name}"
+        );
+        let streamed_id = last["response"]["id"].as_str().unwrap();
+        let kept = http
+            .get(format!("{base}/v1/responses/{streamed_id}"))
+            .bearer_auth("sk-alice")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kept.status().as_u16(), 200);
         // A background response the shutdown cuts short runs again at the next start.
         let _busy = common::endless_stream(&base, Some("sk-alice")).await;
         let (status, bg) = post(&base, "sk-alice", "/v1/responses",

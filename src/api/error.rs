@@ -169,6 +169,25 @@ impl ApiError {
         )
     }
 
+    /// The same error in the words of another API that translates onto the chat request:
+    /// each chat field in `param` and the message (`max_tokens`) named as that API names it.
+    pub fn renamed(mut self, names: &[(&str, &str)]) -> Self {
+        for (chat, theirs) in names {
+            if let Some(p) = &self.param {
+                if p == chat
+                    || p.starts_with(&format!("{chat}["))
+                    || p.starts_with(&format!("{chat}."))
+                {
+                    self.param = Some(theirs.to_string());
+                }
+            }
+            self.message = self
+                .message
+                .replace(&format!("`{chat}`"), &format!("`{theirs}`"));
+        }
+        self
+    }
+
     /// The envelope, also sent as an event when an error happens mid-stream.
     pub fn body(&self) -> ErrorResponse {
         ErrorResponse {

@@ -48,10 +48,16 @@ pub(super) fn batches_of(state: &AppState) -> Result<&Batches, ApiError> {
 
 /// What the caller may see, and the owner its uploads get.
 pub(super) fn viewer_of(who: &Option<Extension<Arc<KeyIdentity>>>) -> (Viewer, Option<String>) {
+    viewer_and_owner(who.as_ref().map(|Extension(w)| w.as_ref()))
+}
+
+/// What a caller may see (everything without keys, or with an admin key; else its own), and
+/// the owner what it creates gets.
+pub(super) fn viewer_and_owner(who: Option<&KeyIdentity>) -> (Viewer, Option<String>) {
     match who {
         None => (Viewer::All, None),
-        Some(Extension(w)) if w.admin => (Viewer::All, Some(w.name.clone())),
-        Some(Extension(w)) => (Viewer::Owner(w.name.clone()), Some(w.name.clone())),
+        Some(w) if w.admin => (Viewer::All, Some(w.name.clone())),
+        Some(w) => (Viewer::Owner(w.name.clone()), Some(w.name.clone())),
     }
 }
 

@@ -32,6 +32,12 @@ pub struct Generation {
     pub guards: StreamGuards,
 }
 
+/// `prefix_` and 24 random hex digits, as OpenAI's and Anthropic's ids look (`call_`, `msg_`,
+/// `toolu_`, `resp_`).
+pub fn item_id(prefix: &str) -> String {
+    format!("{prefix}_{:024x}", rand::random::<u128>() >> 32)
+}
+
 /// One choice's text as it comes: the reasoning split off (templates with `<think>`), and
 /// tool calls held back and read whole (requests with tools).
 pub struct ChoiceReader {
@@ -224,14 +230,39 @@ pub async fn run_whole<W: EventWriter>(mut one: OneChoice, mut w: W) -> Result<W
     Ok(w)
 }
 
-/// Runs `one` through `w` and sends each event as it comes, named, on `tx`. Gives `w` back
-/// when the stream ended with the generation (however it ended), `None` when the client left
-/// (dropping `one` cancels the generation).
-pub async fn run_stream<W: EventWriter>(
+/// What is done with a finished answer before its last events go out: the Responses API
+/// keeps it, so that a client that has seen `response.completed` can continue it at once.
+pub type BeforeEnd<W> = Box<dyn FnOnce(&W) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// Answers a one-choice generation through `w`: its events (with `stream`), or the object
+/// `body` makes of the finished writer.
+pub async fn answer_one<W: EventWriter>(
+    gen: Generation,
+    w: W,
+    before_end: Option<BeforeEnd<W>>,
+    body: impl FnOnce(W) -> serde_json::Value + Send + 'static,
+) -> Result<Response, ApiError> {
+    let one = OneChoice::new(gen);
+    if one.plan().stream {
+        return Ok(sse_from(move |tx| async move {
+            run_stream(one, w, tx, before_end).await;
+        }));
+    }
+    let w = run_whole(one, w).await?;
+    if let Some(f) = before_end {
+        f(&w).await;
+    }
+    Ok(axum::Json(body(w)).into_response())
+}
+
+/// Runs `one` through `w` and sends each event as it comes, named, on `tx`; `before_end` runs
+/// before the events of the end. A client that leaves cancels the generation (dropping `one`).
+async fn run_stream<W: EventWriter>(
     mut one: OneChoice,
     mut w: W,
     tx: mpsc::Sender<Result<Event, Infallible>>,
-) -> Option<W> {
+    mut before_end: Option<BeforeEnd<W>>,
+) {
     let send = |events: Vec<NamedEvent>| {
         let tx = tx.clone();
         async move {
@@ -245,22 +276,28 @@ pub async fn run_stream<W: EventWriter>(
         }
     };
     if !send(w.start()).await {
-        return None;
+        return;
     }
     while let Some(out) = one.next().await {
         let events = match out {
-            Ok(out) => w.on(&out),
+            Ok(out) => {
+                let events = w.on(&out);
+                if let Output::Done(_) = out {
+                    if let Some(f) = before_end.take() {
+                        f(&w).await;
+                    }
+                }
+                events
+            }
             Err(e) => {
-                let events = w.failed(&e);
-                send(events).await;
-                return Some(w);
+                send(w.failed(&e)).await;
+                return;
             }
         };
         if !send(events).await {
-            return None;
+            return;
         }
     }
-    Some(w)
 }
 
 /// The SSE answer whose events a spawned task `forward` sends on the channel it is given.

@@ -6,6 +6,7 @@ mod anthropic;
 mod auth;
 mod batches;
 mod bodies;
+mod body_fields;
 mod context;
 mod dashboard;
 mod embeddings;

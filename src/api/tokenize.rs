@@ -69,8 +69,8 @@ pub async fn tokenize(
     _who: Option<Extension<Arc<KeyIdentity>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let v = parse_json(body, state.limits.max_body_bytes)?;
-    let req: TokenizeRequest = fields(&v)?;
+    let limit = state.limits.max_body_bytes;
+    let req: TokenizeRequest = off_runtime(move || fields(&parse_json(body, limit)?)).await?;
     let model = state.ready_model(req.model.as_deref())?;
     let limits = state.limits.clone();
     let m = model.clone();
@@ -124,8 +124,8 @@ pub async fn detokenize(
     _who: Option<Extension<Arc<KeyIdentity>>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let v = parse_json(body, state.limits.max_body_bytes)?;
-    let req: DetokenizeRequest = fields(&v)?;
+    let limit = state.limits.max_body_bytes;
+    let req: DetokenizeRequest = off_runtime(move || fields(&parse_json(body, limit)?)).await?;
     let model = state.ready_model(req.model.as_deref())?;
     let vocab = model.tokenizer.vocab_size();
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {

@@ -145,12 +145,20 @@ impl Store {
                     format!("the conversation is longer than {MAX_CHAIN} responses"),
                 ));
             }
-            let r = self.response(&id, viewer, expire_before).map_err(|_| {
-                BatchError::invalid(
+            let r = self.response(&id, viewer, expire_before).map_err(|e| match e {
+                BatchError::NotFound(_) => BatchError::invalid(
                     "previous_response_id",
                     format!("no stored response `{id}` in this conversation (deleted, expired, or never stored)"),
-                )
+                ),
+                e => e,
             })?;
+            let status = r.response["status"].as_str().unwrap_or_default();
+            if status != "completed" && status != "incomplete" {
+                return Err(BatchError::invalid(
+                    "previous_response_id",
+                    format!("response `{id}` is {status}: only a completed (or incomplete) response can be continued"),
+                ));
+            }
             next = r.previous_response_id.clone();
             turns.push(r);
         }
@@ -181,6 +189,21 @@ impl Store {
             self.finish_response(id, &r.response)?;
         }
         Ok(r.response)
+    }
+
+    /// How many unfinished responses `owner` has.
+    pub fn unfinished_of(&mut self, owner: Option<&str>) -> Result<usize, BatchError> {
+        let n: i64 = self
+            .conn()?
+            .query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM responses WHERE status IN {UNFINISHED} AND owner IS ?1"
+                ),
+                [owner],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        Ok(n as usize)
     }
 
     /// Background responses that had not finished: what to run again after a restart.

@@ -42,7 +42,7 @@ fn formats() -> Vec<(&'static str, OutputFormat)> {
 pub async fn run(args: BenchGrammarArgs) -> Result<Value, String> {
     let device = device_from_name(&args.model.device).map_err(|e| e.to_string())?;
     crate::model::quant::Isa::choose(args.model.cpu_isa);
-    let (path, cfg) = (args.model.model_path(), args.model.engine_config());
+    let (path, cfg) = (args.model.model_path()?, args.model.engine_config());
     let model = tokio::task::spawn_blocking(move || load_model(&path, &device, cfg))
         .await
         .map_err(|e| e.to_string())?

@@ -132,7 +132,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     // As `serve` does: the int8 kernels' instruction set is fixed before the model loads.
     let isa = crate::model::quant::Isa::choose(args.model.cpu_isa);
     let device = device_from_name(&args.model.device).map_err(|e| e.to_string())?;
-    let path = args.model.model_path();
+    let path = args.model.model_path()?;
     let mut engine_cfg = args.model.engine_config();
     engine_cfg.max_running = engine_cfg.max_running.max(args.concurrency);
     let threads = engine_cfg.model.threads;
@@ -162,7 +162,7 @@ pub async fn run(args: BenchInferArgs) -> Result<serde_json::Value, String> {
     .await?;
     let rss_before = proc_status_mb("VmRSS");
     let mut reference = if args.compare_llama_cpp {
-        let (path, threads) = (args.model.model_path(), threads);
+        let (path, threads) = (args.model.model_path()?, threads);
         let mut r =
             tokio::task::block_in_place(|| LlamaCppRef::start(&args.scripts_dir, &path, threads))?;
         let warm = synthetic_prompt(args.prompt_tokens, u64::MAX);

@@ -46,6 +46,8 @@ pub enum Command {
     /// Measure speed; each benchmark prints one JSON line.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// List the models in the Hugging Face cache and Ollama's store, as `--model` takes them.
+    Models,
     /// Show the configuration `serve` would run with (flags, IDLERIG_* variables and the
     /// --config file merged), secrets redacted.
     Config(ConfigArgs),
@@ -86,9 +88,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Chat model to serve: a .gguf file, or a directory with config.json + *.safetensors
-    /// (+ tokenizer.json). Repeat it, as `NAME=PATH`, to serve several: requests choose one by
-    /// their `model` (the first is the default), and each has its own engine, with an equal
-    /// share of --kv-cache-mb.
+    /// (+ tokenizer.json); or by name from where it is already kept: `hf:ORG/REPO[:QUANT|:FILE]`
+    /// from the Hugging Face cache (HF_HUB_CACHE, HF_HOME), `ollama:NAME[:TAG]` from Ollama's
+    /// store (OLLAMA_MODELS); `idlerig models` lists them. Repeat it, as `NAME=PATH`, to serve
+    /// several: requests choose one by their `model` (the first is the default), and each has
+    /// its own engine, with an equal share of --kv-cache-mb.
     /// Default: the SmolLM2-135M-Instruct GGUF that `models/fetch` downloads.
     #[arg(
         long,
@@ -214,26 +218,45 @@ impl ModelArgs {
         }
     }
 
-    /// The chat models to serve, each with the name `NAME=` gave it (else its file's), the
-    /// default model when none is named.
-    pub fn models(&self) -> Vec<(Option<String>, PathBuf)> {
+    /// The chat models to serve, each with the name `NAME=` gave it (else its store's, else
+    /// its file's), the default model when none is named. `hf:` and `ollama:` names are found
+    /// in their stores; the error says what is missing and how to fetch it.
+    pub fn models(&self) -> Result<Vec<(Option<String>, PathBuf)>, String> {
         if self.model.is_empty() {
-            return vec![(None, self.model_path())];
+            return Ok(vec![(None, self.model_path()?)]);
         }
-        self.model.iter().map(|s| model_spec(s)).collect()
+        let stores = crate::model_store::Stores::from_env();
+        self.model
+            .iter()
+            .map(|s| in_store(&stores, model_spec(s)))
+            .collect()
     }
 
-    /// The first model's path: the flag, else the default model under the current
-    /// directory, else under the source tree this binary was built from.
-    pub fn model_path(&self) -> PathBuf {
+    /// The first model's path: the flag (found in its store), else the default model under
+    /// the current directory, else under the source tree this binary was built from.
+    pub fn model_path(&self) -> Result<PathBuf, String> {
         if let Some(spec) = self.model.first() {
-            return model_spec(spec).1;
+            let stores = crate::model_store::Stores::from_env();
+            return Ok(in_store(&stores, model_spec(spec))?.1);
         }
         let here = PathBuf::from(DEFAULT_MODEL_RELATIVE);
         if here.exists() {
-            return here;
+            return Ok(here);
         }
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL_RELATIVE)
+        Ok(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL_RELATIVE))
+    }
+}
+
+/// A model spec's path found in its store (`hf:`, `ollama:`), named by the store unless
+/// `NAME=` named it; a plain path as it is.
+fn in_store(
+    stores: &crate::model_store::Stores,
+    (name, path): (Option<String>, PathBuf),
+) -> Result<(Option<String>, PathBuf), String> {
+    match stores.resolve(&path.to_string_lossy()) {
+        None => Ok((name, path)),
+        Some(Ok(found)) => Ok((Some(name.unwrap_or(found.name)), found.path)),
+        Some(Err(e)) => Err(e.to_string()),
     }
 }
 

@@ -87,7 +87,7 @@ pub async fn start(
     crate::model::quant::Isa::choose(args.model.cpu_isa);
     // Every chat model's file is found and its header read before anything starts.
     let mut chat = Vec::new();
-    for (name, path) in args.model.models() {
+    for (name, path) in args.model.models().map_err(ServerError::Config)? {
         if !path.exists() {
             return Err(ServerError::ModelMissing(path.display().to_string()));
         }

@@ -23,7 +23,7 @@ use utoipa::ToSchema;
 use super::auth::KeyIdentity;
 use super::context::RequestId;
 use super::error::ApiError;
-use super::generation::{run_stream, run_whole, sse_from, OneChoice};
+use super::generation::answer_one;
 use super::handlers::{off_runtime, parse_json, requested_model, Admitted, Caller};
 use super::validate::validate_chat;
 use super::AppState;
@@ -81,7 +81,6 @@ pub fn error_type(status: StatusCode) -> &'static str {
         404 => "not_found_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
-        503 => "overloaded_error",
         504 => "timeout_error",
         _ => "api_error",
     }
@@ -94,6 +93,7 @@ pub struct AnthropicError {
     #[serde(rename = "type")]
     pub kind: String,
     pub error: AnthropicErrorDetail,
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -103,10 +103,34 @@ pub struct AnthropicErrorDetail {
     pub message: String,
 }
 
-/// Middleware on the Anthropic routes: an error answer (from the handler, the key check, the
-/// body limit) leaves in Anthropic's envelope, with the same status and headers.
+/// The chat fields a Messages request names otherwise.
+const FIELD_NAMES: &[(&str, &str)] = &[
+    ("max_completion_tokens", "max_tokens"),
+    ("messages", "messages"),
+    ("stop", "stop_sequences"),
+    ("response_format", "output_config.format"),
+];
+
+fn validate(
+    chat: super::wire::ChatRequest,
+    model: &crate::engine::ServedModel,
+    limits: &super::ApiLimits,
+) -> Result<(crate::engine::ValidRequest, super::validate::ResponsePlan), ApiError> {
+    validate_chat(chat, model, limits).map_err(|e| e.renamed(FIELD_NAMES))
+}
+
+/// Middleware on the Anthropic routes: every answer carries Anthropic's `request-id` header,
+/// and an error (from the handler, the key check, the body limit) leaves in Anthropic's
+/// envelope, with its request id, the same status and headers.
 pub async fn anthropic_errors(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+    let id = req.extensions().get::<RequestId>().map(|r| r.0.to_string());
+    let mut res = next.run(req).await;
+    if let Some(v) = id
+        .as_deref()
+        .and_then(|i| axum::http::HeaderValue::from_str(i).ok())
+    {
+        res.headers_mut().insert("request-id", v);
+    }
     let status = res.status();
     if status.is_success() {
         return res;
@@ -125,6 +149,7 @@ pub async fn anthropic_errors(req: Request, next: Next) -> Response {
             kind: error_type(status).into(),
             message,
         },
+        request_id: id,
     };
     parts.headers.remove(header::CONTENT_LENGTH);
     (parts, Json(body)).into_response()
@@ -157,17 +182,9 @@ pub async fn messages(
         Ok((requested_model(&v), translate::to_chat(&v, false)?))
     })
     .await?;
-    let gen = admitted
-        .submit(&state, requested, chat, validate_chat)
-        .await?;
+    let gen = admitted.submit(&state, requested, chat, validate).await?;
     let w = writer::MessageWriter::new(gen.plan.model.clone(), gen.plan.prompt_tokens);
-    let one = OneChoice::new(gen);
-    if one.plan().stream {
-        return Ok(sse_from(move |tx| async move {
-            run_stream(one, w, tx).await;
-        }));
-    }
-    Ok(Json(run_whole(one, w).await?.message()).into_response())
+    answer_one(gen, w, None, |w| json!(w.message())).await
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -198,7 +215,7 @@ pub async fn count_tokens(
     let limits = state.limits.clone();
     // Counting generates nothing: one token of room is enough.
     chat.common.max_tokens = Some(1);
-    let (valid, _) = off_runtime(move || validate_chat(chat, &model, &limits)).await?;
+    let (valid, _) = off_runtime(move || validate(chat, &model, &limits)).await?;
     Ok(Json(TokenCount {
         input_tokens: valid.prompt.len(),
     }))

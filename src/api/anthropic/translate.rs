@@ -3,23 +3,11 @@
 //! chat messages (`tool_use` an assistant's calls, `tool_result` a tool message), the tools
 //! and `tool_choice` their OpenAI equivalents, `thinking` the template's switch.
 
-use std::collections::HashMap;
-
 use serde_json::{json, Value};
 
+use super::super::body_fields::{opt_bool, opt_f32, opt_int, opt_str, thinking};
 use super::super::error::ApiError;
 use super::super::wire::{ChatFields, ChatRequest, CommonParams, OneOrMany, WireMessage};
-
-fn str_of<'a>(v: &'a Value, field: &str) -> Result<Option<&'a str>, ApiError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(ApiError::invalid(
-            field,
-            format!("`{field}` must be a string"),
-        )),
-    }
-}
 
 /// The text of a string or of a list of `text` blocks (`system`, a `tool_result`'s content);
 /// anything but text is refused, naming where it was.
@@ -101,7 +89,13 @@ fn read_message(i: usize, m: &Value, out: &mut Vec<WireMessage>) -> Result<(), A
     for (j, b) in blocks.iter().enumerate() {
         let here = format!("{at}.content[{j}]");
         match (role, b.get("type").and_then(Value::as_str)) {
-            (_, Some("text")) => text.push_str(&text_of(&json!([b]), &format!("{at}.content"))?),
+            (_, Some("text")) => {
+                // Several text blocks are several paragraphs (Claude Code sends them so).
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&text_of(&json!([b]), &format!("{at}.content"))?)
+            }
             (_, Some("thinking" | "redacted_thinking")) => {}
             ("assistant", Some("tool_use")) => {
                 let name = b.get("name").and_then(Value::as_str).ok_or_else(|| {
@@ -214,30 +208,10 @@ fn read_tool_choice(v: Option<&Value>) -> Result<(Option<Value>, Option<bool>), 
     Ok((Some(choice), parallel))
 }
 
-fn int_of(v: &Value, field: &str) -> Result<Option<i64>, ApiError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(n) => n
-            .as_i64()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid(field, format!("`{field}` must be an integer"))),
-    }
-}
-
-fn float_of(v: &Value, field: &str) -> Result<Option<f32>, ApiError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(n) => n
-            .as_f64()
-            .map(|f| Some(f as f32))
-            .ok_or_else(|| ApiError::invalid(field, format!("`{field}` must be a number"))),
-    }
-}
-
 /// The chat request a Messages body asks for. `count_only`: a `count_tokens` body, which has
 /// no `max_tokens`.
 pub fn to_chat(v: &Value, count_only: bool) -> Result<ChatRequest, ApiError> {
-    let max_tokens = int_of(v, "max_tokens")?;
+    let max_tokens = opt_int(v, "max_tokens")?;
     if max_tokens.is_none() && !count_only {
         return Err(ApiError::invalid("max_tokens", "`max_tokens` is required"));
     }
@@ -258,6 +232,12 @@ pub fn to_chat(v: &Value, count_only: bool) -> Result<ChatRequest, ApiError> {
     }
     for (i, m) in list.iter().enumerate() {
         read_message(i, m, &mut messages)?;
+    }
+    if list.last().and_then(|m| m.get("role")) == Some(&json!("assistant")) {
+        return Err(ApiError::invalid(
+            format!("messages[{}].role", list.len() - 1),
+            "a last assistant message (a prefill to continue) is not supported: end with a user message",
+        ));
     }
     let stop = match v.get("stop_sequences") {
         None | Some(Value::Null) => None,
@@ -280,20 +260,16 @@ pub fn to_chat(v: &Value, count_only: bool) -> Result<ChatRequest, ApiError> {
         }
     };
     let (tool_choice, parallel_tool_calls) = read_tool_choice(v.get("tool_choice"))?;
-    let mut kwargs = HashMap::new();
-    match v
+    // `budget_tokens` is not a budget here: `max_tokens` bounds the reasoning with the answer.
+    let thinking_on = match v
         .get("thinking")
         .and_then(|t| t.get("type"))
         .and_then(Value::as_str)
     {
-        Some("enabled" | "adaptive") => {
-            kwargs.insert("enable_thinking".to_string(), json!(true));
-        }
-        Some("disabled") => {
-            kwargs.insert("enable_thinking".to_string(), json!(false));
-        }
-        _ => {}
-    }
+        Some("enabled" | "adaptive") => Some(true),
+        Some("disabled") => Some(false),
+        _ => None,
+    };
     // Structured output: `output_config.format` is a JSON Schema.
     let response_format = match v.get("output_config").and_then(|o| o.get("format")) {
         Some(f) if f.get("type").and_then(Value::as_str) == Some("json_schema") => Some(json!({
@@ -310,13 +286,13 @@ pub fn to_chat(v: &Value, count_only: bool) -> Result<ChatRequest, ApiError> {
     };
     Ok(ChatRequest {
         common: CommonParams {
-            model: str_of(v, "model")?.map(str::to_string),
+            model: opt_str(v, "model")?.map(str::to_string),
             max_tokens,
-            temperature: float_of(v, "temperature")?,
-            top_p: float_of(v, "top_p")?,
-            top_k: int_of(v, "top_k")?,
+            temperature: opt_f32(v, "temperature")?,
+            top_p: opt_f32(v, "top_p")?,
+            top_k: opt_int(v, "top_k")?,
             stop,
-            stream: v.get("stream").and_then(Value::as_bool),
+            stream: opt_bool(v, "stream")?,
             ..CommonParams::default()
         },
         chat: ChatFields {
@@ -324,7 +300,7 @@ pub fn to_chat(v: &Value, count_only: bool) -> Result<ChatRequest, ApiError> {
             tool_choice,
             parallel_tool_calls,
             response_format,
-            chat_template_kwargs: (!kwargs.is_empty()).then_some(kwargs),
+            chat_template_kwargs: thinking(thinking_on),
             ..ChatFields::of(messages)
         },
     })
@@ -398,6 +374,12 @@ mod tests {
         assert!(
             to_chat(&no_max, true).is_ok(),
             "count_tokens has no max_tokens"
+        );
+        let prefill = json!({"model": "m", "max_tokens": 8, "messages": [
+            {"role": "user", "content": "JSON please"}, {"role": "assistant", "content": "{"}]});
+        assert_eq!(
+            to_chat(&prefill, false).unwrap_err().param.as_deref(),
+            Some("messages[1].role")
         );
         let system_role = base(json!({"role": "system", "content": "x"}));
         assert_eq!(

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use crate::engine::FinishReason;
 
 use super::super::error::ApiError;
-use super::super::generation::{End, EventWriter, NamedEvent};
+use super::super::generation::{item_id, End, EventWriter, NamedEvent};
 
 /// A content block of the answer.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -71,7 +71,7 @@ impl MessageWriter {
     pub fn new(model: String, prompt_tokens: usize) -> Self {
         Self {
             message: Message {
-                id: format!("msg_{:024x}", rand::random::<u128>() >> 32),
+                id: item_id("msg"),
                 kind: "message",
                 role: "assistant",
                 content: Vec::new(),
@@ -184,7 +184,7 @@ impl EventWriter for MessageWriter {
         self.close(events);
         for call in calls {
             let index = self.message.content.len();
-            let id = format!("toolu_{:024x}", rand::random::<u128>() >> 32);
+            let id = item_id("toolu");
             let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
             let start = ContentBlock::ToolUse {
                 id: id.clone(),

@@ -21,31 +21,55 @@ use super::super::context::RequestId;
 use super::super::error::ApiError;
 use super::super::generation::{run_whole, OneChoice};
 use super::super::handlers::{off_runtime, requested_model, Admitted, Caller};
-use super::super::validate::validate_chat;
 use super::super::{AppState, LoadState};
 use super::writer::ResponseWriter;
 use super::{base_object, cutoff, read_turn, stored, Turn};
 
-/// The background runs in flight, by response id: what a cancel or a delete stops.
-#[derive(Default)]
-pub struct BackgroundRuns(Mutex<HashMap<String, AbortHandle>>);
+/// The background runs in flight, by response id (what a cancel or a delete stops), and the
+/// turns they take to reach the engine, first come first served.
+pub struct BackgroundRuns {
+    runs: Mutex<HashMap<String, AbortHandle>>,
+    turns: tokio::sync::Semaphore,
+}
+
+impl Default for BackgroundRuns {
+    fn default() -> Self {
+        Self {
+            runs: Mutex::default(),
+            turns: tokio::sync::Semaphore::new(MAX_SUBMITTED),
+        }
+    }
+}
+
+/// Background responses in the engine at once; the others wait their turn in order.
+const MAX_SUBMITTED: usize = 16;
+
+/// Unfinished background responses one key (or, without keys, everyone) may have.
+pub const MAX_UNFINISHED_PER_KEY: usize = 256;
 
 impl BackgroundRuns {
-    fn insert(&self, id: String, run: AbortHandle) {
-        if let Ok(mut runs) = self.0.lock() {
-            runs.insert(id, run);
+    /// Starts `run` for `id` unless one is already running (a response created while the
+    /// server resumed the last run's). The handle is in place before the run can end.
+    fn start(&self, id: String, run: impl std::future::Future<Output = ()> + Send + 'static) {
+        let Ok(mut runs) = self.runs.lock() else {
+            return;
+        };
+        if runs.contains_key(&id) {
+            return;
         }
+        let task = tokio::spawn(run);
+        runs.insert(id, task.abort_handle());
     }
 
     fn remove(&self, id: &str) {
-        if let Ok(mut runs) = self.0.lock() {
+        if let Ok(mut runs) = self.runs.lock() {
             runs.remove(id);
         }
     }
 
     /// Stops the run of `id`, if one is in flight.
     pub fn stop(&self, id: &str) {
-        if let Some(run) = self.0.lock().ok().and_then(|mut r| r.remove(id)) {
+        if let Some(run) = self.runs.lock().ok().and_then(|mut r| r.remove(id)) {
             run.abort();
         }
     }
@@ -66,11 +90,18 @@ pub(super) async fn start(
     let model_name = slot.id.clone();
     if let Ok(model) = state.ready_model(requested.as_deref()) {
         let (chat, limits) = (turn.chat.clone(), state.limits.clone());
-        off_runtime(move || validate_chat(chat, &model, &limits)).await?;
+        off_runtime(move || super::validate(chat, &model, &limits)).await?;
     }
     let base = base_object(&turn, &model_name, ServiceTier::Deferred, "queued");
     let row = stored(&turn, base.clone());
     let b = super::super::files::batches_of(state)?;
+    let owner = turn.owner.clone();
+    if b.call(move |s| s.unfinished_of(owner.as_deref())).await? >= MAX_UNFINISHED_PER_KEY {
+        return Err(ApiError::overloaded(format!(
+            "this key has {MAX_UNFINISHED_PER_KEY} unfinished background responses; wait for some to finish"
+        ))
+        .with_code("background_limit_exceeded"));
+    }
     let at = cutoff(b);
     let keep = row.clone();
     b.call(move |s| s.put_response(&keep, at)).await?;
@@ -79,10 +110,8 @@ pub(super) async fn start(
 }
 
 fn spawn(state: AppState, row: StoredResponse) {
-    let id = row.id.clone();
-    let runs = state.background.clone();
-    let task = tokio::spawn(run(state, row));
-    runs.insert(id, task.abort_handle());
+    let (id, runs) = (row.id.clone(), state.background.clone());
+    runs.start(id, run(state, row));
 }
 
 /// Runs the background responses that had not finished when the server stopped.
@@ -152,8 +181,23 @@ async fn run_once(state: &AppState, row: &StoredResponse) -> Result<Value, ApiEr
         })?),
         _ => None,
     };
-    let mut turn = read_turn(state, row.id.clone(), row.request.clone(), who.as_deref()).await?;
-    turn.owner = row.owner.clone();
+    let turn = read_turn(state, row.id.clone(), row.request.clone(), who.as_deref()).await?;
+    let mut base = row.response.clone();
+    base["status"] = json!("in_progress");
+    if let Some(b) = &state.batches {
+        let (id, now) = (row.id.clone(), base.clone());
+        // Cancelled while it waited: it never reaches the engine.
+        if !b.call(move |s| s.finish_response(&id, &now)).await? {
+            return Err(ApiError::conflict("the response was cancelled"));
+        }
+    }
+    // Its turn to reach the engine, in the order the runs asked.
+    let _turn = state
+        .background
+        .turns
+        .acquire()
+        .await
+        .map_err(|_| ApiError::shutting_down())?;
     let gen = loop {
         let caller = Caller {
             id: RequestId(row.id.as_str().into()),
@@ -162,7 +206,7 @@ async fn run_once(state: &AppState, row: &StoredResponse) -> Result<Value, ApiEr
         };
         let admitted = Admitted::enter(state, caller)?;
         match admitted
-            .submit(state, requested.clone(), turn.chat.clone(), validate_chat)
+            .submit(state, requested.clone(), turn.chat.clone(), super::validate)
             .await
         {
             Ok(gen) => break gen,
@@ -173,15 +217,6 @@ async fn run_once(state: &AppState, row: &StoredResponse) -> Result<Value, ApiEr
             Err(e) => return Err(e),
         }
     };
-    let mut base = row.response.clone();
-    base["status"] = json!("in_progress");
-    if let Some(b) = &state.batches {
-        let (id, now) = (row.id.clone(), base.clone());
-        // Cancelled meanwhile: stop here.
-        if !b.call(move |s| s.finish_response(&id, &now)).await? {
-            return Err(ApiError::conflict("the response was cancelled"));
-        }
-    }
     let w = run_whole(OneChoice::new(gen), ResponseWriter::new(base)).await?;
     Ok(w.response().clone())
 }

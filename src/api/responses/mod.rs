@@ -22,22 +22,38 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
-use crate::batch::{Batches, StoredResponse, Viewer};
+use crate::batch::{Batches, StoredResponse};
 use crate::engine::ServiceTier;
 
 use super::auth::KeyIdentity;
 use super::context::RequestId;
 use super::error::ApiError;
-use super::generation::{run_stream, run_whole, sse_from, Generation, OneChoice};
+use super::generation::{answer_one, BeforeEnd, Generation};
 use super::handlers::{now_unix, off_runtime, parse_json, requested_model, Admitted, Caller};
 use super::validate::validate_chat;
 use super::wire::ChatRequest;
 use super::AppState;
 use writer::ResponseWriter;
+
+/// The chat fields a Responses request names otherwise.
+const FIELD_NAMES: &[(&str, &str)] = &[
+    ("max_completion_tokens", "max_output_tokens"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+    ("response_format", "text.format"),
+];
+
+/// The chat validation, its errors in this API's field names.
+pub(super) fn validate(
+    chat: ChatRequest,
+    model: &crate::engine::ServedModel,
+    limits: &super::ApiLimits,
+) -> Result<(crate::engine::ValidRequest, super::validate::ResponsePlan), ApiError> {
+    validate_chat(chat, model, limits).map_err(|e| e.renamed(FIELD_NAMES))
+}
 
 /// One create request, read: what to run and how to keep it.
 struct Turn {
@@ -46,7 +62,6 @@ struct Turn {
     owner: Option<String>,
     store: bool,
     background: bool,
-    stream: bool,
     previous: Option<String>,
     /// This turn's input items, with ids.
     input: Vec<Value>,
@@ -59,23 +74,7 @@ fn cutoff(b: &Batches) -> u64 {
 }
 
 fn flag(v: &Value, field: &str, default: bool) -> Result<bool, ApiError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(ApiError::invalid(
-            field,
-            format!("`{field}` must be a boolean"),
-        )),
-    }
-}
-
-/// The viewer and owner of a caller (as for files and batches).
-fn viewer_and_owner(who: Option<&KeyIdentity>) -> (Viewer, Option<String>) {
-    match who {
-        None => (Viewer::All, None),
-        Some(w) if w.admin => (Viewer::All, Some(w.name.clone())),
-        Some(w) => (Viewer::Owner(w.name.clone()), Some(w.name.clone())),
-    }
+    Ok(super::body_fields::opt_bool(v, field)?.unwrap_or(default))
 }
 
 /// Reads a create request: its options, the stored conversation it continues, its input.
@@ -124,7 +123,7 @@ async fn read_turn(
     }
     // Without a data directory nothing is kept, and the response says so (`store: false`).
     store &= batches.is_some();
-    let (viewer, owner) = viewer_and_owner(who);
+    let (viewer, owner) = super::files::viewer_and_owner(who);
     let history = match (&previous, batches) {
         (Some(p), Some(b)) => {
             let (p, at) = (p.clone(), cutoff(b));
@@ -147,7 +146,6 @@ async fn read_turn(
         owner,
         store,
         background,
-        stream,
         previous,
         input,
         chat,
@@ -177,7 +175,7 @@ fn base_object(turn: &Turn, model: &str, tier: ServiceTier, status: &str) -> Val
         "text": or("text", json!({"format": {"type": "text"}})),
         "tool_choice": or("tool_choice", json!("auto")), "tools": or("tools", json!([])),
         "top_p": or("top_p", json!(1.0)), "truncation": or("truncation", json!("disabled")),
-        "usage": null, "user": null,
+        "usage": null, "user": or("user", Value::Null),
     })
 }
 
@@ -245,30 +243,24 @@ pub async fn create(
         return background::start(&state, turn, requested).await;
     }
     let gen = admitted
-        .submit(&state, requested, turn.chat.clone(), validate_chat)
+        .submit(&state, requested, turn.chat.clone(), validate)
         .await?;
     Ok(answer(state, turn, gen).await?)
 }
 
-/// Answers a submitted turn, streamed or whole, and keeps it when stored.
+/// Answers a submitted turn, streamed or whole, and keeps it (when stored) before its last
+/// event goes out.
 async fn answer(state: AppState, turn: Turn, gen: Generation) -> Result<Response, ApiError> {
     let base = base_object(&turn, &gen.plan.model, gen.plan.tier, "in_progress");
-    let w = ResponseWriter::new(base);
-    let one = OneChoice::new(gen);
-    if turn.stream {
-        return Ok(sse_from(move |tx| async move {
-            // A client that left mid-stream cancelled the response: nothing to keep.
-            if let Some(w) = run_stream(one, w, tx).await {
-                if turn.store {
-                    keep(&state, stored(&turn, w.response().clone())).await;
-                }
-            }
-        }));
-    }
-    let w = run_whole(one, w).await?;
-    let response = w.response().clone();
-    if turn.store {
-        keep(&state, stored(&turn, response.clone())).await;
-    }
-    Ok(Json(response).into_response())
+    let keep_it = turn.store.then(|| {
+        Box::new(move |w: &ResponseWriter| {
+            let row = stored(&turn, w.response().clone());
+            Box::pin(async move { keep(&state, row).await })
+                as futures::future::BoxFuture<'static, ()>
+        }) as BeforeEnd<ResponseWriter>
+    });
+    answer_one(gen, ResponseWriter::new(base), keep_it, |w| {
+        w.response().clone()
+    })
+    .await
 }

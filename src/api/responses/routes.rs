@@ -14,7 +14,7 @@ use super::super::auth::KeyIdentity;
 use super::super::error::ApiError;
 use super::super::files::{batches_of, page_limit};
 use super::super::AppState;
-use super::{cutoff, viewer_and_owner};
+use super::cutoff;
 
 /// The body of `POST /v1/responses`, for the OpenAPI document (the handler reads it as JSON
 /// and translates it).
@@ -117,7 +117,7 @@ pub struct InputItemsQuery {
 }
 
 fn viewer(who: &Option<Extension<Arc<KeyIdentity>>>) -> crate::batch::Viewer {
-    viewer_and_owner(who.as_ref().map(|Extension(w)| w.as_ref())).0
+    super::super::files::viewer_of(who).0
 }
 
 /// The stored response `id`, if the caller may see it.
@@ -131,9 +131,15 @@ async fn stored_response(
     Ok(b.call(move |s| s.response(&id, &viewer, at)).await?)
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct RetrieveQuery {
+    /// Not supported: `true` (a stored response's events again) is refused; GET it whole.
+    pub stream: Option<bool>,
+}
+
 /// A stored response.
 #[utoipa::path(get, path = "/v1/responses/{response_id}", tag = "OpenAI",
-    params(("response_id" = String, Path)),
+    params(("response_id" = String, Path), RetrieveQuery),
     responses(
         (status = 200, body = ResponseObject),
         (status = "4XX", description = "No such response (or another key's, or expired), a missing key", body = super::super::bodies::ErrorResponse)),
@@ -142,7 +148,16 @@ pub async fn retrieve(
     State(state): State<AppState>,
     who: Option<Extension<Arc<KeyIdentity>>>,
     Path(id): Path<String>,
+    q: Result<Query<RetrieveQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    if q.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "a stored response is not streamed again: GET it whole",
+        ));
+    }
     Ok(Json(stored_response(&state, &who, id).await?.response))
 }
 

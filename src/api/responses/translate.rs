@@ -4,17 +4,13 @@
 //! `text.format` and `reasoning` their chat equivalents. The chat validation then checks it
 //! like any other chat request.
 
-use std::collections::HashMap;
-
 use serde_json::{json, Value};
 
+use super::super::body_fields::{opt_bool, opt_f32, opt_int, opt_str, thinking};
 use super::super::error::ApiError;
 use super::super::wire::{ChatFields, ChatRequest, CommonParams, WireMessage, WireServiceTier};
 
-/// `prefix_` and 24 random hex digits, as OpenAI's item ids look.
-pub fn item_id(prefix: &str) -> String {
-    format!("{prefix}_{:024x}", rand::random::<u128>() >> 32)
-}
+pub use super::super::generation::item_id;
 
 fn text_parts(content: &Value, at: &str, part_type: &str) -> Result<Value, ApiError> {
     Ok(match content {
@@ -261,16 +257,6 @@ fn read_format(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
     }
 }
 
-fn number(v: &Value, field: &str) -> Result<Option<f64>, ApiError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(n) => n
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid(field, format!("`{field}` must be a number"))),
-    }
-}
-
 /// The chat request a Responses body asks for: `history` (the stored conversation) and
 /// `input` (this turn's items, from [`read_input`]) after the instructions.
 pub fn to_chat(v: &Value, history: &[Value], input: &[Value]) -> Result<ChatRequest, ApiError> {
@@ -302,16 +288,7 @@ pub fn to_chat(v: &Value, history: &[Value], input: &[Value]) -> Result<ChatRequ
             "`input` is required (or `previous_response_id` with a stored conversation)",
         ));
     }
-    let max_tokens = match number(v, "max_output_tokens")? {
-        Some(m) if m.fract() == 0.0 => Some(m as i64),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "max_output_tokens",
-                "`max_output_tokens` must be an integer",
-            ))
-        }
-        None => None,
-    };
+    let max_tokens = opt_int(v, "max_output_tokens")?;
     let service_tier = match v.get("service_tier") {
         None | Some(Value::Null) => None,
         Some(t) => Some(
@@ -323,36 +300,17 @@ pub fn to_chat(v: &Value, history: &[Value], input: &[Value]) -> Result<ChatRequ
             })?,
         ),
     };
-    let mut kwargs = HashMap::new();
-    match v
+    let reasoning = v
         .get("reasoning")
         .and_then(|r| r.get("effort"))
-        .and_then(Value::as_str)
-    {
-        Some("none") => {
-            kwargs.insert("enable_thinking".to_string(), json!(false));
-        }
-        Some(_) => {
-            kwargs.insert("enable_thinking".to_string(), json!(true));
-        }
-        None => {}
-    }
-    let bool_of = |field: &str| -> Result<Option<bool>, ApiError> {
-        match v.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(ApiError::invalid(
-                field,
-                format!("`{field}` must be a boolean"),
-            )),
-        }
-    };
+        .and_then(Value::as_str);
+    let bool_of = |field: &str| opt_bool(v, field);
     Ok(ChatRequest {
         common: CommonParams {
-            model: v.get("model").and_then(Value::as_str).map(str::to_string),
+            model: opt_str(v, "model")?.map(str::to_string),
             max_tokens,
-            temperature: number(v, "temperature")?.map(|t| t as f32),
-            top_p: number(v, "top_p")?.map(|t| t as f32),
+            temperature: opt_f32(v, "temperature")?,
+            top_p: opt_f32(v, "top_p")?,
             stream: bool_of("stream")?,
             // vLLM's extension, for benchmarks (and tests) that need a known length.
             ignore_eos: bool_of("ignore_eos")?,
@@ -364,7 +322,7 @@ pub fn to_chat(v: &Value, history: &[Value], input: &[Value]) -> Result<ChatRequ
             tool_choice: read_tool_choice(v.get("tool_choice"))?,
             parallel_tool_calls: bool_of("parallel_tool_calls")?,
             response_format: read_format(v.get("text"))?,
-            chat_template_kwargs: (!kwargs.is_empty()).then_some(kwargs),
+            chat_template_kwargs: thinking(reasoning.map(|effort| effort != "none")),
             ..ChatFields::of(messages)
         },
     })

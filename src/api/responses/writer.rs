@@ -62,13 +62,14 @@ impl ResponseWriter {
         index
     }
 
-    /// Ends the open item: its text done, its part done, the item done.
-    fn close(&mut self, events: &mut Vec<NamedEvent>) {
+    /// Ends the open item (`completed`, or `incomplete` when the token limit cut it): its
+    /// text done, its part done, the item done.
+    fn close(&mut self, status: &str, events: &mut Vec<NamedEvent>) {
         let Some(index) = self.open.take() else {
             return;
         };
         let item = &mut self.output()[index];
-        item["status"] = json!("completed");
+        item["status"] = json!(status);
         let item = item.clone();
         let id = item["id"].clone();
         if item["type"] == "reasoning" {
@@ -115,7 +116,7 @@ impl EventWriter for ResponseWriter {
             .open
             .is_some_and(|i| self.response["output"][i]["type"] == kind);
         if !same {
-            self.close(events);
+            self.close("completed", events);
             let index = if reasoning {
                 let index = self.add(json!({"id": item_id("rs"), "type": "reasoning", "summary": [], "status": "in_progress"}), events);
                 let part = json!({"type": "summary_text", "text": ""});
@@ -149,7 +150,9 @@ impl EventWriter for ResponseWriter {
         } else {
             &mut item["content"][0]["text"]
         };
-        *text = json!(format!("{}{piece}", text.as_str().unwrap_or_default()));
+        if let Value::String(t) = text {
+            t.push_str(piece);
+        }
         let e = if reasoning {
             self.event(
                 "response.reasoning_summary_text.delta",
@@ -168,7 +171,8 @@ impl EventWriter for ResponseWriter {
             usage,
             ..
         } = end;
-        self.close(events);
+        let cut = *reason == FinishReason::Length;
+        self.close(if cut { "incomplete" } else { "completed" }, events);
         for call in calls {
             let item = json!({"id": item_id("fc"), "type": "function_call", "status": "in_progress",
                 "call_id": super::super::tools::call_id(), "name": call.name, "arguments": ""});

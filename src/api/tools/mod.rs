@@ -310,7 +310,7 @@ pub fn finish_reason(reason: crate::engine::FinishReason, made_calls: bool) -> &
 
 /// A tool call as it is sent: its id, and the call.
 pub fn call_id() -> String {
-    format!("call_{:024x}", rand::random::<u128>() >> 32)
+    super::generation::item_id("call")
 }
 
 /// Holds back a choice's streamed text once it may be a tool call, so that a call reaches the
