@@ -356,7 +356,7 @@ pub struct ServeArgs {
     /// Serve only; never mine (same as --mine-device off).
     #[arg(long, env = "IDLERIG_NO_MINE")]
     pub no_mine: bool,
-    /// Milliseconds the engine must be idle before mining resumes (see the README for why 100).
+    /// Milliseconds the engine must be idle before mining resumes (see docs/src/mining.md for why 100).
     #[arg(long, env = "IDLERIG_IDLE_GRACE_MS", default_value_t = 100)]
     pub idle_grace_ms: u64,
     /// Largest fraction of wall time spent mining (0–1), for operators who cap power or heat.

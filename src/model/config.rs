@@ -32,7 +32,7 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// The `general.architecture` values, in the order of the README's table.
+    /// The `general.architecture` values, in the order of the families table (docs/src/models.md).
     pub const ALL: [Arch; 6] = [
         Arch::Llama,
         Arch::Qwen2,

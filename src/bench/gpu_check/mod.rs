@@ -306,7 +306,7 @@ async fn speed_part(args: BenchGpuCheckArgs) -> Value {
 }
 
 /// Integer-pipe operations per nonce of the scan loop, counted in its SASS for sm_90
-/// (`nvcc -cubin -arch=sm_90 -O3` 13.0, `cuobjdump -sass` 13.2; README, "The CUDA kernel"):
+/// (`nvcc -cubin -arch=sm_90 -O3` 13.0, `cuobjdump -sass` 13.2; docs/src/gpu.md, "The CUDA kernel"):
 /// the loop is 2,585 instructions a nonce, SHF 1,176 + LOP3 638 + IADD3 414 + VIADD 51 +
 /// ISETP 11 of them on the integer pipe (IMAD's 201 go to the FMA pipe).
 const INT_OPS_PER_NONCE: f64 = 2290.0;
