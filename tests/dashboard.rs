@@ -140,7 +140,9 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     assert!(dom.contains("<polygon class=\"mining\""), "{dom}");
     // Both charts have labelled axes: five times ending "now" below, values beside.
     let ticks = |id: &str| -> Vec<String> {
-        let at = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id}"));
+        let at = dom
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id}"));
         let end = at + dom[at..].find("</div>").unwrap();
         dom[at..end]
             .split("<span class=\"tick\">")
@@ -150,12 +152,22 @@ async fn the_dashboard_shows_live_figures_in_a_real_browser() {
     };
     for x in ["split-x", "rate-x"] {
         let t = ticks(x);
-        assert!(t.len() == 5 && t[4] == "now" && t[0].starts_with('−'), "{x}: {t:?}");
+        assert!(
+            t.len() == 5 && t[4] == "now" && t[0].starts_with('−'),
+            "{x}: {t:?}"
+        );
     }
     assert_eq!(ticks("split-y"), ["100%", "50%", "0%"]);
     let hashrate = ticks("rate-y");
-    assert!(hashrate.len() == 3 && hashrate[0].ends_with("H/s"), "{hashrate:?}");
-    assert!(ticks("rate-y2")[0].ends_with("req/s"), "{:?}", ticks("rate-y2"));
+    assert!(
+        hashrate.len() == 3 && hashrate[0].ends_with("H/s"),
+        "{hashrate:?}"
+    );
+    assert!(
+        ticks("rate-y2")[0].ends_with("req/s"),
+        "{:?}",
+        ticks("rate-y2")
+    );
     assert!(dom.contains("<polygon class=\"deferred\""), "{dom}");
     assert!(dom.contains("<polyline class=\"hashrate\""), "{dom}");
     assert!(dom.contains("embedded pool: no payouts"), "{dom}");

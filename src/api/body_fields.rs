@@ -57,3 +57,29 @@ pub fn opt_int(v: &Value, field: &str) -> Result<Option<i64>, ApiError> {
 pub fn thinking(on: Option<bool>) -> Option<HashMap<String, Value>> {
     on.map(|on| HashMap::from([("enable_thinking".to_string(), json!(on))]))
 }
+
+/// A request's `tools` as chat function tools: `check` refuses a tool this API does not serve
+/// (by its `type`), `fields` names each chat field as this API does (`input_schema` for
+/// `parameters`); fields left out or null stay out.
+pub fn chat_tools(
+    v: Option<&Value>,
+    check: impl Fn(usize, &Value) -> Result<(), ApiError>,
+    fields: &[(&str, &str)],
+) -> Result<Option<Value>, ApiError> {
+    let Some(list) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let list = list.as_array().ok_or_else(|| wrong("tools", "a list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        check(i, t)?;
+        let mut f = serde_json::Map::new();
+        for (theirs, chat) in fields {
+            if let Some(x) = t.get(*theirs).filter(|x| !x.is_null()) {
+                f.insert(chat.to_string(), x.clone());
+            }
+        }
+        out.push(json!({"type": "function", "function": f}));
+    }
+    Ok(Some(Value::Array(out)))
+}

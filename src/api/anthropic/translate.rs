@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use super::super::body_fields::{opt_bool, opt_f32, opt_int, opt_str, thinking};
+use super::super::body_fields::{chat_tools, opt_bool, opt_f32, opt_int, opt_str, thinking};
 use super::super::error::ApiError;
 use super::super::wire::{ChatFields, ChatRequest, CommonParams, OneOrMany, WireMessage};
 
@@ -144,36 +144,22 @@ fn read_message(i: usize, m: &Value, out: &mut Vec<WireMessage>) -> Result<(), A
 
 /// Anthropic's tools as OpenAI function tools; Anthropic's server tools are refused.
 fn read_tools(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
-    let Some(list) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let list = list
-        .as_array()
-        .ok_or_else(|| ApiError::invalid("tools", "`tools` must be a list"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
+    let custom = |i: usize, t: &Value| {
         match t.get("type").and_then(Value::as_str) {
-            None | Some("custom") => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("tools[{i}].type"),
-                    format!("tool type `{other}` is a server tool this server does not run; only custom tools (`name`, `input_schema`) are supported"),
-                ))
-            }
-        }
-        let mut f = json!({
-            "name": t.get("name").cloned().unwrap_or(Value::Null),
-            "parameters": t.get("input_schema").cloned().unwrap_or(Value::Null),
-        });
-        if let Some(d) = t.get("description") {
-            f["description"] = d.clone();
-        }
-        if let Some(s) = t.get("strict") {
-            f["strict"] = s.clone();
-        }
-        out.push(json!({"type": "function", "function": f}));
+        None | Some("custom") => Ok(()),
+        Some(other) => Err(ApiError::invalid(
+            format!("tools[{i}].type"),
+            format!("tool type `{other}` is a server tool this server does not run; only custom tools (`name`, `input_schema`) are supported"),
+        )),
     }
-    Ok(Some(Value::Array(out)))
+    };
+    let fields = [
+        ("name", "name"),
+        ("input_schema", "parameters"),
+        ("description", "description"),
+        ("strict", "strict"),
+    ];
+    chat_tools(v, custom, &fields)
 }
 
 /// `tool_choice` as OpenAI's, and whether several calls are allowed.

@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use super::super::body_fields::{opt_bool, opt_f32, opt_int, opt_str, thinking};
+use super::super::body_fields::{chat_tools, opt_bool, opt_f32, opt_int, opt_str, thinking};
 use super::super::error::ApiError;
 use super::super::wire::{ChatFields, ChatRequest, CommonParams, WireMessage, WireServiceTier};
 
@@ -189,33 +189,23 @@ pub fn to_messages(items: &[Value], out: &mut Vec<WireMessage>) {
 
 /// Flat function tools as chat tools; other tool types are refused.
 fn read_tools(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
-    let Some(list) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let list = list
-        .as_array()
-        .ok_or_else(|| ApiError::invalid("tools", "`tools` must be a list"))?;
-    let mut out = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
+    let function = |i: usize, t: &Value| {
         match t.get("type").and_then(Value::as_str) {
-            Some("function") => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("tools[{i}].type"),
-                    format!("tool type `{other}` is a hosted tool this server does not run; only `function` tools are supported"),
-                ))
-            }
-            None => return Err(ApiError::invalid(format!("tools[{i}].type"), "a tool needs a `type`")),
-        }
-        let mut f = json!({"name": t.get("name").cloned().unwrap_or(Value::Null)});
-        for key in ["description", "parameters", "strict"] {
-            if let Some(x) = t.get(key).filter(|x| !x.is_null()) {
-                f[key] = x.clone();
-            }
-        }
-        out.push(json!({"type": "function", "function": f}));
+        Some("function") => Ok(()),
+        Some(other) => Err(ApiError::invalid(
+            format!("tools[{i}].type"),
+            format!("tool type `{other}` is a hosted tool this server does not run; only `function` tools are supported"),
+        )),
+        None => Err(ApiError::invalid(format!("tools[{i}].type"), "a tool needs a `type`")),
     }
-    Ok(Some(Value::Array(out)))
+    };
+    let fields = [
+        ("name", "name"),
+        ("description", "description"),
+        ("parameters", "parameters"),
+        ("strict", "strict"),
+    ];
+    chat_tools(v, function, &fields)
 }
 
 fn read_tool_choice(v: Option<&Value>) -> Result<Option<Value>, ApiError> {
